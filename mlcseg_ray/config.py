@@ -1,0 +1,127 @@
+"""One validated configuration for every stage (DESIGN §2): YAML file + ``key=value`` overrides.
+
+Keys are flat on purpose: the names in DESIGN.md (``k_dataset``, ``vote``, ``min_region_area``...) are what users
+type on the command line. Unknown keys and bad values fail before any work starts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who typed it."""
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- features (DESIGN §2 "Features", §4) ---
+    backbone: str = Field("vit_small_patch8_224.dino", description="timm model name, or random-vit-s8 / random-vit-tiny")
+    weights: Optional[str] = Field(None, description="path to a DINO/DINOv2 .pth or safetensors checkpoint")
+    facet: Literal["key"] = "key"
+    max_side: int = Field(512, ge=16, description="longer side is brought down to this many pixels")
+    upscale: bool = Field(False, description="also bring smaller images up to max_side")
+    batch_size: int = Field(8, ge=1, description="images per forward pass")
+    shard_size: int = Field(64, ge=1, description="images per feature shard")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(0, ge=0, description="extraction actors / parallel tasks; 0 = one per GPU, or 1 on CPU")
+
+    # --- ingest ---
+    max_pixels: int = Field(178_956_970, ge=1, description="decoded-pixel cap (PIL's decompression-bomb limit)")
+
+    # --- clustering (DESIGN §2 levels 1-4) ---
+    k_dataset: int = Field(3, ge=2)
+    num_categories: int = Field(20, ge=1)
+    k_category: int = Field(3, ge=2)
+    k_image: int = Field(3, ge=2)
+    consistency: Literal["relative", "majority"] = "relative"
+    combine: Literal["vote", "intersection", "union", "dataset", "category", "image"] = "vote"
+    vote: int = Field(2, ge=1, le=3)
+    kmeans_iters: int = Field(25, ge=1)
+    kmeans_tol: float = Field(1e-4, ge=0)
+    kmeans_init_sample: int = Field(100_000, ge=100, description="points drawn on purpose for k-means++ init")
+    seed: int = 0
+
+    # --- refinement (DESIGN §2 "Refinement") ---
+    crf: bool = True
+    crf_iters: int = Field(10, ge=0)
+    crf_gauss_sxy: float = Field(3.0, gt=0)
+    crf_gauss_compat: float = Field(3.0, ge=0)
+    crf_bilateral_sxy: float = Field(67.0, gt=0, description="at a 500 px image; scaled with image size")
+    crf_bilateral_srgb: float = Field(3.0, gt=0)
+    crf_bilateral_compat: float = Field(4.0, ge=0)
+
+    # --- classes (DESIGN §2 "Classes") ---
+    num_classes: int = Field(20, ge=1)
+    region: Literal["component", "image"] = "component"
+    min_region_area: int = Field(256, ge=1, description="pixels; smaller components become background")
+    region_descriptor: Literal["crop_cls", "masked_mean"] = "crop_cls"
+    crop_size: int = Field(224, ge=16)
+
+    # --- report ---
+    report_samples: int = Field(24, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.combine == "vote" and self.vote > 3:
+            raise ValueError("vote must be 1, 2 or 3")
+        return self
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None) -> "Config":
+        """Read a YAML file (optional), apply ``key=value`` overrides, validate the whole."""
+        data: dict = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
+            loaded = yaml.safe_load(p.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{p}: expected a mapping of key: value, got {type(loaded).__name__}")
+            data.update(loaded)
+        data.update(parse_overrides(overrides or []))
+        return cls.validated(data)
+
+    @classmethod
+    def validated(cls, data: dict) -> "Config":
+        try:
+            return cls(**data)
+        except ValidationError as e:
+            raise ConfigError(_explain(e)) from None
+
+    def save(self, path: str | Path) -> None:
+        from .store import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.model_dump(), sort_keys=False))
+
+
+def parse_overrides(overrides: list[str] | dict) -> dict:
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in Config.model_fields:
+            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(Config.model_fields)}")
+        # YAML parsing gives numbers, booleans and null their types; pydantic checks the rest.
+        out[key] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def _explain(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {key!r}; known keys: {', '.join(Config.model_fields)}")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

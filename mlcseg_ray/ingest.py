@@ -1,0 +1,184 @@
+"""Stage ``ingest``: any input (folder, VOC root, COCO, manifest) -> ``RUN/manifest.parquet``.
+
+Every image found gets one row: a stable ``image_id``, its ``uri``, oriented width/height, ``status`` ok/error with a
+reason, and its ``shard`` (numbered from the sorted manifest, so reruns shard identically).
+"""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .imageio import BadImage, is_remote, list_image_files, probe
+from .store import atomic_write_table
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("shard", pa.int32()),
+        ("coco_id", pa.int64()),
+    ]
+)
+
+
+@dataclass
+class InputSpec:
+    """Where the images come from: exactly one of the four kinds."""
+
+    images: Optional[str] = None
+    voc: Optional[str] = None
+    split: str = "val"
+    coco: Optional[str] = None
+    ann: Optional[str] = None
+    manifest: Optional[str] = None
+
+    def describe(self) -> str:
+        if self.images:
+            return f"folder {self.images}"
+        if self.voc:
+            return f"VOC {self.voc} ({self.split})"
+        if self.coco:
+            return f"COCO {self.coco} + {self.ann}"
+        return f"manifest {self.manifest}"
+
+    def validate(self) -> None:
+        given = [x for x in (self.images, self.voc, self.coco, self.manifest) if x]
+        if len(given) != 1:
+            raise ValueError("give exactly one input: --images DIR, --voc ROOT, --coco IMAGES --ann JSON, or --manifest FILE")
+        if self.coco and not self.ann:
+            raise ValueError("--coco needs --ann INSTANCES_JSON")
+
+
+def list_inputs(spec: InputSpec) -> list[dict]:
+    """Rows of (image_id, uri, coco_id) for the input; image ids unique and stable."""
+    spec.validate()
+    if spec.images:
+        root = Path(spec.images)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--images: no such folder: {root}")
+        files = list_image_files(root)
+        return _ids_from_paths([f.relative_to(root) for f in files], [str(f) for f in files])
+    if spec.voc:
+        return _voc_rows(Path(spec.voc), spec.split)
+    if spec.coco:
+        return _coco_rows(Path(spec.coco), Path(spec.ann))
+    return _manifest_rows(spec.manifest)
+
+
+def _ids_from_paths(rel_paths: list[Path], uris: list[str]) -> list[dict]:
+    # The id is the relative path without its extension ("a/cat"), so the same file name in two folders stays two
+    # images; where two files differ only by extension the extension is kept in the id ("a/cat_png").
+    stems = [p.with_suffix("").as_posix() for p in rel_paths]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    rows = []
+    for p, s, uri in zip(rel_paths, stems, uris):
+        image_id = s if counts[s] == 1 else f"{s}_{p.suffix.lstrip('.').lower()}"
+        rows.append({"image_id": image_id, "uri": uri, "coco_id": None})
+    return rows
+
+
+def find_voc_root(root: Path) -> Path:
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir():
+            return cand
+    raise FileNotFoundError(f"--voc: no JPEGImages/ under {root} (expected VOCdevkit/VOC2012 layout)")
+
+
+def _voc_rows(root: Path, split: str) -> list[dict]:
+    voc = find_voc_root(root)
+    split_file = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not split_file.is_file():
+        raise FileNotFoundError(f"--voc: split file not found: {split_file}")
+    ids = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
+    return [{"image_id": i, "uri": str(voc / "JPEGImages" / f"{i}.jpg"), "coco_id": None} for i in ids]
+
+
+def _coco_rows(images: Path, ann: Path) -> list[dict]:
+    if not ann.is_file():
+        raise FileNotFoundError(f"--ann: no such file: {ann}")
+    data = json.loads(ann.read_text())
+    rows = []
+    for im in data.get("images", []):
+        rel = Path(im["file_name"])
+        rows.append({"image_id": rel.with_suffix("").as_posix(), "uri": str(images / rel), "coco_id": int(im["id"])})
+    return rows
+
+
+def _manifest_rows(path: str) -> list[dict]:
+    table = pq.read_table(path) if str(path).endswith(".parquet") else pacsv.read_csv(path)
+    if "uri" not in table.column_names:
+        raise ValueError(f"--manifest {path}: needs a 'uri' column (has {table.column_names})")
+    uris = [str(u) for u in table.column("uri").to_pylist()]
+    if "image_id" in table.column_names:
+        ids = [str(i) for i in table.column("image_id").to_pylist()]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"--manifest {path}: image_id values are not unique")
+        return [{"image_id": i, "uri": u, "coco_id": None} for i, u in zip(ids, uris)]
+    # Ids from the URIs' paths below their longest common folder.
+    import posixpath
+
+    paths = [u.split("://", 1)[-1] if is_remote(u) else str(Path(u).resolve()) for u in uris]
+    common = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0]) if paths else ""
+    rel = [Path(posixpath.relpath(p, common)) for p in paths]
+    return _ids_from_paths(rel, uris)
+
+
+def probe_rows(rows: list[dict], max_pixels: int, min_side: int, threads: int = 16) -> list[dict]:
+    """Header-only check of every image (size, orientation, bomb guard). Decoding errors show up at extraction."""
+
+    def one(row: dict) -> dict:
+        try:
+            w, h = probe(row["uri"], max_pixels, min_side)
+            return {**row, "width": w, "height": h, "status": "ok", "error": None}
+        except BadImage as e:
+            return {**row, "width": None, "height": None, "status": "error", "error": str(e)}
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, rows))
+
+
+def build_manifest(spec: InputSpec, shard_size: int, max_pixels: int, min_side: int) -> pa.Table:
+    rows = list_inputs(spec)
+    if not rows:
+        raise FileNotFoundError(f"no images found in {spec.describe()}")
+    rows = sorted(probe_rows(rows, max_pixels, min_side), key=lambda r: r["image_id"])
+    for i, r in enumerate(rows):
+        r["shard"] = i // shard_size
+    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+
+def write_manifest(path: Path, table: pa.Table) -> None:
+    atomic_write_table(path, table.cast(MANIFEST_SCHEMA))
+
+
+def read_manifest(path: Path) -> pa.Table:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} not found: run ingest/extract first")
+    return pq.read_table(path)
+
+
+def record_errors(path: Path, errors: dict[str, str]) -> pa.Table:
+    """Mark images that failed in a later stage as ``status=error`` in the manifest (atomic rewrite)."""
+    table = read_manifest(path)
+    if not errors:
+        return table
+    rows = table.to_pylist()
+    for r in rows:
+        if r["image_id"] in errors and r["status"] == "ok":
+            r["status"], r["error"] = "error", errors[r["image_id"]]
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    write_manifest(path, table)
+    return table
