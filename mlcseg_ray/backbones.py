@@ -174,8 +174,12 @@ def load_weights(model: nn.Module, path: str | Path) -> str:
     """Load a checkpoint in any supported layout into a timm ViT; returns the detected layout."""
     raw = read_checkpoint(path)
     layout = detect_layout(raw)
-    sd = to_timm_state_dict(raw, model)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        sd = to_timm_state_dict(raw, model)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches: a checkpoint of another size
+        first = str(e).strip().splitlines()[-1][:300]
+        raise ValueError(f"--weights {path}: layout {layout} does not fit this backbone ({first})") from None
     if missing or unexpected:
         raise ValueError(
             f"--weights {path}: layout {layout} does not fit this backbone: "

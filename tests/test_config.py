@@ -1,0 +1,41 @@
+import pytest
+
+from mlcseg_ray.config import Config, ConfigError
+
+
+def test_defaults_match_design():
+    c = Config()
+    assert (c.k_dataset, c.num_categories, c.k_category, c.k_image, c.vote) == (3, 20, 3, 3, 2)
+    assert c.backbone == "vit_small_patch8_224.dino" and c.max_side == 512 and c.consistency == "relative"
+    assert (c.crf_iters, c.crf_gauss_sxy, c.crf_bilateral_sxy, c.crf_bilateral_srgb) == (10, 3, 67, 3)
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("k_dataset: 4\nconsistency: majority\n")
+    c = Config.load(f, ["k_dataset=5", "crf=false", "weights=/x.pth"])
+    assert c.k_dataset == 5 and c.consistency == "majority" and c.crf is False and c.weights == "/x.pth"
+
+
+def test_unknown_key_is_named(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("k_datset: 4\n")
+    with pytest.raises(ConfigError, match="k_datset"):
+        Config.load(f)
+    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
+        Config.load(None, ["nope=1"])
+
+
+def test_bad_value_names_key_and_allowed():
+    with pytest.raises(ConfigError, match=r"combine.*'vote'.*'intersection'"):
+        Config.load(None, ["combine=sometimes"])
+    with pytest.raises(ConfigError, match="k_image"):
+        Config.load(None, ["k_image=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        Config.load(None, ["k_image"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    c = Config.load(None, ["num_classes=7"])
+    c.save(tmp_path / "config.yaml")
+    assert Config.load(tmp_path / "config.yaml") == c
