@@ -28,6 +28,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("shard", pa.int32()),
         ("coco_id", pa.int64()),
+        ("flag", pa.string()),  # e.g. "empty" / "full" pseudo-mask: kept, but worth a look
     ]
 )
 
@@ -157,6 +158,7 @@ def build_manifest(spec: InputSpec, shard_size: int, max_pixels: int, min_side: 
     rows = sorted(probe_rows(rows, max_pixels, min_side), key=lambda r: r["image_id"])
     for i, r in enumerate(rows):
         r["shard"] = i // shard_size
+        r["flag"] = None
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
 
@@ -175,10 +177,21 @@ def record_errors(path: Path, errors: dict[str, str]) -> pa.Table:
     table = read_manifest(path)
     if not errors:
         return table
-    rows = table.to_pylist()
+    rows = [{"flag": None, **r} for r in table.to_pylist()]
     for r in rows:
         if r["image_id"] in errors and r["status"] == "ok":
             r["status"], r["error"] = "error", errors[r["image_id"]]
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    write_manifest(path, table)
+    return table
+
+
+def set_flags(path: Path, flags: dict[str, str]) -> pa.Table:
+    """Write per-image flags (``empty``/``full`` pseudo-masks) into the manifest (atomic rewrite)."""
+    table = read_manifest(path)
+    rows = table.to_pylist()
+    for r in rows:
+        r["flag"] = flags.get(r["image_id"])
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     write_manifest(path, table)
     return table

@@ -121,10 +121,10 @@ class RunDir:
         return rec
 
 
-def list_shards(folder: Path) -> list[Path]:
-    """Final shard files only, in shard order."""
+def list_shards(folder: Path, prefix: str = "shard") -> list[Path]:
+    """Final shard files only (never ``.tmp-*``), in shard order."""
     folder = Path(folder)
-    return sorted(folder.glob("shard-*.parquet")) if folder.is_dir() else []
+    return sorted(folder.glob(f"{prefix}-*.parquet")) if folder.is_dir() else []
 
 
 def shard_index(path: Path) -> int:

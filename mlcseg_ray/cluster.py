@@ -1,0 +1,437 @@
+"""Stages ``cluster_dataset``, ``cluster_category``, ``cluster_image`` and ``combine`` (DESIGN §2 levels 1-4).
+
+Plain functions over arrays first, then :func:`run_cluster`, which streams over feature shards (one shard per task,
+never the whole store in one process):
+
+1. dataset level: spherical k-means (``k_dataset``) over every patch; clusters labelled foreground from cues
+   (per-image-normalised CLS attention, border contact);
+2. category level: the images' CLS tokens grouped into ``num_categories``; inside each group, k-means
+   (``k_category``) over the group's patches - all groups clustered in the same passes over the store; clusters
+   labelled consistently with level 1;
+3. image level: k-means (``k_image``) per image, batched over a shard's images; labelled consistently with level 2;
+4. combine: ``vote`` (default: 2 of 3 levels), ``intersection``, ``union`` or one level; a soft score for the CRF.
+
+Consistency rules: ``relative`` ranks a finer level's clusters along the coarser level's foreground direction (mean
+of its foreground patches minus mean of its background patches over the images concerned) and calls foreground
+those above the midpoint of the projections; ``majority`` calls a cluster foreground when most of its patches were
+foreground one level up.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .config import Config
+from .features import list_to_numpy
+from .kmeans import EPS, batched_kmeans, check_finite, distributed_kmeans, kmeans_arrays, l2_normalize, map_shards, reduce_sum
+from .store import RunDir, atomic_write_table, list_shards, shard_index, shard_name
+
+STAGE = "cluster"
+LEVELS = ("dataset", "category", "image")
+# A finer level's clusters must spread along the coarser direction by at least this share of the coarser level's
+# own foreground/background gap before the ranking is trusted (else: majority rule).
+RELATIVE_MIN_SPREAD = 0.5
+
+PSEUDO_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("grid_h", pa.int32()),
+        ("grid_w", pa.int32()),
+        ("group", pa.int32()),
+        ("mask", pa.list_(pa.uint8())),
+        ("score", pa.list_(pa.float32())),
+        ("dataset", pa.list_(pa.uint8())),
+        ("category", pa.list_(pa.uint8())),
+        ("image", pa.list_(pa.uint8())),
+        ("flag", pa.string()),
+    ]
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading a feature shard
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Patches:
+    """One shard's patches: unit keys, per-image-normalised CLS attention, border flags, image slices."""
+
+    image_ids: list[str]
+    starts: np.ndarray  # image i is rows starts[i]:starts[i+1]
+    keys: np.ndarray  # (n, D) float32, unit norm
+    attn: np.ndarray  # (n,) in [0, 1] per image
+    border: np.ndarray  # (n,) bool
+    grid: list[tuple[int, int]]
+    row_image: np.ndarray  # (n,) index into image_ids
+
+    def slice(self, i: int) -> slice:
+        return slice(int(self.starts[i]), int(self.starts[i + 1]))
+
+
+def read_patches(path) -> Patches:
+    t = pq.read_table(path, columns=["image_id", "py", "px", "key", "cls_attn"])
+    ids = t.column("image_id").combine_chunks()
+    enc = ids.dictionary_encode()
+    row_image = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    image_ids = enc.dictionary.to_pylist()
+    # Patches of an image are contiguous (store contract); starts from the first row of each image.
+    change = np.flatnonzero(np.diff(row_image)) + 1
+    starts = np.concatenate([[0], change, [len(row_image)]]).astype(np.int64)
+    if len(image_ids) != len(starts) - 1:
+        raise ValueError(f"{path}: the patches of an image must be contiguous rows")
+    keys = list_to_numpy(t.column("key"))
+    if not np.isfinite(keys).all():
+        bad = image_ids[row_image[np.flatnonzero(~np.isfinite(keys).all(1))[0]]]
+        raise ValueError(f"{path}: image {bad!r} has NaN or Inf in its features")
+    keys = l2_normalize(keys)
+    attn = t.column("cls_attn").to_numpy().astype(np.float32)
+    check_finite(attn, f"{path}: cls_attn")
+    py, px = t.column("py").to_numpy().astype(np.int32), t.column("px").to_numpy().astype(np.int32)
+    border = np.zeros(len(py), bool)
+    grid = []
+    for i in range(len(image_ids)):
+        s = slice(int(starts[i]), int(starts[i + 1]))
+        gh, gw = int(py[s].max()) + 1, int(px[s].max()) + 1
+        grid.append((gh, gw))
+        border[s] = (py[s] == 0) | (px[s] == 0) | (py[s] == gh - 1) | (px[s] == gw - 1)
+        a = attn[s]
+        lo, hi = a.min(), a.max()
+        attn[s] = (a - lo) / (hi - lo) if hi - lo > EPS else 0.5
+    return Patches(image_ids, starts, keys, attn, border, grid, row_image)
+
+
+class KeyLoader:
+    """``load(shard) -> (unit keys, group id per patch)`` for the k-means passes; groups from an image->group map."""
+
+    def __init__(self, group_images: list[str] | None = None, group_of: np.ndarray | None = None):
+        self.value_set = pa.array(group_images) if group_images is not None else None
+        self.group_of = group_of
+
+    def __call__(self, path):
+        t = pq.read_table(path, columns=["image_id", "key"])
+        x = list_to_numpy(t.column("key"))
+        if not np.isfinite(x).all():
+            bad = t.column("image_id")[int(np.flatnonzero(~np.isfinite(x).all(1))[0])].as_py()
+            raise ValueError(f"{path}: image {bad!r} has NaN or Inf in its features")
+        x = l2_normalize(x)
+        if self.value_set is None:
+            return x, np.zeros(len(x), np.int64)
+        idx = pc.index_in(t.column("image_id"), value_set=self.value_set).to_numpy(zero_copy_only=False)
+        return x, self.group_of[idx.astype(np.int64)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# labelling rules (plain functions)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fg_from_cues(counts, attn_sum, border_sum) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground clusters of the coarsest level: high CLS attention, little border contact.
+
+    score = mean attention - border rate; a cluster is foreground when its score lies above the midpoint of the
+    scores (the best cluster always is). Returns (fg flags, scores)."""
+    counts = np.maximum(np.asarray(counts, np.float64), 1)
+    score = np.asarray(attn_sum) / counts - np.asarray(border_sum) / counts
+    filled = np.asarray(counts) > 0
+    lo, hi = score[filled].min(), score[filled].max()
+    fg = score > (lo + hi) / 2 if hi - lo > EPS else np.zeros_like(score, bool)
+    fg[np.argmax(np.where(filled, score, -np.inf))] = True
+    return fg, score
+
+
+def relative_flags(means: np.ndarray, counts: np.ndarray, direction: np.ndarray, coarse_fg_frac: np.ndarray,
+                   min_spread: float = 0.0):
+    """Clusters (rows of ``means``) ranked along ``direction``: foreground above the midpoint of the projections of
+    the non-empty clusters. When the projections do not separate - spread below ``min_spread`` (a fraction of the
+    coarser level's own foreground/background gap: an image that is all background, or all foreground), one
+    cluster, identical features - the majority rule decides."""
+    filled = counts > 0
+    proj = means @ direction
+    if filled.sum() < 2 or not np.isfinite(proj).all() or np.ptp(proj[filled]) <= max(min_spread, 1e-6):
+        return majority_flags(coarse_fg_frac, counts)
+    lo, hi = proj[filled].min(), proj[filled].max()
+    return filled & (proj > (lo + hi) / 2)
+
+
+def majority_flags(coarse_fg_frac: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    return (counts > 0) & (np.asarray(coarse_fg_frac) > 0.5)
+
+
+def direction(fg_sum, fg_n, bg_sum, bg_n, fallback):
+    """Mean of foreground minus mean of background; ``fallback`` when a side is empty."""
+    if fg_n < 1 or bg_n < 1:
+        return fallback
+    d = fg_sum / fg_n - bg_sum / bg_n
+    return d if np.linalg.norm(d) > EPS else fallback
+
+
+def combine_votes(levels: np.ndarray, attn: np.ndarray, rule: str, vote: int) -> tuple[np.ndarray, np.ndarray]:
+    """levels: (3, n) 0/1 votes of dataset, category, image. Returns (binary mask, soft score in [0, 1]).
+
+    The soft score is a logistic of the margin to the rule's threshold, tie-broken by CLS attention; it is above
+    0.5 exactly where the mask is foreground, and it is what the CRF refines."""
+    if rule in LEVELS:
+        v, t = levels[LEVELS.index(rule)].astype(np.float32), 0.5
+    else:
+        t = {"vote": vote - 0.5, "intersection": 2.5, "union": 0.5}[rule]
+        v = levels.sum(0).astype(np.float32)
+    mask = v > t
+    score = 1.0 / (1.0 + np.exp(-1.5 * (v - t))) + 0.05 * (attn - 0.5)
+    return mask, np.clip(score, 0.0, 1.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shard tasks (plain functions, called through map_shards)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cue_task(path, centroids):
+    """Dataset level: per cluster, patch count, summed normalised attention, border patches."""
+    from .kmeans import assign
+
+    p = read_patches(path)
+    labels, _ = assign(p.keys, centroids[0])
+    k = centroids.shape[1]
+    return {
+        "counts": np.bincount(labels, minlength=k),
+        "attn": np.bincount(labels, weights=p.attn, minlength=k),
+        "border": np.bincount(labels, weights=p.border.astype(np.float64), minlength=k),
+    }
+
+
+def _group_stats_task(path, ctx):
+    """Per CLS group: sums of dataset-level fg/bg patches (the group's foreground direction), and per category
+    cluster: sums, counts and how many of its patches were dataset-level foreground."""
+    from .kmeans import assign, assign_groups
+
+    x, groups = ctx["loader"](path)
+    G, k, D = ctx["cat_centroids"].shape
+    d_labels, _ = assign(x, ctx["dataset_centroids"][0])
+    dfg = ctx["dataset_fg"][d_labels]
+    c_labels, _ = assign_groups(x, groups, ctx["cat_centroids"])
+    flat = groups * k + c_labels
+    sums = np.zeros((G * k, D))
+    np.add.at(sums, flat, x)
+    fg_sum, bg_sum = np.zeros((G, D)), np.zeros((G, D))
+    np.add.at(fg_sum, groups[dfg], x[dfg])
+    np.add.at(bg_sum, groups[~dfg], x[~dfg])
+    return {
+        "sums": sums.reshape(G, k, D),
+        "counts": np.bincount(flat, minlength=G * k).reshape(G, k),
+        "dfg": np.bincount(flat, weights=dfg.astype(np.float64), minlength=G * k).reshape(G, k),
+        "fg_sum": fg_sum, "fg_n": np.bincount(groups[dfg], minlength=G),
+        "bg_sum": bg_sum, "bg_n": np.bincount(groups[~dfg], minlength=G),
+    }
+
+
+def label_shard(p: Patches, groups: np.ndarray, ctx: dict, cfg: Config) -> list[dict]:
+    """All three levels and the combination for every image of one shard (plain function; no I/O)."""
+    from .kmeans import assign, assign_groups
+
+    d_labels, _ = assign(p.keys, ctx["dataset_centroids"][0])
+    lvl_d = ctx["dataset_fg"][d_labels]
+    c_labels, _ = assign_groups(p.keys, groups, ctx["cat_centroids"])
+    lvl_c = ctx["cat_fg"][groups, c_labels]
+    lvl_i = np.zeros(len(p.keys), bool)
+
+    n_img = len(p.image_ids)
+    chunk = 16
+    for start in range(0, n_img, chunk):
+        idx = list(range(start, min(n_img, start + chunk)))
+        sizes = [p.starts[i + 1] - p.starts[i] for i in idx]
+        N = max(sizes)
+        xb = np.zeros((len(idx), N, p.keys.shape[1]), np.float32)
+        valid = np.zeros((len(idx), N), bool)
+        for j, i in enumerate(idx):
+            xb[j, : sizes[j]] = p.keys[p.slice(i)]
+            valid[j, : sizes[j]] = True
+        labels, _ = batched_kmeans(xb, valid, cfg.k_image, iters=cfg.kmeans_iters, seed=cfg.seed)
+        for j, i in enumerate(idx):
+            s = p.slice(i)
+            lab = labels[j, : sizes[j]]
+            x, cfg_fg = p.keys[s], lvl_c[s]
+            k = cfg.k_image
+            counts = np.bincount(lab, minlength=k)
+            means = np.zeros((k, x.shape[1]))
+            np.add.at(means, lab, x)
+            frac = np.bincount(lab, weights=cfg_fg.astype(np.float64), minlength=k) / np.maximum(counts, 1)
+            means /= np.maximum(counts, 1)[:, None]
+            if cfg.consistency == "relative":
+                # The image's own foreground direction at the level above; the dataset's when the level above
+                # saw only one side in this image (its errors are then not copied down).
+                d = direction(x[cfg_fg].sum(0), cfg_fg.sum(), x[~cfg_fg].sum(0), (~cfg_fg).sum(), ctx["global_dir"])
+                flags = relative_flags(means, counts, d, frac, min_spread=RELATIVE_MIN_SPREAD * float(d @ d))
+            else:
+                flags = majority_flags(frac, counts)
+            lvl_i[s] = flags[lab]
+
+    rows = []
+    for i, image_id in enumerate(p.image_ids):
+        s = p.slice(i)
+        levels = np.stack([lvl_d[s], lvl_c[s], lvl_i[s]]).astype(np.uint8)
+        mask, score = combine_votes(levels, p.attn[s], cfg.combine, cfg.vote)
+        flag = "empty" if not mask.any() else "full" if mask.all() else None
+        gh, gw = p.grid[i]
+        rows.append({
+            "image_id": image_id, "grid_h": gh, "grid_w": gw, "group": int(groups[s][0]),
+            "mask": mask.astype(np.uint8), "score": score,
+            "dataset": levels[0], "category": levels[1], "image": levels[2], "flag": flag,
+        })
+    return rows
+
+
+def _final_task(path, ctx, cfg_dict, run_root):
+    """Label one shard and write ``pseudo/part-NNNNN.parquet`` atomically, then its marker."""
+    cfg = Config(**cfg_dict)
+    run = RunDir(run_root)
+    p = read_patches(path)
+    idx = pc.index_in(pa.array(p.image_ids), value_set=ctx["loader"].value_set).to_numpy(zero_copy_only=False)
+    groups = ctx["loader"].group_of[idx.astype(np.int64)][p.row_image]
+    rows = label_shard(p, groups, ctx, cfg)
+    table = pa.Table.from_pylist(
+        [{**r, **{k: r[k].tolist() for k in ("mask", "score", "dataset", "category", "image")}} for r in rows],
+        schema=PSEUDO_SCHEMA,
+    )
+    n = shard_index(path)
+    atomic_write_table(run.pseudo / shard_name(n, "part"), table)
+    flags = {r["image_id"]: r["flag"] for r in rows if r["flag"]}
+    run.mark_done(STAGE, n, {"images": len(rows), "flags": flags})
+    return {"images": len(rows), "flags": flags}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cls_groups(run: RunDir, cfg: Config) -> tuple[list[str], np.ndarray, int]:
+    """Images' CLS tokens -> ``num_categories`` groups (the same k-means, in memory: N x D is small)."""
+    ids, cls = [], []
+    for path in list_shards(run.images):
+        t = pq.read_table(path, columns=["image_id", "status", "cls_token"])
+        ok = pc.equal(t.column("status"), "ok")
+        t = t.filter(ok)
+        if t.num_rows:
+            ids += t.column("image_id").to_pylist()
+            cls.append(list_to_numpy(t.column("cls_token")))
+    if not ids:
+        raise ValueError(f"{run.images}: no extracted images to cluster")
+    x = np.concatenate(cls)
+    check_finite(x, "CLS tokens")
+    n_groups = min(cfg.num_categories, len(ids))
+    if n_groups == 1:
+        return ids, np.zeros(len(ids), np.int64), 1
+    res = kmeans_arrays(x, n_groups, iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed,
+                        init_sample=cfg.kmeans_init_sample)
+    from .kmeans import assign
+
+    labels, _ = assign(l2_normalize(x), res.centroids[0])
+    return ids, labels, n_groups
+
+
+def fit_levels(run: RunDir, cfg: Config, log=print) -> dict:
+    """The global parts of levels 1 and 2 (k-means + labelling); returns the context every shard task needs."""
+    shards = list_shards(run.features)
+    if not shards:
+        raise FileNotFoundError(f"no feature shards in {run.features}: run extract first (or bring a store)")
+    kw = dict(iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed, init_sample=cfg.kmeans_init_sample)
+    t0 = time.perf_counter()
+    ds = distributed_kmeans(shards, KeyLoader(), cfg.k_dataset, **kw)
+    cues = reduce_sum(map_shards(_cue_task, shards, ds.centroids))
+    dataset_fg, cue_score = fg_from_cues(cues["counts"], cues["attn"], cues["border"])
+    means = ds.sums[0] / np.maximum(ds.counts[0], 1)[:, None]
+    fg_n, bg_n = ds.counts[0][dataset_fg].sum(), ds.counts[0][~dataset_fg].sum()
+    global_dir = direction(ds.sums[0][dataset_fg].sum(0), fg_n, ds.sums[0][~dataset_fg].sum(0), bg_n,
+                           np.zeros(means.shape[1]))
+    log(f"dataset level: {ds.iterations} iterations, fg clusters {np.flatnonzero(dataset_fg).tolist()} "
+        f"({time.perf_counter() - t0:.1f}s)")
+
+    t0 = time.perf_counter()
+    ids, group_of, n_groups = _cls_groups(run, cfg)
+    loader = KeyLoader(ids, group_of)
+    cat = distributed_kmeans(shards, loader, cfg.k_category, n_groups=n_groups, **kw)
+    ctx = {"dataset_centroids": ds.centroids, "dataset_fg": dataset_fg, "cat_centroids": cat.centroids,
+           "loader": loader}
+    st = reduce_sum(map_shards(_group_stats_task, shards, ctx))
+    cat_fg = np.zeros((n_groups, cfg.k_category), bool)
+    cat_dir = np.zeros((n_groups, means.shape[1]))
+    for g in range(n_groups):
+        counts = st["counts"][g]
+        frac = st["dfg"][g] / np.maximum(counts, 1)
+        if cfg.consistency == "relative":
+            d = direction(st["fg_sum"][g], st["fg_n"][g], st["bg_sum"][g], st["bg_n"][g], global_dir)
+            gmeans = st["sums"][g] / np.maximum(counts, 1)[:, None]
+            cat_fg[g] = relative_flags(gmeans, counts, d, frac, min_spread=RELATIVE_MIN_SPREAD * float(d @ d))
+        else:
+            cat_fg[g] = majority_flags(frac, counts)
+        f = cat_fg[g]
+        cat_dir[g] = direction(st["sums"][g][f].sum(0), counts[f].sum(), st["sums"][g][~f].sum(0), counts[~f].sum(),
+                               global_dir)
+    log(f"category level: {n_groups} groups, {cat.iterations} iterations ({time.perf_counter() - t0:.1f}s)")
+    ctx.update(cat_fg=cat_fg, cat_dir=cat_dir, global_dir=global_dir)
+
+    # Level files, for inspection and for the report.
+    atomic_write_table(run.levels / "dataset.parquet", pa.table({
+        "cluster": np.arange(cfg.k_dataset), "fg": dataset_fg, "count": ds.counts[0], "cue_score": cue_score,
+        "centroid": pa.FixedSizeListArray.from_arrays(pa.array(ds.centroids[0].ravel()), ds.centroids.shape[2]),
+    }))
+    G, k, D = cat.centroids.shape
+    atomic_write_table(run.levels / "categories.parquet", pa.table({
+        "group": np.repeat(np.arange(G), k), "cluster": np.tile(np.arange(k), G), "fg": cat_fg.ravel(),
+        "count": st["counts"].ravel(),
+        "centroid": pa.FixedSizeListArray.from_arrays(pa.array(cat.centroids.ravel()), D),
+    }))
+    atomic_write_table(run.levels / "groups.parquet", pa.table({"image_id": ids, "group": group_of}))
+    return ctx
+
+
+def run_cluster(run: RunDir, cfg: Config, log=None) -> dict:
+    from .progress import console, progress_bar
+
+    log = log or (lambda m: console.print(f"[dim]{m}[/]"))
+    shards = list_shards(run.features)
+    if not shards:
+        raise FileNotFoundError(f"no feature shards in {run.features}: run extract first (or bring a store)")
+    done = run.done_shards(STAGE)
+    todo = [p for p in shards if shard_index(p) not in done]
+    if not todo:
+        return {"images": _count_images(run), "errors": 0, "shards_skipped": len(shards), "output": str(run.pseudo)}
+    # The global levels are refitted when any shard is pending: they are cheap next to extraction and being
+    # seeded they come out the same, so finished shards stay consistent with the new ones.
+    ctx = fit_levels(run, cfg, log)
+    with progress_bar("cluster", total=len(todo), unit="shards") as advance:
+        results = map_shards(_final_task, todo, ctx, cfg.model_dump(), str(run.root), on_done=advance)
+    flags = {}
+    for r in results:
+        flags.update(r["flags"])
+    _record_flags(run)
+    return {"images": _count_images(run), "errors": 0, "flagged": len(flags), "shards_done": len(todo),
+            "shards_skipped": len(shards) - len(todo), "output": str(run.pseudo)}
+
+
+def _count_images(run: RunDir) -> int:
+    return sum(pq.read_metadata(p).num_rows for p in list_shards(run.pseudo, "part"))
+
+
+def _record_flags(run: RunDir) -> None:
+    """Empty / full pseudo-masks are kept, and flagged in the manifest."""
+    from .ingest import set_flags
+
+    flags = {}
+    for n in sorted(run.done_shards(STAGE)):
+        flags.update(json.loads((run.state(STAGE) / f"{n:05d}").read_text()).get("flags", {}))
+    if run.manifest.exists():
+        set_flags(run.manifest, flags)
+
+
+def read_pseudo(run: RunDir, columns=None) -> pa.Table:
+    from .store import read_tables
+
+    return read_tables(list_shards(run.pseudo, "part"), columns=columns)

@@ -1,0 +1,319 @@
+"""Spherical k-means, one implementation for every clustering in the project.
+
+* :func:`distributed_kmeans`: mini-batch-style Lloyd iterations over *shards*. Each shard is loaded by a task
+  (``load(shard) -> (X, groups)``), assigned with faiss, and reduced to per-centroid sums and counts; the driver
+  adds them up and normalises. No process ever holds more than one shard. ``groups`` lets one pass cluster many
+  independent sets at once (G groups x k centroids): the category level is every CLS group clustered in the same
+  pass over the store. Runs on Ray when it is initialised, in-process otherwise (same results).
+* :func:`batched_kmeans`: many small problems (one per image) vectorised over a padded batch with torch; no Python
+  loop per image.
+
+Initialisation is k-means++ on a sample drawn on purpose (``init_sample`` points, spread over shards in proportion
+to their size), not faiss's silent subsampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+EPS = 1e-12
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), EPS)
+
+
+def check_finite(x: np.ndarray, what: str) -> None:
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what}: features contain NaN or Inf")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plain functions (no Ray)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by inner product (x and centroids unit-norm). Returns (labels, similarity)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    sim, idx = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return idx[:, 0].astype(np.int64), sim[:, 0]
+
+
+def assign_groups(x: np.ndarray, groups: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid within each vector's group. centroids: (G, k, D)."""
+    labels = np.zeros(len(x), np.int64)
+    sims = np.zeros(len(x), np.float32)
+    for g in np.unique(groups):
+        sel = np.flatnonzero(groups == g)
+        labels[sel], sims[sel] = assign(x[sel], centroids[g])
+    return labels, sims
+
+
+def accumulate(x: np.ndarray, groups: np.ndarray, centroids: np.ndarray) -> dict:
+    """Per-(group, centroid) sums and counts, and the spherical inertia sum(1 - cos)."""
+    G, k, D = centroids.shape
+    labels, sims = assign_groups(x, groups, centroids)
+    flat = groups.astype(np.int64) * k + labels
+    sums = np.zeros((G * k, D), np.float64)
+    np.add.at(sums, flat, x)
+    counts = np.bincount(flat, minlength=G * k).astype(np.int64)
+    return {"sums": sums.reshape(G, k, D), "counts": counts.reshape(G, k), "inertia": float(np.sum(1.0 - sims))}
+
+
+def sample_rows(x: np.ndarray, groups: np.ndarray, per_row_prob: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    keep = rng.random(len(x)) < per_row_prob
+    return x[keep], groups[keep]
+
+
+def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeding (as scikit-learn: 2 + log k candidates per step, keep the best) for unit vectors,
+    distance 1 - cos. Fewer distinct points than k: repeats allowed."""
+    n = len(x)
+    trials = 2 + int(np.log(k))
+    centers = np.empty((k, x.shape[1]), np.float32)
+    centers[0] = x[rng.integers(n)]
+    d = np.maximum(1.0 - x @ centers[0], 0.0)
+    for i in range(1, k):
+        total = d.sum()
+        if total <= EPS:
+            centers[i] = x[rng.integers(n)]
+            continue
+        cand = rng.choice(n, size=trials, p=d / total)
+        cand_d = np.minimum(d[None], np.maximum(1.0 - x[cand] @ x.T, 0.0))  # (trials, n)
+        best = int(np.argmin(cand_d.sum(1)))
+        centers[i], d = x[cand[best]], cand_d[best]
+    return centers
+
+
+def lloyd(x: np.ndarray, centers: np.ndarray, iters: int) -> np.ndarray:
+    """A few in-memory spherical Lloyd steps (used on the init sample, before the distributed passes)."""
+    for _ in range(iters):
+        labels = np.argmax(x @ centers.T, axis=1)
+        sums = np.zeros_like(centers, dtype=np.float64)
+        np.add.at(sums, labels, x)
+        filled = np.bincount(labels, minlength=len(centers)) > 0
+        centers = np.where(filled[:, None], l2_normalize(sums), centers).astype(np.float32)
+    return centers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# map over shards: Ray tasks when Ray is up, a plain loop otherwise
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def map_shards(fn: Callable, shards: Sequence, *args, use_ray: bool | None = None, on_done=None) -> list:
+    """``[fn(shard, *args) for shard in shards]``, as Ray tasks when Ray is up (large ``args`` put in the object
+    store once, at most 2 tasks per CPU in flight). Results come back in shard order, so that every reduction
+    adds in the same order and reruns are bit-identical."""
+    import ray
+
+    if use_ray is None:
+        use_ray = ray.is_initialized()
+    if not use_ray:
+        out = []
+        for s in shards:
+            out.append(fn(s, *args))
+            if on_done:
+                on_done()
+        return out
+    from .raytools import cluster_cpus
+
+    remote = _remote(fn)
+    refs = [ray.put(a) for a in args]
+    results: dict = {}
+    pending: dict = {}
+    items = list(enumerate(shards))
+    limit = 2 * cluster_cpus()
+    pos = 0
+    while pos < len(items) or pending:
+        while pos < len(items) and len(pending) < limit:
+            i, s = items[pos]
+            pending[remote.remote(s, *refs)] = i
+            pos += 1
+        done, _ = ray.wait(list(pending), num_returns=1)
+        results[pending.pop(done[0])] = ray.get(done[0])
+        if on_done:
+            on_done()
+    return [results[i] for i in range(len(items))]
+
+
+_REMOTES: dict = {}
+
+
+def _remote(fn):
+    import ray
+
+    if fn not in _REMOTES:
+        _REMOTES[fn] = ray.remote(num_cpus=1, max_retries=3)(fn)
+    return _REMOTES[fn]
+
+
+def reduce_sum(dicts) -> dict:
+    """Element-wise sum of dicts of arrays/numbers (the reduce of every map over shards)."""
+    total: dict = {}
+    for d in dicts:
+        for key, v in d.items():
+            total[key] = v if key not in total else total[key] + v
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed spherical k-means
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # (G, k, D), unit-norm
+    counts: np.ndarray  # (G, k) points per centroid at the last assignment
+    sums: np.ndarray  # (G, k, D) sums of the points (unnormalised means = sums / counts)
+    inertia: float
+    iterations: int
+    history: list
+
+
+def _sample_task(item, load, prob: float, seed: int):
+    shard, index = item
+    x, groups = load(shard)
+    return sample_rows(x, groups, prob, seed + index)  # a seed per shard: the sample does not depend on task order
+
+
+def _size_task(shard, load):
+    x, groups = load(shard)
+    return np.bincount(groups, minlength=1).astype(np.int64) if len(groups) else np.zeros(1, np.int64)
+
+
+def _accumulate_task(shard, load, centroids):
+    x, groups = load(shard)
+    return accumulate(x, groups, centroids)
+
+
+def distributed_kmeans(
+    shards: Sequence[Any],
+    load: Callable[[Any], tuple[np.ndarray, np.ndarray]],
+    k: int,
+    n_groups: int = 1,
+    iters: int = 25,
+    tol: float = 1e-4,
+    seed: int = 0,
+    init_sample: int = 100_000,
+    use_ray: bool | None = None,
+) -> KMeansResult:
+    """Spherical k-means over vectors spread across ``shards``; ``load(shard)`` -> (unit vectors, group ids)."""
+    rng = np.random.default_rng(seed)
+    sizes = reduce_sum({"n": _pad(c, n_groups)} for c in map_shards(_size_task, shards, load, use_ray=use_ray))["n"]
+    total = int(sizes.sum())
+    if total == 0:
+        raise ValueError("k-means: no vectors")
+    # A deliberate sample for initialisation: each group gets up to init_sample points in total.
+    prob = min(1.0, init_sample / max(1, sizes.max()))
+    samples = map_shards(_sample_task, [(s, i) for i, s in enumerate(shards)], load, prob, seed, use_ray=use_ray)
+    sx = np.concatenate([s[0] for s in samples]) if samples else np.zeros((0, 1), np.float32)
+    sg = np.concatenate([s[1] for s in samples]) if samples else np.zeros(0, np.int64)
+    D = sx.shape[1]
+    centroids = np.zeros((n_groups, k, D), np.float32)
+    for g in range(n_groups):
+        pts = sx[sg == g]
+        if len(pts):
+            centroids[g] = lloyd(pts, kmeans_pp(pts, k, rng), iters=10)
+    history, prev_inertia, acc = [], None, None
+    for it in range(1, iters + 1):
+        acc = reduce_sum(map_shards(_accumulate_task, shards, load, centroids, use_ray=use_ray))
+        new = l2_normalize(acc["sums"]).astype(np.float32)
+        empty = acc["counts"] == 0
+        for g, c in zip(*np.nonzero(empty)):
+            # Re-seed an empty cluster from the group's sample, away from the existing centroids, deterministically.
+            pts = sx[sg == g]
+            if len(pts):
+                far = np.argmin((pts @ new[g].T).max(1))
+                new[g, c] = pts[far]
+            else:
+                new[g, c] = centroids[g, c]
+        shift = float(np.max(1.0 - np.sum(new * centroids, axis=-1)))
+        centroids = new
+        history.append({"iteration": it, "inertia": acc["inertia"], "shift": shift})
+        converged = shift < tol or (prev_inertia is not None and abs(prev_inertia - acc["inertia"]) <= tol * max(prev_inertia, EPS))
+        prev_inertia = acc["inertia"]
+        if converged and not empty.any():
+            break
+    # Final statistics for the centroids returned (one more pass keeps counts/sums consistent with them).
+    acc = reduce_sum(map_shards(_accumulate_task, shards, load, centroids, use_ray=use_ray))
+    return KMeansResult(centroids, acc["counts"], acc["sums"], acc["inertia"], len(history), history)
+
+
+def _pad(counts: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, np.int64)
+    out[: min(n, len(counts))] = counts[:n]
+    return out
+
+
+def kmeans_arrays(x: np.ndarray, k: int, groups: np.ndarray | None = None, n_groups: int = 1, chunk: int = 65536,
+                  **kw) -> KMeansResult:
+    """The same k-means over an in-memory array (CLS tokens, region descriptors), split into chunks."""
+    x = l2_normalize(x)
+    groups = np.zeros(len(x), np.int64) if groups is None else np.asarray(groups, np.int64)
+    chunks = [(x[i: i + chunk], groups[i: i + chunk]) for i in range(0, len(x), chunk)]
+    return distributed_kmeans(chunks, _identity_load, k, n_groups=n_groups, **kw)
+
+
+def _identity_load(chunk):
+    return chunk
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batched k-means: one small problem per image, vectorised
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def batched_kmeans(x, valid, k: int, iters: int = 20, seed: int = 0):
+    """Spherical k-means on B independent sets at once.
+
+    x: (B, N, D) unit vectors, zero-padded; valid: (B, N) bool. Returns labels (B, N) (-1 on padding) and
+    centroids (B, k, D). A set with fewer than k points gets one cluster per point.
+    """
+    import torch
+
+    x = torch.as_tensor(x, dtype=torch.float32)
+    valid = torch.as_tensor(valid, dtype=torch.bool)
+    B, N, D = x.shape
+    gen = torch.Generator().manual_seed(seed)
+    n_valid = valid.sum(1)
+    # k-means++ seeding, vectorised over the batch.
+    cent = torch.zeros(B, k, D)
+    first = (torch.rand(B, generator=gen) * n_valid.clamp(min=1)).long()
+    idx_valid = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid positions first
+    cent[:, 0] = x[torch.arange(B), idx_valid[torch.arange(B), first]]
+    dist = (1 - torch.einsum("bnd,bd->bn", x, cent[:, 0])).clamp(min=0) * valid
+    for i in range(1, k):
+        total = dist.sum(1, keepdim=True)
+        probs = torch.where(total > EPS, dist / total.clamp(min=EPS), valid.float() / n_valid.clamp(min=1)[:, None])
+        pick = torch.multinomial(probs.clamp(min=0) + (probs.sum(1, keepdim=True) <= 0).float(), 1, generator=gen)[:, 0]
+        cent[:, i] = x[torch.arange(B), pick]
+        dist = torch.minimum(dist, (1 - torch.einsum("bnd,bd->bn", x, cent[:, i])).clamp(min=0) * valid)
+    labels = torch.zeros(B, N, dtype=torch.long)
+    for _ in range(iters):
+        sim = torch.einsum("bnd,bkd->bnk", x, cent)
+        new_labels = sim.argmax(-1)
+        onehot = torch.nn.functional.one_hot(new_labels, k).float() * valid[..., None]
+        sums = torch.einsum("bnk,bnd->bkd", onehot, x)
+        counts = onehot.sum(1)
+        norm = sums.norm(dim=-1, keepdim=True)
+        cent = torch.where(counts[..., None] > 0, sums / norm.clamp(min=EPS), cent)  # empty: keep old centroid
+        if torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+    labels = sim.argmax(-1)
+    # Fewer points than clusters: each point is its own cluster.
+    small = n_valid < k
+    if small.any():
+        labels[small] = torch.arange(N).clamp(max=k - 1)[None].expand(int(small.sum()), N)
+    labels = torch.where(valid, labels, torch.full_like(labels, -1))
+    return labels.numpy(), cent.numpy()
