@@ -207,3 +207,56 @@ def extract_shard(extractor, info: dict, rows: list[dict], cfg, device="cpu") ->
             r["cls_token"] = r["cls_token"].tolist()
     images = pa.Table.from_pylist(img_rows, schema=image_schema(dim))
     return feats, images
+
+
+def tables_from_records(records: list[dict], dim: int, meta: dict) -> tuple[pa.Table, pa.Table]:
+    """Feature and image tables from per-image records - how features computed elsewhere enter a store.
+
+    A record: ``image_id``, ``keys`` (grid_h*grid_w, D) in raster order, ``cls_attn`` (grid_h*grid_w,),
+    ``cls_token`` (D,), ``grid_h``, ``grid_w``; optional ``uri``, ``width``, ``height``, ``scale`` (default 1 patch
+    = ``patch_size`` pixels, no padding).
+    """
+    records = sorted(records, key=lambda r: r["image_id"])
+    patch = int(meta.get("patch_size", 1))
+    ids, pys, pxs, keys, attns, rows = [], [], [], [], [], []
+    for r in records:
+        gh, gw = int(r["grid_h"]), int(r["grid_w"])
+        n = gh * gw
+        k = np.asarray(r["keys"])
+        if k.shape != (n, dim):
+            raise ValueError(f"{r['image_id']}: keys shape {k.shape} != ({n}, {dim})")
+        yy, xx = np.divmod(np.arange(n), gw)
+        ids.append(np.full(n, r["image_id"], dtype=object))
+        pys.append(yy.astype(np.int16))
+        pxs.append(xx.astype(np.int16))
+        keys.append(k.astype(np.float16))
+        attns.append(np.asarray(r["cls_attn"], np.float32))
+        h, w = r.get("height", gh * patch), r.get("width", gw * patch)
+        rows.append({"image_id": r["image_id"], "uri": r.get("uri", ""), "width": w, "height": h,
+                     "grid_h": gh, "grid_w": gw, "scale": r.get("scale", 1.0), "resized_h": gh * patch,
+                     "resized_w": gw * patch, "pad_h": 0, "pad_w": 0,
+                     "cls_token": np.asarray(r["cls_token"], np.float32).tolist(), "status": "ok", "error": None})
+    md = {META_KEY: json.dumps(meta).encode()}
+    feats = pa.Table.from_arrays(
+        [pa.array(np.concatenate(ids), pa.string()), pa.array(np.concatenate(pys)), pa.array(np.concatenate(pxs)),
+         fixed_list(np.concatenate(keys), pa.float16()), pa.array(np.concatenate(attns))],
+        schema=feature_schema(dim)).replace_schema_metadata(md)
+    images = pa.Table.from_pylist(rows, schema=image_schema(dim)).replace_schema_metadata(md)
+    return feats, images
+
+
+def write_store_shard(run_root, shard: int, records: list[dict], dim: int, meta: dict) -> None:
+    """Write one shard of a feature store (features/ + images/) atomically."""
+    from .store import RunDir, atomic_write_table, shard_name
+
+    run = RunDir(run_root)
+    feats, images = tables_from_records(records, dim, meta)
+    atomic_write_table(run.features / shard_name(shard), feats)
+    atomic_write_table(run.images / shard_name(shard), images)
+
+
+def brought_store_metadata(dim: int, patch_size: int, backbone: str = "external", random_weights: bool = False,
+                           **extra) -> dict:
+    return {"schema_version": FEATURE_SCHEMA_VERSION, "backbone": backbone, "weights": extra.pop("weights", "external"),
+            "random_weights": random_weights, "patch_size": patch_size, "embed_dim": dim, "num_prefix_tokens": 1,
+            "facet": "key", "max_side": 0, "upscale": False, "mean": [0, 0, 0], "std": [1, 1, 1], **extra}

@@ -209,7 +209,8 @@ def distributed_kmeans(
 ) -> KMeansResult:
     """Spherical k-means over vectors spread across ``shards``; ``load(shard)`` -> (unit vectors, group ids)."""
     rng = np.random.default_rng(seed)
-    sizes = reduce_sum({"n": _pad(c, n_groups)} for c in map_shards(_size_task, shards, load, use_ray=use_ray))["n"]
+    sizes = reduce_sum({"n": _pad(c, n_groups)} for c in map_shards(_size_task, shards, load, use_ray=use_ray))
+    sizes = sizes.get("n", np.zeros(n_groups, np.int64))
     total = int(sizes.sum())
     if total == 0:
         raise ValueError("k-means: no vectors")
@@ -292,12 +293,18 @@ def batched_kmeans(x, valid, k: int, iters: int = 20, seed: int = 0):
     idx_valid = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid positions first
     cent[:, 0] = x[torch.arange(B), idx_valid[torch.arange(B), first]]
     dist = (1 - torch.einsum("bnd,bd->bn", x, cent[:, 0])).clamp(min=0) * valid
+    trials = 2 + int(np.log(k))  # greedy k-means++, as for the distributed k-means
+    ar = torch.arange(B)
     for i in range(1, k):
         total = dist.sum(1, keepdim=True)
         probs = torch.where(total > EPS, dist / total.clamp(min=EPS), valid.float() / n_valid.clamp(min=1)[:, None])
-        pick = torch.multinomial(probs.clamp(min=0) + (probs.sum(1, keepdim=True) <= 0).float(), 1, generator=gen)[:, 0]
-        cent[:, i] = x[torch.arange(B), pick]
-        dist = torch.minimum(dist, (1 - torch.einsum("bnd,bd->bn", x, cent[:, i])).clamp(min=0) * valid)
+        probs = probs + (probs.sum(1, keepdim=True) <= 0).float()  # an all-padding row: any index will do
+        cand = torch.multinomial(probs, trials, replacement=True, generator=gen)  # (B, trials)
+        cand_x = x[ar[:, None], cand]  # (B, trials, D)
+        cand_d = torch.minimum(dist[:, None], (1 - torch.einsum("bnd,btd->btn", x, cand_x)).clamp(min=0) * valid[:, None])
+        best = cand_d.sum(-1).argmin(1)
+        cent[:, i] = cand_x[ar, best]
+        dist = cand_d[ar, best]
     labels = torch.zeros(B, N, dtype=torch.long)
     for _ in range(iters):
         sim = torch.einsum("bnd,bkd->bnk", x, cent)

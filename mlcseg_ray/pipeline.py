@@ -159,5 +159,7 @@ class Pipeline:
         return self.summary
 
     def failed_images(self) -> int:
+        if not self.run_dir.manifest.exists():  # a brought-in feature store has no manifest
+            return 0
         status = read_manifest(self.run_dir.manifest).column("status").to_pylist()
         return sum(1 for s in status if s != "ok")

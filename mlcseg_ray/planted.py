@@ -15,15 +15,14 @@ whole clustering stage runs on them exactly as on extracted features.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from .features import feature_schema, fixed_list, image_schema
-from .store import FEATURE_SCHEMA_VERSION, RunDir, atomic_write_table, shard_name
+from .features import brought_store_metadata, write_store_shard
+from .store import RunDir, atomic_write_table
 
 GT_SCHEMA = pa.schema([("image_id", pa.string()), ("grid_h", pa.int32()), ("grid_w", pa.int32()),
                        ("mask", pa.list_(pa.uint8())), ("cls", pa.int32()), ("family", pa.string())])
@@ -113,14 +112,11 @@ def generate(out: Path, spec: PlantedSpec, grids=None, mask_dir: Path | None = N
             families[order[pos: pos + m]] = name
             pos += m
 
-    meta = {"schema_version": FEATURE_SCHEMA_VERSION, "backbone": "planted", "weights": "synthetic",
-            "random_weights": True, "patch_size": spec.cell, "embed_dim": D, "num_prefix_tokens": 1,
-            "facet": "key", "max_side": 0, "upscale": False, "mean": [0, 0, 0], "std": [1, 1, 1],
-            "planted": asdict(spec)}
-    md = {b"mlcseg": json.dumps(meta).encode()}
+    meta = brought_store_metadata(D, spec.cell, backbone="planted", random_weights=True, weights="synthetic",
+                                  planted=asdict(spec))
     gt_rows = []
     for s0 in range(0, n, spec.shard_size):
-        f_ids, f_py, f_px, f_key, f_attn, img_rows = [], [], [], [], [], []
+        records = []
         for idx in range(s0, min(n, s0 + spec.shard_size)):
             image_id, fg, cls = grids[idx]
             fam = families[idx]
@@ -153,29 +149,11 @@ def generate(out: Path, spec: PlantedSpec, grids=None, mask_dir: Path | None = N
                 code = fam  # grouped together by their CLS tokens: a mixed group of backgrounds
             cls_token = cls_vec[cls] * (0.3 if fam == "mixed" else 1.0) + 2.0 * fam_code[code]
             cls_token = cls_token + 0.1 * rng.normal(size=D)
-            f_ids.append(np.full(P, image_id, dtype=object))
-            f_py.append(yy.astype(np.int16))
-            f_px.append(xx.astype(np.int16))
-            f_key.append(x.astype(np.float16))
-            f_attn.append(attn.astype(np.float32))
-            img_rows.append({"image_id": image_id, "uri": f"planted://{image_id}", "width": gw * spec.cell,
-                             "height": gh * spec.cell, "grid_h": gh, "grid_w": gw, "scale": 1.0,
-                             "resized_h": gh * spec.cell, "resized_w": gw * spec.cell, "pad_h": 0, "pad_w": 0,
-                             "cls_token": cls_token.astype(np.float32).tolist(), "status": "ok", "error": None})
+            records.append({"image_id": image_id, "keys": x, "cls_attn": attn, "cls_token": cls_token,
+                            "grid_h": gh, "grid_w": gw, "uri": f"planted://{image_id}"})
             gt_rows.append({"image_id": image_id, "grid_h": gh, "grid_w": gw, "mask": fgf.astype(np.uint8).tolist(),
                             "cls": cls, "family": fam})
-        order = np.argsort([r["image_id"] for r in img_rows], kind="stable")
-        f_ids = [f_ids[i] for i in order]
-        feats = pa.Table.from_arrays(
-            [pa.array(np.concatenate(f_ids), pa.string()),
-             pa.array(np.concatenate([f_py[i] for i in order])), pa.array(np.concatenate([f_px[i] for i in order])),
-             fixed_list(np.concatenate([f_key[i] for i in order]), pa.float16()),
-             pa.array(np.concatenate([f_attn[i] for i in order]))],
-            schema=feature_schema(D)).replace_schema_metadata(md)
-        images = pa.Table.from_pylist([img_rows[i] for i in order], schema=image_schema(D)).replace_schema_metadata(md)
-        k = s0 // spec.shard_size
-        atomic_write_table(run.features / shard_name(k), feats)
-        atomic_write_table(run.images / shard_name(k), images)
+        write_store_shard(run.root, s0 // spec.shard_size, records, D, meta)
     atomic_write_table(run.root / "gt.parquet", pa.Table.from_pylist(gt_rows, schema=GT_SCHEMA))
     return run
 

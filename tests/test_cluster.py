@@ -1,0 +1,168 @@
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import VOC_MASKS, need
+from mlcseg_ray.cluster import (
+    combine_votes,
+    fg_from_cues,
+    majority_flags,
+    read_pseudo,
+    relative_flags,
+    run_cluster,
+)
+from mlcseg_ray.config import Config
+from mlcseg_ray.features import brought_store_metadata, write_store_shard
+from mlcseg_ray.planted import PlantedSpec, foreground_iou, generate
+from mlcseg_ray.store import RunDir
+
+
+# ----------------------------------------------------------------------------------------------- rules
+def test_cues_pick_attended_clusters_away_from_borders():
+    fg, score = fg_from_cues(counts=[100, 100, 100], attn_sum=[80, 20, 30], border_sum=[5, 60, 40])
+    assert fg.tolist() == [True, False, False] and score[0] > score[2] > score[1]
+
+
+def test_relative_rule_is_shift_invariant_and_majority_copies():
+    d = np.array([1.0, 0.0])
+    means = np.array([[0.9, 0.1], [0.2, 0.5], [0.1, 0.9]])
+    counts = np.array([10, 10, 10])
+    coarse = np.array([1.0, 1.0, 1.0])  # the coarser level called everything foreground (a shifted image)
+    assert relative_flags(means, counts, d, coarse).tolist() == [True, False, False]
+    assert relative_flags(means + 5 * d, counts, d, coarse).tolist() == [True, False, False]
+    assert majority_flags(coarse, counts).tolist() == [True, True, True]
+
+
+def test_relative_falls_back_when_clusters_do_not_separate():
+    d = np.array([1.0, 0.0])
+    means = np.array([[0.50, 0.1], [0.52, 0.5], [0.0, 0.0]])
+    counts = np.array([10, 10, 0])  # third cluster empty; the other two barely differ along d
+    flags = relative_flags(means, counts, d, np.array([0.2, 0.1, 0.0]), min_spread=0.5)
+    assert flags.tolist() == [False, False, False]
+
+
+def test_combine_rules():
+    levels = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 0]], np.uint8)
+    attn = np.full(4, 0.5, np.float32)
+    assert combine_votes(levels, attn, "vote", 2)[0].tolist() == [True, False, False, False]
+    assert combine_votes(levels, attn, "union", 2)[0].tolist() == [True, True, True, False]
+    assert combine_votes(levels, attn, "intersection", 2)[0].tolist() == [True, False, False, False]
+    assert combine_votes(levels, attn, "category", 2)[0].tolist() == [True, False, True, False]
+    mask, score = combine_votes(levels, attn, "vote", 1)
+    assert ((score > 0.5) == mask).all() and score.min() >= 0 and score.max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------- planted sets
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    masks = need(VOC_MASKS) / "SegmentationClass"
+    root = tmp_path_factory.mktemp("planted")
+    easy = generate(root / "easy", PlantedSpec("easy", n_images=240, shard_size=48), mask_dir=masks)
+    hard = generate(root / "hard", PlantedSpec("hard", n_images=400, shard_size=50), mask_dir=masks)
+    return easy, hard
+
+
+def _cluster_copy(run, tmp_path, name, **overrides):
+    out = tmp_path / name
+    shutil.copytree(run.root / "features", out / "features")
+    shutil.copytree(run.root / "images", out / "images")
+    shutil.copy(run.root / "gt.parquet", out / "gt.parquet")
+    r = RunDir(out)
+    run_cluster(r, Config(**overrides), log=lambda m: None)
+    return foreground_iou(r)
+
+
+def test_planted_easy(planted, tmp_path):
+    iou = _cluster_copy(planted[0], tmp_path, "easy")
+    assert iou["mask"] >= 0.95, iou
+
+
+def test_planted_hard_three_levels_beat_each_level(planted, tmp_path):
+    iou = _cluster_copy(planted[1], tmp_path, "hard")
+    best_single = max(iou["dataset"], iou["category"], iou["image"])
+    assert iou["mask"] > best_single + 0.02, iou
+    # each level has its own failure family, and the vote fixes each one
+    assert iou["dataset/shift"] < 0.8 and iou["image/modes"] < 0.8 and iou["category/mixed"] < 0.5, iou
+    for fam in ("shift", "modes", "mixed"):
+        assert iou[f"mask/{fam}"] > 0.9, iou
+    # the majority rule copies the coarser level's errors: relative is better
+    maj = _cluster_copy(planted[1], tmp_path, "hard_majority", consistency="majority")
+    assert maj["mask"] < iou["mask"] - 0.05, (maj, iou)
+
+
+# ----------------------------------------------------------------------------------------------- degenerate
+def _store(tmp_path, records, dim=8):
+    write_store_shard(tmp_path, 0, records, dim, brought_store_metadata(dim, 16))
+    return RunDir(tmp_path)
+
+
+def _rec(image_id, keys, gh, gw, seed=0, attn=None):
+    rng = np.random.default_rng(seed)
+    return {"image_id": image_id, "keys": keys, "grid_h": gh, "grid_w": gw,
+            "cls_attn": attn if attn is not None else rng.random(gh * gw), "cls_token": rng.normal(size=keys.shape[1])}
+
+
+def _blob_image(image_id, seed, gh=6, gw=6, dim=8):
+    rng = np.random.default_rng(seed)
+    f, b = np.eye(dim)[0], np.eye(dim)[1]
+    yy, xx = np.mgrid[:gh, :gw]
+    fg = ((yy - gh / 2 + 0.5) ** 2 + (xx - gw / 2 + 0.5) ** 2 <= (gh / 3) ** 2).ravel()
+    keys = np.where(fg[:, None], f, b) + 0.05 * rng.normal(size=(gh * gw, dim))
+    return _rec(image_id, keys, gh, gw, seed, attn=np.where(fg, 0.8, 0.2))
+
+
+def test_degenerate_images_are_kept_and_flagged(tmp_path):
+    dim = 8
+    recs = [_blob_image(f"img{i}", i) for i in range(5)]
+    recs.append(_rec("one_patch", np.eye(dim)[:1] + 0.01, 1, 1))  # fewer patches than k
+    recs.append(_rec("two_patches", np.eye(dim)[:2], 1, 2))
+    recs.append(_rec("identical", np.tile(np.eye(dim)[1], (16, 1)), 4, 4))  # all-identical features
+    run = _store(tmp_path, recs, dim)
+    run_cluster(run, Config(num_categories=20, kmeans_init_sample=100), log=lambda m: None)
+    rows = {r["image_id"]: r for r in read_pseudo(run).to_pylist()}
+    assert set(rows) == {r["image_id"] for r in recs}  # every image has a pseudo-mask, none crashed
+    assert rows["identical"]["flag"] in ("empty", "full")
+    assert len(rows["one_patch"]["mask"]) == 1 and rows["one_patch"]["flag"] in ("empty", "full")
+    for i in range(5):
+        assert rows[f"img{i}"]["flag"] is None and 0 < sum(rows[f"img{i}"]["mask"]) < 36
+
+
+def test_a_category_holding_one_image(tmp_path):
+    recs = [_blob_image(f"img{i}", i) for i in range(3)]
+    recs[2]["cls_token"] = np.full(8, 10.0)  # far from the others: its CLS group holds only itself
+    run = _store(tmp_path, recs)
+    run_cluster(run, Config(num_categories=2, kmeans_init_sample=100), log=lambda m: None)
+    groups = pq.read_table(run.levels / "groups.parquet").to_pylist()
+    by_group = {}
+    for g in groups:
+        by_group.setdefault(g["group"], []).append(g["image_id"])
+    assert sorted(len(v) for v in by_group.values()) == [1, 2]
+    rows = {r["image_id"]: r for r in read_pseudo(run).to_pylist()}
+    truth = np.asarray(recs[2]["cls_attn"]) > 0.5
+    assert (np.asarray(rows["img2"]["mask"], bool) == truth).mean() > 0.9
+
+
+def test_nan_in_a_brought_store_names_the_image(tmp_path):
+    recs = [_blob_image(f"img{i}", i) for i in range(3)]
+    recs[1]["keys"][3, 2] = np.nan
+    run = _store(tmp_path, recs)
+    with pytest.raises(ValueError, match="img1.*NaN"):
+        run_cluster(run, Config(kmeans_init_sample=100), log=lambda m: None)
+
+
+def test_cluster_on_ray_is_identical_and_resumes(ray_local, planted, tmp_path):
+    easy = planted[0]
+    out = tmp_path / "r"
+    shutil.copytree(easy.root / "features", out / "features")
+    shutil.copytree(easy.root / "images", out / "images")
+    run = RunDir(out)
+    res = run_cluster(run, Config(), log=lambda m: None)
+    assert res["shards_done"] == 5 and res["images"] == 240
+    first = {p.name: p.read_bytes() for p in run.pseudo.iterdir()}
+    (run.state("cluster") / "00002").unlink()
+    (run.pseudo / "part-00002.parquet").unlink()
+    res = run_cluster(run, Config(), log=lambda m: None)
+    assert res["shards_done"] == 1 and res["shards_skipped"] == 4
+    assert {p.name: p.read_bytes() for p in run.pseudo.iterdir()} == first
