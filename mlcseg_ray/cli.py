@@ -186,7 +186,8 @@ def _weights_status(name: str) -> str:
 
 
 def main():  # pragma: no cover
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("mlcseg_ray").setLevel(logging.INFO)
     app()
 
 

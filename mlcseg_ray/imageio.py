@@ -123,7 +123,7 @@ def load_rgb(uri: str, max_pixels: int, min_side: int = 1) -> np.ndarray:
         raise BadImage(f"cannot decode image: {msg}") from None
     except (ValueError, SyntaxError) as e:
         raise BadImage(f"cannot decode image: {e}") from None
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # writable: pydensecrf needs that
 
 
 def local_path(uri: str) -> str:

@@ -156,6 +156,10 @@ class Pipeline:
                 self._timed("evaluate", self.evaluate)
             self._timed(stage, getattr(self, stage))
         summary_table(f"mlcseg run: {self.run_dir.root}", self.summary)
+        if self.run_dir.read_record().get("backbone", {}).get("random_weights"):
+            from .backbones import RANDOM_WEIGHTS_WARNING
+
+            console.print(f"[bold red]{RANDOM_WEIGHTS_WARNING}[/]")
         return self.summary
 
     def failed_images(self) -> int:

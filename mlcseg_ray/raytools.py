@@ -25,6 +25,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
             logging_level=logging.WARNING,
         )
     _quiet_ray_data()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _quiet_ray_data() -> None:

@@ -1,0 +1,146 @@
+"""Stage ``report``: one self-contained ``report.html`` (plus ``report_assets/``) for people to look at.
+
+Sample overlays, one gallery per class cluster, stage timings and counts, metrics when ground truth was given,
+where the features came from - and a loud banner when the backbone's weights were random.
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .config import Config
+from .store import RunDir, atomic_write_bytes, atomic_write_text
+
+ASSETS = "report_assets"
+THUMB = 320
+
+
+def _jpeg(img) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def overlay(rgb: np.ndarray, classes: np.ndarray, palette: list[int], alpha: float = 0.5):
+    from PIL import Image
+
+    pal = np.asarray(palette, np.uint8).reshape(-1, 3)
+    color = pal[classes]
+    fg = classes > 0
+    out = rgb.astype(np.float32)
+    out[fg] = (1 - alpha) * out[fg] + alpha * color[fg]
+    img = Image.fromarray(out.astype(np.uint8))
+    img.thumbnail((THUMB, THUMB))
+    return img
+
+
+def _esc(x) -> str:
+    return html.escape(str(x))
+
+
+def write_report(run: RunDir, cfg: Config) -> Path:
+    from PIL import Image
+
+    from .imageio import BadImage, load_rgb
+    from .label import voc_palette
+    from .refine import mask_path
+
+    rec = run.read_record()
+    backbone = rec.get("backbone", {})
+    assets = run.root / ASSETS
+    palette = voc_palette()
+    manifest = pq.read_table(run.manifest).to_pylist() if run.manifest.exists() else []
+    ok = [r for r in manifest if r["status"] == "ok" and mask_path(run.masks, r["image_id"]).exists()]
+    parts = []
+    if backbone.get("random_weights"):
+        from .backbones import RANDOM_WEIGHTS_WARNING
+
+        parts.append(f'<div class="banner">{_esc(RANDOM_WEIGHTS_WARNING)}</div>')
+    parts.append(f"<h1>mlcseg_ray report</h1><p>run folder <code>{_esc(run.root)}</code>; input "
+                 f"{_esc(rec.get('input', '(brought-in feature store)'))}</p>")
+    parts.append("<h2>Features</h2><table>" + "".join(
+        f"<tr><th>{_esc(k)}</th><td>{_esc(backbone.get(k))}</td></tr>"
+        for k in ("backbone", "weights", "random_weights", "patch_size", "embed_dim", "max_side")) + "</table>")
+
+    # stages
+    rows = "".join(
+        f"<tr><td>{_esc(s)}</td><td>{_esc(v.get('images', ''))}</td><td>{_esc(v.get('errors', ''))}</td>"
+        f"<td>{v.get('seconds', 0):.1f}</td></tr>" for s, v in rec.get("stages", {}).items())
+    n_err = sum(1 for r in manifest if r["status"] != "ok")
+    n_flag = sum(1 for r in manifest if r.get("flag"))
+    parts.append(f"<h2>Stages</h2><p>{len(manifest)} images, {n_err} errors, {n_flag} flagged "
+                 f"(empty or full pseudo-mask)</p><table><tr><th>stage</th><th>images</th><th>errors</th>"
+                 f"<th>seconds</th></tr>{rows}</table>")
+
+    # metrics
+    if run.metrics.exists():
+        m = json.loads(run.metrics.read_text())
+        per = "".join(f"<tr><td>{_esc(k)}</td><td>{'-' if v is None else f'{v:.2f}'}</td></tr>"
+                      for k, v in m["per_class_iou"].items())
+        parts.append(f"<h2>Metrics ({_esc(m.get('protocol'))}, {_esc(m['matching'])} matching)</h2>"
+                     f"<p class='big'>mIoU {m['miou']:.2f} &middot; pixel accuracy {m['pixel_accuracy']:.2f} "
+                     f"&middot; {m['n_images']} images</p><div class='row'><table><tr><th>class</th><th>IoU</th>"
+                     f"</tr>{per}</table><img src='confusion.png' alt='confusion matrix'></div>")
+
+    # overlays
+    samples = ok[: cfg.report_samples]
+    tiles = []
+    for i, r in enumerate(samples):
+        try:
+            rgb = load_rgb(r["uri"], cfg.max_pixels)
+        except BadImage:
+            continue
+        classes = np.asarray(Image.open(mask_path(run.masks, r["image_id"])))
+        name = f"{ASSETS}/overlay_{i:04d}.jpg"
+        atomic_write_bytes(run.root / name, _jpeg(overlay(rgb, classes, palette)))
+        tiles.append(f"<figure><img src='{name}' alt='{_esc(r['image_id'])}'><figcaption>{_esc(r['image_id'])}"
+                     f"{' (' + _esc(r['flag']) + ')' if r.get('flag') else ''}</figcaption></figure>")
+    parts.append(f"<h2>Samples</h2><div class='grid'>{''.join(tiles) or '<p>no masks</p>'}</div>")
+
+    # class galleries
+    if run.regions.exists() and pq.read_metadata(run.regions).num_rows:
+        regions = pq.read_table(run.regions).to_pylist()
+        uris = {r["image_id"]: r["uri"] for r in manifest}
+        by_class: dict[int, list] = {}
+        for r in sorted(regions, key=lambda r: -r["score"]):
+            by_class.setdefault(r["class_id"], []).append(r)
+        gal = []
+        for c in sorted(by_class):
+            figs = []
+            for j, r in enumerate(by_class[c][:6]):
+                if r["image_id"] not in uris:
+                    continue
+                try:
+                    rgb = load_rgb(uris[r["image_id"]], cfg.max_pixels)
+                except BadImage:
+                    continue
+                crop = Image.fromarray(rgb).crop((r["x0"], r["y0"], r["x1"], r["y1"]))
+                crop.thumbnail((160, 160))
+                name = f"{ASSETS}/class_{c:03d}_{j}.jpg"
+                atomic_write_bytes(run.root / name, _jpeg(crop))
+                figs.append(f"<img src='{name}' alt='class {c}' title='{_esc(r['image_id'])}'>")
+            colour = "#%02x%02x%02x" % tuple(palette[3 * c: 3 * c + 3])
+            gal.append(f"<div class='cls'><h3><span class='sw' style='background:{colour}'></span>class {c} "
+                       f"({len(by_class[c])} regions)</h3>{''.join(figs)}</div>")
+        parts.append(f"<h2>Class clusters</h2>{''.join(gal)}")
+
+    if n_err:
+        errs = "".join(f"<tr><td>{_esc(r['image_id'])}</td><td>{_esc(r['error'])}</td></tr>"
+                       for r in manifest if r["status"] != "ok")
+        parts.append(f"<h2>Errors</h2><table><tr><th>image</th><th>reason</th></tr>{errs}</table>")
+
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mlcseg_ray report</title><style>
+body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;margin:.5em 0}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}} .banner{{background:#c00;color:#fff;padding:1em;
+font-weight:bold;font-size:1.2em}} .grid{{display:flex;flex-wrap:wrap;gap:8px}} figure{{margin:0}}
+figcaption{{font-size:.8em}} .cls img{{margin:2px;max-height:160px}} .sw{{display:inline-block;width:1em;height:1em;
+margin-right:.4em;vertical-align:middle}} .row{{display:flex;gap:2em;align-items:flex-start}} .big{{font-size:1.3em}}
+</style></head><body>{''.join(parts)}</body></html>"""
+    assets.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.report, page)
+    return run.report
