@@ -221,17 +221,19 @@ def scores(conf: np.ndarray, mapping: np.ndarray, names: list[str]) -> dict:
 
 
 def evaluate(pred_dir: Path, gt: GroundTruth, matching: str = "hungarian", binary_pred: bool = False,
-             chunk: int = 64) -> dict:
+             chunk: int = 64, use_ray: bool | None = None) -> dict:
+    """Confusion over the whole split (chunks of images as parallel tasks), matching, scores.
+    ``binary_pred``: predictions are foreground where > 0 and foreground is matched to foreground."""
     from .kmeans import map_shards
 
     chunks = [gt.image_ids[i: i + chunk] for i in range(0, len(gt.image_ids), chunk)]
-    results = map_shards(_chunk_confusion, chunks, gt, str(pred_dir), binary_pred)
+    results = map_shards(_chunk_confusion, chunks, gt, str(pred_dir), binary_pred, use_ray=use_ray)
     conf = sum(r["conf"] for r in results)
     missing = [m for r in results for m in r["missing"]]
     used = np.flatnonzero(conf.sum(1) > 0)
     n_pred = int(used.max()) + 1 if used.size else 1
     conf = conf[: max(n_pred, 1)]
-    if binary_pred or gt.n_classes == 2:
+    if binary_pred:
         mapping = np.arange(conf.shape[0]).clip(max=1)  # foreground is foreground: no matching
         mapping[2:] = -1
     else:
@@ -239,7 +241,7 @@ def evaluate(pred_dir: Path, gt: GroundTruth, matching: str = "hungarian", binar
     out = scores(conf, mapping, gt.names)
     out.update(n_images=len(gt.image_ids), missing_predictions=missing, matching=matching,
                n_predicted_ids=int(used.size), confusion=conf.tolist())
-    if gt.n_classes == 2:
+    if binary_pred:
         out["foreground_iou"] = out["per_class_iou"].get("foreground")
     return out
 

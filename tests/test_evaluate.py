@@ -1,0 +1,136 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import COCO_SUBSET, VOC_SUBSET, need
+from mlcseg_ray.cli import app
+from mlcseg_ray.evaluate import (
+    COCO_THING_IDS,
+    COCOSTUFF27,
+    EvalError,
+    evaluate,
+    evaluate_folder,
+    load_ground_truth,
+    match,
+    scores,
+)
+
+
+def _save(folder, name, a):
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(a, np.uint8)).save(folder / f"{name}.png")
+
+
+def test_voc_ground_truth_against_itself_and_a_permutation(tmp_path):
+    voc = need(VOC_SUBSET)
+    m = evaluate_folder(voc / "SegmentationClass", voc, "voc21", out=tmp_path)
+    assert m["miou"] == 100.0 and m["pixel_accuracy"] == 100.0 and m["n_images"] == 59
+    assert m["per_class_iou"]["bird"] is None  # absent from the subset: not counted
+    assert (tmp_path / "metrics.json").exists() and (tmp_path / "confusion.png").exists()
+    perm = np.random.default_rng(0).permutation(256).astype(np.uint8)
+    for p in sorted((voc / "SegmentationClass").glob("*.png")):
+        a = np.asarray(Image.open(p))
+        _save(tmp_path / "perm", p.stem, np.where(a == 255, 0, perm[a]))  # relabelled; borders predicted as anything
+    assert evaluate_folder(tmp_path / "perm", voc, "voc21")["miou"] == 100.0
+
+
+def test_hand_computed_case(tmp_path):
+    gt = tmp_path / "gt"
+    pred = tmp_path / "pred"
+    _save(gt, "a", [[0, 0, 1, 1], [0, 0, 1, 255]])
+    _save(pred, "a", [[5, 5, 5, 7], [5, 5, 7, 7]])
+    # valid pixels: gt0={4 px, pred 5}, gt1={3 px: pred 5,7,7}; Hungarian: 5->0, 7->1
+    # class 0: tp 4, fp 1 (gt1 pixel predicted 5) -> 4/5; class 1: tp 2, fn 1 -> 2/3
+    m = evaluate_folder(pred, gt, "folder", ignore=255)
+    assert m["per_class_iou"] == {"class_0": 80.0, "class_1": pytest.approx(66.6667, abs=1e-3)}
+    assert m["miou"] == pytest.approx((80 + 200 / 3) / 2, abs=1e-3)
+    assert m["pixel_accuracy"] == pytest.approx(6 / 7 * 100, abs=1e-3)
+
+
+def test_majority_matching_with_more_clusters_than_classes():
+    conf = np.array([[10, 0], [8, 1], [0, 5]])
+    assert match(conf, "majority").tolist() == [0, 0, 1]
+    hung = match(conf, "hungarian")
+    assert sorted(hung[hung >= 0].tolist()) == [0, 1] and (hung == -1).sum() == 1
+    s = scores(conf, match(conf, "majority"), ["a", "b"])
+    assert s["per_class_iou"]["a"] == pytest.approx(18 / 19 * 100, abs=1e-3)
+
+
+def test_coco_id_mapping_and_real_masks(tmp_path):
+    assert len(COCO_THING_IDS) == 80 and COCO_THING_IDS[-1] == 90 and 12 not in COCO_THING_IDS
+    assert len(COCOSTUFF27) == 182 and max(COCOSTUFF27) == 26
+    gt = tmp_path / "gt"
+    _save(gt, "x", [[0, 90, 13, 1]])
+    g = load_ground_truth(gt, "coco81")
+    assert g.read("x").tolist() == [[0, 80, 12, 1]]  # 90 -> 80, 13 -> 12 (id 12 is a gap)
+    _save(gt, "bad", [[12]])
+    with pytest.raises(EvalError, match="12 is not one of the 80"):
+        load_ground_truth(gt, "coco81").read("bad")
+    coco = need(COCO_SUBSET)
+    m = evaluate_folder(coco / "masks", coco / "masks", "coco81")
+    assert m["miou"] == 100.0 and m["n_images"] == 66
+
+
+def test_coco_instances_json(tmp_path):
+    from pycocotools import mask as mu
+
+    m = np.zeros((4, 6), np.uint8)
+    m[1:3, 2:5] = 1
+    rle = mu.encode(np.asfortranarray(m))
+    rle["counts"] = rle["counts"].decode()
+    ann = {"images": [{"id": 1, "file_name": "img.jpg", "width": 6, "height": 4}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 90, "segmentation": rle, "area": 6,
+                            "bbox": [2, 1, 3, 2], "iscrowd": 0}],
+           "categories": [{"id": 90, "name": "toothbrush"}]}
+    (tmp_path / "inst.json").write_text(json.dumps(ann))
+    g = load_ground_truth(tmp_path / "inst.json", "coco81")
+    assert g.image_ids == ["img"] and (g.read("img") == m * 80).all()
+
+
+def test_errors(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    _save(gt, "a", np.zeros((4, 4)))
+    _save(gt, "b", np.ones((4, 4)))
+    _save(pred, "a", np.zeros((5, 4)))
+    with pytest.raises(EvalError, match="a: prediction is 4x5 but ground truth is 4x4"):
+        evaluate_folder(pred, gt, "folder")
+    _save(pred, "a", np.zeros((4, 4)))
+    m = evaluate_folder(pred, gt, "folder")  # b has no prediction: counted as background, listed
+    assert m["missing_predictions"] == ["b"] and m["per_class_iou"]["class_1"] == 0.0
+    with pytest.raises(EvalError, match="unknown protocol 'pascal'"):
+        evaluate_folder(pred, gt, "pascal")
+    voc = tmp_path / "voc"
+    _save(voc / "SegmentationClass", "z", [[0, 30]])
+    with pytest.raises(EvalError, match="class id 30 out of range"):
+        evaluate_folder(voc / "SegmentationClass", voc, "voc21")
+
+
+def test_binary_protocol(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    _save(gt, "a", [[0, 3, 3, 255]])
+    _save(pred, "a", [[0, 255, 0, 255]])
+    m = evaluate_folder(pred, gt, "binary")
+    assert m["foreground_iou"] == 50.0 and m["per_class_iou"]["background"] == 50.0
+
+
+def test_cli_eval_prints_100():
+    voc = need(VOC_SUBSET)
+    res = CliRunner().invoke(app, ["eval", str(voc / "SegmentationClass"), str(voc), "--protocol", "voc21"])
+    assert res.exit_code == 0, res.output
+    assert "mIoU 100.00" in res.output
+
+
+def test_confusions_summed_on_ray_equal_local(ray_local, tmp_path):
+    voc = need(VOC_SUBSET)
+    g = load_ground_truth(voc, "voc21")
+    pred = tmp_path / "p"
+    rng = np.random.default_rng(1)
+    for i in g.image_ids:
+        a = g.read(i)
+        _save(pred, i, rng.integers(0, 4, a.shape))
+    local = evaluate(pred, g, chunk=7, use_ray=False)
+    remote = evaluate(pred, g, chunk=7, use_ray=True)
+    assert local["confusion"] == remote["confusion"] and local["miou"] == remote["miou"]

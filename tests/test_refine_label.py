@@ -1,0 +1,145 @@
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageFilter
+
+from badinputs import make_corpus
+from conftest import VOC_SUBSET, need
+from mlcseg_ray.config import Config
+from mlcseg_ray.label import find_regions, voc_palette
+from mlcseg_ray.pipeline import Pipeline
+from mlcseg_ray.refine import crf_refine, upsample_score
+
+
+def test_upsample_undoes_padding_and_resize():
+    # a 500x375 image at scale 1 with patch 8: grid 47x63, padding 1 row / 4 columns
+    score = np.zeros((47, 63), np.float32)
+    score[:, -1] = 1.0  # last patch column (half of it is padding)
+    prob = upsample_score(score.ravel(), (47, 63), 8, (375, 500), (375, 500))
+    assert prob.shape == (375, 500)
+    assert prob[:, -1].mean() > 0.5 and prob[:, :480].max() < 0.01
+    # resized by 0.5: the map comes back at the original size
+    prob = upsample_score(np.ones(12, np.float32), (3, 4), 8, (24, 32), (48, 64))
+    assert prob.shape == (48, 64) and np.allclose(prob, 1)
+
+
+def test_crf_raises_boundary_agreement():
+    rng = np.random.default_rng(0)
+    H, W = 120, 160
+    yy, xx = np.mgrid[:H, :W]
+    truth = (yy - 60) ** 2 + (xx - 85) ** 2 < 40 ** 2
+    rgb = np.where(truth[..., None], [200, 60, 40], [40, 90, 200]).astype(np.float64)
+    rgb = np.clip(rgb + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8)
+    # a coarse, shifted, blurred soft mask, like an upsampled patch score
+    coarse = Image.fromarray((np.roll(truth, 6, axis=1) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(10))
+    prob = np.asarray(coarse, np.float32) / 255 * 0.7 + 0.15
+    before = prob > 0.5
+    after = crf_refine(rgb, prob, Config())
+
+    def iou(a):
+        return (a & truth).sum() / (a | truth).sum()
+
+    assert iou(after) > iou(before) + 0.05 and iou(after) > 0.9, (iou(before), iou(after))
+
+
+def test_regions():
+    m = np.zeros((20, 20), bool)
+    m[2:8, 2:8] = True  # 36 px
+    m[15:17, 15:17] = True  # 4 px: below min area
+    comp, regions = find_regions(m, "component", min_area=10)
+    assert len(regions) == 1 and regions[0]["area"] == 36 and (regions[0]["x0"], regions[0]["x1"]) == (2, 8)
+    assert comp.max() == 1 and comp[16, 16] == 0
+    _, regions = find_regions(m, "image", min_area=1)
+    assert len(regions) == 1 and regions[0]["area"] == 40
+    assert find_regions(np.zeros((5, 5), bool), "component", 1)[1] == []
+    assert voc_palette()[3:6] == [128, 0, 0]
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, ray_local):
+    voc = need(VOC_SUBSET)
+    root = tmp_path_factory.mktemp("e2e")
+    images = root / "images"
+    images.mkdir()
+    for p in sorted((voc / "JPEGImages").iterdir())[:8]:
+        shutil.copy(p, images / p.name)
+    corpus = make_corpus(root / "bad", with_bomb=False)
+    for name in ("exif_rotated.jpg", "zero.jpg", "truncated.jpg", "cmyk.jpg"):
+        shutil.copy(root / "bad" / name, images / name)
+    cfg = Config(backbone="random-vit-tiny", shard_size=4, max_side=160, num_classes=4, num_categories=3,
+                 min_region_area=16, crop_size=32)
+    pipe = Pipeline(root / "run", cfg, images=str(images))
+    pipe.run()
+    return pipe, images, corpus
+
+
+def test_end_to_end_outputs(e2e):
+    pipe, images, _ = e2e
+    run = pipe.run_dir
+    manifest = {r["image_id"]: r for r in pq.read_table(run.manifest).to_pylist()}
+    assert manifest["zero"]["status"] == "error" and "empty" in manifest["zero"]["error"]
+    assert manifest["truncated"]["status"] == "error" and "truncated" in manifest["truncated"]["error"]
+    ok = [i for i, r in manifest.items() if r["status"] == "ok"]
+    assert len(ok) == 10
+    for image_id in ok:
+        src = next(images.glob(f"{image_id}.*"))
+        with Image.open(src) as im:
+            from PIL import ImageOps
+
+            size = ImageOps.exif_transpose(im).size
+        for folder in (run.binary, run.masks):
+            m = Image.open(folder / f"{image_id}.png")
+            assert m.size == size, (image_id, folder)
+        assert Image.open(run.masks / f"{image_id}.png").mode == "P"
+    assert Image.open(run.masks / "exif_rotated.png").size == (32, 64)  # the rotated photo's shape
+    for bad in ("zero", "truncated"):  # failed images: an error row, and no output file pretending otherwise
+        assert not (run.masks / f"{bad}.png").exists()
+    rec = json.loads(run.run_record.read_text())
+    assert rec["backbone"]["random_weights"] is True
+
+
+def test_coco_json_round_trips_to_the_masks(e2e):
+    from pycocotools import mask as mu
+    from pycocotools.coco import COCO
+
+    run = e2e[0].run_dir
+    coco = COCO(str(run.coco))
+    assert len(coco.dataset["images"]) == 10 and coco.dataset["info"]["random_weights"] is True
+    assert coco.dataset["annotations"], "the random backbone still finds some regions"
+    ids = {im["id"]: im["mlcseg_image_id"] for im in coco.dataset["images"]}
+    for image_id, coco_id in ((v, k) for k, v in ids.items()):
+        cls = np.asarray(Image.open(run.masks / f"{image_id}.png"))
+        rebuilt = np.zeros_like(cls)
+        for a in coco.loadAnns(coco.getAnnIds(imgIds=coco_id)):
+            m = mu.decode(a["segmentation"]).astype(bool)
+            assert m.sum() == a["area"] and 1 <= a["category_id"] <= 4
+            assert not (rebuilt[m] > 0).any()  # regions do not overlap
+            rebuilt[m] = a["category_id"]
+        np.testing.assert_array_equal(rebuilt, cls)
+    regions = pq.read_table(run.regions).to_pylist()
+    assert len(regions) == len(coco.dataset["annotations"])
+
+
+def test_report_renders_with_its_images(e2e):
+    run = e2e[0].run_dir
+    page = run.report.read_text()
+    assert "RANDOM WEIGHTS" in page and "Class clusters" in page and "Errors" in page
+    import re
+
+    srcs = re.findall(r"src='([^']+)'", page)
+    assert srcs and all((run.root / s).exists() for s in srcs)
+
+
+def test_empty_foreground_gives_background_and_no_region(e2e):
+    pipe = e2e[0]
+    run = pipe.run_dir
+    cfg = pipe.cfg.model_copy(update={"min_region_area": 10 ** 9})
+    Pipeline(run.root, cfg).run(["label"])
+    coco = json.loads(run.coco.read_text())
+    assert coco["annotations"] == [] and len(coco["images"]) == 10
+    for p in run.masks.glob("*.png"):
+        assert np.asarray(Image.open(p)).max() == 0
+    Pipeline(run.root, pipe.cfg).run(["label"])  # restore for other tests
