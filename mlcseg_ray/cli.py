@@ -132,6 +132,60 @@ def eval_cmd(
 
 
 @app.command()
+def submit(
+    config: Path = typer.Argument(..., help="YAML config of the run"),
+    address: str = typer.Option(..., "--address", help="Ray dashboard address, e.g. http://HEAD:8265"),
+    out: str = typer.Option(..., "--out", help="run folder, as seen from the cluster (shared storage)"),
+    images: Optional[str] = Images, voc: Optional[str] = Voc, split: str = Split, coco: Optional[str] = Coco,
+    ann: Optional[str] = Ann, manifest: Optional[str] = ManifestOpt,
+    gpus: float = typer.Option(0, "--gpus", help="GPUs reserved for the job's driver (entrypoint_num_gpus)"),
+    pip: bool = typer.Option(False, "--pip", help="also pip-install the package's requirements in the job's env"),
+    follow: bool = typer.Option(False, "--follow", help="stream the job's logs until it ends"),
+):
+    """Send a whole run to a Ray cluster through the Ray Jobs API; prints the job id."""
+    from .jobs import submit_run
+
+    try:
+        Config.load(config)  # a bad config fails here, not on the cluster
+        job_id, client = submit_run(config, address, out, dict(images=images, voc=voc, split=split, coco=coco,
+                                                                ann=ann, manifest=manifest), gpus=gpus, pip=pip)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2)
+    print(job_id)
+    if follow:
+        from .jobs import follow_logs
+
+        status = follow_logs(client, job_id)
+        console.print(f"job {job_id}: {status}")
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: str = typer.Argument(...), address: str = typer.Option(..., "--address")):
+    """Status of a submitted job."""
+    from ray.job_submission import JobSubmissionClient
+
+    print(JobSubmissionClient(address).get_job_status(job_id))
+
+
+@app.command()
+def logs(job_id: str = typer.Argument(...), address: str = typer.Option(..., "--address"),
+         follow: bool = typer.Option(False, "--follow")):
+    """Logs of a submitted job."""
+    from ray.job_submission import JobSubmissionClient
+
+    from .jobs import follow_logs
+
+    client = JobSubmissionClient(address)
+    if follow:
+        follow_logs(client, job_id)
+    else:
+        print(client.get_job_logs(job_id), end="")
+
+
+@app.command()
 def info(address: Optional[str] = Address):
     """Versions, backbones and whether their weights are found, Ray status."""
     import importlib.metadata as md

@@ -152,11 +152,14 @@ def extract_shard(extractor, info: dict, rows: list[dict], cfg, device="cpu") ->
             continue
         try:
             rgb = load_rgb(row["uri"], cfg.max_pixels, min_side=patch)
+            g = geometry(rgb.shape[1], rgb.shape[0], patch, cfg.max_side, cfg.upscale)
+            prepared.append((row["image_id"], g, preprocess(rgb, g, info["mean"], info["std"])))
         except BadImage as e:
             image_rows[row["image_id"]] = {**base, "status": "error", "error": str(e)}
             continue
-        g = geometry(rgb.shape[1], rgb.shape[0], patch, cfg.max_side, cfg.upscale)
-        prepared.append((row["image_id"], g, preprocess(rgb, g, info["mean"], info["std"])))
+        except Exception as e:  # one image's failure is an error row, never a failed job
+            image_rows[row["image_id"]] = {**base, "status": "error", "error": f"{type(e).__name__}: {e}"}
+            continue
         image_rows[row["image_id"]] = {**base, **g.__dict__}
 
     # Batch images of equal padded size together: padding inside a batch would change the attention.

@@ -97,6 +97,9 @@ def _refine_shard(part_path, cfg_dict: dict, run_root: str, patch: int) -> dict:
         except BadImage as e:
             errors[r["image_id"]] = f"refine: {e}"
             continue
+        except Exception as e:  # one image's failure is an error row, never a failed job
+            errors[r["image_id"]] = f"refine: {type(e).__name__}: {e}"
+            continue
         atomic_write_bytes(mask_path(run.binary, r["image_id"]), png_bytes(mask.astype(np.uint8) * 255))
         fg_share[r["image_id"]] = float(mask.mean())
     run.mark_done(STAGE, n, {"images": len(pseudo), "errors": errors})
