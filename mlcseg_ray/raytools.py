@@ -10,6 +10,10 @@ log = logging.getLogger("mlcseg_ray")
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
     """Embedded Ray without an address (loopback only); ``auto`` or ``HOST:PORT`` joins a running cluster."""
+    if not address:
+        # An embedded single-node Ray needs no remotely reachable address: keep it on loopback (Ray otherwise
+        # replaces 127.0.0.1 by the machine's interface address). Read by Ray when it is first imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():

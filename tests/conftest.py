@@ -9,6 +9,8 @@ VOC_MASKS = SHARED_DATA / "voc2012_val_masks"
 COCO_SUBSET = SHARED_DATA / "coco_val2014_subset"
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
+# Ray would otherwise swap 127.0.0.1 for this machine's interface address; tests stay on loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a model hub
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
