@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .features import list_to_numpy
-from .kmeans import EPS, batched_kmeans, check_finite, distributed_kmeans, kmeans_arrays, l2_normalize, map_shards, reduce_sum
+from .kmeans import (EPS, batched_kmeans, check_finite, distributed_kmeans, kmeans_arrays, l2_normalize, map_shards,
+                     reduce_sum, segment_sum)
 from .store import RunDir, atomic_write_table, list_shards, shard_index, shard_name
 
 STAGE = "cluster"
@@ -217,11 +218,9 @@ def _group_stats_task(path, ctx):
     dfg = ctx["dataset_fg"][d_labels]
     c_labels, _ = assign_groups(x, groups, ctx["cat_centroids"])
     flat = groups * k + c_labels
-    sums = np.zeros((G * k, D))
-    np.add.at(sums, flat, x)
-    fg_sum, bg_sum = np.zeros((G, D)), np.zeros((G, D))
-    np.add.at(fg_sum, groups[dfg], x[dfg])
-    np.add.at(bg_sum, groups[~dfg], x[~dfg])
+    sums = segment_sum(flat, x, G * k)
+    fg_sum = segment_sum(groups[dfg], x[dfg], G)
+    bg_sum = segment_sum(groups[~dfg], x[~dfg], G)
     return {
         "sums": sums.reshape(G, k, D),
         "counts": np.bincount(flat, minlength=G * k).reshape(G, k),
@@ -259,8 +258,7 @@ def label_shard(p: Patches, groups: np.ndarray, ctx: dict, cfg: Config) -> list[
             x, cfg_fg = p.keys[s], lvl_c[s]
             k = cfg.k_image
             counts = np.bincount(lab, minlength=k)
-            means = np.zeros((k, x.shape[1]))
-            np.add.at(means, lab, x)
+            means = segment_sum(lab, x, k)
             frac = np.bincount(lab, weights=cfg_fg.astype(np.float64), minlength=k) / np.maximum(counts, 1)
             means /= np.maximum(counts, 1)[:, None]
             if cfg.consistency == "relative":

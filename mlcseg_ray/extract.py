@@ -50,11 +50,12 @@ class ExtractWorker:
             atomic_write_table(self.run.features / shard_name(shard), feats.replace_schema_metadata(meta))
             atomic_write_table(self.run.images / shard_name(shard), images.replace_schema_metadata(meta))
             n_err = sum(1 for s in images.column("status").to_pylist() if s != "ok")
-            self.run.mark_done(STAGE, shard, {"images": images.num_rows, "errors": n_err})
+            seconds = round(time.perf_counter() - t0, 4)
+            self.run.mark_done(STAGE, shard, {"images": images.num_rows, "errors": n_err, "seconds": seconds})
             out["shard"].append(shard)
             out["ok"].append(images.num_rows - n_err)
             out["errors"].append(n_err)
-            out["seconds"].append(time.perf_counter() - t0)
+            out["seconds"].append(seconds)
         return {k: np.asarray(v) for k, v in out.items()}
 
 

@@ -36,6 +36,19 @@ def check_finite(x: np.ndarray, what: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def segment_sum(labels: np.ndarray, x: np.ndarray, n_segments: int) -> np.ndarray:
+    """Row sums of ``x`` per label, (n_segments, D) float64. A one-hot matrix product (BLAS), not ``np.add.at``,
+    which is two orders of magnitude slower on large arrays."""
+    out = np.zeros((n_segments, x.shape[1]), np.float64)
+    step = max(1, (1 << 24) // max(1, n_segments))  # bound the one-hot block to ~64 MB
+    for i in range(0, len(x), step):
+        lab = labels[i: i + step]
+        onehot = np.zeros((n_segments, len(lab)), np.float32)
+        onehot[lab, np.arange(len(lab))] = 1.0
+        out += onehot @ x[i: i + step]
+    return out
+
+
 def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by inner product (x and centroids unit-norm). Returns (labels, similarity)."""
     import faiss
@@ -61,8 +74,7 @@ def accumulate(x: np.ndarray, groups: np.ndarray, centroids: np.ndarray) -> dict
     G, k, D = centroids.shape
     labels, sims = assign_groups(x, groups, centroids)
     flat = groups.astype(np.int64) * k + labels
-    sums = np.zeros((G * k, D), np.float64)
-    np.add.at(sums, flat, x)
+    sums = segment_sum(flat, x, G * k)
     counts = np.bincount(flat, minlength=G * k).astype(np.int64)
     return {"sums": sums.reshape(G, k, D), "counts": counts.reshape(G, k), "inertia": float(np.sum(1.0 - sims))}
 
@@ -97,8 +109,7 @@ def lloyd(x: np.ndarray, centers: np.ndarray, iters: int) -> np.ndarray:
     """A few in-memory spherical Lloyd steps (used on the init sample, before the distributed passes)."""
     for _ in range(iters):
         labels = np.argmax(x @ centers.T, axis=1)
-        sums = np.zeros_like(centers, dtype=np.float64)
-        np.add.at(sums, labels, x)
+        sums = segment_sum(labels, x, len(centers))
         filled = np.bincount(labels, minlength=len(centers)) > 0
         centers = np.where(filled[:, None], l2_normalize(sums), centers).astype(np.float32)
     return centers
@@ -292,7 +303,7 @@ def batched_kmeans(x, valid, k: int, iters: int = 20, seed: int = 0):
     first = (torch.rand(B, generator=gen) * n_valid.clamp(min=1)).long()
     idx_valid = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid positions first
     cent[:, 0] = x[torch.arange(B), idx_valid[torch.arange(B), first]]
-    dist = (1 - torch.einsum("bnd,bd->bn", x, cent[:, 0])).clamp(min=0) * valid
+    dist = (1 - torch.bmm(x, cent[:, 0, :, None])[..., 0]).clamp(min=0) * valid
     trials = 2 + int(np.log(k))  # greedy k-means++, as for the distributed k-means
     ar = torch.arange(B)
     for i in range(1, k):
@@ -301,23 +312,26 @@ def batched_kmeans(x, valid, k: int, iters: int = 20, seed: int = 0):
         probs = probs + (probs.sum(1, keepdim=True) <= 0).float()  # an all-padding row: any index will do
         cand = torch.multinomial(probs, trials, replacement=True, generator=gen)  # (B, trials)
         cand_x = x[ar[:, None], cand]  # (B, trials, D)
-        cand_d = torch.minimum(dist[:, None], (1 - torch.einsum("bnd,btd->btn", x, cand_x)).clamp(min=0) * valid[:, None])
+        cand_sim = torch.bmm(cand_x, x.transpose(1, 2))  # (B, trials, N)
+        cand_d = torch.minimum(dist[:, None], (1 - cand_sim).clamp(min=0) * valid[:, None])
         best = cand_d.sum(-1).argmin(1)
         cent[:, i] = cand_x[ar, best]
         dist = cand_d[ar, best]
     labels = torch.zeros(B, N, dtype=torch.long)
+    validf = valid.float()
+    ks = torch.arange(k)[None, :, None]
     for _ in range(iters):
-        sim = torch.einsum("bnd,bkd->bnk", x, cent)
+        sim = torch.bmm(x, cent.transpose(1, 2))  # (B, N, k)
         new_labels = sim.argmax(-1)
-        onehot = torch.nn.functional.one_hot(new_labels, k).float() * valid[..., None]
-        sums = torch.einsum("bnk,bnd->bkd", onehot, x)
-        counts = onehot.sum(1)
+        onehot = (new_labels[:, None, :] == ks).float() * validf[:, None]  # (B, k, N)
+        sums = torch.bmm(onehot, x)
+        counts = onehot.sum(2)
         norm = sums.norm(dim=-1, keepdim=True)
         cent = torch.where(counts[..., None] > 0, sums / norm.clamp(min=EPS), cent)  # empty: keep old centroid
         if torch.equal(new_labels, labels):
             break
         labels = new_labels
-    labels = sim.argmax(-1)
+    labels = torch.bmm(x, cent.transpose(1, 2)).argmax(-1)
     # Fewer points than clusters: each point is its own cluster.
     small = n_valid < k
     if small.any():

@@ -1,0 +1,86 @@
+"""GPU check: extraction and clustering on a few hundred images, images/s, GPU memory, speed-up over CPU.
+
+On a machine without a GPU it runs the CPU path only and says so (the fallback the tests exercise). Images are
+generated (gradients and ellipses), so the script needs nothing but the repository.
+
+    python bench/gpu_check.py [--n 300] [--cpu-n 24] [--backbone random-vit-s8] [--max-side 224]
+"""
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import machine  # noqa: E402
+
+from mlcseg_ray.config import Config  # noqa: E402
+from mlcseg_ray.pipeline import Pipeline  # noqa: E402
+from mlcseg_ray.raytools import cluster_gpus, init_ray  # noqa: E402
+
+
+def make_images(folder: Path, n: int, size: int):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        bg = np.stack([np.linspace(rng.integers(0, 255), rng.integers(0, 255), size)[None].repeat(size, 0)] * 3, -1)
+        cy, cx, r = rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size, rng.uniform(0.1, 0.3) * size
+        obj = ((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2
+        img = np.where(obj[..., None], rng.integers(0, 255, 3), bg) + rng.normal(0, 8, (size, size, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img{i:05d}.jpg", quality=90)
+
+
+def extract(images: Path, out: Path, cfg: Config) -> float:
+    pipe = Pipeline(out, cfg, images=str(images))
+    pipe.run(["ingest"])
+    t0 = time.perf_counter()
+    pipe.run(["extract"])
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--cpu-n", type=int, default=24)
+    ap.add_argument("--backbone", default="random-vit-s8")
+    ap.add_argument("--max-side", type=int, default=224)
+    args = ap.parse_args()
+    import torch
+
+    init_ray()
+    gpus = cluster_gpus()
+    work = Path(tempfile.mkdtemp(prefix="mlcseg-gpu-"))
+    make_images(work / "images", args.n, args.max_side)
+    make_images(work / "cpu_images", min(args.cpu_n, args.n), args.max_side)
+    base = dict(backbone=args.backbone, max_side=args.max_side, num_categories=8, shard_size=64)
+    print(f"machine: {machine()}; Ray GPUs: {gpus:g}; torch CUDA: {torch.cuda.is_available()}")
+    cpu_s = extract(work / "cpu_images", work / "cpu_run", Config(**base, device="cpu", batch_size=8))
+    cpu_rate = min(args.cpu_n, args.n) / cpu_s
+    print(f"CPU extraction: {cpu_rate:.2f} images/s ({min(args.cpu_n, args.n)} images)")
+    if gpus == 0:
+        print("no GPU in the Ray cluster: CPU path only (device=auto falls back to it)")
+        cfg = Config(**base, device="auto", batch_size=8)
+        t = extract(work / "cpu_images", work / "auto_run", cfg)
+        print(f"device=auto on CPU: {min(args.cpu_n, args.n) / t:.2f} images/s")
+        run_dir = work / "auto_run"
+    else:
+        cfg = Config(**base, device="cuda", batch_size=64)
+        t = extract(work / "images", work / "gpu_run", cfg)
+        print(f"GPU extraction: {args.n / t:.2f} images/s ({args.n} images); speed-up over CPU {args.n / t / cpu_rate:.1f}x")
+        run_dir = work / "gpu_run"
+    t0 = time.perf_counter()
+    Pipeline(run_dir, cfg).run(["cluster"])
+    print(f"clustering: {time.perf_counter() - t0:.1f}s")
+    if torch.cuda.is_available():
+        print(f"driver GPU memory peak: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB; "
+              f"device total {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
