@@ -31,7 +31,7 @@ from .config import Config
 from .features import list_to_numpy
 from .kmeans import (EPS, batched_kmeans, check_finite, distributed_kmeans, kmeans_arrays, l2_normalize, map_shards,
                      reduce_sum, segment_sum)
-from .store import RunDir, atomic_write_table, list_shards, shard_index, shard_name
+from .store import RunDir, atomic_write_table, list_shards, read_tables, shard_index, shard_name
 
 STAGE = "cluster"
 LEVELS = ("dataset", "category", "image")
@@ -334,6 +334,20 @@ def _cls_groups(run: RunDir, cfg: Config) -> tuple[list[str], np.ndarray, int]:
     return ids, labels, n_groups
 
 
+def _patch_count(shards) -> int:
+    return sum(pq.read_metadata(p).num_rows for p in shards)
+
+
+def _group_patch_counts(run: RunDir, ids: list[str], group_of: np.ndarray, n_groups: int) -> np.ndarray:
+    """Patches per CLS group, from the image tables (grid sizes), without reading the features."""
+    t = read_tables(list_shards(run.images), columns=["image_id", "grid_h", "grid_w", "status"])
+    t = t.filter(pc.equal(t.column("status"), "ok"))
+    patches = dict(zip(t.column("image_id").to_pylist(),
+                       (np.asarray(t.column("grid_h").to_pylist(), dtype=np.int64)
+                        * np.asarray(t.column("grid_w").to_pylist(), dtype=np.int64)).tolist()))
+    return np.bincount(group_of, weights=[patches.get(i, 0) for i in ids], minlength=n_groups).astype(np.int64)
+
+
 def fit_levels(run: RunDir, cfg: Config, log=print) -> dict:
     """The global parts of levels 1 and 2 (k-means + labelling); returns the context every shard task needs."""
     shards = list_shards(run.features)
@@ -341,7 +355,7 @@ def fit_levels(run: RunDir, cfg: Config, log=print) -> dict:
         raise FileNotFoundError(f"no feature shards in {run.features}: run extract first (or bring a store)")
     kw = dict(iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed, init_sample=cfg.kmeans_init_sample)
     t0 = time.perf_counter()
-    ds = distributed_kmeans(shards, KeyLoader(), cfg.k_dataset, **kw)
+    ds = distributed_kmeans(shards, KeyLoader(), cfg.k_dataset, sizes=[_patch_count(shards)], **kw)
     cues = reduce_sum(map_shards(_cue_task, shards, ds.centroids))
     dataset_fg, cue_score = fg_from_cues(cues["counts"], cues["attn"], cues["border"])
     means = ds.sums[0] / np.maximum(ds.counts[0], 1)[:, None]
@@ -354,7 +368,8 @@ def fit_levels(run: RunDir, cfg: Config, log=print) -> dict:
     t0 = time.perf_counter()
     ids, group_of, n_groups = _cls_groups(run, cfg)
     loader = KeyLoader(ids, group_of)
-    cat = distributed_kmeans(shards, loader, cfg.k_category, n_groups=n_groups, **kw)
+    cat = distributed_kmeans(shards, loader, cfg.k_category, n_groups=n_groups,
+                             sizes=_group_patch_counts(run, ids, group_of, n_groups), **kw)
     ctx = {"dataset_centroids": ds.centroids, "dataset_fg": dataset_fg, "cat_centroids": cat.centroids,
            "loader": loader}
     st = reduce_sum(map_shards(_group_stats_task, shards, ctx))

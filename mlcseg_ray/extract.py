@@ -37,7 +37,7 @@ class ExtractWorker:
         self.info = info.to_dict()
 
     def __call__(self, batch: dict) -> dict:
-        from .features import extract_shard, store_metadata
+        from .features import FEATURE_WRITE_OPTIONS, extract_shard, store_metadata
 
         out = {"shard": [], "ok": [], "errors": [], "seconds": []}
         for shard, rows_json in zip(batch["shard"], batch["rows"]):
@@ -47,7 +47,8 @@ class ExtractWorker:
             feats, images = extract_shard(self.extractor, self.info, rows, self.cfg, self.device)
             meta = store_metadata(self.info, self.cfg)
             # Order matters for resume: both files in place before the marker says the shard is done.
-            atomic_write_table(self.run.features / shard_name(shard), feats.replace_schema_metadata(meta))
+            atomic_write_table(self.run.features / shard_name(shard), feats.replace_schema_metadata(meta),
+                               **FEATURE_WRITE_OPTIONS)
             atomic_write_table(self.run.images / shard_name(shard), images.replace_schema_metadata(meta))
             n_err = sum(1 for s in images.column("status").to_pylist() if s != "ok")
             seconds = round(time.perf_counter() - t0, 4)

@@ -217,11 +217,14 @@ def distributed_kmeans(
     seed: int = 0,
     init_sample: int = 100_000,
     use_ray: bool | None = None,
+    sizes: np.ndarray | None = None,
 ) -> KMeansResult:
     """Spherical k-means over vectors spread across ``shards``; ``load(shard)`` -> (unit vectors, group ids)."""
     rng = np.random.default_rng(seed)
-    sizes = reduce_sum({"n": _pad(c, n_groups)} for c in map_shards(_size_task, shards, load, use_ray=use_ray))
-    sizes = sizes.get("n", np.zeros(n_groups, np.int64))
+    if sizes is None:  # one pass to count; callers that know the counts (from metadata) pass them
+        sizes = reduce_sum({"n": _pad(c, n_groups)} for c in map_shards(_size_task, shards, load, use_ray=use_ray))
+        sizes = sizes.get("n", np.zeros(n_groups, np.int64))
+    sizes = np.asarray(sizes, np.int64)
     total = int(sizes.sum())
     if total == 0:
         raise ValueError("k-means: no vectors")
@@ -239,6 +242,7 @@ def distributed_kmeans(
     history, prev_inertia, acc = [], None, None
     for it in range(1, iters + 1):
         acc = reduce_sum(map_shards(_accumulate_task, shards, load, centroids, use_ray=use_ray))
+        last = acc  # sums/counts/inertia of this assignment: the new centroids are its normalised sums
         new = l2_normalize(acc["sums"]).astype(np.float32)
         empty = acc["counts"] == 0
         for g, c in zip(*np.nonzero(empty)):
@@ -256,9 +260,8 @@ def distributed_kmeans(
         prev_inertia = acc["inertia"]
         if converged and not empty.any():
             break
-    # Final statistics for the centroids returned (one more pass keeps counts/sums consistent with them).
-    acc = reduce_sum(map_shards(_accumulate_task, shards, load, centroids, use_ray=use_ray))
-    return KMeansResult(centroids, acc["counts"], acc["sums"], acc["inertia"], len(history), history)
+    # As faiss does: counts, sums and inertia are those of the last assignment step (no extra pass over the data).
+    return KMeansResult(centroids, last["counts"], last["sums"], last["inertia"], len(history), history)
 
 
 def _pad(counts: np.ndarray, n: int) -> np.ndarray:

@@ -31,3 +31,14 @@ def ray_local():
     if not ray.is_initialized():
         init_ray(num_cpus=2)
     yield ray
+
+
+def copy_voc_images(dest: Path, n: int) -> Path:
+    """The first ``n`` VOC photos copied into ``dest`` (a folder input of the tests' own)."""
+    import shutil
+
+    voc = need(VOC_SUBSET)
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in sorted((voc / "JPEGImages").iterdir())[:n]:
+        shutil.copy(p, dest / p.name)
+    return dest

@@ -1,5 +1,4 @@
 import os
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -8,7 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from badinputs import make_corpus
-from conftest import VOC_SUBSET, need
+from conftest import copy_voc_images
 from mlcseg_ray.config import Config
 from mlcseg_ray.features import geometry, list_to_numpy, read_store_metadata
 from mlcseg_ray.pipeline import Pipeline
@@ -24,17 +23,8 @@ def test_geometry_maps_patches_back_to_pixels():
     assert (g.resized_w, g.resized_h) == (512, 256)
 
 
-def _voc_subset(tmp_path, n):
-    voc = need(VOC_SUBSET)
-    d = tmp_path / "imgs"
-    d.mkdir()
-    for p in sorted((voc / "JPEGImages").iterdir())[:n]:
-        shutil.copy(p, d / p.name)
-    return d
-
-
 def test_extract_store_format_and_resume(ray_local, tmp_path):
-    images = _voc_subset(tmp_path, 10)
+    images = copy_voc_images(tmp_path / "imgs", 10)
     cfg = Config(backbone="random-vit-tiny", shard_size=4, max_side=128)
     out = tmp_path / "run"
     pipe = Pipeline(out, cfg, images=str(images))

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from badinputs import make_corpus
-from conftest import VOC_SUBSET, need
+from conftest import copy_voc_images
 from mlcseg_ray.config import Config
 from mlcseg_ray.label import find_regions, voc_palette
 from mlcseg_ray.pipeline import Pipeline
@@ -60,12 +60,8 @@ def test_regions():
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, ray_local):
-    voc = need(VOC_SUBSET)
     root = tmp_path_factory.mktemp("e2e")
-    images = root / "images"
-    images.mkdir()
-    for p in sorted((voc / "JPEGImages").iterdir())[:8]:
-        shutil.copy(p, images / p.name)
+    images = copy_voc_images(root / "images", 8)
     corpus = make_corpus(root / "bad", with_bomb=False)
     for name in ("exif_rotated.jpg", "zero.jpg", "truncated.jpg", "cmyk.jpg"):
         shutil.copy(root / "bad" / name, images / name)

@@ -1,7 +1,6 @@
 """Issue 6 reliability tests, loopback only. Every process a test starts is ended by its PID."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import VOC_SUBSET, need
+from conftest import copy_voc_images
 
 ROOT = Path(__file__).resolve().parents[1]
 MLCSEG = [sys.executable, "-m", "mlcseg_ray.cli"]
@@ -30,12 +29,7 @@ def _free_port():
 
 
 def _images(tmp_path, n):
-    voc = need(VOC_SUBSET)
-    d = tmp_path / "images"
-    d.mkdir()
-    for p in sorted((voc / "JPEGImages").iterdir())[:n]:
-        shutil.copy(p, d / p.name)
-    return d
+    return copy_voc_images(tmp_path / "images", n)
 
 
 def _end(procs):
