@@ -40,6 +40,12 @@ def spilled_bytes() -> int:
     return 0
 
 
+def _generate(out: Path, n: int, side: int, dim: int, shard_size: int) -> None:
+    rng = np.random.default_rng(n)
+    spec = PlantedSpec("easy", dim=dim, shard_size=shard_size, noise=0.35, seed=n)
+    generate(out, spec, grids=random_grids(n, (side, side), rng))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 40000])
@@ -60,9 +66,13 @@ def main():
     for n in args.sizes:
         out = work / f"n{n}"
         shutil.rmtree(out, ignore_errors=True)
-        rng = np.random.default_rng(n)
-        spec = PlantedSpec("easy", dim=args.dim, shard_size=args.shard_size, noise=0.35, seed=n)
-        generate(out, spec, grids=random_grids(n, (side, side), rng))
+        # Generated in a child process, so that the generator's memory does not count in the driver's peak.
+        import multiprocessing as mp
+
+        child = mp.get_context("spawn").Process(target=_generate, args=(out, n, side, args.dim, args.shard_size))
+        child.start()
+        child.join()
+        assert child.exitcode == 0, "store generation failed"
         store_mb = sum(p.stat().st_size for p in (out / "features").glob("*.parquet")) / 2**20
         times = {}
 

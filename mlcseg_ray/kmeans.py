@@ -49,11 +49,25 @@ def segment_sum(labels: np.ndarray, x: np.ndarray, n_segments: int) -> np.ndarra
     return out
 
 
-def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by inner product (x and centroids unit-norm). Returns (labels, similarity)."""
+_GPU_RESOURCES = None
+
+
+def _flat_ip_index(dim: int):
+    """faiss inner-product index: on the GPU where this process sees one and faiss has GPU support (the ``gpu``
+    extra), on the CPU otherwise."""
     import faiss
 
-    index = faiss.IndexFlatIP(centroids.shape[1])
+    global _GPU_RESOURCES
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        if _GPU_RESOURCES is None:
+            _GPU_RESOURCES = faiss.StandardGpuResources()
+        return faiss.GpuIndexFlatIP(_GPU_RESOURCES, dim)
+    return faiss.IndexFlatIP(dim)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by inner product (x and centroids unit-norm). Returns (labels, similarity)."""
+    index = _flat_ip_index(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     sim, idx = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
     return idx[:, 0].astype(np.int64), sim[:, 0]

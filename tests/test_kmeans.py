@@ -98,3 +98,16 @@ def test_batched_fewer_points_than_k():
 def test_no_vectors_is_an_error():
     with pytest.raises(ValueError, match="no vectors"):
         distributed_kmeans([], lambda s: s, 3)
+
+
+def test_assignment_falls_back_to_the_cpu_index():
+    import faiss
+
+    from mlcseg_ray.kmeans import _flat_ip_index
+
+    index = _flat_ip_index(8)
+    if faiss.get_num_gpus() == 0:
+        assert isinstance(index, faiss.IndexFlatIP)  # no GPU here: the CPU index, same results
+    x = l2_normalize(np.eye(8)[:3])
+    labels, sims = assign(x, x)
+    assert labels.tolist() == [0, 1, 2] and np.allclose(sims, 1)
