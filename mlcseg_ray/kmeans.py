@@ -207,6 +207,10 @@ class KMeansResult:
 
 def _sample_task(item, load, prob: float, seed: int):
     shard, index = item
+    if type(shard).__name__ == "ObjectRef":  # nested in a tuple, so Ray did not resolve it for us
+        import ray
+
+        shard = ray.get(shard)
     x, groups = load(shard)
     return sample_rows(x, groups, prob, seed + index)  # a seed per shard: the sample does not depend on task order
 
@@ -290,6 +294,13 @@ def kmeans_arrays(x: np.ndarray, k: int, groups: np.ndarray | None = None, n_gro
     x = l2_normalize(x)
     groups = np.zeros(len(x), np.int64) if groups is None else np.asarray(groups, np.int64)
     chunks = [(x[i: i + chunk], groups[i: i + chunk]) for i in range(0, len(x), chunk)]
+    import ray
+
+    use_ray = kw.get("use_ray")
+    if use_ray or (use_ray is None and ray.is_initialized()):
+        # Put each chunk in the object store once; passing the arrays themselves would copy them in again on
+        # every iteration (and grow the driver's resident shared memory with them).
+        chunks = [ray.put(c) for c in chunks]
     return distributed_kmeans(chunks, _identity_load, k, n_groups=n_groups, **kw)
 
 

@@ -139,3 +139,19 @@ def test_empty_foreground_gives_background_and_no_region(e2e):
     for p in run.masks.glob("*.png"):
         assert np.asarray(Image.open(p)).max() == 0
     Pipeline(run.root, pipe.cfg).run(["label"])  # restore for other tests
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(e2e, tmp_path):
+    import subprocess
+
+    run = e2e[0].run_dir
+    shot = tmp_path / "report.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600", f"--screenshot={shot}",
+                    run.report.as_uri()], capture_output=True, timeout=120, check=True)
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (1600, 1200)
+    assert (np.abs(img.astype(int) - 255).sum(-1) > 30).mean() > 0.02  # not a blank page: text, banner, overlays
+    assert ((img[..., 0] > 180) & (img[..., 1] < 40) & (img[..., 2] < 40)).sum() > 1000  # the red random-weights banner
