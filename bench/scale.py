@@ -92,7 +92,7 @@ def main():
               f"{worker:.0f} | {spilled_bytes() / 2**20:.0f} | {iou:.3f} |", flush=True)
         if n != args.sizes[-1]:
             shutil.rmtree(out, ignore_errors=True)
-    (n0, t0_, d0, w0), (n1, t1, d1, w1) = rows[0], rows[-1]
+    (n0, _, d0, w0), (n1, _, d1, w1) = rows[0], rows[-1]
     if len(rows) >= 2:
         (na, ta, _, _), (nb, tb, _, _) = rows[-2], rows[-1]
         print(f"time ratio {nb}/{na}: {tb / ta:.2f} (size ratio {nb / na:.1f}; target <= {1.1 * nb / na:.1f})")

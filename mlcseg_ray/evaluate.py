@@ -10,7 +10,6 @@ PNGs or an instances JSON), ``cocostuff27`` (stuffthingmaps, STEGO's 27-class ma
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional

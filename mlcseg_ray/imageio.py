@@ -90,10 +90,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB. 16-bit and float images are scaled by their own range, not clipped."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        full = 65535.0 if img.mode.startswith("I;16") or hi > 255 else 255.0
-        a = np.clip(a / full * 255.0 if hi > 255 else a, 0, 255)
-        del lo
+        if a.max() > 255:  # 16-bit range: scale, do not clip
+            a = a / 65535.0 * 255.0
+        a = np.clip(a, 0, 255)
         img = Image.fromarray(a.astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA")

@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import Config
-from .imageio import BadImage, load_rgb
+from .imageio import load_rgb
 from .refine import mask_path, png_bytes
-from .store import RunDir, atomic_write_json, atomic_write_table, list_shards, shard_index, shard_name
+from .store import (RunDir, atomic_write_bytes, atomic_write_json, atomic_write_table, list_shards, shard_index,
+                    shard_name)
 
 DESCRIBE, WRITE = "label_describe", "label_write"
 REGION_SCHEMA_FIELDS = [
@@ -220,8 +221,6 @@ def _write_task(n: int, centroids: np.ndarray, cfg_dict: dict, run_root: str, co
         for r in regs:
             lut[r["region"]] = assigned[r["region"]][0]
         cls_mask = lut[comp]
-        from .store import atomic_write_bytes
-
         atomic_write_bytes(mask_path(run.masks, image_id), png_bytes(cls_mask, palette))
         for r in regs:
             cat, sim = assigned[r["region"]]
@@ -328,8 +327,6 @@ def _describe_on_actors(run: RunDir, cfg: Config, todo: list[int]) -> None:
 
 def _merge_outputs(run: RunDir, shards: list[int], k: int, coco_ids: dict) -> None:
     """Per-shard fragments -> one COCO JSON and one regions table (atomic writes)."""
-    from .ingest import read_manifest
-
     images = []
     for p in list_shards(run.images):
         for r in pq.read_table(p, columns=["image_id", "uri", "width", "height", "status"]).to_pylist():
@@ -352,4 +349,3 @@ def _merge_outputs(run: RunDir, shards: list[int], k: int, coco_ids: dict) -> No
     atomic_write_json(run.coco, coco)
     tables = [pq.read_table(run.root / "regions" / shard_name(n, "labelled")) for n in shards]
     atomic_write_table(run.regions, pa.concat_tables(tables) if tables else pa.table({}))
-    del read_manifest

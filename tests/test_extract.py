@@ -2,7 +2,6 @@ import os
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
