@@ -149,7 +149,7 @@ def submit(
         Config.load(config)  # a bad config fails here, not on the cluster
         job_id, client = submit_run(config, address, out, dict(images=images, voc=voc, split=split, coco=coco,
                                                                 ann=ann, manifest=manifest), gpus=gpus, pip=pip)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, ConnectionError) as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2)
     print(job_id)

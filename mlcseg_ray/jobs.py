@@ -5,6 +5,7 @@ import asyncio
 import shlex
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -43,8 +44,18 @@ def submit_run(config, address: str, out: str, inputs: dict, gpus: float = 0, pi
         raise ValueError("give exactly one input: --images, --voc, --coco (with --ann) or --manifest")
     client = JobSubmissionClient(address)
     kwargs = {"entrypoint_num_gpus": gpus} if gpus else {}
-    job_id = client.submit_job(entrypoint=entrypoint(out, inputs), runtime_env=runtime_env(config, pip), **kwargs)
-    return job_id, client
+    env = runtime_env(config, pip)
+    # A cluster that has just started answers "No available agent to submit job, please try again later" until
+    # its job agent is up: retry that, for up to two minutes.
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint(out, inputs), runtime_env=env, **kwargs)
+            return job_id, client
+        except RuntimeError as e:
+            if "try again later" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def follow_logs(client, job_id: str) -> str:
