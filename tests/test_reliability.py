@@ -136,7 +136,10 @@ def test_submit_to_a_ray_head_started_by_the_test(tmp_path):
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
          "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard",
-         "true", "--num-cpus", "2", "--block", "--disable-usage-stats", "--temp-dir", ray_tmp],
+         "true", "--num-cpus", "2", "--block", "--disable-usage-stats", "--temp-dir", ray_tmp,
+         # own agent ports: the session's embedded Ray may hold the defaults (its job agent would then never start)
+         "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+         "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.time() + 120
