@@ -82,13 +82,16 @@ def test_driver_killed_then_resumed_gives_identical_outputs(tmp_path):
             time.sleep(0.01)
         # SIGKILL the driver and, at the same instant, the embedded Ray it started (its workers would otherwise
         # finish the shard they hold after the driver is gone)
-        doomed = [psutil.Process(proc.pid)] + _started_under(ray_tmp)
+        # (Ray workers retitle themselves, so they are found as descendants, not by command line)
+        driver = psutil.Process(proc.pid)
+        doomed = [driver] + driver.children(recursive=True) + _started_under(ray_tmp)
         for p in doomed:
             try:
                 p.send_signal(signal.SIGKILL)
             except psutil.NoSuchProcess:
                 pass
         proc.wait(timeout=30)
+        psutil.wait_procs(doomed, timeout=30)
     finally:
         _end(_started_under(ray_tmp))
     done_before = len(list((out / "_state" / "extract").glob("0*")))
