@@ -68,6 +68,15 @@ def available_backbones() -> list[str]:
     return PRETRAINED_BACKBONES + list(RANDOM_BACKBONES)
 
 
+def patch_size_of(name: str) -> int:
+    """The patch size a backbone name implies (timm names say it: ``..._patch8_...``), without building a model."""
+    arch = RANDOM_BACKBONES[name][0] if name in RANDOM_BACKBONES else name
+    m = re.search(r"patch(\d+)", arch)
+    if m:
+        return int(m.group(1))
+    return int(create_architecture(name).patch_embed.patch_size[0])
+
+
 def _create(arch: str, **kwargs) -> nn.Module:
     import timm
 

@@ -82,9 +82,11 @@ class Pipeline:
                     f"use a new --out for {self.inputs.describe()!r}"
                 )
         else:
-            from .backbones import create_architecture
+            from .backbones import available_backbones, patch_size_of
 
-            patch = int(create_architecture(self.cfg.backbone).patch_embed.patch_size[0])
+            if self.cfg.backbone not in available_backbones():
+                raise ValueError(f"unknown backbone {self.cfg.backbone!r}; available: {', '.join(available_backbones())}")
+            patch = patch_size_of(self.cfg.backbone)
             table = build_manifest(self.inputs, self.cfg.shard_size, self.cfg.max_pixels, min_side=patch)
             write_manifest(run.manifest, table)
             run.update_record(input=self.inputs.describe())
