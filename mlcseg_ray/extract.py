@@ -119,12 +119,6 @@ def run_extract(run: RunDir, cfg: Config, manifest_rows: list[dict], advance=lam
     return result
 
 
-def read_image_table(run: RunDir, columns=None):
-    from .store import read_tables
-
-    return read_tables(list_shards(run.images), columns=columns)
-
-
 def extraction_errors(run: RunDir) -> dict[str, str]:
     errors = {}
     for path in list_shards(run.images):

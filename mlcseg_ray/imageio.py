@@ -125,10 +125,6 @@ def load_rgb(uri: str, max_pixels: int, min_side: int = 1) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # writable: pydensecrf needs that
 
 
-def local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
-
-
 def list_image_files(root: Path) -> list[Path]:
     """All image files below ``root`` (recursive), by extension, sorted; hidden folders skipped."""
     out = []

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 log = logging.getLogger("mlcseg_ray")
 
@@ -53,28 +53,3 @@ def cluster_cpus() -> int:
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-
-def run_tasks(remote_fn, args_list: Iterable[tuple], on_result: Callable | None = None, max_in_flight: int = 0):
-    """Submit ``remote_fn.remote(*args)`` for every args tuple, at most ``max_in_flight`` at once, and hand each
-    result to ``on_result`` as it completes (bounded memory on the driver; results in completion order)."""
-    import ray
-
-    max_in_flight = max_in_flight or 2 * cluster_cpus()
-    pending, results = [], []
-    it = iter(args_list)
-    exhausted = False
-    while True:
-        while not exhausted and len(pending) < max_in_flight:
-            try:
-                pending.append(remote_fn.remote(*next(it)))
-            except StopIteration:
-                exhausted = True
-        if not pending:
-            break
-        done, pending = ray.wait(pending, num_returns=1)
-        value = ray.get(done[0])
-        if on_result is not None:
-            on_result(value)
-        else:
-            results.append(value)
-    return results
