@@ -53,9 +53,62 @@ class PeakRSS:
         self._stop.set()
         self._t.join()
 
+    def max_other(self) -> float:
+        """Largest peak among the other processes of the tree (raylet, GCS, object-store helpers), MB."""
+        me = os.getpid()
+        return max((v for (pid, name), v in self.peaks.items()
+                    if pid != me and "ray::" not in name and "default_worker" not in name), default=0) / 2**20
+
     def driver_and_max_worker(self) -> tuple[float, float]:
         me = os.getpid()
         driver = max((v for (pid, _), v in self.peaks.items() if pid == me), default=0) / 2**20
         workers = max((v for (pid, name), v in self.peaks.items() if pid != me and "ray::" in name or
                        (pid != me and "default_worker" in name)), default=0) / 2**20
         return driver, workers
+
+
+class MemoryCap:
+    """A memory cgroup around this process and every process it starts afterwards (an embedded Ray's raylet, GCS
+    and workers included): past ``limit`` bytes the kernel reclaims page cache, then OOM-kills inside it. cgroup
+    v1 or v2, Linux, root. ``prlimit --as`` is no substitute: it caps virtual memory, and Ray workers map the
+    whole object store."""
+
+    def __init__(self, limit: int, name: str = f"mlcseg-bench-{os.getpid()}"):
+        self.limit, self.name = int(limit), name
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+        if v2.exists() and "memory" in v2.read_text().split():
+            self.v2, self.dir = True, Path("/sys/fs/cgroup") / name
+        elif Path("/sys/fs/cgroup/memory").is_dir():
+            self.v2, self.dir = False, Path("/sys/fs/cgroup/memory") / name
+        else:
+            raise RuntimeError("no memory cgroup controller mounted: run without --memory-cap")
+
+    def _file(self, v1: str, v2: str) -> Path:
+        return self.dir / (v2 if self.v2 else v1)
+
+    def __enter__(self):
+        self.dir.mkdir(exist_ok=True)
+        self._file("memory.limit_in_bytes", "memory.max").write_text(str(self.limit))
+        self._file("cgroup.procs", "cgroup.procs").write_text(str(os.getpid()))
+        return self
+
+    def peak(self) -> int:
+        """Peak charge of the group (resident memory and page cache)."""
+        f = self._file("memory.max_usage_in_bytes", "memory.peak")
+        return int(f.read_text()) if f.exists() else 0
+
+    def oom_kills(self) -> int:
+        f = self._file("memory.oom_control", "memory.events")
+        for line in f.read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        return 0
+
+    def __exit__(self, *exc):
+        (self.dir.parent / "cgroup.procs").write_text(str(os.getpid()))  # back to the root group
+        for _ in range(50):  # Ray's processes may take a moment to exit
+            try:
+                self.dir.rmdir()
+                return
+            except OSError:
+                time.sleep(0.2)

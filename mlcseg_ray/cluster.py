@@ -232,8 +232,9 @@ def _group_stats_task(path, ctx):
 
 def label_shard(p: Patches, groups: np.ndarray, ctx: dict, cfg: Config) -> list[dict]:
     """All three levels and the combination for every image of one shard (plain function; no I/O)."""
-    from .kmeans import assign, assign_groups
+    from .kmeans import assign, assign_groups, visible_gpu
 
+    torch_device = "cuda" if cfg.device != "cpu" and visible_gpu() else "cpu"
     d_labels, _ = assign(p.keys, ctx["dataset_centroids"][0])
     lvl_d = ctx["dataset_fg"][d_labels]
     c_labels, _ = assign_groups(p.keys, groups, ctx["cat_centroids"])
@@ -251,20 +252,20 @@ def label_shard(p: Patches, groups: np.ndarray, ctx: dict, cfg: Config) -> list[
         for j, i in enumerate(idx):
             xb[j, : sizes[j]] = p.keys[p.slice(i)]
             valid[j, : sizes[j]] = True
-        labels, _ = batched_kmeans(xb, valid, cfg.k_image, iters=cfg.kmeans_iters, seed=cfg.seed)
+        labels, _ = batched_kmeans(xb, valid, cfg.k_image, iters=cfg.kmeans_iters, seed=cfg.seed, device=torch_device)
         for j, i in enumerate(idx):
             s = p.slice(i)
             lab = labels[j, : sizes[j]]
-            x, cfg_fg = p.keys[s], lvl_c[s]
+            x, up_fg = p.keys[s], lvl_c[s]  # the level above: category-level foreground
             k = cfg.k_image
             counts = np.bincount(lab, minlength=k)
             means = segment_sum(lab, x, k)
-            frac = np.bincount(lab, weights=cfg_fg.astype(np.float64), minlength=k) / np.maximum(counts, 1)
+            frac = np.bincount(lab, weights=up_fg.astype(np.float64), minlength=k) / np.maximum(counts, 1)
             means /= np.maximum(counts, 1)[:, None]
             if cfg.consistency == "relative":
                 # The image's own foreground direction at the level above; the dataset's when the level above
                 # saw only one side in this image (its errors are then not copied down).
-                d = direction(x[cfg_fg].sum(0), cfg_fg.sum(), x[~cfg_fg].sum(0), (~cfg_fg).sum(), ctx["global_dir"])
+                d = direction(x[up_fg].sum(0), up_fg.sum(), x[~up_fg].sum(0), (~up_fg).sum(), ctx["global_dir"])
                 flags = relative_flags(means, counts, d, frac, min_spread=RELATIVE_MIN_SPREAD * float(d @ d))
             else:
                 flags = majority_flags(frac, counts)
@@ -327,7 +328,7 @@ def _cls_groups(run: RunDir, cfg: Config) -> tuple[list[str], np.ndarray, int]:
     if n_groups == 1:
         return ids, np.zeros(len(ids), np.int64), 1
     res = kmeans_arrays(x, n_groups, iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed,
-                        init_sample=cfg.kmeans_init_sample)
+                        init_sample=cfg.kmeans_init_sample, device=cfg.device)
     from .kmeans import assign
 
     labels, _ = assign(l2_normalize(x), res.centroids[0])
@@ -353,10 +354,11 @@ def fit_levels(run: RunDir, cfg: Config, log=print) -> dict:
     shards = list_shards(run.features)
     if not shards:
         raise FileNotFoundError(f"no feature shards in {run.features}: run extract first (or bring a store)")
-    kw = dict(iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed, init_sample=cfg.kmeans_init_sample)
+    kw = dict(iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed, init_sample=cfg.kmeans_init_sample,
+              device=cfg.device)
     t0 = time.perf_counter()
     ds = distributed_kmeans(shards, KeyLoader(), cfg.k_dataset, sizes=[_patch_count(shards)], **kw)
-    cues = reduce_sum(map_shards(_cue_task, shards, ds.centroids))
+    cues = reduce_sum(map_shards(_cue_task, shards, ds.centroids, device=cfg.device))
     dataset_fg, cue_score = fg_from_cues(cues["counts"], cues["attn"], cues["border"])
     means = ds.sums[0] / np.maximum(ds.counts[0], 1)[:, None]
     fg_n, bg_n = ds.counts[0][dataset_fg].sum(), ds.counts[0][~dataset_fg].sum()
@@ -372,7 +374,7 @@ def fit_levels(run: RunDir, cfg: Config, log=print) -> dict:
                              sizes=_group_patch_counts(run, ids, group_of, n_groups), **kw)
     ctx = {"dataset_centroids": ds.centroids, "dataset_fg": dataset_fg, "cat_centroids": cat.centroids,
            "loader": loader}
-    st = reduce_sum(map_shards(_group_stats_task, shards, ctx))
+    st = reduce_sum(map_shards(_group_stats_task, shards, ctx, device=cfg.device))
     cat_fg = np.zeros((n_groups, cfg.k_category), bool)
     cat_dir = np.zeros((n_groups, means.shape[1]))
     for g in range(n_groups):
@@ -420,7 +422,8 @@ def run_cluster(run: RunDir, cfg: Config, log=None) -> dict:
     # seeded they come out the same, so finished shards stay consistent with the new ones.
     ctx = fit_levels(run, cfg, log)
     with progress_bar("cluster", total=len(todo), unit="shards") as advance:
-        results = map_shards(_final_task, todo, ctx, cfg.model_dump(), str(run.root), on_done=advance)
+        results = map_shards(_final_task, todo, ctx, cfg.model_dump(), str(run.root), on_done=advance,
+                             device=cfg.device)
     flags = {}
     for r in results:
         flags.update(r["flags"])

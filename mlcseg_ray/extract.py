@@ -84,7 +84,7 @@ def run_extract(run: RunDir, cfg: Config, manifest_rows: list[dict], advance=lam
     import ray
     from ray.data import ActorPoolStrategy
 
-    from .raytools import cluster_cpus, cluster_gpus
+    from .raytools import cluster_cpus, cluster_gpus, use_gpus
 
     remove_stale_temp_files(run.features, run.images)
     shards = pending_shards(run, manifest_rows)
@@ -92,9 +92,7 @@ def run_extract(run: RunDir, cfg: Config, manifest_rows: list[dict], advance=lam
     result = {"shards_done": 0, "shards_skipped": skipped, "ok": 0, "errors": 0}
     if not shards:
         return result
-    use_gpu = cfg.device != "cpu" and cluster_gpus() > 0
-    if cfg.device == "cuda" and not use_gpu:
-        raise RuntimeError("device=cuda but the Ray cluster has no GPU")
+    use_gpu = use_gpus(cfg.device)
     n_actors = cfg.num_workers or (int(cluster_gpus()) if use_gpu else 1)
     n_actors = max(1, min(n_actors, len(shards)))
     threads = max(1, cluster_cpus() // n_actors)

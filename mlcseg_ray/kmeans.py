@@ -52,25 +52,56 @@ def segment_sum(labels: np.ndarray, x: np.ndarray, n_segments: int) -> np.ndarra
 _GPU_RESOURCES = None
 
 
-def _flat_ip_index(dim: int):
-    """faiss inner-product index: on the GPU where this process sees one and faiss has GPU support (the ``gpu``
-    extra), on the CPU otherwise."""
+def visible_gpu() -> bool:
+    """Whether this process was given a GPU. Ray hides GPUs from tasks that did not request one, so inside a
+    shard task this is the cluster-level choice (``device``) made by :func:`map_shards`."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _faiss_gpu_index(dim: int):
+    """faiss inner-product index on the GPU, or None without one or without faiss's GPU build (extra ``gpu``)."""
     import faiss
 
     global _GPU_RESOURCES
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        if _GPU_RESOURCES is None:
-            _GPU_RESOURCES = faiss.StandardGpuResources()
-        return faiss.GpuIndexFlatIP(_GPU_RESOURCES, dim)
-    return faiss.IndexFlatIP(dim)
+    if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+        return None
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return faiss.GpuIndexFlatIP(_GPU_RESOURCES, dim)
 
 
 def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by inner product (x and centroids unit-norm). Returns (labels, similarity)."""
-    index = _flat_ip_index(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    sim, idx = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    """Nearest centroid by inner product (x and centroids unit-norm). Returns (labels, similarity).
+
+    faiss on the GPU where it can, else torch on the GPU (a CUDA node without faiss's GPU build), else faiss on
+    the CPU."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    import faiss
+
+    index = _faiss_gpu_index(c.shape[1]) if visible_gpu() else None
+    if index is None and visible_gpu():
+        return _assign_torch_cuda(x, c)
+    index = index or faiss.IndexFlatIP(c.shape[1])
+    index.add(c)
+    sim, idx = index.search(x, 1)
     return idx[:, 0].astype(np.int64), sim[:, 0]
+
+
+def _assign_torch_cuda(x: np.ndarray, c: np.ndarray, chunk: int = 1 << 20):
+    import torch
+
+    cg = torch.from_numpy(c).cuda()
+    labels, sims = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
+    for i in range(0, len(x), chunk):
+        sim, idx = (torch.from_numpy(x[i: i + chunk]).cuda() @ cg.T).max(1)
+        labels[i: i + chunk], sims[i: i + chunk] = idx.cpu().numpy(), sim.cpu().numpy()
+    return labels, sims
 
 
 def assign_groups(x: np.ndarray, groups: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,9 +124,10 @@ def accumulate(x: np.ndarray, groups: np.ndarray, centroids: np.ndarray) -> dict
     return {"sums": sums.reshape(G, k, D), "counts": counts.reshape(G, k), "inertia": float(np.sum(1.0 - sims))}
 
 
-def sample_rows(x: np.ndarray, groups: np.ndarray, per_row_prob: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def sample_rows(x: np.ndarray, groups: np.ndarray, group_prob: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row kept with its group's probability (``group_prob[g]``)."""
     rng = np.random.default_rng(seed)
-    keep = rng.random(len(x)) < per_row_prob
+    keep = rng.random(len(x)) < np.asarray(group_prob)[groups]
     return x[keep], groups[keep]
 
 
@@ -134,10 +166,12 @@ def lloyd(x: np.ndarray, centers: np.ndarray, iters: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def map_shards(fn: Callable, shards: Sequence, *args, use_ray: bool | None = None, on_done=None) -> list:
+def map_shards(fn: Callable, shards: Sequence, *args, use_ray: bool | None = None, on_done=None,
+               device: str = "cpu") -> list:
     """``[fn(shard, *args) for shard in shards]``, as Ray tasks when Ray is up (large ``args`` put in the object
     store once, at most 2 tasks per CPU in flight). Results come back in shard order, so that every reduction
-    adds in the same order and reruns are bit-identical."""
+    adds in the same order and reruns are bit-identical. ``device`` (auto/cpu/cuda): whether each task asks for a
+    share of a GPU (:func:`mlcseg_ray.raytools.task_gpus`)."""
     import ray
 
     if use_ray is None:
@@ -149,9 +183,9 @@ def map_shards(fn: Callable, shards: Sequence, *args, use_ray: bool | None = Non
             if on_done:
                 on_done()
         return out
-    from .raytools import cluster_cpus
+    from .raytools import cluster_cpus, task_gpus
 
-    remote = _remote(fn)
+    remote = _remote(fn, task_gpus(device))
     refs = [ray.put(a) for a in args]
     results: dict = {}
     pending: dict = {}
@@ -173,12 +207,14 @@ def map_shards(fn: Callable, shards: Sequence, *args, use_ray: bool | None = Non
 _REMOTES: dict = {}
 
 
-def _remote(fn):
+def _remote(fn, num_gpus: float = 0.0):
     import ray
 
-    if fn not in _REMOTES:
-        _REMOTES[fn] = ray.remote(num_cpus=1, max_retries=3)(fn)
-    return _REMOTES[fn]
+    if (fn, num_gpus) not in _REMOTES:
+        # max_calls=0: Ray's default for GPU tasks is a fresh worker per call (seconds each, CUDA set-up
+        # included); a shard task keeps nothing on the GPU worth releasing between calls.
+        _REMOTES[fn, num_gpus] = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=3, max_calls=0)(fn)
+    return _REMOTES[fn, num_gpus]
 
 
 def reduce_sum(dicts) -> dict:
@@ -203,6 +239,7 @@ class KMeansResult:
     inertia: float
     iterations: int
     history: list
+    sample_size: int = 0  # points drawn for the initialisation (held by the driver)
 
 
 def _sample_task(item, load, prob: float, seed: int):
@@ -236,19 +273,27 @@ def distributed_kmeans(
     init_sample: int = 100_000,
     use_ray: bool | None = None,
     sizes: np.ndarray | None = None,
+    device: str = "auto",
 ) -> KMeansResult:
-    """Spherical k-means over vectors spread across ``shards``; ``load(shard)`` -> (unit vectors, group ids)."""
+    """Spherical k-means over vectors spread across ``shards``; ``load(shard)`` -> (unit vectors, group ids).
+
+    ``device``: ``auto`` runs the shard tasks on GPU nodes (a share of a GPU each) when the cluster has GPUs,
+    ``cpu`` never, ``cuda`` demands them. Inside a task the assignment uses whatever GPU it was given."""
     rng = np.random.default_rng(seed)
     if sizes is None:  # one pass to count; callers that know the counts (from metadata) pass them
-        sizes = reduce_sum({"n": _pad(c, n_groups)} for c in map_shards(_size_task, shards, load, use_ray=use_ray))
+        sizes = reduce_sum({"n": _pad(c, n_groups)}
+                           for c in map_shards(_size_task, shards, load, use_ray=use_ray, device=device))
         sizes = sizes.get("n", np.zeros(n_groups, np.int64))
     sizes = np.asarray(sizes, np.int64)
     total = int(sizes.sum())
     if total == 0:
         raise ValueError("k-means: no vectors")
-    # A deliberate sample for initialisation: each group gets up to init_sample points in total.
-    prob = min(1.0, init_sample / max(1, sizes.max()))
-    samples = map_shards(_sample_task, [(s, i) for i, s in enumerate(shards)], load, prob, seed, use_ray=use_ray)
+    # A deliberate sample for initialisation: about init_sample points in all, shared equally by the groups (at
+    # least 20 per centroid each). A budget per group would make the driver hold G x init_sample points, which
+    # grows with the number of images until every group is that large (3 GB for 20 groups of 384-d keys).
+    prob = np.minimum(1.0, max(init_sample // n_groups, 20 * k) / np.maximum(sizes, 1))
+    samples = map_shards(_sample_task, [(s, i) for i, s in enumerate(shards)], load, prob, seed, use_ray=use_ray,
+                         device=device)
     sx = np.concatenate([s[0] for s in samples]) if samples else np.zeros((0, 1), np.float32)
     sg = np.concatenate([s[1] for s in samples]) if samples else np.zeros(0, np.int64)
     D = sx.shape[1]
@@ -259,7 +304,7 @@ def distributed_kmeans(
             centroids[g] = lloyd(pts, kmeans_pp(pts, k, rng), iters=10)
     history, prev_inertia, acc = [], None, None
     for it in range(1, iters + 1):
-        acc = reduce_sum(map_shards(_accumulate_task, shards, load, centroids, use_ray=use_ray))
+        acc = reduce_sum(map_shards(_accumulate_task, shards, load, centroids, use_ray=use_ray, device=device))
         last = acc  # sums/counts/inertia of this assignment: the new centroids are its normalised sums
         new = l2_normalize(acc["sums"]).astype(np.float32)
         empty = acc["counts"] == 0
@@ -279,7 +324,7 @@ def distributed_kmeans(
         if converged and not empty.any():
             break
     # As faiss does: counts, sums and inertia are those of the last assignment step (no extra pass over the data).
-    return KMeansResult(centroids, last["counts"], last["sums"], last["inertia"], len(history), history)
+    return KMeansResult(centroids, last["counts"], last["sums"], last["inertia"], len(history), history, len(sx))
 
 
 def _pad(counts: np.ndarray, n: int) -> np.ndarray:
@@ -313,27 +358,28 @@ def _identity_load(chunk):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def batched_kmeans(x, valid, k: int, iters: int = 20, seed: int = 0):
+def batched_kmeans(x, valid, k: int, iters: int = 20, seed: int = 0, device: str = "cpu"):
     """Spherical k-means on B independent sets at once.
 
     x: (B, N, D) unit vectors, zero-padded; valid: (B, N) bool. Returns labels (B, N) (-1 on padding) and
-    centroids (B, k, D). A set with fewer than k points gets one cluster per point.
+    centroids (B, k, D). A set with fewer than k points gets one cluster per point. ``device``: a torch device;
+    seeded per device (the same seed gives the same result on the same kind of device).
     """
     import torch
 
-    x = torch.as_tensor(x, dtype=torch.float32)
-    valid = torch.as_tensor(valid, dtype=torch.bool)
+    x = torch.as_tensor(x, dtype=torch.float32, device=device)
+    valid = torch.as_tensor(valid, dtype=torch.bool, device=device)
     B, N, D = x.shape
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     n_valid = valid.sum(1)
     # k-means++ seeding, vectorised over the batch.
-    cent = torch.zeros(B, k, D)
-    first = (torch.rand(B, generator=gen) * n_valid.clamp(min=1)).long()
+    cent = torch.zeros(B, k, D, device=device)
+    first = (torch.rand(B, generator=gen, device=device) * n_valid.clamp(min=1)).long()
     idx_valid = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid positions first
     cent[:, 0] = x[torch.arange(B), idx_valid[torch.arange(B), first]]
     dist = (1 - torch.bmm(x, cent[:, 0, :, None])[..., 0]).clamp(min=0) * valid
     trials = 2 + int(np.log(k))  # greedy k-means++, as for the distributed k-means
-    ar = torch.arange(B)
+    ar = torch.arange(B, device=device)
     for i in range(1, k):
         total = dist.sum(1, keepdim=True)
         probs = torch.where(total > EPS, dist / total.clamp(min=EPS), valid.float() / n_valid.clamp(min=1)[:, None])
@@ -345,9 +391,9 @@ def batched_kmeans(x, valid, k: int, iters: int = 20, seed: int = 0):
         best = cand_d.sum(-1).argmin(1)
         cent[:, i] = cand_x[ar, best]
         dist = cand_d[ar, best]
-    labels = torch.zeros(B, N, dtype=torch.long)
+    labels = torch.zeros(B, N, dtype=torch.long, device=device)
     validf = valid.float()
-    ks = torch.arange(k)[None, :, None]
+    ks = torch.arange(k, device=device)[None, :, None]
     for _ in range(iters):
         sim = torch.bmm(x, cent.transpose(1, 2))  # (B, N, k)
         new_labels = sim.argmax(-1)
@@ -363,6 +409,6 @@ def batched_kmeans(x, valid, k: int, iters: int = 20, seed: int = 0):
     # Fewer points than clusters: each point is its own cluster.
     small = n_valid < k
     if small.any():
-        labels[small] = torch.arange(N).clamp(max=k - 1)[None].expand(int(small.sum()), N)
+        labels[small] = torch.arange(N, device=device).clamp(max=k - 1)[None].expand(int(small.sum()), N)
     labels = torch.where(valid, labels, torch.full_like(labels, -1))
-    return labels.numpy(), cent.numpy()
+    return labels.cpu().numpy(), cent.cpu().numpy()

@@ -283,7 +283,7 @@ def run_label(run: RunDir, cfg: Config) -> dict:
     if n_regions >= 1:
         km = distributed_kmeans([p for p in region_parts if pq.read_metadata(p).num_rows], RegionLoader(), k,
                                 iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed,
-                                init_sample=cfg.kmeans_init_sample)
+                                init_sample=cfg.kmeans_init_sample, device=cfg.device)
         centroids = km.centroids[0]
     else:
         centroids = np.zeros((1, 1), np.float32)
@@ -309,9 +309,9 @@ def _describe_on_actors(run: RunDir, cfg: Config, todo: list[int]) -> None:
     from ray.data import ActorPoolStrategy
 
     from .progress import progress_bar
-    from .raytools import cluster_cpus, cluster_gpus
+    from .raytools import cluster_cpus, cluster_gpus, use_gpus
 
-    use_gpu = cfg.device != "cpu" and cluster_gpus() > 0
+    use_gpu = use_gpus(cfg.device)
     n_actors = max(1, min(cfg.num_workers or (int(cluster_gpus()) if use_gpu else 1), len(todo)))
     ds = ray.data.from_items([{"shard": n} for n in todo], override_num_blocks=len(todo)).map_batches(
         DescribeWorker,

@@ -53,3 +53,25 @@ def cluster_cpus() -> int:
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
+
+
+def use_gpus(device: str) -> bool:
+    """The one GPU choice of every stage: ``auto`` uses the cluster's GPUs when it has any, ``cpu`` never,
+    ``cuda`` demands them."""
+    gpus = cluster_gpus()
+    if device == "cuda" and gpus == 0:
+        raise RuntimeError("device=cuda but the Ray cluster has no GPU")
+    return device != "cpu" and gpus > 0
+
+
+def task_gpus(device: str, gpus: float | None = None, cpus: int | None = None) -> float:
+    """GPU share requested by one shard task (k-means passes, clustering): GPUs / CPUs of the cluster, so a GPU
+    node runs one task per CPU, each seeing its GPU. Asking for a share confines the tasks to GPU nodes; on a
+    cluster without GPUs (or with ``device=cpu``) it is 0 and the tasks run on CPUs."""
+    if gpus is None:
+        if not use_gpus(device):
+            return 0.0
+        gpus, cpus = cluster_gpus(), cluster_cpus()
+    elif device == "cpu" or gpus <= 0:
+        return 0.0
+    return round(min(1.0, max(gpus / max(cpus or 1, 1), 1e-4)), 4)  # Ray wants fractions to 4 decimals

@@ -103,11 +103,86 @@ def test_no_vectors_is_an_error():
 def test_assignment_falls_back_to_the_cpu_index():
     import faiss
 
-    from mlcseg_ray.kmeans import _flat_ip_index
+    from mlcseg_ray.kmeans import _faiss_gpu_index, visible_gpu
 
-    index = _flat_ip_index(8)
     if faiss.get_num_gpus() == 0:
-        assert isinstance(index, faiss.IndexFlatIP)  # no GPU here: the CPU index, same results
+        assert _faiss_gpu_index(8) is None  # no GPU (or no GPU build of faiss): the CPU index, same results
     x = l2_normalize(np.eye(8)[:3])
     labels, sims = assign(x, x)
     assert labels.tolist() == [0, 1, 2] and np.allclose(sims, 1)
+    if visible_gpu():  # on a GPU machine: the torch path gives the faiss answer
+        from mlcseg_ray.kmeans import _assign_torch_cuda
+
+        y = l2_normalize(np.random.default_rng(0).normal(size=(1000, 8)))
+        t_labels, _ = _assign_torch_cuda(y, x)
+        assert (t_labels == assign(y, x)[0]).all()
+
+
+def test_init_sample_is_one_budget_for_all_groups():
+    """The driver holds the init sample: about ``init_sample`` points whatever the number of groups or points
+    (a budget per group grew the driver with the data until every group was that large)."""
+    sizes = []
+    for n_per_group in (2000, 8000):
+        x, _, _ = blobs(20 * n_per_group, 3, 8, 0.1, 0)
+        g = np.repeat(np.arange(20), n_per_group)
+        res = kmeans_arrays(x, 3, groups=g, n_groups=20, seed=0, init_sample=4000, use_ray=False, iters=2)
+        sizes.append(res.sample_size)
+    assert all(3000 < s < 5000 for s in sizes), sizes
+    # a group is never starved below 20 points per centroid
+    x, _, _ = blobs(50 * 500, 3, 8, 0.1, 1)
+    res = kmeans_arrays(x, 3, groups=np.repeat(np.arange(50), 500), n_groups=50, seed=0, init_sample=1000,
+                        use_ray=False, iters=2)
+    assert res.sample_size > 50 * 60 * 0.8
+
+
+def test_task_gpu_share():
+    from mlcseg_ray.raytools import task_gpus
+
+    assert task_gpus("auto", gpus=2, cpus=16) == 0.125  # one task per CPU of a GPU node
+    assert task_gpus("cuda", gpus=4, cpus=4) == 1.0
+    assert task_gpus("cpu", gpus=2, cpus=16) == 0.0
+    assert task_gpus("auto", gpus=0, cpus=16) == 0.0
+
+
+def test_cpu_only_cluster_runs_tasks_on_cpus_and_refuses_cuda(ray_local):
+    from mlcseg_ray.raytools import task_gpus, use_gpus
+
+    if ray_local.cluster_resources().get("GPU", 0):
+        pytest.skip("this cluster has GPUs")
+    assert task_gpus("auto") == 0.0 and not use_gpus("auto")
+    with pytest.raises(RuntimeError, match="no GPU"):
+        use_gpus("cuda")
+
+
+GPU_SHARE_SCRIPT = """
+import json, numpy as np, ray
+from mlcseg_ray.kmeans import kmeans_arrays, map_shards, visible_gpu
+ray.init(_node_ip_address="127.0.0.1", num_cpus=2, num_gpus=1, include_dashboard=False)
+def probe(i):
+    return {"gpu_ids": ray.get_gpu_ids(), "visible": visible_gpu()}
+seen = map_shards(probe, [0, 1, 2, 3], device="auto")
+x = np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32)
+a = kmeans_arrays(x, 3, chunk=500, seed=0, device="auto").centroids
+b = kmeans_arrays(x, 3, chunk=500, seed=0, device="cpu").centroids
+print(json.dumps({"seen": seen, "same": bool(np.array_equal(a, b))}))
+"""
+
+
+def test_gpu_cluster_gives_tasks_a_gpu_share_and_falls_back_without_cuda(tmp_path):
+    """A cluster that declares a GPU (here a made-up one): shard tasks ask for a share and are given the GPU's id;
+    where CUDA is not usable in the process, the assignment falls back to the CPU with the same result."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    res = subprocess.run([sys.executable, "-c", GPU_SHARE_SCRIPT], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert all(s["gpu_ids"] for s in out["seen"]), out  # every task was scheduled with a GPU share
+    import torch
+
+    if not torch.cuda.is_available():
+        assert not any(s["visible"] for s in out["seen"]) and out["same"]
