@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: the machine line, image lists, peak memory of a process tree."""
 import os
 import platform
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,38 +21,71 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), python {platform.python_version()}")
 
 
-class PeakRSS:
-    """Polls the RSS of this process and every descendant (Ray workers included) and keeps each one's peak."""
+class Poller:
+    """Calls ``sample()`` every ``interval`` seconds on a background thread while the ``with`` block runs."""
 
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.peaks, self._stop = interval, {}, threading.Event()
+    interval = 0.2
 
-    def _poll(self):
-        me = psutil.Process(os.getpid())
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self):
         while not self._stop.is_set():
-            procs = [me]
-            try:
-                procs += me.children(recursive=True)
-            except psutil.Error:
-                pass
-            for p in procs:
-                try:
-                    rss = p.memory_info().rss
-                    name = " ".join(p.cmdline()[:3])[-60:] or p.name()
-                except psutil.Error:
-                    continue
-                key = (p.pid, name)
-                self.peaks[key] = max(self.peaks.get(key, 0), rss)
+            if self.sample() is False:  # the source is gone (no nvidia-smi, ...): stop polling
+                return
             time.sleep(self.interval)
 
     def __enter__(self):
-        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+
+
+class PeakRSS(Poller):
+    """The RSS of this process and every descendant (Ray workers included), each one's peak."""
+
+    def __init__(self):
+        self.peaks = {}
+
+    def sample(self):
+        me = psutil.Process(os.getpid())
+        procs = [me]
+        try:
+            procs += me.children(recursive=True)
+        except psutil.Error:
+            pass
+        for p in procs:
+            try:
+                rss = p.memory_info().rss
+                name = " ".join(p.cmdline()[:3])[-60:] or p.name()
+            except psutil.Error:
+                continue
+            key = (p.pid, name)
+            self.peaks[key] = max(self.peaks.get(key, 0), rss)
+
+
+class GpuMemoryPeak(Poller):
+    """Peak of ``nvidia-smi``'s used memory summed over all GPUs (the work runs in Ray actors and tasks, so the
+    driver's own torch counters see none of it). ``peak`` stays None without nvidia-smi."""
+
+    interval = 0.5
+
+    def __init__(self):
+        self.peak = None
+
+    def sample(self):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            self.peak = max(self.peak or 0, sum(int(v) for v in out.split()))
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return False
+
 
     def max_other(self) -> float:
         """Largest peak among the other processes of the tree (raylet, GCS, object-store helpers), MB."""

@@ -16,11 +16,12 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import machine  # noqa: E402
+from common import GpuMemoryPeak, machine  # noqa: E402
 
 from mlcseg_ray.config import Config  # noqa: E402
 from mlcseg_ray.pipeline import Pipeline  # noqa: E402
 from mlcseg_ray.raytools import cluster_gpus, init_ray  # noqa: E402
+from mlcseg_ray.store import RunDir  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: int):
@@ -43,6 +44,13 @@ def extract(images: Path, out: Path, cfg: Config) -> float:
     return time.perf_counter() - t0
 
 
+def cluster(run_dir: Path, cfg: Config) -> float:
+    RunDir(run_dir).clear_stage("cluster")  # the same store clustered again, from scratch
+    t0 = time.perf_counter()
+    Pipeline(run_dir, cfg).run(["cluster"])
+    return time.perf_counter() - t0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=300)
@@ -58,27 +66,31 @@ def main():
     make_images(work / "images", args.n, args.max_side)
     make_images(work / "cpu_images", min(args.cpu_n, args.n), args.max_side)
     base = dict(backbone=args.backbone, max_side=args.max_side, num_categories=8, shard_size=64)
-    print(f"machine: {machine()}; Ray GPUs: {gpus:g}; torch CUDA: {torch.cuda.is_available()}")
+    print(f"machine: {machine()}; Ray GPUs: {gpus:g}; torch CUDA: {torch.cuda.is_available()}", flush=True)
     cpu_s = extract(work / "cpu_images", work / "cpu_run", Config(**base, device="cpu", batch_size=8))
     cpu_rate = min(args.cpu_n, args.n) / cpu_s
-    print(f"CPU extraction: {cpu_rate:.2f} images/s ({min(args.cpu_n, args.n)} images)")
-    if gpus == 0:
-        print("no GPU in the Ray cluster: CPU path only (device=auto falls back to it)")
-        cfg = Config(**base, device="auto", batch_size=8)
-        t = extract(work / "cpu_images", work / "auto_run", cfg)
-        print(f"device=auto on CPU: {min(args.cpu_n, args.n) / t:.2f} images/s")
-        run_dir = work / "auto_run"
-    else:
-        cfg = Config(**base, device="cuda", batch_size=64)
-        t = extract(work / "images", work / "gpu_run", cfg)
-        print(f"GPU extraction: {args.n / t:.2f} images/s ({args.n} images); speed-up over CPU {args.n / t / cpu_rate:.1f}x")
-        run_dir = work / "gpu_run"
-    t0 = time.perf_counter()
-    Pipeline(run_dir, cfg).run(["cluster"])
-    print(f"clustering: {time.perf_counter() - t0:.1f}s")
-    if torch.cuda.is_available():
-        print(f"driver GPU memory peak: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB; "
-              f"device total {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+    print(f"CPU extraction: {cpu_rate:.2f} images/s ({min(args.cpu_n, args.n)} images)", flush=True)
+    with GpuMemoryPeak() as mem:
+        if gpus == 0:
+            print("no GPU in the Ray cluster: CPU path only (device=auto falls back to it)")
+            cfg = Config(**base, device="auto", batch_size=8)
+            t = extract(work / "cpu_images", work / "auto_run", cfg)
+            print(f"device=auto on CPU: {min(args.cpu_n, args.n) / t:.2f} images/s")
+            run_dir = work / "auto_run"
+        else:
+            cfg = Config(**base, device="cuda", batch_size=64)
+            t = extract(work / "images", work / "gpu_run", cfg)
+            print(f"GPU extraction: {args.n / t:.2f} images/s ({args.n} images); "
+                  f"speed-up over CPU {args.n / t / cpu_rate:.1f}x", flush=True)
+            run_dir = work / "gpu_run"
+        # Clustering of the same store on CPUs only, then with device=auto (shard tasks on the GPUs if any).
+        cpu_cluster = cluster(run_dir, cfg.model_copy(update={"device": "cpu"}))
+        auto_cluster = cluster(run_dir, cfg.model_copy(update={"device": "auto"}))
+    print(f"clustering: {cpu_cluster:.1f}s on CPUs, {auto_cluster:.1f}s with device=auto "
+          f"(speed-up {cpu_cluster / auto_cluster:.2f}x)")
+    if mem.peak is not None:
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
+        print(f"GPU memory peak (nvidia-smi, all GPUs): {mem.peak} MiB; device 0 total {total:.0f} GiB")
     shutil.rmtree(work, ignore_errors=True)
 
 

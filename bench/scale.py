@@ -98,10 +98,11 @@ def main():
         for n, out in stores.items():
             for sub in ("pseudo", "levels", "_state"):
                 shutil.rmtree(out / sub, ignore_errors=True)  # a rerun on a kept store starts the stage afresh
-            times = {}
+            times, notes = {}, []
 
             def log(msg):
                 times[msg.split(":")[0]] = float(msg.rsplit("(", 1)[1].rstrip("s)"))
+                notes.append(msg.split(" (")[0])  # e.g. "dataset level: 3 iterations, fg clusters [1]"
 
             with PeakRSS() as peaks:
                 t0 = time.perf_counter()
@@ -117,6 +118,7 @@ def main():
                   f"{times.get('dataset level', 0):.1f} | {times.get('category level', 0):.1f} | {rest:.1f} | "
                   f"{patches / seconds:,.0f} | {driver:.0f} | {worker:.0f} | {other:.0f} | "
                   f"{spilled_bytes() / 2**20:.0f} | {iou:.3f} |", flush=True)
+            print(f"<!-- {n}: {'; '.join(notes)} -->", flush=True)  # k-means iterations: each is a pass
         import ray
 
         ray.shutdown()

@@ -311,27 +311,33 @@ def _final_task(path, ctx, cfg_dict, run_root):
 
 
 def _cls_groups(run: RunDir, cfg: Config) -> tuple[list[str], np.ndarray, int]:
-    """Images' CLS tokens -> ``num_categories`` groups (the same k-means, in memory: N x D is small)."""
-    ids, cls = [], []
-    for path in list_shards(run.images):
-        t = pq.read_table(path, columns=["image_id", "status", "cls_token"])
-        ok = pc.equal(t.column("status"), "ok")
-        t = t.filter(ok)
-        if t.num_rows:
-            ids += t.column("image_id").to_pylist()
-            cls.append(list_to_numpy(t.column("cls_token")))
-    if not ids:
+    """Images' CLS tokens -> ``num_categories`` groups (the same k-means, in memory: N x D is small, but it is the
+    one thing in the driver that grows with N, so it is held once: filled shard by shard, normalised in place)."""
+    tables = [pq.read_table(p, columns=["image_id", "status"]) for p in list_shards(run.images)]
+    ok = [pc.equal(t.column("status"), "ok") for t in tables]
+    n = sum(pc.sum(m).as_py() or 0 for m in ok)
+    if not n:
         raise ValueError(f"{run.images}: no extracted images to cluster")
-    x = np.concatenate(cls)
+    ids, x, pos = [], None, 0
+    for path, t, m in zip(list_shards(run.images), tables, ok):
+        if not pc.any(m).as_py():
+            continue
+        ids += t.filter(m).column("image_id").to_pylist()
+        cls = list_to_numpy(pq.read_table(path, columns=["cls_token"]).filter(m).column("cls_token"))
+        x = np.empty((n, cls.shape[1]), np.float32) if x is None else x
+        x[pos: pos + len(cls)] = cls
+        pos += len(cls)
     check_finite(x, "CLS tokens")
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
     n_groups = min(cfg.num_categories, len(ids))
     if n_groups == 1:
         return ids, np.zeros(len(ids), np.int64), 1
     res = kmeans_arrays(x, n_groups, iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed,
-                        init_sample=cfg.kmeans_init_sample, device=cfg.device)
+                        init_sample=cfg.kmeans_init_sample, normalized=True,
+                        use_ray=False)  # seconds in-process even for COCO; Ray would add object-store copies
     from .kmeans import assign
 
-    labels, _ = assign(l2_normalize(x), res.centroids[0])
+    labels, _ = assign(x, res.centroids[0])
     return ids, labels, n_groups
 
 

@@ -106,9 +106,12 @@ def _assign_torch_cuda(x: np.ndarray, c: np.ndarray, chunk: int = 1 << 20):
 
 def assign_groups(x: np.ndarray, groups: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid within each vector's group. centroids: (G, k, D)."""
+    present = np.unique(groups)
+    if len(present) == 1:  # one group (the dataset level): no per-group copy of the shard
+        return assign(x, centroids[present[0]])
     labels = np.zeros(len(x), np.int64)
     sims = np.zeros(len(x), np.float32)
-    for g in np.unique(groups):
+    for g in present:
         sel = np.flatnonzero(groups == g)
         labels[sel], sims[sel] = assign(x[sel], centroids[g])
     return labels, sims
@@ -128,7 +131,7 @@ def sample_rows(x: np.ndarray, groups: np.ndarray, group_prob: np.ndarray, seed:
     """Each row kept with its group's probability (``group_prob[g]``)."""
     rng = np.random.default_rng(seed)
     keep = rng.random(len(x)) < np.asarray(group_prob)[groups]
-    return x[keep], groups[keep]
+    return (x, groups) if keep.all() else (x[keep], groups[keep])  # all kept: no copy
 
 
 def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -294,14 +297,14 @@ def distributed_kmeans(
     prob = np.minimum(1.0, max(init_sample // n_groups, 20 * k) / np.maximum(sizes, 1))
     samples = map_shards(_sample_task, [(s, i) for i, s in enumerate(shards)], load, prob, seed, use_ray=use_ray,
                          device=device)
-    sx = np.concatenate([s[0] for s in samples]) if samples else np.zeros((0, 1), np.float32)
-    sg = np.concatenate([s[1] for s in samples]) if samples else np.zeros(0, np.int64)
+    sx, sg = _concat_releasing(samples)
     D = sx.shape[1]
     centroids = np.zeros((n_groups, k, D), np.float32)
     for g in range(n_groups):
-        pts = sx[sg == g]
+        pts = sx if n_groups == 1 else sx[sg == g]  # one group: no copy of the sample
         if len(pts):
             centroids[g] = lloyd(pts, kmeans_pp(pts, k, rng), iters=10)
+    del pts
     history, prev_inertia, acc = [], None, None
     for it in range(1, iters + 1):
         acc = reduce_sum(map_shards(_accumulate_task, shards, load, centroids, use_ray=use_ray, device=device))
@@ -310,7 +313,7 @@ def distributed_kmeans(
         empty = acc["counts"] == 0
         for g, c in zip(*np.nonzero(empty)):
             # Re-seed an empty cluster from the group's sample, away from the existing centroids, deterministically.
-            pts = sx[sg == g]
+            pts = sx if n_groups == 1 else sx[sg == g]
             if len(pts):
                 far = np.argmin((pts @ new[g].T).max(1))
                 new[g, c] = pts[far]
@@ -327,6 +330,20 @@ def distributed_kmeans(
     return KMeansResult(centroids, last["counts"], last["sums"], last["inertia"], len(history), history, len(sx))
 
 
+def _concat_releasing(samples: list) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the per-shard (x, groups) samples, dropping each part once copied: the driver holds the
+    sample about once, not twice."""
+    n = sum(len(g) for _, g in samples)
+    D = next((x.shape[1] for x, _ in samples if x.ndim == 2), 1)
+    sx, sg = np.empty((n, D), np.float32), np.empty(n, np.int64)
+    pos = 0
+    while samples:
+        x, g = samples.pop(0)
+        sx[pos: pos + len(g)], sg[pos: pos + len(g)] = x, g
+        pos += len(g)
+    return sx, sg
+
+
 def _pad(counts: np.ndarray, n: int) -> np.ndarray:
     out = np.zeros(n, np.int64)
     out[: min(n, len(counts))] = counts[:n]
@@ -334,9 +351,10 @@ def _pad(counts: np.ndarray, n: int) -> np.ndarray:
 
 
 def kmeans_arrays(x: np.ndarray, k: int, groups: np.ndarray | None = None, n_groups: int = 1, chunk: int = 65536,
-                  **kw) -> KMeansResult:
-    """The same k-means over an in-memory array (CLS tokens, region descriptors), split into chunks."""
-    x = l2_normalize(x)
+                  normalized: bool = False, **kw) -> KMeansResult:
+    """The same k-means over an in-memory array (CLS tokens, region descriptors), split into chunks.
+    ``normalized``: x is already unit-norm float32 (no copy is made)."""
+    x = x if normalized else l2_normalize(x)
     groups = np.zeros(len(x), np.int64) if groups is None else np.asarray(groups, np.int64)
     chunks = [(x[i: i + chunk], groups[i: i + chunk]) for i in range(0, len(x), chunk)]
     import ray
