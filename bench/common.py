@@ -69,6 +69,20 @@ class PeakRSS(Poller):
             self.peaks[key] = max(self.peaks.get(key, 0), rss)
 
 
+    def max_other(self) -> float:
+        """Largest peak among the other processes of the tree (raylet, GCS, object-store helpers), MB."""
+        me = os.getpid()
+        return max((v for (pid, name), v in self.peaks.items()
+                    if pid != me and "ray::" not in name and "default_worker" not in name), default=0) / 2**20
+
+    def driver_and_max_worker(self) -> tuple[float, float]:
+        me = os.getpid()
+        driver = max((v for (pid, _), v in self.peaks.items() if pid == me), default=0) / 2**20
+        workers = max((v for (pid, name), v in self.peaks.items() if pid != me and "ray::" in name or
+                       (pid != me and "default_worker" in name)), default=0) / 2**20
+        return driver, workers
+
+
 class GpuMemoryPeak(Poller):
     """Peak of ``nvidia-smi``'s used memory summed over all GPUs (the work runs in Ray actors and tasks, so the
     driver's own torch counters see none of it). ``peak`` stays None without nvidia-smi."""
@@ -85,20 +99,6 @@ class GpuMemoryPeak(Poller):
             self.peak = max(self.peak or 0, sum(int(v) for v in out.split()))
         except (OSError, ValueError, subprocess.SubprocessError):
             return False
-
-
-    def max_other(self) -> float:
-        """Largest peak among the other processes of the tree (raylet, GCS, object-store helpers), MB."""
-        me = os.getpid()
-        return max((v for (pid, name), v in self.peaks.items()
-                    if pid != me and "ray::" not in name and "default_worker" not in name), default=0) / 2**20
-
-    def driver_and_max_worker(self) -> tuple[float, float]:
-        me = os.getpid()
-        driver = max((v for (pid, _), v in self.peaks.items() if pid == me), default=0) / 2**20
-        workers = max((v for (pid, name), v in self.peaks.items() if pid != me and "ray::" in name or
-                       (pid != me and "default_worker" in name)), default=0) / 2**20
-        return driver, workers
 
 
 class MemoryCap:
