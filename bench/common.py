@@ -140,9 +140,10 @@ class MemoryCap:
 
     def __exit__(self, *exc):
         (self.dir.parent / "cgroup.procs").write_text(str(os.getpid()))  # back to the root group
-        for _ in range(50):  # Ray's processes may take a moment to exit
+        for _ in range(300):  # Ray's processes take a while to exit after ray.shutdown()
             try:
                 self.dir.rmdir()
                 return
             except OSError:
                 time.sleep(0.2)
+        print(f"note: {self.dir} still holds processes; remove it with rmdir once they have exited")
