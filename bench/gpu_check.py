@@ -85,9 +85,9 @@ def main():
             run_dir = work / "gpu_run"
         # Clustering of the same store on CPUs only, then with device=auto (shard tasks on the GPUs if any),
         # after an untimed run that starts the workers and their imports (else the first one timed pays for it).
-        cluster(run_dir, cfg.model_copy(update={"device": "cpu"}))
-        cpu_cluster = cluster(run_dir, cfg.model_copy(update={"device": "cpu"}))
-        auto_cluster = cluster(run_dir, cfg.model_copy(update={"device": "auto"}))
+        cpu_cfg, auto_cfg = cfg.model_copy(update={"device": "cpu"}), cfg.model_copy(update={"device": "auto"})
+        cluster(run_dir, cpu_cfg), cluster(run_dir, auto_cfg)
+        cpu_cluster, auto_cluster = cluster(run_dir, cpu_cfg), cluster(run_dir, auto_cfg)
     print(f"clustering: {cpu_cluster:.1f}s on CPUs, {auto_cluster:.1f}s with device=auto "
           f"(speed-up {cpu_cluster / auto_cluster:.2f}x)")
     if mem.peak is not None:
