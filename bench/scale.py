@@ -12,6 +12,7 @@ together may not hold more than that, so the largest store cannot be held by any
     python bench/scale.py --sizes 2000 10000 40000 --patches 784 --dim 384 --memory-cap auto
 """
 import argparse
+import contextlib
 import multiprocessing as mp
 import shutil
 import sys
@@ -93,7 +94,7 @@ def main():
           "driver peak MB | worker peak MB | other Ray peak MB | spilled MB | fg IoU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    with (MemoryCap(cap) if cap else _Nothing()) as group:
+    with MemoryCap(cap) if cap else contextlib.nullcontext() as group:
         init_ray()
         for n, out in stores.items():
             for sub in ("pseudo", "levels", "_state"):
@@ -136,14 +137,6 @@ def main():
               f"largest store {largest / 2**20:.0f} MB")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

@@ -310,49 +310,44 @@ def _final_task(path, ctx, cfg_dict, run_root):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _cls_groups(run: RunDir, cfg: Config) -> tuple[list[str], np.ndarray, int]:
+def _cls_groups(run: RunDir, cfg: Config) -> tuple[list[str], np.ndarray, int, np.ndarray]:
     """Images' CLS tokens -> ``num_categories`` groups (the same k-means, in memory: N x D is small, but it is the
-    one thing in the driver that grows with N, so it is held once: filled shard by shard, normalised in place)."""
-    tables = [pq.read_table(p, columns=["image_id", "status"]) for p in list_shards(run.images)]
-    ok = [pc.equal(t.column("status"), "ok") for t in tables]
-    n = sum(pc.sum(m).as_py() or 0 for m in ok)
+    one thing in the driver that grows with N, so it is held once: filled shard by shard, normalised in place).
+    Returns (image ids, group per image, number of groups, patches per image)."""
+    shards = list_shards(run.images)
+    read = [pq.read_table(p, columns=["image_id", "status", "grid_h", "grid_w"]) for p in shards]
+    oks = [pc.equal(t.column("status"), "ok") for t in read]
+    tables = [t.filter(ok) for t, ok in zip(read, oks)]
+    n = sum(t.num_rows for t in tables)
     if not n:
         raise ValueError(f"{run.images}: no extracted images to cluster")
     ids, x, pos = [], None, 0
-    for path, t, m in zip(list_shards(run.images), tables, ok):
-        if not pc.any(m).as_py():
+    for path, t, ok in zip(shards, tables, oks):
+        if not t.num_rows:
             continue
-        ids += t.filter(m).column("image_id").to_pylist()
-        cls = list_to_numpy(pq.read_table(path, columns=["cls_token"]).filter(m).column("cls_token"))
+        ids += t.column("image_id").to_pylist()
+        cls = list_to_numpy(pq.read_table(path, columns=["cls_token"]).filter(ok).column("cls_token"))
         x = np.empty((n, cls.shape[1]), np.float32) if x is None else x
         x[pos: pos + len(cls)] = cls
         pos += len(cls)
+    patches = np.concatenate([t.column("grid_h").to_numpy().astype(np.int64) * t.column("grid_w").to_numpy()
+                              for t in tables])
     check_finite(x, "CLS tokens")
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
     n_groups = min(cfg.num_categories, len(ids))
     if n_groups == 1:
-        return ids, np.zeros(len(ids), np.int64), 1
+        return ids, np.zeros(len(ids), np.int64), 1, patches
     res = kmeans_arrays(x, n_groups, iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed,
                         init_sample=cfg.kmeans_init_sample, normalized=True,
                         use_ray=False)  # seconds in-process even for COCO; Ray would add object-store copies
     from .kmeans import assign
 
     labels, _ = assign(x, res.centroids[0])
-    return ids, labels, n_groups
+    return ids, labels, n_groups, patches
 
 
 def _patch_count(shards) -> int:
     return sum(pq.read_metadata(p).num_rows for p in shards)
-
-
-def _group_patch_counts(run: RunDir, ids: list[str], group_of: np.ndarray, n_groups: int) -> np.ndarray:
-    """Patches per CLS group, from the image tables (grid sizes), without reading the features."""
-    t = read_tables(list_shards(run.images), columns=["image_id", "grid_h", "grid_w", "status"])
-    t = t.filter(pc.equal(t.column("status"), "ok"))
-    patches = dict(zip(t.column("image_id").to_pylist(),
-                       (np.asarray(t.column("grid_h").to_pylist(), dtype=np.int64)
-                        * np.asarray(t.column("grid_w").to_pylist(), dtype=np.int64)).tolist()))
-    return np.bincount(group_of, weights=[patches.get(i, 0) for i in ids], minlength=n_groups).astype(np.int64)
 
 
 def fit_levels(run: RunDir, cfg: Config, log=print) -> dict:
@@ -374,10 +369,10 @@ def fit_levels(run: RunDir, cfg: Config, log=print) -> dict:
         f"({time.perf_counter() - t0:.1f}s)")
 
     t0 = time.perf_counter()
-    ids, group_of, n_groups = _cls_groups(run, cfg)
+    ids, group_of, n_groups, patches = _cls_groups(run, cfg)
     loader = KeyLoader(ids, group_of)
     cat = distributed_kmeans(shards, loader, cfg.k_category, n_groups=n_groups,
-                             sizes=_group_patch_counts(run, ids, group_of, n_groups), **kw)
+                             sizes=np.bincount(group_of, weights=patches, minlength=n_groups).astype(np.int64), **kw)
     ctx = {"dataset_centroids": ds.centroids, "dataset_fg": dataset_fg, "cat_centroids": cat.centroids,
            "loader": loader}
     st = reduce_sum(map_shards(_group_stats_task, shards, ctx, device=cfg.device))
@@ -454,6 +449,4 @@ def _record_flags(run: RunDir) -> None:
 
 
 def read_pseudo(run: RunDir, columns=None) -> pa.Table:
-    from .store import read_tables
-
     return read_tables(list_shards(run.pseudo, "part"), columns=columns)

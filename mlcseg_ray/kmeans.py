@@ -84,10 +84,12 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray
     c = np.ascontiguousarray(centroids, dtype=np.float32)
     import faiss
 
-    index = _faiss_gpu_index(c.shape[1]) if visible_gpu() else None
-    if index is None and visible_gpu():
-        return _assign_torch_cuda(x, c)
-    index = index or faiss.IndexFlatIP(c.shape[1])
+    if visible_gpu():
+        index = _faiss_gpu_index(c.shape[1])
+        if index is None:
+            return _assign_torch_cuda(x, c)
+    else:
+        index = faiss.IndexFlatIP(c.shape[1])
     index.add(c)
     sim, idx = index.search(x, 1)
     return idx[:, 0].astype(np.int64), sim[:, 0]
@@ -394,10 +396,10 @@ def batched_kmeans(x, valid, k: int, iters: int = 20, seed: int = 0, device: str
     cent = torch.zeros(B, k, D, device=device)
     first = (torch.rand(B, generator=gen, device=device) * n_valid.clamp(min=1)).long()
     idx_valid = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid positions first
-    cent[:, 0] = x[torch.arange(B), idx_valid[torch.arange(B), first]]
+    ar = torch.arange(B, device=device)
+    cent[:, 0] = x[ar, idx_valid[ar, first]]
     dist = (1 - torch.bmm(x, cent[:, 0, :, None])[..., 0]).clamp(min=0) * valid
     trials = 2 + int(np.log(k))  # greedy k-means++, as for the distributed k-means
-    ar = torch.arange(B, device=device)
     for i in range(1, k):
         total = dist.sum(1, keepdim=True)
         probs = torch.where(total > EPS, dist / total.clamp(min=EPS), valid.float() / n_valid.clamp(min=1)[:, None])
