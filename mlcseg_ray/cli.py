@@ -50,16 +50,22 @@ def _finish(pipe) -> None:
     failed = pipe.failed_images()
     console.print(f"outputs in [bold]{pipe.run_dir.root}[/]")
     if failed:
-        console.print(f"[yellow]{failed} image(s) failed; see status/error in {pipe.run_dir.manifest}[/]")
+        console.print(f"[yellow]{failed} image(s) failed; see status/error in {pipe.run_dir.status}[/]")
         raise typer.Exit(3)
 
 
 def _run_stages(stages, out, config, overrides, backbone, weights, address, **inputs) -> None:
+    from .executor import StageOrderError
+    from .store import RunLocked
+
     try:
         cfg = _config(config, overrides, backbone, weights)
         pipe = _pipeline(out, cfg, address, **inputs)
         pipe.run(stages)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except RunLocked as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(4)
+    except (ConfigError, FileNotFoundError, ValueError, StageOrderError) as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2)
     _finish(pipe)

@@ -1,7 +1,7 @@
 """Stages ``cluster_dataset``, ``cluster_category``, ``cluster_image`` and ``combine`` (DESIGN §2 levels 1-4).
 
-Plain functions over arrays first, then :func:`run_cluster`, which streams over feature shards (one shard per task,
-never the whole store in one process):
+Plain functions over arrays first, then :class:`ClusterStage`, which streams over feature shards (one shard per
+task, never the whole store in one process):
 
 1. dataset level: spherical k-means (``k_dataset``) over every patch; clusters labelled foreground from cues
    (per-image-normalised CLS attention, border contact);
@@ -18,7 +18,7 @@ foreground one level up.
 """
 from __future__ import annotations
 
-import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -29,11 +29,12 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .features import list_to_numpy
-from .kmeans import (EPS, batched_kmeans, check_finite, distributed_kmeans, kmeans_arrays, l2_normalize, map_shards,
-                     reduce_sum, segment_sum)
-from .store import RunDir, atomic_write_table, list_shards, read_tables, shard_index, shard_name
+from .kmeans import (EPS, batched_kmeans, check_finite, distributed_kmeans, exact_weights, id_hash, kmeans_arrays,
+                     kmeans_draws, reduce_sum, row_keys, segment_sum, serial_map, unit_vectors)
+from .stage import MapFn, Resources, Stage, StageContext
+from .store import RunDir, atomic_write_table, list_shards, read_tables, shard_index
 
-STAGE = "cluster"
+log = logging.getLogger("mlcseg_ray")
 LEVELS = ("dataset", "category", "image")
 # A finer level's clusters must spread along the coarser direction by at least this share of the coarser level's
 # own foreground/background gap before the ranking is trusted (else: majority rule).
@@ -66,7 +67,7 @@ class Patches:
 
     image_ids: list[str]
     starts: np.ndarray  # image i is rows starts[i]:starts[i+1]
-    keys: np.ndarray  # (n, D) float32, unit norm
+    keys: np.ndarray  # (n, D) float32, unit norm, on the k-means summation grid
     attn: np.ndarray  # (n,) in [0, 1] per image
     border: np.ndarray  # (n,) bool
     grid: list[tuple[int, int]]
@@ -76,22 +77,30 @@ class Patches:
         return slice(int(self.starts[i]), int(self.starts[i + 1]))
 
 
-def read_patches(path) -> Patches:
-    t = pq.read_table(path, columns=["image_id", "py", "px", "key", "cls_attn"])
-    ids = t.column("image_id").combine_chunks()
-    enc = ids.dictionary_encode()
+def _image_runs(path, ids: pa.ChunkedArray) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image ids, first row of each image, image index per row): the patches of an image are contiguous rows."""
+    enc = ids.combine_chunks().dictionary_encode()
     row_image = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     image_ids = enc.dictionary.to_pylist()
-    # Patches of an image are contiguous (store contract); starts from the first row of each image.
     change = np.flatnonzero(np.diff(row_image)) + 1
     starts = np.concatenate([[0], change, [len(row_image)]]).astype(np.int64)
     if len(image_ids) != len(starts) - 1:
         raise ValueError(f"{path}: the patches of an image must be contiguous rows")
+    return image_ids, starts, row_image
+
+
+def _unit_keys(path, t: pa.Table, image_ids: list[str], row_image: np.ndarray) -> np.ndarray:
     keys = list_to_numpy(t.column("key"))
     if not np.isfinite(keys).all():
         bad = image_ids[row_image[np.flatnonzero(~np.isfinite(keys).all(1))[0]]]
         raise ValueError(f"{path}: image {bad!r} has NaN or Inf in its features")
-    keys = l2_normalize(keys)
+    return unit_vectors(keys)
+
+
+def read_patches(path) -> Patches:
+    t = pq.read_table(path, columns=["image_id", "py", "px", "key", "cls_attn"])
+    image_ids, starts, row_image = _image_runs(path, t.column("image_id"))
+    keys = _unit_keys(path, t, image_ids, row_image)
     attn = t.column("cls_attn").to_numpy().astype(np.float32)
     check_finite(attn, f"{path}: cls_attn")
     py, px = t.column("py").to_numpy().astype(np.int32), t.column("px").to_numpy().astype(np.int32)
@@ -109,23 +118,27 @@ def read_patches(path) -> Patches:
 
 
 class KeyLoader:
-    """``load(shard) -> (unit keys, group id per patch)`` for the k-means passes; groups from an image->group map."""
+    """``load(shard) -> (unit keys, group id per patch, row keys)`` for the k-means passes; groups from an
+    image -> group map, row keys from the image id and the patch's place in its image (never from the shard)."""
 
     def __init__(self, group_images: list[str] | None = None, group_of: np.ndarray | None = None):
         self.value_set = pa.array(group_images) if group_images is not None else None
         self.group_of = group_of
 
+    def groups(self, image_ids) -> np.ndarray:
+        """Group of each of ``image_ids``."""
+        if self.value_set is None:
+            return np.zeros(len(image_ids), np.int64)
+        idx = pc.index_in(pa.array(image_ids) if isinstance(image_ids, list) else image_ids,
+                          value_set=self.value_set).to_numpy(zero_copy_only=False)
+        return self.group_of[idx.astype(np.int64)]
+
     def __call__(self, path):
         t = pq.read_table(path, columns=["image_id", "key"])
-        x = list_to_numpy(t.column("key"))
-        if not np.isfinite(x).all():
-            bad = t.column("image_id")[int(np.flatnonzero(~np.isfinite(x).all(1))[0])].as_py()
-            raise ValueError(f"{path}: image {bad!r} has NaN or Inf in its features")
-        x = l2_normalize(x)
-        if self.value_set is None:
-            return x, np.zeros(len(x), np.int64)
-        idx = pc.index_in(t.column("image_id"), value_set=self.value_set).to_numpy(zero_copy_only=False)
-        return x, self.group_of[idx.astype(np.int64)]
+        image_ids, starts, row_image = _image_runs(path, t.column("image_id"))
+        x = _unit_keys(path, t, image_ids, row_image)
+        keys = row_keys(id_hash(image_ids)[row_image], np.arange(len(x)) - starts[row_image])
+        return x, self.groups(image_ids)[row_image], keys
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,8 +202,20 @@ def combine_votes(levels: np.ndarray, attn: np.ndarray, rule: str, vote: int) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# shard tasks (plain functions, called through map_shards)
+# the global fits (levels 1 and 2) and what every shard task needs of them
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LevelFits:
+    """Levels 1 and 2 fitted over the whole store: what each shard needs to label its images."""
+
+    dataset_centroids: np.ndarray  # (1, k_dataset, D)
+    dataset_fg: np.ndarray  # (k_dataset,) bool
+    cat_centroids: np.ndarray  # (G, k_category, D)
+    cat_fg: np.ndarray  # (G, k_category) bool
+    global_dir: np.ndarray  # (D,) the dataset level's foreground direction
+    loader: KeyLoader  # image -> CLS group
 
 
 def _cue_task(path, centroids):
@@ -202,43 +227,39 @@ def _cue_task(path, centroids):
     k = centroids.shape[1]
     return {
         "counts": np.bincount(labels, minlength=k),
-        "attn": np.bincount(labels, weights=p.attn, minlength=k),
+        "attn": np.bincount(labels, weights=exact_weights(p.attn), minlength=k),
         "border": np.bincount(labels, weights=p.border.astype(np.float64), minlength=k),
     }
 
 
-def _group_stats_task(path, ctx):
+def _group_stats_task(path, loader: KeyLoader, dataset_centroids, dataset_fg, cat_centroids):
     """Per CLS group: sums of dataset-level fg/bg patches (the group's foreground direction), and per category
     cluster: sums, counts and how many of its patches were dataset-level foreground."""
     from .kmeans import assign, assign_groups
 
-    x, groups = ctx["loader"](path)
-    G, k, D = ctx["cat_centroids"].shape
-    d_labels, _ = assign(x, ctx["dataset_centroids"][0])
-    dfg = ctx["dataset_fg"][d_labels]
-    c_labels, _ = assign_groups(x, groups, ctx["cat_centroids"])
+    x, groups, _ = loader(path)
+    G, k, D = cat_centroids.shape
+    d_labels, _ = assign(x, dataset_centroids[0])
+    dfg = dataset_fg[d_labels]
+    c_labels, _ = assign_groups(x, groups, cat_centroids)
     flat = groups * k + c_labels
-    sums = segment_sum(flat, x, G * k)
-    fg_sum = segment_sum(groups[dfg], x[dfg], G)
-    bg_sum = segment_sum(groups[~dfg], x[~dfg], G)
     return {
-        "sums": sums.reshape(G, k, D),
+        "sums": segment_sum(flat, x, G * k).reshape(G, k, D),
         "counts": np.bincount(flat, minlength=G * k).reshape(G, k),
         "dfg": np.bincount(flat, weights=dfg.astype(np.float64), minlength=G * k).reshape(G, k),
-        "fg_sum": fg_sum, "fg_n": np.bincount(groups[dfg], minlength=G),
-        "bg_sum": bg_sum, "bg_n": np.bincount(groups[~dfg], minlength=G),
+        "fg_sum": segment_sum(groups[dfg], x[dfg], G), "fg_n": np.bincount(groups[dfg], minlength=G),
+        "bg_sum": segment_sum(groups[~dfg], x[~dfg], G), "bg_n": np.bincount(groups[~dfg], minlength=G),
     }
 
 
-def label_shard(p: Patches, groups: np.ndarray, ctx: dict, cfg: Config) -> list[dict]:
+def cluster_shard(p: Patches, groups: np.ndarray, fits: LevelFits, cfg: Config, device: str = "cpu") -> list[dict]:
     """All three levels and the combination for every image of one shard (plain function; no I/O)."""
-    from .kmeans import assign, assign_groups, visible_gpu
+    from .kmeans import assign, assign_groups
 
-    torch_device = "cuda" if cfg.device != "cpu" and visible_gpu() else "cpu"
-    d_labels, _ = assign(p.keys, ctx["dataset_centroids"][0])
-    lvl_d = ctx["dataset_fg"][d_labels]
-    c_labels, _ = assign_groups(p.keys, groups, ctx["cat_centroids"])
-    lvl_c = ctx["cat_fg"][groups, c_labels]
+    d_labels, _ = assign(p.keys, fits.dataset_centroids[0])
+    lvl_d = fits.dataset_fg[d_labels]
+    c_labels, _ = assign_groups(p.keys, groups, fits.cat_centroids)
+    lvl_c = fits.cat_fg[groups, c_labels]
     lvl_i = np.zeros(len(p.keys), bool)
 
     n_img = len(p.image_ids)
@@ -252,7 +273,8 @@ def label_shard(p: Patches, groups: np.ndarray, ctx: dict, cfg: Config) -> list[
         for j, i in enumerate(idx):
             xb[j, : sizes[j]] = p.keys[p.slice(i)]
             valid[j, : sizes[j]] = True
-        labels, _ = batched_kmeans(xb, valid, cfg.k_image, iters=cfg.kmeans_iters, seed=cfg.seed, device=torch_device)
+        draws = kmeans_draws([p.image_ids[i] for i in idx], cfg.k_image, cfg.seed)
+        labels, _ = batched_kmeans(xb, valid, cfg.k_image, iters=cfg.kmeans_iters, device=device, draws=draws)
         for j, i in enumerate(idx):
             s = p.slice(i)
             lab = labels[j, : sizes[j]]
@@ -265,7 +287,7 @@ def label_shard(p: Patches, groups: np.ndarray, ctx: dict, cfg: Config) -> list[
             if cfg.consistency == "relative":
                 # The image's own foreground direction at the level above; the dataset's when the level above
                 # saw only one side in this image (its errors are then not copied down).
-                d = direction(x[up_fg].sum(0), up_fg.sum(), x[~up_fg].sum(0), (~up_fg).sum(), ctx["global_dir"])
+                d = direction(x[up_fg].sum(0), up_fg.sum(), x[~up_fg].sum(0), (~up_fg).sum(), fits.global_dir)
                 flags = relative_flags(means, counts, d, frac, min_spread=RELATIVE_MIN_SPREAD * float(d @ d))
             else:
                 flags = majority_flags(frac, counts)
@@ -286,25 +308,6 @@ def label_shard(p: Patches, groups: np.ndarray, ctx: dict, cfg: Config) -> list[
     return rows
 
 
-def _final_task(path, ctx, cfg_dict, run_root):
-    """Label one shard and write ``pseudo/part-NNNNN.parquet`` atomically, then its marker."""
-    cfg = Config(**cfg_dict)
-    run = RunDir(run_root)
-    p = read_patches(path)
-    idx = pc.index_in(pa.array(p.image_ids), value_set=ctx["loader"].value_set).to_numpy(zero_copy_only=False)
-    groups = ctx["loader"].group_of[idx.astype(np.int64)][p.row_image]
-    rows = label_shard(p, groups, ctx, cfg)
-    table = pa.Table.from_pylist(
-        [{**r, **{k: r[k].tolist() for k in ("mask", "score", "dataset", "category", "image")}} for r in rows],
-        schema=PSEUDO_SCHEMA,
-    )
-    n = shard_index(path)
-    atomic_write_table(run.pseudo / shard_name(n, "part"), table)
-    flags = {r["image_id"]: r["flag"] for r in rows if r["flag"]}
-    run.mark_done(STAGE, n, {"images": len(rows), "flags": flags})
-    return {"images": len(rows), "flags": flags}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,13 +317,13 @@ def _cls_groups(run: RunDir, cfg: Config) -> tuple[list[str], np.ndarray, int, n
     """Images' CLS tokens -> ``num_categories`` groups (the same k-means, in memory: N x D is small, but it is the
     one thing in the driver that grows with N, so it is held once: filled shard by shard, normalised in place).
     Returns (image ids, group per image, number of groups, patches per image)."""
-    shards = list_shards(run.images)
+    shards = list_shards(run.image_tables)
     read = [pq.read_table(p, columns=["image_id", "status", "grid_h", "grid_w"]) for p in shards]
     oks = [pc.equal(t.column("status"), "ok") for t in read]
     tables = [t.filter(ok) for t, ok in zip(read, oks)]
     n = sum(t.num_rows for t in tables)
     if not n:
-        raise ValueError(f"{run.images}: no extracted images to cluster")
+        raise ValueError(f"{run.image_tables}: no extracted images to cluster")
     ids, x, pos = [], None, 0
     for path, t, ok in zip(shards, tables, oks):
         if not t.num_rows:
@@ -334,12 +337,15 @@ def _cls_groups(run: RunDir, cfg: Config) -> tuple[list[str], np.ndarray, int, n
                               for t in tables])
     check_finite(x, "CLS tokens")
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
+    from .kmeans import to_grid
+
+    to_grid(x)
     n_groups = min(cfg.num_categories, len(ids))
     if n_groups == 1:
         return ids, np.zeros(len(ids), np.int64), 1, patches
+    # in-process (seconds even for COCO; Ray would add object-store copies)
     res = kmeans_arrays(x, n_groups, iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed,
-                        init_sample=cfg.kmeans_init_sample, normalized=True,
-                        use_ray=False)  # seconds in-process even for COCO; Ray would add object-store copies
+                        init_sample=cfg.kmeans_init_sample, normalized=True, map_fn=serial_map)
     from .kmeans import assign
 
     labels, _ = assign(x, res.centroids[0])
@@ -350,34 +356,31 @@ def _patch_count(shards) -> int:
     return sum(pq.read_metadata(p).num_rows for p in shards)
 
 
-def fit_levels(run: RunDir, cfg: Config, log=print) -> dict:
-    """The global parts of levels 1 and 2 (k-means + labelling); returns the context every shard task needs."""
+def fit_levels(run: RunDir, cfg: Config, map_fn: MapFn = serial_map) -> LevelFits:
+    """The global parts of levels 1 and 2 (k-means + labelling); writes ``levels/`` and returns what every shard
+    task needs."""
     shards = list_shards(run.features)
     if not shards:
         raise FileNotFoundError(f"no feature shards in {run.features}: run extract first (or bring a store)")
     kw = dict(iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed, init_sample=cfg.kmeans_init_sample,
-              device=cfg.device)
+              map_fn=map_fn)
     t0 = time.perf_counter()
     ds = distributed_kmeans(shards, KeyLoader(), cfg.k_dataset, sizes=[_patch_count(shards)], **kw)
-    cues = reduce_sum(map_shards(_cue_task, shards, ds.centroids, device=cfg.device))
+    cues = reduce_sum(map_fn(_cue_task, shards, ds.centroids))
     dataset_fg, cue_score = fg_from_cues(cues["counts"], cues["attn"], cues["border"])
-    means = ds.sums[0] / np.maximum(ds.counts[0], 1)[:, None]
     fg_n, bg_n = ds.counts[0][dataset_fg].sum(), ds.counts[0][~dataset_fg].sum()
     global_dir = direction(ds.sums[0][dataset_fg].sum(0), fg_n, ds.sums[0][~dataset_fg].sum(0), bg_n,
-                           np.zeros(means.shape[1]))
-    log(f"dataset level: {ds.iterations} iterations, fg clusters {np.flatnonzero(dataset_fg).tolist()} "
-        f"({time.perf_counter() - t0:.1f}s)")
+                           np.zeros(ds.sums.shape[2]))
+    log.info("dataset level: %d iterations, fg clusters %s (%.1fs)", ds.iterations,
+             np.flatnonzero(dataset_fg).tolist(), time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     ids, group_of, n_groups, patches = _cls_groups(run, cfg)
     loader = KeyLoader(ids, group_of)
     cat = distributed_kmeans(shards, loader, cfg.k_category, n_groups=n_groups,
                              sizes=np.bincount(group_of, weights=patches, minlength=n_groups).astype(np.int64), **kw)
-    ctx = {"dataset_centroids": ds.centroids, "dataset_fg": dataset_fg, "cat_centroids": cat.centroids,
-           "loader": loader}
-    st = reduce_sum(map_shards(_group_stats_task, shards, ctx, device=cfg.device))
+    st = reduce_sum(map_fn(_group_stats_task, shards, loader, ds.centroids, dataset_fg, cat.centroids))
     cat_fg = np.zeros((n_groups, cfg.k_category), bool)
-    cat_dir = np.zeros((n_groups, means.shape[1]))
     for g in range(n_groups):
         counts = st["counts"][g]
         frac = st["dfg"][g] / np.maximum(counts, 1)
@@ -387,11 +390,7 @@ def fit_levels(run: RunDir, cfg: Config, log=print) -> dict:
             cat_fg[g] = relative_flags(gmeans, counts, d, frac, min_spread=RELATIVE_MIN_SPREAD * float(d @ d))
         else:
             cat_fg[g] = majority_flags(frac, counts)
-        f = cat_fg[g]
-        cat_dir[g] = direction(st["sums"][g][f].sum(0), counts[f].sum(), st["sums"][g][~f].sum(0), counts[~f].sum(),
-                               global_dir)
-    log(f"category level: {n_groups} groups, {cat.iterations} iterations ({time.perf_counter() - t0:.1f}s)")
-    ctx.update(cat_fg=cat_fg, cat_dir=cat_dir, global_dir=global_dir)
+    log.info("category level: %d groups, %d iterations (%.1fs)", n_groups, cat.iterations, time.perf_counter() - t0)
 
     # Level files, for inspection and for the report.
     atomic_write_table(run.levels / "dataset.parquet", pa.table({
@@ -405,47 +404,51 @@ def fit_levels(run: RunDir, cfg: Config, log=print) -> dict:
         "centroid": pa.FixedSizeListArray.from_arrays(pa.array(cat.centroids.ravel()), D),
     }))
     atomic_write_table(run.levels / "groups.parquet", pa.table({"image_id": ids, "group": group_of}))
-    return ctx
+    return LevelFits(ds.centroids, dataset_fg, cat.centroids, cat_fg, global_dir, loader)
 
 
-def run_cluster(run: RunDir, cfg: Config, log=None) -> dict:
-    from .progress import console, progress_bar
-
-    log = log or (lambda m: console.print(f"[dim]{m}[/]"))
-    shards = list_shards(run.features)
-    if not shards:
-        raise FileNotFoundError(f"no feature shards in {run.features}: run extract first (or bring a store)")
-    done = run.done_shards(STAGE)
-    todo = [p for p in shards if shard_index(p) not in done]
-    if not todo:
-        return {"images": _count_images(run), "errors": 0, "shards_skipped": len(shards), "output": str(run.pseudo)}
-    # The global levels are refitted when any shard is pending: they are cheap next to extraction and being
-    # seeded they come out the same, so finished shards stay consistent with the new ones.
-    ctx = fit_levels(run, cfg, log)
-    with progress_bar("cluster", total=len(todo), unit="shards") as advance:
-        results = map_shards(_final_task, todo, ctx, cfg.model_dump(), str(run.root), on_done=advance,
-                             device=cfg.device)
-    flags = {}
-    for r in results:
-        flags.update(r["flags"])
-    _record_flags(run)
-    return {"images": _count_images(run), "errors": 0, "flagged": len(flags), "shards_done": len(todo),
-            "shards_skipped": len(shards) - len(todo), "output": str(run.pseudo)}
+def pseudo_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{**r, **{k: r[k].tolist() for k in ("mask", "score", "dataset", "category", "image")}} for r in rows],
+        schema=PSEUDO_SCHEMA,
+    )
 
 
-def _count_images(run: RunDir) -> int:
-    return sum(pq.read_metadata(p).num_rows for p in list_shards(run.pseudo, "part"))
+class ClusterStage(Stage):
+    """Levels 1-4: fits over the whole store (``prepare``), then every shard labelled and combined."""
 
+    name = "cluster"
+    after = ("extract",)
+    reads = ("features", "image_tables")
+    writes = ("levels", "pseudo")
+    config_keys = ("k_dataset", "num_categories", "k_category", "k_image", "consistency", "combine", "vote",
+                   "kmeans_iters", "kmeans_tol", "kmeans_init_sample", "seed")
+    resources = Resources(cpus=1, gpus="share")
+    version = 2  # 2: sampling keyed by image and patch, exact sums (results independent of shard_size)
 
-def _record_flags(run: RunDir) -> None:
-    """Empty / full pseudo-masks are kept, and flagged in the manifest."""
-    from .ingest import set_flags
+    def shards(self, ctx: StageContext) -> list[int]:
+        shards = [shard_index(p) for p in list_shards(ctx.run.features)]
+        if not shards:
+            raise FileNotFoundError(f"no feature shards in {ctx.run.features}: run extract first (or bring a store)")
+        return shards
 
-    flags = {}
-    for n in sorted(run.done_shards(STAGE)):
-        flags.update(json.loads((run.state(STAGE) / f"{n:05d}").read_text()).get("flags", {}))
-    if run.manifest.exists():
-        set_flags(run.manifest, flags)
+    def prepare(self, ctx: StageContext, map_fn: MapFn) -> LevelFits:
+        # The global levels are refitted when any shard is pending: they are cheap next to extraction and, being
+        # seeded and independent of the order of the work, they come out the same.
+        return fit_levels(ctx.run, ctx.cfg, map_fn)
+
+    def process_shard(self, ctx: StageContext, shard: int, fits: LevelFits, worker=None) -> dict:
+        from .kmeans import visible_gpu
+
+        p = read_patches(ctx.run.feature_shard(shard))
+        groups = fits.loader.groups(p.image_ids)[p.row_image]
+        device = "cuda" if ctx.cfg.device != "cpu" and visible_gpu() else "cpu"
+        rows = cluster_shard(p, groups, fits, ctx.cfg, device)
+        atomic_write_table(ctx.run.pseudo_part(shard), pseudo_table(rows))
+        return {"images": len(rows), "flags": {r["image_id"]: r["flag"] for r in rows if r["flag"]}}
+
+    def finish(self, ctx: StageContext, results: dict, map_fn: MapFn) -> dict:
+        return {"flagged": sum(len(r.get("flags", {})) for r in results.values()), "output": str(ctx.run.pseudo)}
 
 
 def read_pseudo(run: RunDir, columns=None) -> pa.Table:

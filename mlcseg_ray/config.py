@@ -32,6 +32,9 @@ class Config(BaseModel):
 
     # --- ingest ---
     max_pixels: int = Field(178_956_970, ge=1, description="decoded-pixel cap (PIL's decompression-bomb limit)")
+    verify_images: Literal["stat", "hash"] = Field(
+        "stat", description="how a rerun and each stage tell that an image changed since ingest: size and "
+                            "modification time, or also a content hash (reads every file again at ingest)")
 
     # --- clustering (DESIGN §2 levels 1-4) ---
     k_dataset: int = Field(3, ge=2)

@@ -16,6 +16,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .stage import Stage, StageContext
+
 MAX_PRED = 256  # predictions are 8-bit PNGs
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -220,13 +222,14 @@ def scores(conf: np.ndarray, mapping: np.ndarray, names: list[str]) -> dict:
 
 
 def evaluate(pred_dir: Path, gt: GroundTruth, matching: str = "hungarian", binary_pred: bool = False,
-             chunk: int = 64, use_ray: bool | None = None) -> dict:
-    """Confusion over the whole split (chunks of images as parallel tasks), matching, scores.
-    ``binary_pred``: predictions are foreground where > 0 and foreground is matched to foreground."""
-    from .kmeans import map_shards
+             chunk: int = 64, map_fn=None) -> dict:
+    """Confusion over the whole split (chunks of images as parallel tasks through ``map_fn``, the executor's map;
+    a loop without one), matching, scores. ``binary_pred``: predictions are foreground where > 0 and foreground is
+    matched to foreground."""
+    from .kmeans import serial_map
 
     chunks = [gt.image_ids[i: i + chunk] for i in range(0, len(gt.image_ids), chunk)]
-    results = map_shards(_chunk_confusion, chunks, gt, str(pred_dir), binary_pred, use_ray=use_ray)
+    results = (map_fn or serial_map)(_chunk_confusion, chunks, gt, str(pred_dir), binary_pred)
     conf = sum(r["conf"] for r in results)
     missing = [m for r in results for m in r["missing"]]
     used = np.flatnonzero(conf.sum(1) > 0)
@@ -251,7 +254,8 @@ def evaluate(pred_dir: Path, gt: GroundTruth, matching: str = "hungarian", binar
 
 
 def evaluate_folder(pred: Path, gt: Path, protocol: str, split: str = "val", ignore: int = 255,
-                    matching: str = "hungarian", out: Optional[Path] = None, address: Optional[str] = None) -> dict:
+                    matching: str = "hungarian", out: Optional[Path] = None, address: Optional[str] = None,
+                    map_fn=None) -> dict:
     """``mlcseg eval``: PRED is a run folder (its masks/ or, for binary, binary/) or a folder of label PNGs."""
     pred = Path(pred)
     if not pred.exists():
@@ -262,11 +266,13 @@ def evaluate_folder(pred: Path, gt: Path, protocol: str, split: str = "val", ign
     else:
         pred_dir = pred
     gt_def = load_ground_truth(gt, protocol, split, ignore)
-    if address:
+    if address and map_fn is None:
+        from .executor import ray_map
         from .raytools import init_ray
 
         init_ray(address)
-    metrics = evaluate(pred_dir, gt_def, matching, binary_pred=protocol == "binary")
+        map_fn = ray_map
+    metrics = evaluate(pred_dir, gt_def, matching, binary_pred=protocol == "binary", map_fn=map_fn)
     metrics.update(protocol=protocol, predictions=str(pred_dir), ground_truth=str(gt))
     out = out or (pred if is_run else None)
     if out is not None:
@@ -274,17 +280,35 @@ def evaluate_folder(pred: Path, gt: Path, protocol: str, split: str = "val", ign
     return metrics
 
 
-def evaluate_run(run, gt: Optional[str], protocol: Optional[str]) -> dict:
-    metrics = evaluate_folder(run.root, Path(gt), protocol or "voc21", out=run.root)
-    return {"images": metrics["n_images"], "errors": len(metrics["missing_predictions"]),
-            "miou": metrics["miou"], "output": str(run.metrics)}
+class EvaluateStage(Stage):
+    """Metrics of a run's masks against ground truth (only when the run was given some)."""
+
+    name = "evaluate"
+    after = ("label",)
+    reads = ("masks", "binary")
+    writes = ("metrics", "confusion")
+
+    def wanted(self, ctx: StageContext) -> bool:
+        return bool(ctx.inputs.gt)
+
+    def fingerprint_extra(self, ctx: StageContext) -> dict:
+        return {"gt": ctx.inputs.gt, "protocol": ctx.inputs.protocol, "split": ctx.inputs.split}
+
+    def run_whole(self, ctx: StageContext, map_fn) -> dict:
+        if not ctx.inputs.gt:
+            raise ValueError("evaluate needs ground truth: --voc ROOT, or `mlcseg eval RUN GT`")
+        metrics = evaluate_folder(ctx.run.root, Path(ctx.inputs.gt), ctx.inputs.protocol or "voc21",
+                                  split=ctx.inputs.split, out=ctx.run.root, map_fn=map_fn)
+        return {"images": metrics["n_images"], "errors": len(metrics["missing_predictions"]),
+                "miou": metrics["miou"], "output": str(ctx.run.metrics)}
 
 
 def write_outputs(out: Path, metrics: dict, names: list[str]) -> None:
-    from .store import atomic_write_bytes, atomic_write_json
+    from .store import RunDir, atomic_write_bytes, atomic_write_json
 
-    atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_bytes(out / "confusion.png", confusion_png(np.asarray(metrics["confusion"]), names))
+    run = RunDir(out)
+    atomic_write_json(run.metrics, metrics)
+    atomic_write_bytes(run.confusion, confusion_png(np.asarray(metrics["confusion"]), names))
 
 
 def confusion_png(conf: np.ndarray, names: list[str]) -> bytes:

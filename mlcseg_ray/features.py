@@ -146,6 +146,8 @@ def extract_shard(extractor, info: dict, rows: list[dict], cfg, device="cpu") ->
     """
     import torch
 
+    from .ingest import expected_file
+
     patch, dim = info["patch_size"], info["embed_dim"]
     prepared, image_rows = [], {}
     for row in rows:
@@ -154,7 +156,7 @@ def extract_shard(extractor, info: dict, rows: list[dict], cfg, device="cpu") ->
             image_rows[row["image_id"]] = {**base, "status": "error", "error": row.get("error") or "failed at ingest"}
             continue
         try:
-            rgb = load_rgb(row["uri"], cfg.max_pixels, min_side=patch)
+            rgb = load_rgb(row["uri"], cfg.max_pixels, min_side=patch, expect=expected_file(row, cfg))
             g = geometry(rgb.shape[1], rgb.shape[0], patch, cfg.max_side, cfg.upscale)
             prepared.append((row["image_id"], g, preprocess(rgb, g, info["mean"], info["std"])))
         except BadImage as e:
@@ -192,7 +194,9 @@ def extract_shard(extractor, info: dict, rows: list[dict], cfg, device="cpu") ->
         pys.append(yy.astype(np.int16))
         pxs.append(xx.astype(np.int16))
         keys.append(k.astype(np.float16))
-        attns.append(a.astype(np.float32))
+        # at the keys' precision: the last float32 bits of a forward pass depend on which images share its batch,
+        # and a run's outputs should not depend on how its images were cut into shards
+        attns.append(a.astype(np.float16).astype(np.float32))
         image_rows[image_id]["cls_token"] = c
     if keys:
         feats = pa.Table.from_arrays(
@@ -253,12 +257,12 @@ def tables_from_records(records: list[dict], dim: int, meta: dict) -> tuple[pa.T
 
 def write_store_shard(run_root, shard: int, records: list[dict], dim: int, meta: dict) -> None:
     """Write one shard of a feature store (features/ + images/) atomically."""
-    from .store import RunDir, atomic_write_table, shard_name
+    from .store import RunDir, atomic_write_table
 
     run = RunDir(run_root)
     feats, images = tables_from_records(records, dim, meta)
-    atomic_write_table(run.features / shard_name(shard), feats, **FEATURE_WRITE_OPTIONS)
-    atomic_write_table(run.images / shard_name(shard), images)
+    atomic_write_table(run.feature_shard(shard), feats, **FEATURE_WRITE_OPTIONS)
+    atomic_write_table(run.image_table(shard), images)
 
 
 def brought_store_metadata(dim: int, patch_size: int, backbone: str = "external", random_weights: bool = False,

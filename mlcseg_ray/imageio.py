@@ -6,6 +6,7 @@ turn it into an error row, never a crashed job.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import warnings
@@ -78,12 +79,45 @@ def _check_size(w: int, h: int, max_pixels: int, min_side: int) -> None:
         raise BadImage(f"too small: {w}x{h} is smaller than one {min_side}px patch")
 
 
-def probe(uri: str, max_pixels: int, min_side: int = 1) -> tuple[int, int]:
+def probe(uri: str, max_pixels: int, min_side: int = 1, data: bytes | None = None) -> tuple[int, int]:
     """Width and height after EXIF orientation, from the header only (cheap; used at ingest)."""
-    img = _open(read_bytes(uri))
+    img = _open(read_bytes(uri) if data is None else data)
     w, h = _oriented_size(img)
     _check_size(w, h, max_pixels, min_side)
     return w, h
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_stat(uri: str) -> tuple[int | None, int | None]:
+    """(size in bytes, modification time in ns) of a local file or an object (mtime None where the store has none);
+    (None, None) when it cannot be read."""
+    try:
+        if is_remote(uri):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(uri)
+            info = fs.info(path)
+            return info.get("size"), None
+        st = os.stat(uri[len("file://"):] if uri.startswith("file://") else uri)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None, None
+
+
+def check_unchanged(uri: str, data: bytes, expect: dict) -> None:
+    """The file is still the one ingest saw: same size and modification time, and the same content hash when
+    ``expect`` carries one (``verify_images=hash``). Raises BadImage naming what changed."""
+    if expect.get("bytes") is not None and len(data) != expect["bytes"]:
+        raise BadImage(f"changed since ingest: {len(data)} bytes now, {expect['bytes']} then; rerun to recompute")
+    if expect.get("mtime_ns") is not None:
+        _, mtime = file_stat(uri)
+        if mtime is not None and mtime != expect["mtime_ns"]:
+            raise BadImage("changed since ingest: the file was modified; rerun to recompute")
+    if expect.get("content_hash") and content_hash(data) != expect["content_hash"]:
+        raise BadImage("changed since ingest: its content differs; rerun to recompute")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -104,9 +138,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_rgb(uri: str, max_pixels: int, min_side: int = 1) -> np.ndarray:
-    """Decode one image to an HxWx3 uint8 array, EXIF orientation applied."""
-    img = _open(read_bytes(uri))
+def load_rgb(uri: str, max_pixels: int, min_side: int = 1, expect: dict | None = None) -> np.ndarray:
+    """Decode one image to an HxWx3 uint8 array, EXIF orientation applied. ``expect`` (from the manifest:
+    ``bytes``, ``mtime_ns``, optionally ``content_hash``): fail if the file changed since ingest."""
+    data = read_bytes(uri)
+    if expect:
+        check_unchanged(uri, data, expect)
+    img = _open(data)
     w, h = _oriented_size(img)
     _check_size(w, h, max_pixels, min_side)
     try:

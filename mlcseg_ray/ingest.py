@@ -1,7 +1,11 @@
 """Stage ``ingest``: any input (folder, VOC root, COCO, manifest) -> ``RUN/manifest.parquet``.
 
-Every image found gets one row: a stable ``image_id``, its ``uri``, oriented width/height, ``status`` ok/error with a
-reason, and its ``shard`` (numbered from the sorted manifest, so reruns shard identically).
+Every image found gets one row: a stable ``image_id``, its ``uri``, oriented width/height, size, modification time
+and content hash, ``status`` ok/error with a reason, and its ``shard`` (numbered from the sorted manifest, so reruns
+shard identically). Ingest runs on every ``mlcseg run``: files whose size and modification time did not change keep
+their row without being read again, so a rerun notices a changed image (the manifest, and so every fingerprint,
+changes) at the cost of a ``stat`` per file. The manifest is written by ingest alone; what later stages find out
+about an image goes to ``status.parquet``.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .imageio import BadImage, is_remote, list_image_files, probe
+from .imageio import BadImage, content_hash, file_stat, is_remote, list_image_files, probe, read_bytes
+from .stage import Stage, StageContext
 from .store import atomic_write_table
 
 MANIFEST_SCHEMA = pa.schema(
@@ -24,11 +29,13 @@ MANIFEST_SCHEMA = pa.schema(
         ("uri", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("bytes", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("content_hash", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
         ("shard", pa.int32()),
         ("coco_id", pa.int64()),
-        ("flag", pa.string()),  # e.g. "empty" / "full" pseudo-mask: kept, but worth a look
     ]
 )
 
@@ -43,6 +50,11 @@ class InputSpec:
     coco: Optional[str] = None
     ann: Optional[str] = None
     manifest: Optional[str] = None
+
+    @classmethod
+    def from_inputs(cls, inputs) -> "InputSpec":
+        return cls(images=inputs.images, voc=inputs.voc, split=inputs.split, coco=inputs.coco, ann=inputs.ann,
+                   manifest=inputs.manifest)
 
     def describe(self) -> str:
         if self.images:
@@ -137,28 +149,42 @@ def _manifest_rows(path: str) -> list[dict]:
     return _ids_from_paths(rel, uris)
 
 
-def probe_rows(rows: list[dict], max_pixels: int, min_side: int, threads: int = 16) -> list[dict]:
-    """Header-only check of every image (size, orientation, bomb guard). Decoding errors show up at extraction."""
+def probe_rows(rows: list[dict], max_pixels: int, min_side: int, previous: dict[str, dict] | None = None,
+               rehash: bool = False, threads: int = 16) -> list[dict]:
+    """Size, modification time, content hash and a header-only check (size, orientation, bomb guard) of every image.
+    A file whose size and mtime match its row in ``previous`` keeps that row unread (unless ``rehash``). Decoding
+    errors show up at extraction."""
+    previous = previous or {}
 
     def one(row: dict) -> dict:
+        size, mtime = file_stat(row["uri"])
+        old = previous.get(row["uri"])
+        if old and not rehash and size is not None and (old["bytes"], old["mtime_ns"]) == (size, mtime):
+            return {**row, **{k: old[k] for k in ("width", "height", "bytes", "mtime_ns", "content_hash", "status",
+                                                  "error")}}
+        out = {**row, "width": None, "height": None, "bytes": size, "mtime_ns": mtime, "content_hash": None}
         try:
-            w, h = probe(row["uri"], max_pixels, min_side)
-            return {**row, "width": w, "height": h, "status": "ok", "error": None}
+            data = read_bytes(row["uri"])
+            out["bytes"], out["content_hash"] = len(data), content_hash(data)
+            w, h = probe(row["uri"], max_pixels, min_side, data=data)
+            return {**out, "width": w, "height": h, "status": "ok", "error": None}
         except BadImage as e:
-            return {**row, "width": None, "height": None, "status": "error", "error": str(e)}
+            return {**out, "status": "error", "error": str(e)}
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(one, rows))
 
 
-def build_manifest(spec: InputSpec, shard_size: int, max_pixels: int, min_side: int) -> pa.Table:
+def build_manifest(spec: InputSpec, shard_size: int, max_pixels: int, min_side: int,
+                   previous: pa.Table | None = None, rehash: bool = False) -> pa.Table:
     rows = list_inputs(spec)
     if not rows:
         raise FileNotFoundError(f"no images found in {spec.describe()}")
-    rows = sorted(probe_rows(rows, max_pixels, min_side), key=lambda r: r["image_id"])
+    prev = {r["uri"]: r for r in previous.to_pylist()} if previous is not None and "bytes" in previous.column_names \
+        else None
+    rows = sorted(probe_rows(rows, max_pixels, min_side, prev, rehash), key=lambda r: r["image_id"])
     for i, r in enumerate(rows):
         r["shard"] = i // shard_size
-        r["flag"] = None
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
 
@@ -172,26 +198,53 @@ def read_manifest(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def record_errors(path: Path, errors: dict[str, str]) -> pa.Table:
-    """Mark images that failed in a later stage as ``status=error`` in the manifest (atomic rewrite)."""
-    table = read_manifest(path)
-    if not errors:
-        return table
-    rows = [{"flag": None, **r} for r in table.to_pylist()]
-    for r in rows:
-        if r["image_id"] in errors and r["status"] == "ok":
-            r["status"], r["error"] = "error", errors[r["image_id"]]
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    write_manifest(path, table)
-    return table
+def manifest_fingerprint(path: Path) -> str:
+    """A hash of the manifest's content: the identity of the data every later stage works on."""
+    from .executor import digest
+
+    return digest(read_manifest(path).select(MANIFEST_SCHEMA.names).to_pydict())
 
 
-def set_flags(path: Path, flags: dict[str, str]) -> pa.Table:
-    """Write per-image flags (``empty``/``full`` pseudo-masks) into the manifest (atomic rewrite)."""
-    table = read_manifest(path)
-    rows = table.to_pylist()
-    for r in rows:
-        r["flag"] = flags.get(r["image_id"])
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    write_manifest(path, table)
-    return table
+def expected_file(row: dict, cfg) -> dict:
+    """What a stage checks an image against before it reads it again (``imageio.load_rgb(expect=...)``)."""
+    return {"bytes": row.get("bytes"), "mtime_ns": row.get("mtime_ns"),
+            "content_hash": row.get("content_hash") if cfg.verify_images == "hash" else None}
+
+
+class IngestStage(Stage):
+    """The source of a run: lists and checks the input, every time (cheap for unchanged files)."""
+
+    name = "ingest"
+    writes = ("manifest",)
+    config_keys = ("shard_size", "max_pixels", "backbone", "verify_images")
+    source = True
+
+    def output_fingerprint(self, ctx: StageContext) -> str:
+        return manifest_fingerprint(ctx.run.manifest) if ctx.run.manifest.exists() else "absent"
+
+    def run_whole(self, ctx: StageContext, map_fn) -> dict:
+        from .backbones import available_backbones, patch_size_of
+
+        run, cfg = ctx.run, ctx.cfg
+        spec = InputSpec.from_inputs(ctx.inputs)
+        recorded = run.read_record().get("inputs")
+        if not ctx.inputs.given():
+            if not recorded:
+                raise ValueError(f"{run.root} holds no run yet: give the images with --images, --voc, --coco or "
+                                 f"--manifest")
+            spec = InputSpec(**recorded)  # a rerun from the run folder alone: the inputs it was made with
+        elif recorded and InputSpec(**recorded).describe() != spec.describe():
+            raise ValueError(f"{run.root} already holds a run over {InputSpec(**recorded).describe()!r}; use a new "
+                             f"--out for {spec.describe()!r}")
+        if cfg.backbone not in available_backbones():
+            raise ValueError(f"unknown backbone {cfg.backbone!r}; available: {', '.join(available_backbones())}")
+        previous = read_manifest(run.manifest) if run.manifest.exists() else None
+        table = build_manifest(spec, cfg.shard_size, cfg.max_pixels, min_side=patch_size_of(cfg.backbone),
+                               previous=previous, rehash=cfg.verify_images == "hash")
+        unchanged = (previous is not None and set(MANIFEST_SCHEMA.names) <= set(previous.column_names)
+                     and previous.select(MANIFEST_SCHEMA.names).equals(table))
+        if not unchanged:  # an untouched manifest keeps its file (and its mtime)
+            write_manifest(run.manifest, table)
+        run.update_record(inputs=spec.__dict__, input=spec.describe())
+        errors = {r["image_id"]: r["error"] for r in table.to_pylist() if r["status"] != "ok"}
+        return {"images": table.num_rows, "errors": len(errors), "output": str(run.manifest)}

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +20,10 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .imageio import load_rgb
-from .refine import mask_path, png_bytes
-from .store import (RunDir, atomic_write_bytes, atomic_write_json, atomic_write_table, list_shards, shard_index,
-                    shard_name)
+from .refine import png_bytes
+from .stage import Resources, Stage, StageContext, for_each_image
+from .store import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_table, list_shards, shard_index
 
-DESCRIBE, WRITE = "label_describe", "label_write"
 REGION_SCHEMA_FIELDS = [
     ("image_id", pa.string()), ("region", pa.int32()), ("x0", pa.int32()), ("y0", pa.int32()),
     ("x1", pa.int32()), ("y1", pa.int32()), ("area", pa.int64()),
@@ -71,7 +70,7 @@ def find_regions(mask: np.ndarray, mode: str, min_area: int) -> tuple[np.ndarray
 def read_binary(run: RunDir, image_id: str) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.open(mask_path(run.binary, image_id))) > 0
+    return np.asarray(Image.open(run.binary_mask(image_id))) > 0
 
 
 def crop_batch(rgb: np.ndarray, regions: list[dict], size: int, mean, std) -> np.ndarray:
@@ -106,103 +105,129 @@ def masked_mean_descriptors(comp: np.ndarray, regions: list[dict], keys: np.ndar
     return np.asarray(out, np.float32).reshape(len(regions), keys.shape[1])
 
 
-def describe_shard(run: RunDir, n: int, cfg: Config, embed=None, info: dict | None = None) -> pa.Table:
-    """Regions and descriptors of one shard (plain function; ``embed(batch) -> CLS tokens`` for crop_cls)."""
+def describe_shard(run: RunDir, n: int, cfg: Config, embed=None) -> tuple[pa.Table, dict[str, str]]:
+    """Regions and descriptors of one shard (plain function; ``embed(batch) -> CLS tokens`` for crop_cls), and
+    the images that failed."""
     from .cluster import read_patches
-    from .features import read_store_metadata
+    from .features import fixed_list, read_store_metadata
+    from .refine import expected_files
 
-    geoms = {r["image_id"]: r for r in pq.read_table(run.images / shard_name(n)).to_pylist() if r["status"] == "ok"}
-    pseudo_ids = pq.read_table(run.pseudo / shard_name(n, "part"), columns=["image_id"]).column(0).to_pylist()
-    meta = read_store_metadata(run.features / shard_name(n))
-    patches = read_patches(run.features / shard_name(n)) if cfg.region_descriptor == "masked_mean" else None
-    rows, descs = [], []
-    for image_id in pseudo_ids:
-        if not mask_path(run.binary, image_id).exists():
-            continue  # failed at refine: its error is in the manifest
+    geoms = {r["image_id"]: r for r in pq.read_table(run.image_table(n)).to_pylist() if r["status"] == "ok"}
+    pseudo_ids = pq.read_table(run.pseudo_part(n), columns=["image_id"]).column(0).to_pylist()
+    meta = read_store_metadata(run.feature_shard(n))
+    patches = read_patches(run.feature_shard(n)) if cfg.region_descriptor == "masked_mean" else None
+    expect = expected_files(run, n, cfg) if cfg.region_descriptor == "crop_cls" else {}
+
+    def describe(image_id):
         comp, regions = find_regions(read_binary(run, image_id), cfg.region, cfg.min_region_area)
         if not regions:
-            continue
+            return [], None
         g = geoms[image_id]
         if cfg.region_descriptor == "crop_cls":
-            rgb = load_rgb(g["uri"], cfg.max_pixels)
-            d = embed(crop_batch(rgb, regions, cfg.crop_size, meta["mean"], meta["std"]))
-        else:
-            i = patches.image_ids.index(image_id)
-            d = masked_mean_descriptors(comp, regions, patches.keys[patches.slice(i)], patches.grid[i], g,
-                                        meta["patch_size"])
-        rows += [{"image_id": image_id, **r} for r in regions]
-        descs.append(d)
+            rgb = load_rgb(g["uri"], cfg.max_pixels, expect=expect.get(image_id))
+            return regions, embed(crop_batch(rgb, regions, cfg.crop_size, meta["mean"], meta["std"]))
+        i = patches.image_ids.index(image_id)
+        return regions, masked_mean_descriptors(comp, regions, patches.keys[patches.slice(i)], patches.grid[i], g,
+                                                meta["patch_size"])
+
+    # images without a binary mask failed at refine: their error row is already written
+    done, errors = for_each_image("label", [(i, i) for i in pseudo_ids if run.binary_mask(i).exists()], describe)
+    rows = [{"image_id": image_id, **r} for image_id, (regions, _) in done.items() for r in regions]
+    descs = [d for _, d in done.values() if d is not None]
     dim = int(meta["embed_dim"])
     desc = np.concatenate(descs) if descs else np.zeros((0, dim), np.float32)
-    from .features import fixed_list
-
     table = pa.Table.from_pylist(rows, schema=pa.schema(REGION_SCHEMA_FIELDS))
-    return table.append_column("descriptor", fixed_list(desc.astype(np.float32), pa.float32()))
+    return table.append_column("descriptor", fixed_list(desc.astype(np.float32), pa.float32())), errors
 
 
-class DescribeWorker:
-    """Actor for ``crop_cls``: one backbone per actor, region crops batched through it."""
+class RegionEmbedder:
+    """The backbone's CLS token of region crops, batched (``crop_cls``): one per actor."""
 
-    def __init__(self, run_root: str, cfg: dict, threads: int, device: str):
-        import torch
-
+    def __init__(self, cfg: Config, device: str):
         from .backbones import FeatureExtractor, build_backbone
 
-        self.run, self.cfg, self.device = RunDir(run_root), Config(**cfg), device
-        if device == "cpu":
-            torch.set_num_threads(max(1, threads))
-        model, _ = build_backbone(self.cfg.backbone, self.cfg.weights)
-        self.extractor = FeatureExtractor(model.to(device))
+        model, _ = build_backbone(cfg.backbone, cfg.weights)
+        self.extractor, self.device, self.batch_size = FeatureExtractor(model.to(device)), device, cfg.batch_size
 
-    def embed(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
         out = []
-        for i in range(0, len(batch), self.cfg.batch_size):
-            x = torch.from_numpy(batch[i: i + self.cfg.batch_size]).to(self.device)
+        for i in range(0, len(batch), self.batch_size):
+            x = torch.from_numpy(batch[i: i + self.batch_size]).to(self.device)
             out.append(self.extractor(x)["cls"].float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
-    def __call__(self, batch: dict) -> dict:
-        shards = [int(s) for s in batch["shard"]]
-        for n in shards:
-            _write_regions(self.run, n, describe_shard(self.run, n, self.cfg, self.embed))
-        return {"shard": np.asarray(shards)}
 
+class DescribeStage(Stage):
+    """Label, part 1: object regions of every refined mask and a descriptor for each."""
 
-def _write_regions(run: RunDir, n: int, table: pa.Table) -> None:
-    atomic_write_table(run.root / "regions" / shard_name(n, "part"), table)
-    run.mark_done(DESCRIBE, n, {"regions": table.num_rows})
+    name = "describe"
+    after = ("refine",)
+    reads = ("binary", "pseudo", "image_tables", "features")
+    writes = ("region_parts",)
+    config_keys = ("region", "min_region_area", "region_descriptor", "crop_size", "backbone", "weights", "max_pixels")
 
+    def resources_for(self, cfg: Config) -> Resources:
+        # crop_cls runs the backbone: one model per actor, like extraction; masked_mean reads the store only
+        return Resources(cpus=0.5, gpus="one", actor=True) if cfg.region_descriptor == "crop_cls" else Resources()
 
-def _describe_task(n: int, cfg_dict: dict, run_root: str) -> int:
-    run = RunDir(run_root)
-    _write_regions(run, n, describe_shard(run, n, Config(**cfg_dict)))
-    return n
+    def fingerprint_extra(self, ctx: StageContext) -> dict:
+        from .extract import weights_identity
+
+        return {"weights_file": weights_identity(ctx.cfg.weights)}
+
+    def shards(self, ctx: StageContext) -> list[int]:
+        parts = list_shards(ctx.run.pseudo, "part")
+        if not parts:
+            raise FileNotFoundError(f"no pseudo-masks in {ctx.run.pseudo}: run cluster and refine first")
+        return [shard_index(p) for p in parts]
+
+    def setup(self, ctx: StageContext):
+        return RegionEmbedder(ctx.cfg, ctx.device) if ctx.cfg.region_descriptor == "crop_cls" else None
+
+    def process_shard(self, ctx: StageContext, shard: int, shared=None, worker=None) -> dict:
+        table, errors = describe_shard(ctx.run, shard, ctx.cfg, worker)
+        atomic_write_table(ctx.run.region_part(shard), table)
+        return {"images": len(pq.read_table(ctx.run.pseudo_part(shard), columns=["image_id"])), "errors": errors,
+                "regions": table.num_rows}
+
+    def finish(self, ctx: StageContext, results: dict, map_fn) -> dict:
+        return {"regions": sum(r.get("regions", 0) for r in results.values()), "output": str(ctx.run.region_parts)}
 
 
 class RegionLoader:
-    """``load(part) -> (unit descriptors, zeros)`` for the distributed k-means."""
+    """``load(part) -> (unit descriptors, zeros, row keys)`` for the distributed k-means."""
 
     def __call__(self, path):
         from .features import list_to_numpy
-        from .kmeans import l2_normalize
+        from .kmeans import id_hash, row_keys, unit_vectors
 
-        x = list_to_numpy(pq.read_table(path, columns=["descriptor"]).column(0))
-        return l2_normalize(x), np.zeros(len(x), np.int64)
+        t = pq.read_table(path, columns=["image_id", "region", "descriptor"])
+        x = unit_vectors(list_to_numpy(t.column("descriptor")))
+        keys = row_keys(id_hash(t.column("image_id").to_pylist()), t.column("region").to_numpy())
+        return x, np.zeros(len(x), np.int64), keys
 
 
-def _write_task(n: int, centroids: np.ndarray, cfg_dict: dict, run_root: str, coco_ids: dict) -> dict:
-    """Class masks and COCO annotations of one shard."""
+@dataclass
+class ClassFit:
+    """What every label shard needs: the class centroids and the COCO image ids."""
+
+    centroids: np.ndarray  # (K, D)
+    k: int
+    coco_ids: dict[str, int]
+
+
+def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
+    """Class masks, the COCO fragment and the labelled regions of one shard (plain function)."""
     from pycocotools import mask as mask_utils
 
     from .features import list_to_numpy
-    from .kmeans import assign, l2_normalize
+    from .kmeans import assign, unit_vectors
 
-    cfg, run = Config(**cfg_dict), RunDir(run_root)
-    regions = pq.read_table(run.root / "regions" / shard_name(n, "part"))
+    regions = pq.read_table(run.region_part(n))
     if regions.num_rows:
-        labels, sims = assign(l2_normalize(list_to_numpy(regions.column("descriptor"))), centroids)
+        labels, sims = assign(unit_vectors(list_to_numpy(regions.column("descriptor"))), fit.centroids)
     else:
         labels, sims = np.zeros(0, np.int64), np.zeros(0, np.float32)
     by_image: dict[str, dict[int, tuple[int, float]]] = {}
@@ -210,34 +235,35 @@ def _write_task(n: int, centroids: np.ndarray, cfg_dict: dict, run_root: str, co
                                           labels, sims):
         by_image.setdefault(image_id, {})[region] = (int(lab) + 1, float(sim))
     palette = voc_palette()
-    pseudo_ids = pq.read_table(run.pseudo / shard_name(n, "part"), columns=["image_id"]).column(0).to_pylist()
-    annotations, classes = [], {}
+    pseudo_ids = pq.read_table(run.pseudo_part(n), columns=["image_id"]).column(0).to_pylist()
+    annotations, classes, images = [], {}, 0
     for image_id in pseudo_ids:
-        if not mask_path(run.binary, image_id).exists():
+        if not run.binary_mask(image_id).exists():
             continue
         comp, regs = find_regions(read_binary(run, image_id), cfg.region, cfg.min_region_area)
         assigned = by_image.get(image_id, {})
+        if len(assigned) != len(regs):
+            continue  # failed at describe: its error row is written
         lut = np.zeros(len(regs) + 1, np.uint8)
         for r in regs:
             lut[r["region"]] = assigned[r["region"]][0]
-        cls_mask = lut[comp]
-        atomic_write_bytes(mask_path(run.masks, image_id), png_bytes(cls_mask, palette))
+        atomic_write_bytes(run.class_mask(image_id), png_bytes(lut[comp], palette))
+        images += 1
         for r in regs:
             cat, sim = assigned[r["region"]]
             rle = mask_utils.encode(np.asfortranarray((comp == r["region"]).astype(np.uint8)))
             rle["counts"] = rle["counts"].decode("ascii")
             annotations.append({
-                "image_id": coco_ids[image_id], "category_id": cat, "segmentation": rle, "area": r["area"],
+                "image_id": fit.coco_ids[image_id], "category_id": cat, "segmentation": rle, "area": r["area"],
                 "bbox": [r["x0"], r["y0"], r["x1"] - r["x0"], r["y1"] - r["y0"]], "iscrowd": 0,
                 "score": round(sim, 6), "region": r["region"],
             })
             classes[cat] = classes.get(cat, 0) + 1
-    atomic_write_json(run.root / "coco_parts" / f"part-{n:05d}.json", annotations)
+    atomic_write_json(run.coco_part(n), annotations)
     table = regions.drop_columns(["descriptor"]).append_column("class_id", pa.array((labels + 1).astype(np.int32)))
     table = table.append_column("score", pa.array(sims.astype(np.float32)))
-    atomic_write_table(run.root / "regions" / shard_name(n, "labelled"), table)
-    run.mark_done(WRITE, n, {"annotations": len(annotations)})
-    return {"annotations": len(annotations), "classes": classes}
+    atomic_write_table(run.labelled_part(n), table)
+    return {"images": len(pseudo_ids), "annotations": len(annotations), "classes": classes}
 
 
 def coco_image_ids(run: RunDir) -> dict[str, int]:
@@ -247,95 +273,69 @@ def coco_image_ids(run: RunDir) -> dict[str, int]:
     if run.manifest.exists():
         rows = read_manifest(run.manifest).to_pylist()
         return {r["image_id"]: int(r["coco_id"]) if r.get("coco_id") is not None else i + 1 for i, r in enumerate(rows)}
-    ids = sorted(i for p in list_shards(run.images) for i in pq.read_table(p, columns=["image_id"]).column(0).to_pylist())
+    ids = sorted(i for p in list_shards(run.image_tables)
+                 for i in pq.read_table(p, columns=["image_id"]).column(0).to_pylist())
     return {image_id: i + 1 for i, image_id in enumerate(ids)}
 
 
-def run_label(run: RunDir, cfg: Config) -> dict:
-    import ray
+class LabelStage(Stage):
+    """Label, part 2: the class k-means over every descriptor (``prepare``), then class masks and COCO fragments
+    per shard, merged into one COCO file and one regions table."""
 
-    from .kmeans import distributed_kmeans, map_shards
-    from .progress import progress_bar
+    name = "label"
+    after = ("describe",)
+    reads = ("region_parts", "binary", "pseudo", "manifest")
+    writes = ("masks", "coco_parts", "coco", "regions")
+    config_keys = ("num_classes", "region", "min_region_area", "kmeans_iters", "kmeans_tol", "kmeans_init_sample",
+                   "seed")
+    resources = Resources(cpus=1)
 
-    parts = list_shards(run.pseudo, "part")
-    if not parts:
-        raise FileNotFoundError(f"no pseudo-masks in {run.pseudo}: run cluster and refine first")
-    shards = [shard_index(p) for p in parts]
-    t0 = time.perf_counter()
-    todo = [n for n in shards if not run.is_done(DESCRIBE, n)]
-    if todo and cfg.region_descriptor == "crop_cls" and ray.is_initialized():
-        _describe_on_actors(run, cfg, todo)
-    elif todo:
-        with progress_bar("describe regions", total=len(todo), unit="shards") as advance:
-            if cfg.region_descriptor == "crop_cls":  # no Ray: one in-process worker
-                worker = DescribeWorker(str(run.root), cfg.model_dump(), threads=0, device="cpu")
-                for n in todo:
-                    worker({"shard": [n]})
-                    advance()
-            else:
-                map_shards(_describe_task, todo, cfg.model_dump(), str(run.root), on_done=advance)
-    describe_s = time.perf_counter() - t0
+    def shards(self, ctx: StageContext) -> list[int]:
+        return DescribeStage().shards(ctx)
 
-    region_parts = [run.root / "regions" / shard_name(n, "part") for n in shards]
-    n_regions = sum(pq.read_metadata(p).num_rows for p in region_parts)
-    k = max(1, min(cfg.num_classes, n_regions))
-    t0 = time.perf_counter()
-    if n_regions >= 1:
-        km = distributed_kmeans([p for p in region_parts if pq.read_metadata(p).num_rows], RegionLoader(), k,
-                                iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed,
-                                init_sample=cfg.kmeans_init_sample, device=cfg.device)
-        centroids = km.centroids[0]
-    else:
+    def prepare(self, ctx: StageContext, map_fn) -> ClassFit:
+        from .kmeans import distributed_kmeans
+
+        run, cfg = ctx.run, ctx.cfg
+        parts = [run.region_part(n) for n in self.shards(ctx)]
+        sizes = [pq.read_metadata(p).num_rows for p in parts]
+        n_regions = sum(sizes)
+        k = max(1, min(cfg.num_classes, n_regions))
         centroids = np.zeros((1, 1), np.float32)
-    # The class centroids decide every shard's labels: rewrite all shards whenever they were recomputed.
-    run.clear_stage(WRITE)
-    coco_ids = coco_image_ids(run)
-    with progress_bar("write masks", total=len(shards), unit="shards") as advance:
-        results = map_shards(_write_task, shards, centroids, cfg.model_dump(), str(run.root), coco_ids, on_done=advance)
-    _merge_outputs(run, shards, k, coco_ids)
-    classes = {}
-    for r in results:
-        for c, v in r["classes"].items():
-            classes[c] = classes.get(c, 0) + v
-    run.update_record(classes={"k": k, "regions_per_class": {str(c): classes[c] for c in sorted(classes)},
-                               "describe_seconds": round(describe_s, 3),
-                               "kmeans_seconds": round(time.perf_counter() - t0, 3)})
-    images = sum(pq.read_metadata(p).num_rows for p in parts)
-    return {"images": images, "errors": 0, "regions": n_regions, "classes": k, "output": str(run.coco)}
+        if n_regions:
+            km = distributed_kmeans([p for p, s in zip(parts, sizes) if s], RegionLoader(), k, iters=cfg.kmeans_iters,
+                                    tol=cfg.kmeans_tol, seed=cfg.seed, init_sample=cfg.kmeans_init_sample,
+                                    sizes=[n_regions], map_fn=map_fn)
+            centroids = km.centroids[0]
+        return ClassFit(centroids, k, coco_image_ids(run))
 
+    def process_shard(self, ctx: StageContext, shard: int, fit: ClassFit, worker=None) -> dict:
+        return {**write_shard_labels(ctx.run, shard, fit, ctx.cfg), "k": fit.k}
 
-def _describe_on_actors(run: RunDir, cfg: Config, todo: list[int]) -> None:
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from .progress import progress_bar
-    from .raytools import cluster_cpus, cluster_gpus, use_gpus
-
-    use_gpu = use_gpus(cfg.device)
-    n_actors = max(1, min(cfg.num_workers or (int(cluster_gpus()) if use_gpu else 1), len(todo)))
-    ds = ray.data.from_items([{"shard": n} for n in todo], override_num_blocks=len(todo)).map_batches(
-        DescribeWorker,
-        fn_constructor_kwargs=dict(run_root=str(run.root), cfg=cfg.model_dump(),
-                                   threads=max(1, cluster_cpus() // n_actors), device="cuda" if use_gpu else "cpu"),
-        batch_size=1, compute=ActorPoolStrategy(size=n_actors), num_gpus=1 if use_gpu else 0,
-        num_cpus=1 if use_gpu else 0.5,
-    )
-    with progress_bar("describe regions", total=len(todo), unit="shards") as advance:
-        for _ in ds.iter_batches(batch_size=1):
-            advance()
+    def finish(self, ctx: StageContext, results: dict, map_fn) -> dict:
+        run = ctx.run
+        shards = sorted(results)
+        k = max([r.get("k", 1) for r in results.values()] or [1])
+        _merge_outputs(run, shards, k, coco_image_ids(run))
+        classes: dict = {}
+        for r in results.values():
+            for c, v in r.get("classes", {}).items():
+                classes[int(c)] = classes.get(int(c), 0) + v
+        return {"classes": k, "regions": sum(classes.values()),
+                "regions_per_class": {str(c): classes[c] for c in sorted(classes)}, "output": str(run.coco)}
 
 
 def _merge_outputs(run: RunDir, shards: list[int], k: int, coco_ids: dict) -> None:
     """Per-shard fragments -> one COCO JSON and one regions table (atomic writes)."""
     images = []
-    for p in list_shards(run.images):
+    for p in list_shards(run.image_tables):
         for r in pq.read_table(p, columns=["image_id", "uri", "width", "height", "status"]).to_pylist():
-            if r["status"] == "ok" and mask_path(run.binary, r["image_id"]).exists():
+            if r["status"] == "ok" and run.class_mask(r["image_id"]).exists():
                 images.append({"id": coco_ids[r["image_id"]], "file_name": r["uri"], "width": r["width"],
                                "height": r["height"], "mlcseg_image_id": r["image_id"]})
     annotations = []
     for n in shards:
-        annotations += json.loads((run.root / "coco_parts" / f"part-{n:05d}.json").read_text())
+        annotations += json.loads(run.coco_part(n).read_text())
     for i, a in enumerate(annotations):
         a["id"] = i + 1
     rec = run.read_record()
@@ -347,5 +347,5 @@ def _merge_outputs(run: RunDir, shards: list[int], k: int, coco_ids: dict) -> No
         "categories": [{"id": c, "name": f"cluster_{c}", "supercategory": "object"} for c in range(1, k + 1)],
     }
     atomic_write_json(run.coco, coco)
-    tables = [pq.read_table(run.root / "regions" / shard_name(n, "labelled")) for n in shards]
+    tables = [pq.read_table(run.labelled_part(n)) for n in shards]
     atomic_write_table(run.regions, pa.concat_tables(tables) if tables else pa.table({}))

@@ -31,10 +31,14 @@ def progress_bar(description: str, total: int, unit: str = "items"):
         yield lambda n=1: p.advance(task, n)
 
 
-def summary_table(title: str, rows: list[tuple]) -> None:
+def summary_table(title: str, rows: list[dict]) -> None:
+    """The end-of-run table: one row per stage (the executor's summary)."""
     t = Table(title=title, show_header=True, header_style="bold")
     for col in ("stage", "images", "errors", "seconds", "images/s", "output"):
         t.add_column(col)
     for r in rows:
-        t.add_row(*[str(x) for x in r])
+        n, sec = r.get("images"), r.get("seconds") or 0
+        rate = f"{n / sec:.2f}" if n and sec > 0 and not r.get("skipped") else "-"
+        t.add_row(r["stage"], "-" if n is None else str(n), str(r.get("errors", 0)),
+                  "skipped" if r.get("skipped") else f"{sec:.1f}", rate, str(r.get("output", "")))
     console.print(t)

@@ -28,8 +28,24 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
             num_cpus=num_cpus,
             logging_level=logging.WARNING,
         )
+        _start_reaper()
     _quiet_ray_data()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _start_reaper() -> None:
+    """A watchdog that ends this embedded Ray's processes if the driver dies without shutting it down."""
+    import subprocess
+    import sys
+
+    from ray._private import worker
+
+    session_dir = worker._global_node.get_session_dir_path()
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
+    subprocess.Popen([sys.executable, "-m", "mlcseg_ray.reaper", str(os.getpid()), session_dir], env=env,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, close_fds=True)
 
 
 def _quiet_ray_data() -> None:
@@ -52,7 +68,6 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
 
 
 def use_gpus(device: str) -> bool:

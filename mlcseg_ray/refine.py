@@ -2,8 +2,8 @@
 
 The score grid is upsampled bilinearly onto the padded, resized canvas the model saw (patch centres), cropped to
 the resized image (padding undone), resized to the original, EXIF-oriented size; then a two-label DenseCRF on the
-RGB image. Masks are written as ``binary/<image_id>.png`` (0 background, 255 foreground). Ray tasks on CPUs, one
-per pseudo-mask shard, resumable by shard.
+RGB image. Masks are written as ``binary/<image_id>.png`` (0 background, 255 foreground); one CPU task per
+pseudo-mask shard.
 """
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .imageio import BadImage, load_rgb
+from .stage import Resources, Stage, StageContext, for_each_image
 from .store import RunDir, atomic_write_bytes, list_shards, shard_index
-
-STAGE = "refine"
 
 
 def upsample_score(score: np.ndarray, grid: tuple[int, int], patch: int, resized: tuple[int, int],
@@ -75,63 +74,55 @@ def png_bytes(array: np.ndarray, palette: list[int] | None = None) -> bytes:
     return buf.getvalue()
 
 
-def mask_path(folder, image_id: str):
-    return folder / f"{image_id}.png"
+def expected_files(run: RunDir, shard: int, cfg: Config) -> dict[str, dict]:
+    """Per image of a shard, what its file must still be (from the manifest; none for a brought-in store)."""
+    from .ingest import expected_file
+
+    if not run.manifest.exists():
+        return {}
+    rows = pq.read_table(run.manifest, filters=[("shard", "=", shard)]).to_pylist()
+    return {r["image_id"]: expected_file(r, cfg) for r in rows}
 
 
-def _refine_shard(part_path, cfg_dict: dict, run_root: str, patch: int) -> dict:
-    """One pseudo-mask shard: refine and write each image's mask, then the shard's marker."""
-    cfg = Config(**cfg_dict)
-    run = RunDir(run_root)
-    n = shard_index(part_path)
-    pseudo = pq.read_table(part_path, columns=["image_id", "score"]).to_pylist()
-    geoms = {r["image_id"]: r for r in pq.read_table(
-        run.images / f"shard-{n:05d}.parquet",
-        columns=["image_id", "uri", "width", "height", "grid_h", "grid_w", "resized_h", "resized_w"]).to_pylist()}
-    errors, fg_share = {}, {}
-    for r in pseudo:
-        g = geoms[r["image_id"]]
-        try:
-            rgb = load_rgb(g["uri"], cfg.max_pixels)
+class RefineStage(Stage):
+    name = "refine"
+    after = ("cluster",)
+    reads = ("pseudo", "image_tables", "manifest")
+    writes = ("binary",)
+    config_keys = ("crf", "crf_iters", "crf_gauss_sxy", "crf_gauss_compat", "crf_bilateral_sxy",
+                   "crf_bilateral_srgb", "crf_bilateral_compat", "max_pixels")
+    resources = Resources(cpus=1)
+
+    def shards(self, ctx: StageContext) -> list[int]:
+        parts = list_shards(ctx.run.pseudo, "part")
+        if not parts:
+            raise FileNotFoundError(f"no pseudo-masks in {ctx.run.pseudo}: run cluster first")
+        return [shard_index(p) for p in parts]
+
+    def prepare(self, ctx: StageContext, map_fn) -> int:
+        from .features import read_store_metadata
+
+        return int(read_store_metadata(list_shards(ctx.run.features)[0])["patch_size"])
+
+    def process_shard(self, ctx: StageContext, shard: int, patch: int, worker=None) -> dict:
+        """Refine and write each image's mask of one pseudo-mask shard."""
+        run, cfg = ctx.run, ctx.cfg
+        pseudo = pq.read_table(run.pseudo_part(shard), columns=["image_id", "score"]).to_pylist()
+        geoms = {r["image_id"]: r for r in pq.read_table(
+            run.image_table(shard),
+            columns=["image_id", "uri", "width", "height", "grid_h", "grid_w", "resized_h", "resized_w"]).to_pylist()}
+        expect = expected_files(run, shard, cfg)
+
+        def refine_one(r):
+            g = geoms[r["image_id"]]
+            rgb = load_rgb(g["uri"], cfg.max_pixels, expect=expect.get(r["image_id"]))
             mask = refine_image(rgb, np.asarray(r["score"], np.float32), g, patch, cfg)
-        except BadImage as e:
-            errors[r["image_id"]] = f"refine: {e}"
-            continue
-        except Exception as e:  # one image's failure is an error row, never a failed job
-            errors[r["image_id"]] = f"refine: {type(e).__name__}: {e}"
-            continue
-        atomic_write_bytes(mask_path(run.binary, r["image_id"]), png_bytes(mask.astype(np.uint8) * 255))
-        fg_share[r["image_id"]] = float(mask.mean())
-    run.mark_done(STAGE, n, {"images": len(pseudo), "errors": errors})
-    return {"images": len(pseudo), "errors": errors}
+            atomic_write_bytes(run.binary_mask(r["image_id"]), png_bytes(mask.astype(np.uint8) * 255))
 
+        _, errors = for_each_image(self.name, [(r["image_id"], r) for r in pseudo], refine_one)
+        for image_id in errors:  # no mask of an earlier attempt stands beside an error row
+            run.binary_mask(image_id).unlink(missing_ok=True)
+        return {"images": len(pseudo), "errors": errors}
 
-def run_refine(run: RunDir, cfg: Config) -> dict:
-    from .features import read_store_metadata
-    from .ingest import record_errors
-    from .kmeans import map_shards
-    from .progress import progress_bar
-
-    parts = list_shards(run.pseudo, "part")
-    if not parts:
-        raise FileNotFoundError(f"no pseudo-masks in {run.pseudo}: run cluster first")
-    patch = int(read_store_metadata(list_shards(run.features)[0])["patch_size"])
-    done = run.done_shards(STAGE)
-    todo = [p for p in parts if shard_index(p) not in done]
-    with progress_bar("refine", total=len(todo), unit="shards") as advance:
-        map_shards(_refine_shard, todo, cfg.model_dump(), str(run.root), patch, on_done=advance)
-    errors = _stage_errors(run, STAGE)
-    if errors and run.manifest.exists():
-        record_errors(run.manifest, errors)
-    images = sum(pq.read_metadata(p).num_rows for p in parts)
-    return {"images": images, "errors": len(errors), "shards_done": len(todo), "shards_skipped": len(parts) - len(todo),
-            "output": str(run.binary)}
-
-
-def _stage_errors(run: RunDir, stage: str) -> dict:
-    import json
-
-    errors = {}
-    for n in sorted(run.done_shards(stage)):
-        errors.update(json.loads((run.state(stage) / f"{n:05d}").read_text()).get("errors", {}))
-    return errors
+    def finish(self, ctx: StageContext, results: dict, map_fn) -> dict:
+        return {"output": str(ctx.run.binary)}

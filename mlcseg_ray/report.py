@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .config import Config
+from .stage import Stage, StageContext
 from .store import RunDir, atomic_write_bytes, atomic_write_text
 
-ASSETS = "report_assets"
 THUMB = 320
 
 
@@ -48,14 +48,13 @@ def write_report(run: RunDir, cfg: Config) -> Path:
 
     from .imageio import BadImage, load_rgb
     from .label import voc_palette
-    from .refine import mask_path
 
     rec = run.read_record()
     backbone = rec.get("backbone", {})
-    assets = run.root / ASSETS
+    assets = run.report_assets
     palette = voc_palette()
-    manifest = pq.read_table(run.manifest).to_pylist() if run.manifest.exists() else []
-    ok = [r for r in manifest if r["status"] == "ok" and mask_path(run.masks, r["image_id"]).exists()]
+    manifest = run.read_status()
+    ok = [r for r in manifest if r["status"] == "ok" and run.class_mask(r["image_id"]).exists()]
     parts = []
     if backbone.get("random_weights"):
         from .backbones import RANDOM_WEIGHTS_WARNING
@@ -95,9 +94,10 @@ def write_report(run: RunDir, cfg: Config) -> Path:
             rgb = load_rgb(r["uri"], cfg.max_pixels)
         except BadImage:
             continue
-        classes = np.asarray(Image.open(mask_path(run.masks, r["image_id"])))
-        name = f"{ASSETS}/overlay_{i:04d}.jpg"
-        atomic_write_bytes(run.root / name, _jpeg(overlay(rgb, classes, palette)))
+        classes = np.asarray(Image.open(run.class_mask(r["image_id"])))
+        name = f"overlay_{i:04d}.jpg"
+        atomic_write_bytes(assets / name, _jpeg(overlay(rgb, classes, palette)))
+        name = f"{assets.name}/{name}"  # as the page links it
         tiles.append(f"<figure><img src='{name}' alt='{_esc(r['image_id'])}'><figcaption>{_esc(r['image_id'])}"
                      f"{' (' + _esc(r['flag']) + ')' if r.get('flag') else ''}</figcaption></figure>")
     parts.append(f"<h2>Samples</h2><div class='grid'>{''.join(tiles) or '<p>no masks</p>'}</div>")
@@ -121,8 +121,9 @@ def write_report(run: RunDir, cfg: Config) -> Path:
                     continue
                 crop = Image.fromarray(rgb).crop((r["x0"], r["y0"], r["x1"], r["y1"]))
                 crop.thumbnail((160, 160))
-                name = f"{ASSETS}/class_{c:03d}_{j}.jpg"
-                atomic_write_bytes(run.root / name, _jpeg(crop))
+                name = f"class_{c:03d}_{j}.jpg"
+                atomic_write_bytes(assets / name, _jpeg(crop))
+                name = f"{assets.name}/{name}"
                 figs.append(f"<img src='{name}' alt='class {c}' title='{_esc(r['image_id'])}'>")
             colour = "#%02x%02x%02x" % tuple(palette[3 * c: 3 * c + 3])
             gal.append(f"<div class='cls'><h3><span class='sw' style='background:{colour}'></span>class {c} "
@@ -130,9 +131,9 @@ def write_report(run: RunDir, cfg: Config) -> Path:
         parts.append(f"<h2>Class clusters</h2>{''.join(gal)}")
 
     if n_err:
-        errs = "".join(f"<tr><td>{_esc(r['image_id'])}</td><td>{_esc(r['error'])}</td></tr>"
+        errs = "".join(f"<tr><td>{_esc(r['image_id'])}</td><td>{_esc(r['stage'])}</td><td>{_esc(r['error'])}</td></tr>"
                        for r in manifest if r["status"] != "ok")
-        parts.append(f"<h2>Errors</h2><table><tr><th>image</th><th>reason</th></tr>{errs}</table>")
+        parts.append(f"<h2>Errors</h2><table><tr><th>image</th><th>stage</th><th>reason</th></tr>{errs}</table>")
 
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mlcseg_ray report</title><style>
 body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;margin:.5em 0}}
@@ -144,3 +145,17 @@ margin-right:.4em;vertical-align:middle}} .row{{display:flex;gap:2em;align-items
     assets.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.report, page)
     return run.report
+
+
+class ReportStage(Stage):
+    """A view of the run folder, not a computation: written again on every run that includes it."""
+
+    name = "report"
+    after = ("label",)
+    reads = ("status", "masks", "regions", "metrics", "run_record")
+    writes = ("report", "report_assets")
+    config_keys = ("report_samples",)
+    always_run = True
+
+    def run_whole(self, ctx: StageContext, map_fn) -> dict:
+        return {"output": str(write_report(ctx.run, ctx.cfg))}

@@ -1,14 +1,20 @@
-"""The run folder: file layout, atomic writes and shard completion markers (DESIGN §1).
+"""The run folder: every path in it, atomic writes, shard markers, image status and the lock (DESIGN §1).
 
 A shard's output is written to a temporary name in the same folder, renamed into place, and only then its marker
-``_state/<stage>/NNNNN`` is written. A rerun skips shards whose marker exists, and no reader ever sees a half-written
-file: readers list only final names (``shard-*.parquet``), never ``.tmp-*``.
+``_state/<stage>/NNNNN`` is written (by the executor). No reader ever sees a half-written file: readers list only
+final names (``shard-*.parquet``), never ``.tmp-*``. Files take the mode the user's umask gives (``mkstemp`` alone
+would leave them 0600, unreadable to the other users of a shared file system).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -16,6 +22,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 FEATURE_SCHEMA_VERSION = "1"
+log = logging.getLogger("mlcseg_ray")
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_current_umask()  # read once, at import: os.umask is process-wide and not thread-safe
 
 
 def shard_name(index: int, prefix: str = "shard", suffix: str = ".parquet") -> str:
@@ -27,6 +43,7 @@ def _atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, FILE_MODE)
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -67,48 +84,99 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default
+
+
+class RunLocked(RuntimeError):
+    """Another live run holds the run folder."""
+
+
+STATUS_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("uri", pa.string()), ("status", pa.string()), ("stage", pa.string()),
+    ("error", pa.string()), ("flag", pa.string()),
+])
+
+
 class RunDir:
-    """Paths of one run folder. Everything a stage writes lives under ``root``."""
+    """Every path of one run folder, and what the folder says about each image. Stages ask it for paths; nothing
+    else builds a path under ``root``."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    manifest = property(lambda self: self.root / "manifest.parquet")
+    # --- files and folders ---
+    manifest = property(lambda self: self.root / "manifest.parquet")  # ingest's listing; never rewritten
+    status = property(lambda self: self.root / "status.parquet")  # each image's outcome, from every stage
     config = property(lambda self: self.root / "config.yaml")
     run_record = property(lambda self: self.root / "run.json")
+    lock_file = property(lambda self: self.root / ".lock")
     features = property(lambda self: self.root / "features")
-    images = property(lambda self: self.root / "images")
+    image_tables = property(lambda self: self.root / "images")  # one row per image: geometry, CLS token
     levels = property(lambda self: self.root / "levels")
     pseudo = property(lambda self: self.root / "pseudo")
     binary = property(lambda self: self.root / "binary")
     masks = property(lambda self: self.root / "masks")
+    region_parts = property(lambda self: self.root / "regions")
     regions = property(lambda self: self.root / "regions.parquet")
+    coco_parts = property(lambda self: self.root / "coco_parts")
     coco = property(lambda self: self.root / "pseudo_labels.json")
     metrics = property(lambda self: self.root / "metrics.json")
+    confusion = property(lambda self: self.root / "confusion.png")
     report = property(lambda self: self.root / "report.html")
+    report_assets = property(lambda self: self.root / "report_assets")
 
+    # --- per-shard and per-image paths ---
+    def feature_shard(self, n: int) -> Path:
+        return self.features / shard_name(n)
+
+    def image_table(self, n: int) -> Path:
+        return self.image_tables / shard_name(n)
+
+    def pseudo_part(self, n: int) -> Path:
+        return self.pseudo / shard_name(n, "part")
+
+    def region_part(self, n: int) -> Path:
+        return self.region_parts / shard_name(n, "part")
+
+    def labelled_part(self, n: int) -> Path:
+        return self.region_parts / shard_name(n, "labelled")
+
+    def coco_part(self, n: int) -> Path:
+        return self.coco_parts / shard_name(n, "part", ".json")
+
+    def binary_mask(self, image_id: str) -> Path:
+        return self.binary / f"{image_id}.png"
+
+    def class_mask(self, image_id: str) -> Path:
+        return self.masks / f"{image_id}.png"
+
+    # --- stage state: markers and the stage record ---
     def state(self, stage: str) -> Path:
         return self.root / "_state" / stage
 
-    def is_done(self, stage: str, shard: int) -> bool:
-        return (self.state(stage) / f"{shard:05d}").exists()
+    def marker(self, stage: str, shard: int) -> Path:
+        return self.state(stage) / f"{shard:05d}"
 
-    def mark_done(self, stage: str, shard: int, info: dict | None = None) -> None:
-        atomic_write_json(self.state(stage) / f"{shard:05d}", info or {})
+    def stage_record(self, stage: str) -> Path:
+        return self.state(stage) / "stage.json"
 
-    def done_shards(self, stage: str) -> set[int]:
-        d = self.state(stage)
-        return {int(p.name) for p in d.iterdir() if p.name.isdigit()} if d.is_dir() else set()
+    def remove(self, path: Path) -> None:
+        """Remove a file or folder of this run (a stage's stale outputs)."""
+        path = Path(path)
+        if self.root.resolve() not in path.resolve().parents:
+            raise ValueError(f"refusing to remove {path}: not inside the run folder {self.root}")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
-    def clear_stage(self, stage: str) -> None:
-        d = self.state(stage)
-        if d.is_dir():
-            for p in d.iterdir():
-                p.unlink()
-
-    # --- run record: what made this run (backbone, weights, random-weight flag, stage timings) ---
+    # --- run record: what made this run (config fingerprint, backbone, stage timings) ---
     def read_record(self) -> dict:
-        return json.loads(self.run_record.read_text()) if self.run_record.exists() else {}
+        return read_json(self.run_record, {})
 
     def update_record(self, **fields) -> dict:
         rec = self.read_record()
@@ -119,6 +187,61 @@ class RunDir:
                 rec[k] = v
         atomic_write_json(self.run_record, rec)
         return rec
+
+    # --- each image's status ---
+    def write_status(self, rows: list[dict]) -> None:
+        atomic_write_table(self.status, pa.Table.from_pylist(rows, schema=STATUS_SCHEMA))
+
+    def read_status(self) -> list[dict]:
+        """One row per image (image_id, uri, status ok/error, stage, error, flag); empty before ingest."""
+        return pq.read_table(self.status).to_pylist() if self.status.exists() else []
+
+    # --- the lock ---
+    @contextlib.contextmanager
+    def lock(self, command: str = ""):
+        """Hold the run folder for this process. A live holder is a clear error naming it; a dead holder's lock
+        (same host, process gone) is taken over, and said so. A guard ``flock`` makes check-and-take atomic."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+              "started_at": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command}
+        guard_path = self.root / "_state" / "lock.guard"
+        guard_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(guard_path, "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            holder = read_json(self.lock_file)
+            if holder and holder.get("pid") != me["pid"]:
+                if _alive(holder):
+                    raise RunLocked(
+                        f"{self.root} is in use by another run: pid {holder.get('pid')} on {holder.get('host')} since "
+                        f"{holder.get('started_at')} ({holder.get('command') or 'mlcseg'}); wait for it to end or use "
+                        f"another --out" + ("" if holder.get("host") == me["host"] else
+                                            f" (if that run is gone, delete {self.lock_file})"))
+                log.warning("taking over the lock of %s: its holder (pid %s on %s, started %s) is no longer running",
+                            self.root, holder.get("pid"), holder.get("host"), holder.get("started_at"))
+            atomic_write_json(self.lock_file, me)
+        try:
+            yield me
+        finally:
+            with open(guard_path, "a") as guard:
+                fcntl.flock(guard, fcntl.LOCK_EX)
+                if (read_json(self.lock_file) or {}).get("pid") == me["pid"]:
+                    self.lock_file.unlink(missing_ok=True)
+
+
+def _alive(holder: dict) -> bool:
+    """Whether a lock's holder still runs. On another host that cannot be told: assume it does."""
+    import psutil
+
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        proc = psutil.Process(int(holder["pid"]))
+        # a reused PID belongs to a process that started after the lock was taken
+        return proc.create_time() <= float(holder.get("started", 0)) + 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, KeyError, ValueError):
+        return False
 
 
 def list_shards(folder: Path, prefix: str = "shard") -> list[Path]:
@@ -134,3 +257,11 @@ def shard_index(path: Path) -> int:
 def read_tables(paths: Iterable[Path], columns=None) -> pa.Table:
     tables = [pq.read_table(p, columns=columns) for p in paths]
     return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def remove_stale_temp_files(*folders: Path) -> None:
+    """Temp files of a run that was killed mid-write; never read, removed so they do not pile up."""
+    for folder in folders:
+        if Path(folder).is_dir():
+            for p in Path(folder).glob(".tmp-*"):
+                p.unlink(missing_ok=True)

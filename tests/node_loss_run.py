@@ -18,7 +18,8 @@ from mlcseg_ray.pipeline import Pipeline
 
 def remove_when(cluster, node, folder: Path, stage: str, log: list):
     def watch():
-        while not (folder / "_state" / stage).is_dir() or not any((folder / "_state" / stage).iterdir()):
+        state = folder / "_state" / stage
+        while not state.is_dir() or not any(p.name.isdigit() for p in state.iterdir()):  # a first shard marker
             time.sleep(0.05)
         cluster.remove_node(node)
         log.append(f"removed a node during {stage}")

@@ -5,18 +5,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import VOC_MASKS, need
-from mlcseg_ray.cluster import (
-    combine_votes,
-    fg_from_cues,
-    majority_flags,
-    read_pseudo,
-    relative_flags,
-    run_cluster,
-)
+from mlcseg_ray.cluster import combine_votes, fg_from_cues, majority_flags, read_pseudo, relative_flags
 from mlcseg_ray.config import Config
 from mlcseg_ray.features import brought_store_metadata, write_store_shard
-from mlcseg_ray.planted import PlantedSpec, foreground_iou, generate
+from mlcseg_ray.pipeline import run_stages
 from mlcseg_ray.store import RunDir
+from planted import PlantedSpec, foreground_iou, generate
+
+
+def run_cluster(run: RunDir, cfg: Config, backend: str = "local") -> dict:
+    (summary,) = run_stages(run.root, cfg, ["cluster"], backend=backend)
+    return {**run.read_record()["stages"]["cluster"], "skipped": summary["skipped"]}
 
 
 # ----------------------------------------------------------------------------------------------- rules
@@ -67,10 +66,10 @@ def planted(tmp_path_factory):
 def _cluster_copy(run, tmp_path, name, **overrides):
     out = tmp_path / name
     shutil.copytree(run.root / "features", out / "features")
-    shutil.copytree(run.root / "images", out / "images")
+    shutil.copytree(run.image_tables, out / "images")
     shutil.copy(run.root / "gt.parquet", out / "gt.parquet")
     r = RunDir(out)
-    run_cluster(r, Config(**overrides), log=lambda m: None)
+    run_cluster(r, Config(**overrides))
     return foreground_iou(r)
 
 
@@ -120,7 +119,7 @@ def test_degenerate_images_are_kept_and_flagged(tmp_path):
     recs.append(_rec("two_patches", np.eye(dim)[:2], 1, 2))
     recs.append(_rec("identical", np.tile(np.eye(dim)[1], (16, 1)), 4, 4))  # all-identical features
     run = _store(tmp_path, recs, dim)
-    run_cluster(run, Config(num_categories=20, kmeans_init_sample=100), log=lambda m: None)
+    run_cluster(run, Config(num_categories=20, kmeans_init_sample=100))
     rows = {r["image_id"]: r for r in read_pseudo(run).to_pylist()}
     assert set(rows) == {r["image_id"] for r in recs}  # every image has a pseudo-mask, none crashed
     assert rows["identical"]["flag"] in ("empty", "full")
@@ -133,7 +132,7 @@ def test_a_category_holding_one_image(tmp_path):
     recs = [_blob_image(f"img{i}", i) for i in range(3)]
     recs[2]["cls_token"] = np.full(8, 10.0)  # far from the others: its CLS group holds only itself
     run = _store(tmp_path, recs)
-    run_cluster(run, Config(num_categories=2, kmeans_init_sample=100), log=lambda m: None)
+    run_cluster(run, Config(num_categories=2, kmeans_init_sample=100))
     groups = pq.read_table(run.levels / "groups.parquet").to_pylist()
     by_group = {}
     for g in groups:
@@ -149,20 +148,52 @@ def test_nan_in_a_brought_store_names_the_image(tmp_path):
     recs[1]["keys"][3, 2] = np.nan
     run = _store(tmp_path, recs)
     with pytest.raises(ValueError, match="img1.*NaN"):
-        run_cluster(run, Config(kmeans_init_sample=100), log=lambda m: None)
+        run_cluster(run, Config(kmeans_init_sample=100))
 
 
 def test_cluster_on_ray_is_identical_and_resumes(ray_local, planted, tmp_path):
     easy = planted[0]
     out = tmp_path / "r"
-    shutil.copytree(easy.root / "features", out / "features")
-    shutil.copytree(easy.root / "images", out / "images")
+    shutil.copytree(easy.features, out / "features")
+    shutil.copytree(easy.image_tables, out / "images")
     run = RunDir(out)
-    res = run_cluster(run, Config(), log=lambda m: None)
+    res = run_cluster(run, Config(), backend="ray")
     assert res["shards_done"] == 5 and res["images"] == 240
     first = {p.name: p.read_bytes() for p in run.pseudo.iterdir()}
-    (run.state("cluster") / "00002").unlink()
-    (run.pseudo / "part-00002.parquet").unlink()
-    res = run_cluster(run, Config(), log=lambda m: None)
+    run.marker("cluster", 2).unlink()
+    run.pseudo_part(2).unlink()
+    stage = run.stage_record("cluster")
+    stage.write_text(stage.read_text().replace('"complete": true', '"complete": false'))  # as if killed mid-stage
+    res = run_cluster(run, Config(), backend="ray")
     assert res["shards_done"] == 1 and res["shards_skipped"] == 4
     assert {p.name: p.read_bytes() for p in run.pseudo.iterdir()} == first
+    # the same store clustered in-process gives the same bytes
+    local = tmp_path / "local"
+    shutil.copytree(easy.features, local / "features")
+    shutil.copytree(easy.image_tables, local / "images")
+    run_cluster(RunDir(local), Config())
+    assert {p.name: p.read_bytes() for p in RunDir(local).pseudo.iterdir()} == first
+
+
+def test_cluster_results_do_not_depend_on_the_shard_size(planted, tmp_path):
+    """The same images cut into other shards: every pseudo-mask, level mask and soft score is identical."""
+    from mlcseg_ray.features import read_store_metadata
+
+    src = planted[1]
+    feats = pq.read_table(src.feature_shard(0)).to_pylist()
+    images = pq.read_table(src.image_table(0)).to_pylist()
+    meta = read_store_metadata(src.feature_shard(0))
+    records = []
+    for im in images[:24]:
+        rows = [r for r in feats if r["image_id"] == im["image_id"]]
+        records.append({"image_id": im["image_id"], "grid_h": im["grid_h"], "grid_w": im["grid_w"],
+                        "keys": np.asarray([r["key"] for r in rows], np.float32),
+                        "cls_attn": np.asarray([r["cls_attn"] for r in rows]), "cls_token": im["cls_token"]})
+    masks = {}
+    for shard_size in (5, 24):
+        root = tmp_path / f"s{shard_size}"
+        for s in range(0, len(records), shard_size):
+            write_store_shard(root, s // shard_size, records[s: s + shard_size], meta["embed_dim"], meta)
+        run_cluster(RunDir(root), Config(num_categories=4, kmeans_init_sample=500))
+        masks[shard_size] = {r["image_id"]: r for r in read_pseudo(RunDir(root)).to_pylist()}
+    assert masks[5] == masks[24]

@@ -131,6 +131,8 @@ def test_confusions_summed_on_ray_equal_local(ray_local, tmp_path):
     for i in g.image_ids:
         a = g.read(i)
         _save(pred, i, rng.integers(0, 4, a.shape))
-    local = evaluate(pred, g, chunk=7, use_ray=False)
-    remote = evaluate(pred, g, chunk=7, use_ray=True)
+    from mlcseg_ray.executor import ray_map
+
+    local = evaluate(pred, g, chunk=7)
+    remote = evaluate(pred, g, chunk=7, map_fn=ray_map)
     assert local["confusion"] == remote["confusion"] and local["miou"] == remote["miou"]

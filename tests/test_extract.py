@@ -68,7 +68,7 @@ def test_bad_inputs_end_as_error_rows(ray_local, tmp_path):
         ["extract", "--images", str(corpus), "--out", str(out), "--backbone", "random-vit-tiny", "shard_size=5"],
     )
     assert res.exit_code == 3, res.output  # some images failed: the exit code says so
-    manifest = {r["image_id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    manifest = {r["image_id"]: r for r in pq.read_table(out / "status.parquet").to_pylist()}
     assert set(manifest) == set(expected)
     extracted = set()
     for p in list_shards(out / "features"):

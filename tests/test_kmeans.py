@@ -58,10 +58,39 @@ def test_fewer_distinct_points_than_k_and_identical_points():
 
 
 def test_distributed_matches_in_memory_on_ray(ray_local):
+    from mlcseg_ray.executor import ray_map
+
     x, _, _ = blobs(3000, 4, 16, 0.1, 5)
-    local = kmeans_arrays(x, 4, chunk=500, seed=1, use_ray=False)
-    remote = kmeans_arrays(x, 4, chunk=500, seed=1, use_ray=True)
+    local = kmeans_arrays(x, 4, chunk=500, seed=1)
+    remote = kmeans_arrays(x, 4, chunk=500, seed=1, map_fn=ray_map)
     np.testing.assert_array_equal(local.centroids, remote.centroids)
+
+
+def test_result_does_not_depend_on_how_the_rows_are_cut():
+    """Sample by row key, sums on the grid: other chunkings (shards) give bit-identical centroids and counts."""
+    x, _, _ = blobs(5000, 5, 16, 0.3, 2)
+    g = np.arange(5000) % 3
+    ref = kmeans_arrays(x, 4, groups=g, n_groups=3, chunk=5000, seed=2, init_sample=900)
+    for chunk in (333, 1024):
+        other = kmeans_arrays(x, 4, groups=g, n_groups=3, chunk=chunk, seed=2, init_sample=900)
+        np.testing.assert_array_equal(ref.centroids, other.centroids)
+        np.testing.assert_array_equal(ref.counts, other.counts)
+        assert ref.inertia == other.inertia and ref.iterations == other.iterations
+
+
+def test_an_images_kmeans_does_not_depend_on_its_batch():
+    from mlcseg_ray.kmeans import kmeans_draws, to_grid
+
+    rng = np.random.default_rng(4)
+    a = to_grid(l2_normalize(rng.normal(size=(50, 8)).astype(np.float32)))
+    b = to_grid(l2_normalize(rng.normal(size=(90, 8)).astype(np.float32)))
+    alone = batched_kmeans(a[None], np.ones((1, 50), bool), 3, draws=kmeans_draws(["a"], 3, 0))[0][0]
+    x = np.zeros((2, 90, 8), np.float32)
+    x[0, :50], x[1] = a, b
+    valid = np.zeros((2, 90), bool)
+    valid[0, :50], valid[1] = True, True
+    together = batched_kmeans(x, valid, 3, draws=kmeans_draws(["a", "b"], 3, 0))[0]
+    assert together[0, :50].tolist() == alone.tolist()
 
 
 def test_batched_matches_per_image_kmeans():
@@ -125,13 +154,13 @@ def test_init_sample_is_one_budget_for_all_groups():
     for n_per_group in (2000, 8000):
         x, _, _ = blobs(20 * n_per_group, 3, 8, 0.1, 0)
         g = np.repeat(np.arange(20), n_per_group)
-        res = kmeans_arrays(x, 3, groups=g, n_groups=20, seed=0, init_sample=4000, use_ray=False, iters=2)
+        res = kmeans_arrays(x, 3, groups=g, n_groups=20, seed=0, init_sample=4000, iters=2)
         sizes.append(res.sample_size)
     assert all(3000 < s < 5000 for s in sizes), sizes
     # a group is never starved below 20 points per centroid
     x, _, _ = blobs(50 * 500, 3, 8, 0.1, 1)
     res = kmeans_arrays(x, 3, groups=np.repeat(np.arange(50), 500), n_groups=50, seed=0, init_sample=1000,
-                        use_ray=False, iters=2)
+                        iters=2)
     assert res.sample_size > 50 * 60 * 0.8
 
 
@@ -156,14 +185,19 @@ def test_cpu_only_cluster_runs_tasks_on_cpus_and_refuses_cuda(ray_local):
 
 GPU_SHARE_SCRIPT = """
 import json, numpy as np, ray
-from mlcseg_ray.kmeans import kmeans_arrays, map_shards, visible_gpu
+from mlcseg_ray.config import Config
+from mlcseg_ray.executor import Executor
+from mlcseg_ray.kmeans import kmeans_arrays, visible_gpu
+from mlcseg_ray.stage import Resources
+from mlcseg_ray.store import RunDir
 ray.init(_node_ip_address="127.0.0.1", num_cpus=2, num_gpus=1, include_dashboard=False)
 def probe(i):
     return {"gpu_ids": ray.get_gpu_ids(), "visible": visible_gpu()}
-seen = map_shards(probe, [0, 1, 2, 3], device="auto")
+auto = Executor(RunDir("run"), Config(device="auto"), [])
+seen = auto.map(probe, [0, 1, 2, 3], resources=Resources(gpus="share"))
 x = np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32)
-a = kmeans_arrays(x, 3, chunk=500, seed=0, device="auto").centroids
-b = kmeans_arrays(x, 3, chunk=500, seed=0, device="cpu").centroids
+a = kmeans_arrays(x, 3, chunk=500, seed=0, map_fn=auto.map_fn()).centroids
+b = kmeans_arrays(x, 3, chunk=500, seed=0, map_fn=Executor(RunDir("run"), Config(device="cpu"), []).map_fn()).centroids
 print(json.dumps({"seen": seen, "same": bool(np.array_equal(a, b))}))
 """
 

@@ -75,7 +75,7 @@ def e2e(tmp_path_factory, ray_local):
 def test_end_to_end_outputs(e2e):
     pipe, images, _ = e2e
     run = pipe.run_dir
-    manifest = {r["image_id"]: r for r in pq.read_table(run.manifest).to_pylist()}
+    manifest = {r["image_id"]: r for r in run.read_status()}
     assert manifest["zero"]["status"] == "error" and "empty" in manifest["zero"]["error"]
     assert manifest["truncated"]["status"] == "error" and "truncated" in manifest["truncated"]["error"]
     ok = [i for i, r in manifest.items() if r["status"] == "ok"]

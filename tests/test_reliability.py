@@ -120,7 +120,7 @@ def test_failure_on_one_image_becomes_an_error_row(ray_local, tmp_path):
     victim = sorted(images.iterdir())[1]
     victim.write_bytes(victim.read_bytes()[:500])  # the file breaks between extraction and refinement
     pipe.run(["refine", "label", "report"])
-    manifest = {r["image_id"]: r for r in pq.read_table(tmp_path / "run" / "manifest.parquet").to_pylist()}
+    manifest = {r["image_id"]: r for r in pq.read_table(tmp_path / "run" / "status.parquet").to_pylist()}
     assert manifest[victim.stem]["status"] == "error" and "refine" in manifest[victim.stem]["error"]
     for image_id, r in manifest.items():
         if image_id != victim.stem:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .features import brought_store_metadata, write_store_shard
-from .store import RunDir, atomic_write_table
+from mlcseg_ray.features import brought_store_metadata, write_store_shard
+from mlcseg_ray.store import RunDir, atomic_write_table
 
 GT_SCHEMA = pa.schema([("image_id", pa.string()), ("grid_h", pa.int32()), ("grid_w", pa.int32()),
                        ("mask", pa.list_(pa.uint8())), ("cls", pa.int32()), ("family", pa.string())])
@@ -162,7 +162,7 @@ def foreground_iou(run: RunDir, gt_path: Path | None = None) -> dict:
     """Dataset-wide foreground IoU of each level, of the combined mask, per family: {name: IoU}."""
     import pyarrow.parquet as pq
 
-    from .cluster import read_pseudo
+    from mlcseg_ray.cluster import read_pseudo
 
     gt = {r["image_id"]: r for r in pq.read_table(gt_path or run.root / "gt.parquet").to_pylist()}
     pred = read_pseudo(run, columns=["image_id", "mask", "dataset", "category", "image"]).to_pylist()
