@@ -29,6 +29,13 @@ ConfigFile = typer.Option(None, "--config", help="YAML config file")
 Overrides = typer.Argument(None, help="key=value config overrides")
 
 
+def _error(e) -> None:
+    """One line on stderr, never wrapped (scripts and log readers grep it)."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
+
+
 def _config(config: Optional[Path], overrides: Optional[List[str]], backbone=None, weights=None) -> Config:
     extra = list(overrides or [])
     if backbone:
@@ -63,10 +70,10 @@ def _run_stages(stages, out, config, overrides, backbone, weights, address, **in
         pipe = _pipeline(out, cfg, address, **inputs)
         pipe.run(stages)
     except RunLocked as e:
-        console.print(f"[bold red]error:[/] {e}")
+        _error(e)
         raise typer.Exit(4)
     except (ConfigError, FileNotFoundError, ValueError, StageOrderError) as e:
-        console.print(f"[bold red]error:[/] {e}")
+        _error(e)
         raise typer.Exit(2)
     _finish(pipe)
 
@@ -132,7 +139,7 @@ def eval_cmd(
         metrics = evaluate_folder(pred, gt, protocol, split=split, ignore=ignore, matching=matching, out=out,
                                   address=address)
     except (EvalError, FileNotFoundError, ValueError) as e:
-        console.print(f"[bold red]error:[/] {e}")
+        _error(e)
         raise typer.Exit(2)
     print_metrics(metrics)
 
@@ -156,7 +163,7 @@ def submit(
         job_id, client = submit_run(config, address, out, dict(images=images, voc=voc, split=split, coco=coco,
                                                                 ann=ann, manifest=manifest), gpus=gpus, pip=pip)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError, ConnectionError) as e:
-        console.print(f"[bold red]error:[/] {e}")
+        _error(e)
         raise typer.Exit(2)
     print(job_id)
     if follow:

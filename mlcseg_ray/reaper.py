@@ -8,6 +8,7 @@ so they are found as children); once the driver is gone it ends them, SIGTERM fi
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -71,7 +72,8 @@ def watch(driver_pid: int, session_dir: str) -> None:
         session_processes(session_dir, known)
         time.sleep(POLL_S)
     session_processes(session_dir, known)
-    known.pop(driver_pid, None)
+    for pid in (driver_pid, os.getpid()):  # this watchdog names the session folder too
+        known.pop(pid, None)
     end(known)
 
 

@@ -193,3 +193,28 @@ def test_worker_nodes_lost_mid_extraction_and_mid_refinement(tmp_path):
     assert "removed a node during extract" in results["remove"]
     assert "removed a node during refine" in results["remove"]
     assert _outputs(tmp_path / "remove") == _outputs(tmp_path / "keep")
+
+
+def test_no_ray_process_outlives_a_killed_driver(tmp_path):
+    """SIGKILL of the driver alone (not its process tree): the embedded Ray it started, agents and workers
+    included, is gone shortly after."""
+    images = _images(tmp_path, 4)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_run_cmd(images, out), env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ours = []
+    try:
+        deadline = time.time() + 300
+        while not list((out / "_state" / "extract").glob("0*")) if (out / "_state" / "extract").is_dir() else True:
+            assert time.time() < deadline and proc.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.05)
+        driver = psutil.Process(proc.pid)
+        ours = driver.children(recursive=True)
+        names = {p.name() for p in ours}
+        assert len(ours) >= 4, names  # gcs, raylet, agents, workers, the reaper
+        driver.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(ours, timeout=15)  # left alone, the agents outlive it by 20-60 s
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:
+        _end(ours)
