@@ -16,10 +16,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlcseg_ray.cluster import read_pseudo, run_cluster  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the planted-store generator
+from mlcseg_ray.cluster import read_pseudo  # noqa: E402
 from mlcseg_ray.config import Config  # noqa: E402
-from mlcseg_ray.planted import PlantedSpec, generate  # noqa: E402
+from mlcseg_ray.pipeline import run_stages  # noqa: E402
 from mlcseg_ray.store import RunDir  # noqa: E402
+from planted import PlantedSpec, generate  # noqa: E402
 
 RULES = {"dataset": lambda v: v[0], "category": lambda v: v[1], "image": lambda v: v[2],
          "union (>=1)": lambda v: v.sum(0) >= 1, "vote (>=2)": lambda v: v.sum(0) >= 2,
@@ -31,7 +33,7 @@ def ablate(store: Path, consistency: str, work: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     for sub in ("features", "images"):
         shutil.copytree(store / sub, out / sub)
-    run_cluster(RunDir(out), Config(consistency=consistency), log=lambda m: None)
+    run_stages(out, Config(consistency=consistency), ["cluster"])
     gt = {r["image_id"]: np.asarray(r["mask"], bool) for r in pq.read_table(store / "gt.parquet").to_pylist()}
     inter = {k: 0 for k in RULES}
     union = {k: 0 for k in RULES}

@@ -45,7 +45,8 @@ def extract(images: Path, out: Path, cfg: Config) -> float:
 
 
 def cluster(run_dir: Path, cfg: Config) -> float:
-    RunDir(run_dir).clear_stage("cluster")  # the same store clustered again, from scratch
+    run = RunDir(run_dir)
+    run.remove(run.state("cluster"))  # the same store clustered again, from scratch
     t0 = time.perf_counter()
     Pipeline(run_dir, cfg).run(["cluster"])
     return time.perf_counter() - t0

@@ -23,6 +23,7 @@ from common import machine  # noqa: E402
 from mlcseg_ray.cluster import KeyLoader  # noqa: E402
 from mlcseg_ray.features import brought_store_metadata, write_store_shard  # noqa: E402
 from mlcseg_ray.kmeans import assign, batched_kmeans, distributed_kmeans, l2_normalize  # noqa: E402
+from mlcseg_ray.executor import ray_map  # noqa: E402
 from mlcseg_ray.raytools import init_ray  # noqa: E402
 from mlcseg_ray.store import list_shards  # noqa: E402
 
@@ -57,7 +58,7 @@ def bench_distributed(args, work):
     faiss_inertia = float(np.sum(1 - sims))
     del x
     t0 = time.perf_counter()
-    res = distributed_kmeans(shards, load, args.k, iters=args.iters, tol=0.0, seed=0)
+    res = distributed_kmeans(shards, load, args.k, iters=args.iters, tol=0.0, seed=0, map_fn=ray_map)
     ours_s = time.perf_counter() - t0
     print(f"vectors {len(shards)} shards, {n_images * per_image:,} x {args.dim}, k={args.k}, {args.iters} iterations")
     print(f"faiss.Kmeans in memory : {faiss_s:8.1f}s  inertia {faiss_inertia:,.1f}")

@@ -18,7 +18,7 @@ from common import VOC_IMAGES, machine  # noqa: E402
 from mlcseg_ray.config import Config  # noqa: E402
 from mlcseg_ray.features import geometry  # noqa: E402
 from mlcseg_ray.imageio import load_rgb  # noqa: E402
-from mlcseg_ray.kmeans import map_shards  # noqa: E402
+from mlcseg_ray.executor import ray_map  # noqa: E402
 from mlcseg_ray.refine import refine_image  # noqa: E402
 
 
@@ -40,9 +40,9 @@ def run(paths, cpus, chunk=4):
 
     ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    map_shards(refine_chunk, chunks[:1], Config().model_dump())  # warm the workers
+    ray_map(refine_chunk, chunks[:1], Config().model_dump())  # warm the workers
     t0 = time.perf_counter()
-    px = sum(map_shards(refine_chunk, chunks, Config().model_dump()))
+    px = sum(ray_map(refine_chunk, chunks, Config().model_dump()))
     seconds = time.perf_counter() - t0
     ray.shutdown()
     return seconds, px

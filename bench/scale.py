@@ -13,6 +13,7 @@ together may not hold more than that, so the largest store cannot be held by any
 """
 import argparse
 import contextlib
+import logging
 import multiprocessing as mp
 import shutil
 import sys
@@ -23,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the planted-store generator
 from common import MemoryCap, PeakRSS, machine  # noqa: E402
 
-from mlcseg_ray.cluster import run_cluster  # noqa: E402
+from mlcseg_ray.pipeline import run_stages  # noqa: E402
 from mlcseg_ray.config import Config  # noqa: E402
-from mlcseg_ray.planted import PlantedSpec, foreground_iou, generate, random_grids  # noqa: E402
+from planted import PlantedSpec, foreground_iou, generate, random_grids  # noqa: E402
 from mlcseg_ray.raytools import init_ray  # noqa: E402
 from mlcseg_ray.store import RunDir  # noqa: E402
 
@@ -105,10 +107,15 @@ def main():
                 times[msg.split(":")[0]] = float(msg.rsplit("(", 1)[1].rstrip("s)"))
                 notes.append(msg.split(" (")[0])  # e.g. "dataset level: 3 iterations, fg clusters [1]"
 
+            handler = logging.Handler()
+            handler.emit = lambda record: log(record.getMessage()) if "level:" in record.getMessage() else None
+            logging.getLogger("mlcseg_ray").addHandler(handler)
+            logging.getLogger("mlcseg_ray").setLevel(logging.INFO)
             with PeakRSS() as peaks:
                 t0 = time.perf_counter()
-                run_cluster(RunDir(out), Config(), log=log)
+                run_stages(out, Config(), ["cluster"], backend="ray")
                 seconds = time.perf_counter() - t0
+            logging.getLogger("mlcseg_ray").removeHandler(handler)
             driver, worker = peaks.driver_and_max_worker()
             other = peaks.max_other()
             iou = foreground_iou(RunDir(out))["mask"]

@@ -189,9 +189,8 @@ class Executor:
         fps, bases = {}, {}
         for name in self.order:
             stage, rec = self.stages[name], self._record(name)
-            if stage.source:
-                fps[name] = (stage.output_fingerprint(ctx) if name in planned or rec is None and
-                             self._outputs_exist(stage) else rec["fingerprint"] if rec else "absent")
+            if stage.source:  # the identity of what it wrote (the manifest), however it came to be there
+                fps[name] = stage.output_fingerprint(ctx) if self._outputs_exist(stage) else "absent"
                 continue
             if rec is None and name not in planned and self._outputs_exist(stage):
                 fps[name] = self._external(stage)
@@ -285,17 +284,18 @@ class Executor:
             self.say(f"{name}: up to date, skipped")
             self._summarise(name, self.run.read_record().get("stages", {}).get(name, {}), 0.0, skipped=True)
             return
-        atomic_write_json(self.run.stage_record(name), {"fingerprint": fp, "basis": basis, "complete": False})
+        previous = self._record(name) or {}
+        atomic_write_json(self.run.stage_record(name), {"fingerprint": fp or previous.get("fingerprint"),
+                                                        "basis": basis, "complete": False})
         shards = stage.shards(ctx)
         if shards is None:
             result = stage.run_whole(ctx, self.map_fn()) or {}
         else:
             result = self._sharded(stage, ctx, shards, fp)
         if stage.source:
-            fp = stage.output_fingerprint(ctx)
-            old = self._record(name) or {}
-            if old.get("fingerprint") not in (None, fp):
-                self.say(f"{name}: the inputs changed since the last run")
+            fp, before = stage.output_fingerprint(ctx), previous.get("fingerprint")
+            self.say(f"{name}: {result.get('images')} images" + ("" if before is None else ", unchanged since the last "
+                     "run" if before == fp else "; the inputs changed since the last run"))
         seconds = time.perf_counter() - t0
         atomic_write_json(self.run.stage_record(name), {"fingerprint": fp, "basis": basis, "complete": True})
         self.run.update_record(stages={name: {"fingerprint": fp, "seconds": round(seconds, 3), **result}})

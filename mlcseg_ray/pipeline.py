@@ -7,7 +7,6 @@ Adding a stage is one module (a :class:`~mlcseg_ray.stage.Stage`) plus one line 
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +22,6 @@ from .report import ReportStage
 from .stage import RunInputs, StageContext
 from .store import RunDir
 
-log = logging.getLogger("mlcseg_ray")
 
 STAGES = [IngestStage(), ExtractStage(), ClusterStage(), RefineStage(), DescribeStage(), LabelStage(),
           EvaluateStage(), ReportStage()]

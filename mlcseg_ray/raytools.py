@@ -5,8 +5,6 @@ import logging
 import os
 from typing import Optional
 
-log = logging.getLogger("mlcseg_ray")
-
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
     """Embedded Ray without an address (loopback only); ``auto`` or ``HOST:PORT`` joins a running cluster."""
