@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .imageio import BadImage, content_hash, file_stat, is_remote, list_image_files, probe, read_bytes
-from .stage import Stage, StageContext
+from .stage import InputSpec, Stage, StageContext  # noqa: F401 (InputSpec: part of this module's API)
 from .store import atomic_write_table
 
 MANIFEST_SCHEMA = pa.schema(
@@ -38,39 +37,6 @@ MANIFEST_SCHEMA = pa.schema(
         ("coco_id", pa.int64()),
     ]
 )
-
-
-@dataclass
-class InputSpec:
-    """Where the images come from: exactly one of the four kinds."""
-
-    images: Optional[str] = None
-    voc: Optional[str] = None
-    split: str = "val"
-    coco: Optional[str] = None
-    ann: Optional[str] = None
-    manifest: Optional[str] = None
-
-    @classmethod
-    def from_inputs(cls, inputs) -> "InputSpec":
-        return cls(images=inputs.images, voc=inputs.voc, split=inputs.split, coco=inputs.coco, ann=inputs.ann,
-                   manifest=inputs.manifest)
-
-    def describe(self) -> str:
-        if self.images:
-            return f"folder {self.images}"
-        if self.voc:
-            return f"VOC {self.voc} ({self.split})"
-        if self.coco:
-            return f"COCO {self.coco} + {self.ann}"
-        return f"manifest {self.manifest}"
-
-    def validate(self) -> None:
-        given = [x for x in (self.images, self.voc, self.coco, self.manifest) if x]
-        if len(given) != 1:
-            raise ValueError("give exactly one input: --images DIR, --voc ROOT, --coco IMAGES --ann JSON, or --manifest FILE")
-        if self.coco and not self.ann:
-            raise ValueError("--coco needs --ann INSTANCES_JSON")
 
 
 def list_inputs(spec: InputSpec) -> list[dict]:
@@ -226,7 +192,7 @@ class IngestStage(Stage):
         from .backbones import available_backbones, patch_size_of
 
         run, cfg = ctx.run, ctx.cfg
-        spec = InputSpec.from_inputs(ctx.inputs)
+        spec = ctx.inputs.spec()
         recorded = run.read_record().get("inputs")
         if not ctx.inputs.given():
             if not recorded:
@@ -245,6 +211,6 @@ class IngestStage(Stage):
                      and previous.select(MANIFEST_SCHEMA.names).equals(table))
         if not unchanged:  # an untouched manifest keeps its file (and its mtime)
             write_manifest(run.manifest, table)
-        run.update_record(inputs=spec.__dict__, input=spec.describe())
+        run.update_record(inputs=asdict(spec), input=spec.describe())
         errors = {r["image_id"]: r["error"] for r in table.to_pylist() if r["status"] != "ok"}
         return {"images": table.num_rows, "errors": len(errors), "output": str(run.manifest)}

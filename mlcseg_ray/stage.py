@@ -36,8 +36,8 @@ class Resources:
 
 
 @dataclass(frozen=True)
-class RunInputs:
-    """What a run reads besides its config: the images (ingest) and the ground truth (evaluate)."""
+class InputSpec:
+    """Where the images come from: exactly one of the four kinds."""
 
     images: Optional[str] = None
     voc: Optional[str] = None
@@ -45,11 +45,37 @@ class RunInputs:
     coco: Optional[str] = None
     ann: Optional[str] = None
     manifest: Optional[str] = None
+
+    def describe(self) -> str:
+        if self.images:
+            return f"folder {self.images}"
+        if self.voc:
+            return f"VOC {self.voc} ({self.split})"
+        if self.coco:
+            return f"COCO {self.coco} + {self.ann}"
+        return f"manifest {self.manifest}"
+
+    def validate(self) -> None:
+        given = [x for x in (self.images, self.voc, self.coco, self.manifest) if x]
+        if len(given) != 1:
+            raise ValueError("give exactly one input: --images DIR, --voc ROOT, --coco IMAGES --ann JSON, or --manifest FILE")
+        if self.coco and not self.ann:
+            raise ValueError("--coco needs --ann INSTANCES_JSON")
+
+
+@dataclass(frozen=True)
+class RunInputs(InputSpec):
+    """What a run reads besides its config: the images (ingest) and the ground truth (evaluate)."""
+
     gt: Optional[str] = None
     protocol: Optional[str] = None
 
     def given(self) -> bool:
         return any((self.images, self.voc, self.coco, self.manifest))
+
+    def spec(self) -> InputSpec:
+        """Where the images come from, alone."""
+        return InputSpec(self.images, self.voc, self.split, self.coco, self.ann, self.manifest)
 
 
 @dataclass(frozen=True)

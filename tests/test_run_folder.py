@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import copy_voc_images
 from mlcseg_ray.config import Config
-from mlcseg_ray.pipeline import Pipeline
+from mlcseg_ray.pipeline import Pipeline, run_stages
 from mlcseg_ray.store import RunDir, RunLocked
 
 TINY = dict(backbone="random-vit-tiny", max_side=96, num_classes=3, num_categories=3, min_region_area=16,
@@ -248,3 +248,23 @@ def test_a_live_holder_on_this_host_is_named(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_metrics_follow_the_masks(tmp_path):
+    """Metrics are recomputed when the masks change, kept when they do not, and never left describing old masks."""
+    from conftest import VOC_SUBSET, need
+
+    voc = need(VOC_SUBSET)
+    out = tmp_path / "run"
+    cfg = Config(**{**TINY, "shard_size": 16, "max_side": 64})
+    Pipeline(out, cfg, voc=str(voc), backend="local").run()
+    first = json.loads((out / "metrics.json").read_text())
+    assert first["n_images"] == 59 and first["protocol"] == "voc21"
+    run_stages(out, cfg, ["report"])  # nothing changed: the metrics stay
+    assert json.loads((out / "metrics.json").read_text()) == first
+    fewer = cfg.model_copy(update={"num_classes": 2})
+    Pipeline(out, fewer, backend="local").run(["label"])  # new masks: the old metrics go
+    assert not (out / "metrics.json").exists()
+    Pipeline(out, fewer, backend="local").run()  # a rerun evaluates again, against the ground truth it had
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["n_images"] == 59 and again["n_predicted_ids"] <= 3
