@@ -71,7 +71,8 @@ def main():
     pipe_rate = len(paths) / (time.perf_counter() - t0)
     import json
 
-    shard_s = sum(json.loads(p.read_text())["seconds"] for p in (work / "run" / "_state" / "extract").iterdir())
+    markers = (work / "run" / "_state" / "extract").glob("[0-9]*")  # one per shard (stage.json beside them)
+    shard_s = sum(json.loads(p.read_text())["seconds"] for p in markers)
     steady_rate = len(paths) / shard_s
     bare_rate = bare(paths, cfg, threads)
     print(f"machine: {machine()}")

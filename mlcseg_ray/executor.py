@@ -242,6 +242,9 @@ class Executor:
         """Run ``planned`` (in pipeline order) under the run folder's lock."""
         planned = [n for n in self.order if n in planned]
         with self.run.lock(command or " ".join(planned)):
+            from .store import remove_stale_temp_files
+
+            remove_stale_temp_files(self.run.root)  # a killed run's half-written run.json or status.parquet
             ctx = StageContext(self.run, self.cfg, self.inputs)
             for name in planned:
                 if self.stages[name].source:  # the manifest's fingerprint feeds every other stage's
@@ -279,7 +282,7 @@ class Executor:
                    basis: Optional[dict] = None) -> None:
         stage = self.stages[name]
         t0 = time.perf_counter()
-        if not stage.source and not getattr(stage, "always_run", False) and self._is_current(name, fp) \
+        if not stage.source and not stage.always_run and self._is_current(name, fp) \
                 and self._all_marked(stage, ctx, fp):
             self.say(f"{name}: up to date, skipped")
             self._summarise(name, self.run.read_record().get("stages", {}).get(name, {}), 0.0, skipped=True)

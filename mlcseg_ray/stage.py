@@ -102,6 +102,7 @@ class Stage:
     resources: ClassVar[Resources] = Resources()
     version: ClassVar[int] = 1  # bumped when the stage's code changes its outputs
     source: ClassVar[bool] = False  # runs every time; its fingerprint is that of its output (ingest)
+    always_run: ClassVar[bool] = False  # a view of the folder (the report): written on every run that includes it
 
     def resources_for(self, cfg: Config) -> Resources:
         return self.resources
