@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_run
 
-.PHONY: demo test install bench clean-demo
+.PHONY: demo test lint install bench clean-demo
 
 install: $(STAMP)
 
@@ -21,7 +21,11 @@ demo: $(STAMP)
 	@echo "report: $(DEMO_OUT)/report.html"
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/extract_throughput.py

@@ -29,7 +29,8 @@ def refine_chunk(paths, cfg_dict):
         rgb = load_rgb(p, cfg.max_pixels)
         g = geometry(rgb.shape[1], rgb.shape[0], 8, 512, False).__dict__
         yy, xx = np.mgrid[: g["grid_h"], : g["grid_w"]]
-        score = np.exp(-(((yy - g["grid_h"] / 2) / (g["grid_h"] / 3)) ** 2 + ((xx - g["grid_w"] / 2) / (g["grid_w"] / 3)) ** 2))
+        dy, dx = (yy - g["grid_h"] / 2) / (g["grid_h"] / 3), (xx - g["grid_w"] / 2) / (g["grid_w"] / 3)
+        score = np.exp(-(dy ** 2 + dx ** 2))
         refine_image(rgb, score.ravel().astype(np.float32), g, 8, cfg)
         px += rgb.shape[0] * rgb.shape[1]
     return px

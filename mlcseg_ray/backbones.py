@@ -234,7 +234,8 @@ def build_backbone(name: str, weights: Optional[str] = None) -> tuple[nn.Module,
             raise WeightsNotFound(
                 f"no weights for {name}: {e}. Options: --weights PATH to an official DINO/DINOv2 .pth, a Hugging Face "
                 f"facebook/dino-* or facebook/dinov2-* model.safetensors, or a timm model.safetensors; or put the timm "
-                f"weights in the Hugging Face cache (HF_HOME); or --backbone random-vit-s8 for a random-weight test run."
+                f"weights in the Hugging Face cache (HF_HOME); or --backbone random-vit-s8 for a random-weight test "
+                f"run."
             ) from None
     model.eval().requires_grad_(False)
     pcfg = getattr(model, "pretrained_cfg", {}) or {}

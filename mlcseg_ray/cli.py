@@ -1,8 +1,12 @@
 """The ``mlcseg`` command line: one shape for every command (input, --out, --backbone, --weights, --address,
---config, key=value overrides)."""
+--config, key=value overrides). Results go to stdout (``--json`` for scripts), logs and progress to stderr; every
+expected failure is one line on stderr and an exit code from :data:`EXIT_CODES`."""
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -10,25 +14,56 @@ from typing import List, Optional
 import typer
 
 from .config import Config, ConfigError
-from .progress import console
+from .progress import console, out as stdout
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-free unsupervised segmentation on Ray.")
+EXIT_CODES = {
+    0: "done: every image has its outputs",
+    1: "unexpected internal error (MLCSEG_DEBUG=1 shows the traceback)",
+    2: "bad configuration, input or usage; or a stage whose inputs are missing or out of date",
+    3: "the run finished, but some images failed (mlcseg errors RUN lists them)",
+    4: "the run folder is in use by another run",
+    5: "the disk is full or the run folder is not writable",
+    6: "no Ray cluster answers at --address",
+}
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Training-free unsupervised segmentation on Ray. Exit codes: " +
+                       "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + ".")
 
 # Shared options ------------------------------------------------------------------------------------------------
 Images = typer.Option(None, "--images", help="folder of images (recursive)")
-Voc = typer.Option(None, "--voc", help="VOC root (VOCdevkit/VOC2012 layout)")
+Voc = typer.Option(None, "--voc", help="VOC root (VOCdevkit/VOC2012 layout); evaluated at the end")
 Split = typer.Option("val", "--split", help="VOC split name")
 Coco = typer.Option(None, "--coco", help="COCO image folder (with --ann)")
 Ann = typer.Option(None, "--ann", help="COCO instances JSON")
 ManifestOpt = typer.Option(None, "--manifest", help="CSV/Parquet with a 'uri' column")
+Limit = typer.Option(None, "--limit", min=1, help="only the first N images (in image-id order)")
+Sample = typer.Option(None, "--sample", min=1, help="a random sample of N images (see --sample-seed)")
+SampleSeed = typer.Option(0, "--sample-seed", help="seed of --sample")
 Out = typer.Option(..., "--out", help="run folder")
 Backbone = typer.Option(None, "--backbone", help="timm name (default vit_small_patch8_224.dino) or random-vit-s8")
 Weights = typer.Option(None, "--weights", help="checkpoint: DINO/DINOv2 .pth, HF or timm safetensors")
 Address = typer.Option(None, "--address", help="Ray cluster address ('auto' for a local ray start --head)")
 ConfigFile = typer.Option(None, "--config", help="YAML config file")
+Json = typer.Option(False, "--json", help="print the result as JSON on stdout")
 Overrides = typer.Argument(None, help="key=value config overrides")
 
 
+def _version(value: bool):
+    if value:
+        from . import __version__
+
+        stdout.print(f"mlcseg_ray {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                              help="print the version and exit")):
+    pass
+
+
+# Errors --------------------------------------------------------------------------------------------------------
 def _error(e) -> None:
     """One line on stderr, never wrapped (scripts and log readers grep it)."""
     from rich.markup import escape
@@ -36,6 +71,83 @@ def _error(e) -> None:
     console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
 
 
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind an exception (raised here, or inside a Ray task). Ray Data passes a task's failure on as
+    text only (its traceback): there the errno is read from the text."""
+    import re
+
+    seen, texts = set(), []
+    while isinstance(e, BaseException) and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        texts += [str(e), str(getattr(e, "traceback_str", ""))]
+        e = e.__cause__ or getattr(e, "cause", None)
+    for text in texts:
+        m = re.search(r"\[Errno (\d+)\]", text)
+        if m:
+            return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+    return None
+
+
+STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The user-level exception behind Ray's wrappers (a task's traceback is for the logs, not the one line)."""
+    seen = set()
+    while type(e).__module__.startswith("ray.") and id(e) not in seen:
+        seen.add(id(e))
+        inner = e.__cause__ or getattr(e, "cause", None)
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    return e
+
+
+def _exit_code(e: BaseException) -> int:
+    """Report ``e`` in one line and return its exit code."""
+    from .executor import StageFailed, StageOrderError
+    from .raytools import ClusterUnreachable
+    from .store import RunLocked
+
+    if isinstance(e, RunLocked):
+        return _say_error(e, 4)
+    if isinstance(e, ClusterUnreachable):
+        return _say_error(e, 6)
+    stage = e.stage if isinstance(e, StageFailed) else None
+    raised = e.__cause__ if isinstance(e, StageFailed) else e
+    cause = _unwrap(raised)
+    os_err = _os_error(raised)
+    if os_err is not None and os_err.errno in STORAGE_ERRNOS:
+        where = f" while {stage} wrote" if stage else " writing"
+        path = os_err.filename or getattr(e, "where", None) or "the run folder"
+        return _say_error(f"{STORAGE_ERRNOS[os_err.errno]}{where} {path}", 5)
+    if isinstance(cause, (ConfigError, FileNotFoundError, ValueError, StageOrderError, NotADirectoryError)):
+        return _say_error(f"{stage}: {cause}" if stage and not str(cause).startswith(stage) else cause, 2)
+    if os.environ.get("MLCSEG_DEBUG"):
+        raise e
+    return _say_error(f"{'in ' + stage + ': ' if stage else ''}{type(cause).__name__}: {cause} "
+                      f"(MLCSEG_DEBUG=1 shows the traceback)", 1)
+
+
+def _say_error(e, code: int) -> int:
+    _error(e)
+    return code
+
+
+def _check_out(out: Path) -> None:
+    """Before anything is created: --out must be a folder (or not exist yet) that can be written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is a file; give a folder")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "permission denied", str(parent))
+
+
+# Runs ----------------------------------------------------------------------------------------------------------
 def _config(config: Optional[Path], overrides: Optional[List[str]], backbone=None, weights=None) -> Config:
     extra = list(overrides or [])
     if backbone:
@@ -45,72 +157,83 @@ def _config(config: Optional[Path], overrides: Optional[List[str]], backbone=Non
     return Config.load(config, extra)
 
 
-def _pipeline(out, cfg, address, images=None, voc=None, split="val", coco=None, ann=None, manifest=None, **kw):
+def _run_stages(stages, out, config, overrides, backbone, weights, address, as_json=False, **inputs) -> None:
     from .pipeline import Pipeline
 
-    return Pipeline(
-        out, cfg, images=images, voc=voc, split=split, coco=coco, ann=ann, manifest=manifest, address=address, **kw
-    )
-
-
-def _finish(pipe) -> None:
-    failed = pipe.failed_images()
-    console.print(f"outputs in [bold]{pipe.run_dir.root}[/]")
-    if failed:
-        console.print(f"[yellow]{failed} image(s) failed; see status/error in {pipe.run_dir.status}[/]")
-        raise typer.Exit(3)
-
-
-def _run_stages(stages, out, config, overrides, backbone, weights, address, **inputs) -> None:
-    from .executor import StageOrderError
-    from .store import RunLocked
-
     try:
-        cfg = _config(config, overrides, backbone, weights)
-        pipe = _pipeline(out, cfg, address, **inputs)
-        pipe.run(stages)
-    except RunLocked as e:
-        _error(e)
-        raise typer.Exit(4)
-    except (ConfigError, FileNotFoundError, ValueError, StageOrderError) as e:
-        _error(e)
-        raise typer.Exit(2)
-    _finish(pipe)
+        cfg = _config(config, overrides, backbone, weights)  # a bad config creates nothing
+        _check_out(out)
+        pipe = Pipeline(out, cfg, address=address, **inputs)
+        summary = pipe.run(stages, print_summary=False)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line and an exit code
+        raise typer.Exit(_exit_code(e))
+    _report(pipe, summary, as_json)
+
+
+def _report(pipe, summary: list[dict], as_json: bool) -> None:
+    """The result of a run on stdout: the summary (and metrics), as a table or JSON; exit 3 if images failed."""
+    from .progress import summary_table
+
+    run = pipe.run_dir
+    failed = pipe.failed_images()
+    metrics = json.loads(run.metrics.read_text()) if run.metrics.exists() and any(
+        r["stage"] == "evaluate" for r in summary) else None
+    rec = run.read_record()
+    if as_json:
+        payload = {"run": str(run.root), "stages": summary, "images": len(run.read_status()), "failed": failed,
+                   "random_weights": bool(rec.get("backbone", {}).get("random_weights"))}
+        if metrics:
+            payload["metrics"] = {k: v for k, v in metrics.items() if k != "confusion"}
+        stdout.print_json(json.dumps(payload, default=str))
+    else:
+        summary_table(f"mlcseg: {run.root}", summary)
+        if metrics:
+            from .evaluate import print_metrics
+
+            print_metrics(metrics)
+        stdout.print(f"outputs in {run.root}", highlight=False, soft_wrap=True)
+    if failed:
+        console.print(f"[yellow]{failed} image(s) failed: mlcseg errors {run.root}[/]", soft_wrap=True)
+        raise typer.Exit(3)
 
 
 @app.command()
 def run(
     out: Path = Out, images: Optional[str] = Images, voc: Optional[str] = Voc, split: str = Split,
     coco: Optional[str] = Coco, ann: Optional[str] = Ann, manifest: Optional[str] = ManifestOpt,
+    limit: Optional[int] = Limit, sample: Optional[int] = Sample, sample_seed: int = SampleSeed,
     backbone: Optional[str] = Backbone, weights: Optional[str] = Weights, address: Optional[str] = Address,
-    config: Optional[Path] = ConfigFile, overrides: Optional[List[str]] = Overrides,
+    config: Optional[Path] = ConfigFile, as_json: bool = Json, overrides: Optional[List[str]] = Overrides,
 ):
-    """All stages: ingest, extract, cluster, refine, label, (evaluate), report. Rerun to resume."""
-    _run_stages(None, out, config, overrides, backbone, weights, address,
-                images=images, voc=voc, split=split, coco=coco, ann=ann, manifest=manifest)
+    """All stages: ingest, extract, cluster, refine, label, (evaluate), report. A rerun resumes or recomputes."""
+    _run_stages(None, out, config, overrides, backbone, weights, address, as_json, images=images, voc=voc,
+                split=split, coco=coco, ann=ann, manifest=manifest, limit=limit, sample=sample,
+                sample_seed=sample_seed)
 
 
 @app.command()
 def extract(
     out: Path = Out, images: Optional[str] = Images, voc: Optional[str] = Voc, split: str = Split,
     coco: Optional[str] = Coco, ann: Optional[str] = Ann, manifest: Optional[str] = ManifestOpt,
+    limit: Optional[int] = Limit, sample: Optional[int] = Sample, sample_seed: int = SampleSeed,
     backbone: Optional[str] = Backbone, weights: Optional[str] = Weights, address: Optional[str] = Address,
-    config: Optional[Path] = ConfigFile, overrides: Optional[List[str]] = Overrides,
+    config: Optional[Path] = ConfigFile, as_json: bool = Json, overrides: Optional[List[str]] = Overrides,
 ):
     """Ingest and feature extraction into RUN/features and RUN/images."""
-    _run_stages(["ingest", "extract"], out, config, overrides, backbone, weights, address,
-                images=images, voc=voc, split=split, coco=coco, ann=ann, manifest=manifest)
+    _run_stages(["ingest", "extract"], out, config, overrides, backbone, weights, address, as_json, images=images,
+                voc=voc, split=split, coco=coco, ann=ann, manifest=manifest, limit=limit, sample=sample,
+                sample_seed=sample_seed)
 
 
 def _stage_command(stage: str, doc: str):
     def command(
         out: Path = Out, address: Optional[str] = Address, config: Optional[Path] = ConfigFile,
-        overrides: Optional[List[str]] = Overrides,
+        as_json: bool = Json, overrides: Optional[List[str]] = Overrides,
     ):
         cfg_file = config or (out / "config.yaml" if (out / "config.yaml").exists() else None)
-        _run_stages([stage], out, cfg_file, overrides, None, None, address)
+        _run_stages([stage], out, cfg_file, overrides, None, None, address, as_json)
 
-    command.__doc__ = doc
+    command.__doc__ = doc + " Starts from RUN/config.yaml; key=value overrides change it."
     command.__name__ = stage
     app.command(name=stage)(command)
 
@@ -118,30 +241,89 @@ def _stage_command(stage: str, doc: str):
 _stage_command("cluster", "Multilevel clustering of a feature store into patch pseudo-masks (RUN/pseudo).")
 _stage_command("refine", "Upsampling + DenseCRF of the pseudo-masks into full-resolution binary masks (RUN/binary).")
 _stage_command("label", "Regions, descriptors and K classes: class masks, regions.parquet, COCO JSON.")
-_stage_command("report", "Write RUN/report.html.")
+_stage_command("report", "Write RUN/report.html: one self-contained file (images inlined).")
+
+
+@app.command()
+def errors(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder"), as_json: bool = Json):
+    """What each stage did, every image that failed and why, and the files ingest skipped."""
+    from rich.table import Table
+
+    from .store import RunDir
+
+    run = RunDir(run_dir)
+    if not run.run_record.exists():
+        _error(f"{run_dir} is not a run folder (no run.json)")
+        raise typer.Exit(2)
+    rec = run.read_record()
+    status = run.read_status()
+    failed = [r for r in status if r["status"] != "ok"]
+    flagged = [r for r in status if r["flag"]]
+    skipped = rec.get("skipped_files", {})
+    stages = {name: {k: v for k, v in s.items() if k in ("images", "errors", "seconds", "shards_done",
+                                                           "shards_skipped")}
+              for name, s in rec.get("stages", {}).items()}
+    if as_json:
+        stdout.print_json(json.dumps({"run": str(run.root), "images": len(status), "stages": stages,
+                                      "failed": failed, "flagged": flagged, "skipped_files": skipped}))
+        return
+    t = Table(title=f"stages of {run.root}")
+    for col in ("stage", "images", "errors", "seconds"):
+        t.add_column(col)
+    for name, s in stages.items():
+        t.add_row(name, str(s.get("images", "-")), str(s.get("errors", 0)), str(s.get("seconds", "-")))
+    stdout.print(t)
+    stdout.print(f"{len(status)} images: {len(status) - len(failed)} ok, {len(failed)} failed, {len(flagged)} "
+                 f"flagged (empty or full pseudo-mask)", highlight=False)
+    if failed:
+        t = Table(title="failed images")
+        for col in ("image", "stage", "reason"):
+            t.add_column(col)
+        for r in failed:
+            t.add_row(r["image_id"], r["stage"] or "-", r["error"] or "")
+        stdout.print(t)
+    if skipped.get("count"):
+        stdout.print(f"ingest skipped {skipped['count']} file(s) that are not images by extension "
+                     f"({', '.join(f'{k}: {v}' for k, v in skipped.get('by_extension', {}).items())}): "
+                     f"{', '.join(skipped.get('files', [])[:20])}", highlight=False, soft_wrap=True)
 
 
 @app.command("eval")
 def eval_cmd(
-    pred: Path = typer.Argument(..., help="run folder or folder of predicted label PNGs"),
-    gt: Path = typer.Argument(..., help="ground truth: VOC root, COCO mask folder / instances JSON, label folder"),
+    pred: Path = typer.Argument(..., help="run folder, or a folder of predicted masks"),
+    gt: Path = typer.Argument(..., help="ground truth: VOC root, COCO mask folder or instances JSON, mask folder"),
     protocol: str = typer.Option("voc21", "--protocol", help="voc21, coco81, cocostuff27, binary, folder"),
     split: str = Split,
-    ignore: int = typer.Option(255, "--ignore", help="ignore value (folder protocol)"),
-    matching: str = typer.Option("hungarian", "--matching", help="hungarian or majority"),
-    out: Optional[Path] = typer.Option(None, "--out", help="where metrics.json goes (default: PRED if a run)"),
+    ignore: Optional[int] = typer.Option(None, "--ignore", help="a label value to leave out (folder, binary); "
+                                                                "VOC and COCO always ignore 255"),
+    matching: str = typer.Option("hungarian", "--matching", help="hungarian or majority (not for binary)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where metrics.json and confusion.png go (default: "
+                                                           "the run folder, or PRED_eval/ beside a plain folder)"),
     address: Optional[str] = Address,
+    as_json: bool = Json,
 ):
-    """Dataset-wide Hungarian-matched mIoU of predictions against ground truth."""
-    from .evaluate import EvalError, evaluate_folder, print_metrics
+    """Dataset-wide metrics of predictions against ground truth.
+
+    Predictions and ground truth are matched by file name without extension (PRED/2007_000129.png with
+    GT/SegmentationClass/2007_000129.png); a ground-truth image without a prediction counts as all background and is
+    listed. Label maps are single-channel PNGs (palette or grey). For --protocol binary, masks may be PNG (0/1, 0/255,
+    palette, 1-bit), JPEG (thresholded at 128: lossy edges), BMP, TIFF or GIF; foreground is > 0 and nothing is
+    ignored unless --ignore says so; foreground is matched to foreground (no Hungarian matching). Other protocols
+    match predicted ids to classes with the Hungarian algorithm over the whole split.
+    """
+    from .evaluate import evaluate_folder, print_metrics
+    from .raytools import check_address
 
     try:
+        check_address(address)
         metrics = evaluate_folder(pred, gt, protocol, split=split, ignore=ignore, matching=matching, out=out,
                                   address=address)
-    except (EvalError, FileNotFoundError, ValueError) as e:
-        _error(e)
-        raise typer.Exit(2)
-    print_metrics(metrics)
+    except Exception as e:  # noqa: BLE001
+        raise typer.Exit(_exit_code(e))
+    if as_json:
+        stdout.print_json(json.dumps({k: v for k, v in metrics.items() if k != "confusion"}))
+    else:
+        print_metrics(metrics)
 
 
 @app.command()
@@ -151,20 +333,24 @@ def submit(
     out: str = typer.Option(..., "--out", help="run folder, as seen from the cluster (shared storage)"),
     images: Optional[str] = Images, voc: Optional[str] = Voc, split: str = Split, coco: Optional[str] = Coco,
     ann: Optional[str] = Ann, manifest: Optional[str] = ManifestOpt,
+    limit: Optional[int] = Limit, sample: Optional[int] = Sample, sample_seed: int = SampleSeed,
     gpus: float = typer.Option(0, "--gpus", help="GPUs reserved for the job's driver (entrypoint_num_gpus)"),
     pip: bool = typer.Option(False, "--pip", help="also pip-install the package's requirements in the job's env"),
     follow: bool = typer.Option(False, "--follow", help="stream the job's logs until it ends"),
 ):
     """Send a whole run to a Ray cluster through the Ray Jobs API; prints the job id."""
     from .jobs import submit_run
+    from .raytools import check_address
 
     try:
         Config.load(config)  # a bad config fails here, not on the cluster
+        check_address(address)
         job_id, client = submit_run(config, address, out, dict(images=images, voc=voc, split=split, coco=coco,
-                                                                ann=ann, manifest=manifest), gpus=gpus, pip=pip)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, ConnectionError) as e:
-        _error(e)
-        raise typer.Exit(2)
+                                                                ann=ann, manifest=manifest, limit=limit,
+                                                                sample=sample, sample_seed=sample_seed),
+                                    gpus=gpus, pip=pip)
+    except Exception as e:  # noqa: BLE001
+        raise typer.Exit(_exit_code(e))
     print(job_id)
     if follow:
         from .jobs import follow_logs
@@ -199,8 +385,8 @@ def logs(job_id: str = typer.Argument(...), address: str = typer.Option(..., "--
 
 
 @app.command()
-def info(address: Optional[str] = Address):
-    """Versions, backbones and whether their weights are found, Ray status."""
+def info(address: Optional[str] = Address, as_json: bool = Json):
+    """Versions, backbones and whether their weights are found, CUDA, the Ray cluster's resources."""
     import importlib.metadata as md
 
     from rich.table import Table
@@ -208,36 +394,50 @@ def info(address: Optional[str] = Address):
     from . import __version__
     from .backbones import PRETRAINED_BACKBONES, RANDOM_BACKBONES
 
-    t = Table(title=f"mlcseg_ray {__version__}")
-    t.add_column("package")
-    t.add_column("version")
+    packages = {}
     for pkg in ("torch", "timm", "ray", "faiss-cpu", "pyarrow", "numpy", "pydensecrf2", "pycocotools"):
         try:
-            t.add_row(pkg, md.version(pkg))
+            packages[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
-            t.add_row(pkg, "not installed")
-    console.print(t)
-    b = Table(title="backbones")
-    b.add_column("name")
-    b.add_column("weights")
-    for name in PRETRAINED_BACKBONES:
-        b.add_row(name, _weights_status(name))
-    for name in RANDOM_BACKBONES:
-        b.add_row(name, "random (tests/demo only)")
-    console.print(b)
+            packages[pkg] = None
+    backbones = {name: _weights_status(name) for name in PRETRAINED_BACKBONES}
+    backbones.update({name: "random (tests/demo only)" for name in RANDOM_BACKBONES})
     try:
         import torch
 
-        console.print(f"CUDA available: {torch.cuda.is_available()}")
-    except Exception:
-        pass
+        cuda = bool(torch.cuda.is_available())
+    except Exception:  # info must never crash
+        cuda = False
+    cluster = None
     if address:
-        import ray
+        try:
+            import ray
 
-        ray.init(address=address, logging_level=logging.ERROR)
-        console.print(f"Ray cluster at {address}: {ray.cluster_resources()}")
-    else:
-        console.print("Ray: embedded (started per command); pass --address to query a cluster")
+            from .raytools import init_ray
+
+            init_ray(address)
+            cluster = {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+        except Exception as e:  # noqa: BLE001
+            raise typer.Exit(_exit_code(e))
+    if as_json:
+        stdout.print_json(json.dumps({"version": __version__, "packages": packages, "backbones": backbones,
+                                      "cuda": cuda, "ray_cluster": cluster}))
+        return
+    t = Table(title=f"mlcseg_ray {__version__}")
+    t.add_column("package")
+    t.add_column("version")
+    for pkg, v in packages.items():
+        t.add_row(pkg, v or "not installed")
+    stdout.print(t)
+    b = Table(title="backbones")
+    b.add_column("name")
+    b.add_column("weights")
+    for name, w in backbones.items():
+        b.add_row(name, w)
+    stdout.print(b)
+    stdout.print(f"CUDA available: {cuda}", highlight=False)
+    stdout.print(f"Ray cluster at {address}: {cluster}" if address else
+                 "Ray: embedded (started per command); pass --address to query a cluster", highlight=False)
 
 
 def _weights_status(name: str) -> str:

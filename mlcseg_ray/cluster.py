@@ -82,6 +82,8 @@ def _image_runs(path, ids: pa.ChunkedArray) -> tuple[list[str], np.ndarray, np.n
     enc = ids.combine_chunks().dictionary_encode()
     row_image = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     image_ids = enc.dictionary.to_pylist()
+    if not len(row_image):  # a shard whose images all failed to decode
+        return [], np.zeros(1, np.int64), row_image
     change = np.flatnonzero(np.diff(row_image)) + 1
     starts = np.concatenate([[0], change, [len(row_image)]]).astype(np.int64)
     if len(image_ids) != len(starts) - 1:
@@ -129,7 +131,7 @@ class KeyLoader:
         """Group of each of ``image_ids``."""
         if self.value_set is None:
             return np.zeros(len(image_ids), np.int64)
-        idx = pc.index_in(pa.array(image_ids) if isinstance(image_ids, list) else image_ids,
+        idx = pc.index_in(pa.array(image_ids, pa.string()) if isinstance(image_ids, list) else image_ids,
                           value_set=self.value_set).to_numpy(zero_copy_only=False)
         return self.group_of[idx.astype(np.int64)]
 

@@ -20,7 +20,8 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- features (DESIGN §2 "Features", §4) ---
-    backbone: str = Field("vit_small_patch8_224.dino", description="timm model name, or random-vit-s8 / random-vit-tiny")
+    backbone: str = Field("vit_small_patch8_224.dino",
+                          description="timm model name, or random-vit-s8 / random-vit-tiny")
     weights: Optional[str] = Field(None, description="path to a DINO/DINOv2 .pth or safetensors checkpoint")
     facet: Literal["key"] = "key"
     max_side: int = Field(512, ge=16, description="longer side is brought down to this many pixels")
@@ -83,7 +84,12 @@ class Config(BaseModel):
             p = Path(path)
             if not p.is_file():
                 raise ConfigError(f"config file not found: {p}")
-            loaded = yaml.safe_load(p.read_text()) or {}
+            try:
+                loaded = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{p}: expected a mapping of key: value, got {type(loaded).__name__}")
             data.update(loaded)
@@ -127,4 +133,4 @@ def _explain(e: ValidationError) -> str:
             lines.append(f"unknown config key {key!r}; known keys: {', '.join(Config.model_fields)}")
         else:
             lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    return "invalid configuration: " + "; ".join(lines)

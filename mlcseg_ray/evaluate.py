@@ -10,7 +10,7 @@ PNGs or an instances JSON), ``cocostuff27`` (stuffthingmaps, STEGO's 27-class ma
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -45,19 +45,46 @@ class EvalError(ValueError):
 
 @dataclass
 class GroundTruth:
-    """What a protocol needs: the image ids, how to read one GT label map, class count, ignore value, names."""
+    """What a protocol needs: the image ids, how to read one GT label map, class count, ignore value, names, and
+    what was done to read it (said in the output)."""
 
     image_ids: list[str]
     read: Callable[[str], np.ndarray]
     n_classes: int
-    ignore: int
+    ignore: int  # a value that never occurs (256) when nothing is ignored
     names: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+# Binary masks as people store them: PNG (0/1, 0/255, palette, bool), JPEG, BMP, TIFF, GIF.
+MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+LOSSY = (".jpg", ".jpeg")
+NO_IGNORE = 256  # outside 0..255: no pixel is ignored
 
 
 def _png(path: Path) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(path))
+
+
+def read_binary_mask(path: Path, ignore: int = NO_IGNORE) -> np.ndarray:
+    """Foreground 1, background 0, ``ignore`` pixels 255. Any mode (1-bit, 8-bit, palette, RGB read as grey); JPEG
+    (lossy: edges hold values between 0 and 255) thresholded at 128, everything else foreground where > 0."""
+    from PIL import Image
+
+    img = Image.open(path)
+    a = np.asarray(img.convert("L") if img.mode not in ("1", "L", "P", "I", "I;16") else img)
+    a = a.astype(np.int64) if a.dtype != bool else a.astype(np.uint8)
+    fg = a >= 128 if Path(path).suffix.lower() in LOSSY else a > 0
+    out = fg.astype(np.uint8)
+    if ignore != NO_IGNORE:
+        out[a == ignore] = 255
+    return out
+
+
+def _mask_files(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(Path(folder).rglob("*")) if p.suffix.lower() in MASK_EXTENSIONS}
 
 
 def _lut(mapping: dict[int, int], ignore: int = 255) -> np.ndarray:
@@ -74,7 +101,8 @@ def _check_range(a: np.ndarray, n: int, ignore: int, where: str) -> np.ndarray:
     return a
 
 
-def load_ground_truth(gt: Path, protocol: str, split: str = "val", ignore: int = 255) -> GroundTruth:
+def load_ground_truth(gt: Path, protocol: str, split: str = "val", ignore: Optional[int] = None) -> GroundTruth:
+    """``ignore``: a label value to leave out (``folder`` and ``binary``; VOC and COCO always ignore 255)."""
     gt = Path(gt)
     if protocol not in PROTOCOLS:
         raise EvalError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -93,8 +121,9 @@ def load_ground_truth(gt: Path, protocol: str, split: str = "val", ignore: int =
             return _check_range(_png(seg / f"{i}.png"), 21, 255, f"{seg / i}.png")
 
         if protocol == "binary":
-            return _binary(GroundTruth(ids, read, 21, 255, VOC_CLASSES))
-        return GroundTruth(ids, read, 21, 255, VOC_CLASSES)
+            return _binary(GroundTruth(ids, read, 21, 255, VOC_CLASSES), "VOC classes 1-20 as foreground, "
+                                                                         "255 (object borders) ignored")
+        return GroundTruth(ids, read, 21, 255, VOC_CLASSES, ["255 (object borders) ignored"])
     if protocol == "coco81":
         lut = _lut({cid: i + 1 for i, cid in enumerate(COCO_THING_IDS)} | {0: 0})
         names = ["background"] + [f"coco_{c}" for c in COCO_THING_IDS]
@@ -114,21 +143,32 @@ def load_ground_truth(gt: Path, protocol: str, split: str = "val", ignore: int =
         lut = _lut(dict(enumerate(COCOSTUFF27)))
         files = {p.stem: p for p in sorted(gt.glob("*.png"))}
         return GroundTruth(sorted(files), lambda i: lut[_png(files[i])], 27, 255, [f"stuff27_{i}" for i in range(27)])
+    ignore = NO_IGNORE if ignore is None else ignore
+    if protocol == "binary":
+        files = _mask_files(gt)
+        if not files:
+            raise EvalError(f"no mask files ({', '.join(MASK_EXTENSIONS)}) under {gt}")
+        notes = ["foreground where the mask is > 0"]
+        lossy = sum(p.suffix.lower() in LOSSY for p in files.values())
+        if lossy:
+            notes.append(f"{lossy} JPEG mask(s) thresholded at 128")
+        notes.append(f"value {ignore} ignored" if ignore != NO_IGNORE else "nothing ignored")
+        return GroundTruth(sorted(files), lambda i: read_binary_mask(files[i], ignore), 2, 255,
+                           ["background", "foreground"], notes)
     files = {p.stem: p for p in sorted(gt.rglob("*.png"))}
     if not files:
         raise EvalError(f"no label PNGs under {gt}")
-    if protocol == "binary":
-        return _binary(GroundTruth(sorted(files), lambda i: _png(files[i]), 256, ignore, []))
     n = 1 + max(int(np.max(np.where(a == ignore, 0, a))) for a in (_png(p) for p in files.values()))
-    return GroundTruth(sorted(files), lambda i: _png(files[i]), n, ignore, [f"class_{c}" for c in range(n)])
+    return GroundTruth(sorted(files), lambda i: _png(files[i]), n, ignore, [f"class_{c}" for c in range(n)],
+                       [f"value {ignore} ignored" if ignore != NO_IGNORE else "nothing ignored"])
 
 
-def _binary(gt: GroundTruth) -> GroundTruth:
+def _binary(gt: GroundTruth, note: str) -> GroundTruth:
     def read(i):
         a = gt.read(i)
         return np.where(a == gt.ignore, 255, (a > 0).astype(np.uint8)).astype(np.uint8)
 
-    return GroundTruth(gt.image_ids, read, 2, 255, ["background", "foreground"])
+    return GroundTruth(gt.image_ids, read, 2, 255, ["background", "foreground"], [note])
 
 
 def _coco_json(path: Path, lut: np.ndarray, names: list[str]) -> GroundTruth:
@@ -166,15 +206,15 @@ def _chunk_confusion(image_ids: list[str], gt: GroundTruth, pred_dir: str, binar
     for i in image_ids:
         g = gt.read(i)
         p_path = Path(pred_dir) / f"{i}.png"
+        if binary_pred and not p_path.exists():
+            p_path = next((q for q in (Path(pred_dir) / f"{i}{e}" for e in MASK_EXTENSIONS) if q.exists()), p_path)
         if p_path.exists():
-            p = _png(p_path)
+            p = read_binary_mask(p_path) if binary_pred else _png(p_path)
             if p.ndim == 3:
                 raise EvalError(f"{p_path}: prediction must be a single-channel label PNG")
             if p.shape != g.shape:
                 raise EvalError(f"{i}: prediction is {p.shape[1]}x{p.shape[0]} but ground truth is "
                                 f"{g.shape[1]}x{g.shape[0]}")
-            if binary_pred:
-                p = (p > 0).astype(np.uint8)
         else:
             missing.append(i)  # counted as all background, and listed
             p = np.zeros_like(g, np.uint8)
@@ -241,8 +281,9 @@ def evaluate(pred_dir: Path, gt: GroundTruth, matching: str = "hungarian", binar
     else:
         mapping = match(conf, matching)
     out = scores(conf, mapping, gt.names)
-    out.update(n_images=len(gt.image_ids), missing_predictions=missing, matching=matching,
-               n_predicted_ids=int(used.size), confusion=conf.tolist())
+    out.update(n_images=len(gt.image_ids), missing_predictions=missing,
+               matching="none (foreground is foreground)" if binary_pred else matching,
+               n_predicted_ids=int(used.size), notes=gt.notes, confusion=conf.tolist())
     if binary_pred:
         out["foreground_iou"] = out["per_class_iou"].get("foreground")
     return out
@@ -253,7 +294,7 @@ def evaluate(pred_dir: Path, gt: GroundTruth, matching: str = "hungarian", binar
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_folder(pred: Path, gt: Path, protocol: str, split: str = "val", ignore: int = 255,
+def evaluate_folder(pred: Path, gt: Path, protocol: str, split: str = "val", ignore: Optional[int] = None,
                     matching: str = "hungarian", out: Optional[Path] = None, address: Optional[str] = None,
                     map_fn=None) -> dict:
     """``mlcseg eval``: PRED is a run folder (its masks/ or, for binary, binary/) or a folder of label PNGs."""
@@ -273,10 +314,11 @@ def evaluate_folder(pred: Path, gt: Path, protocol: str, split: str = "val", ign
         init_ray(address)
         map_fn = ray_map
     metrics = evaluate(pred_dir, gt_def, matching, binary_pred=protocol == "binary", map_fn=map_fn)
-    metrics.update(protocol=protocol, predictions=str(pred_dir), ground_truth=str(gt))
-    out = out or (pred if is_run else None)
-    if out is not None:
-        write_outputs(Path(out), metrics, gt_def.names)
+    # a run keeps its metrics; a plain folder's go beside it (never into it: confusion.png would read as a mask)
+    out = Path(out) if out else pred if is_run else pred.parent / f"{pred.name}_eval"
+    metrics.update(protocol=protocol, predictions=str(pred_dir), ground_truth=str(gt), split=split,
+                   written_to=str(out / "metrics.json"))
+    write_outputs(out, metrics, gt_def.names)
     return metrics
 
 
@@ -316,6 +358,7 @@ def write_outputs(out: Path, metrics: dict, names: list[str]) -> None:
     from .store import RunDir, atomic_write_bytes, atomic_write_json
 
     run = RunDir(out)
+    run.root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run.metrics, metrics)
     atomic_write_bytes(run.confusion, confusion_png(np.asarray(metrics["confusion"]), names))
 
@@ -343,18 +386,25 @@ def confusion_png(conf: np.ndarray, names: list[str]) -> bytes:
 
 
 def print_metrics(metrics: dict) -> None:
+    """The metrics on stdout: what was measured and how, the score, per-class IoU, what was missing."""
     from rich.table import Table
 
-    from .progress import console
+    from .progress import out
 
-    console.print(f"[bold]{metrics.get('protocol', '')}[/]: mIoU {metrics['miou']:.2f}, pixel accuracy "
-                  f"{metrics['pixel_accuracy']:.2f} ({metrics['n_images']} images, {metrics['matching']} matching)")
+    binary = metrics.get("protocol") == "binary"
+    head = (f"foreground IoU {metrics['foreground_iou']:.2f}" if binary and metrics.get("foreground_iou") is not None
+            else f"mIoU {metrics['miou']:.2f}")
+    out.print(f"{metrics.get('protocol', '')}: {head}, pixel accuracy {metrics['pixel_accuracy']:.2f} "
+              f"({metrics['n_images']} images; matching: {metrics['matching']}; "
+              f"{'; '.join(metrics.get('notes', [])) or 'nothing ignored'})", highlight=False, soft_wrap=True)
     t = Table(title="per-class IoU")
     t.add_column("class")
     t.add_column("IoU", justify="right")
     for name, iou in metrics["per_class_iou"].items():
         t.add_row(name, "-" if iou is None else f"{iou:.2f}")
-    console.print(t)
+    out.print(t)
     if metrics["missing_predictions"]:
-        console.print(f"[yellow]{len(metrics['missing_predictions'])} image(s) had no prediction (counted as "
-                      f"background): {', '.join(metrics['missing_predictions'][:10])}[/]")
+        out.print(f"{len(metrics['missing_predictions'])} image(s) had no prediction (counted as background): "
+                  f"{', '.join(metrics['missing_predictions'][:10])}", highlight=False, soft_wrap=True)
+    if metrics.get("written_to"):
+        out.print(f"metrics written to {metrics['written_to']}", highlight=False, soft_wrap=True)

@@ -34,6 +34,14 @@ class StageOrderError(RuntimeError):
     """A stage was asked for whose inputs are missing or were made with another configuration."""
 
 
+class StageFailed(RuntimeError):
+    """A stage stopped on an error (its ``__cause__``); the run folder records what finished before it."""
+
+    def __init__(self, stage: str, cause: BaseException, where=None):
+        super().__init__(f"{stage}: {cause}")
+        self.stage, self.where = stage, where  # where: the run folder, for errors that name no file
+
+
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -248,7 +256,7 @@ class Executor:
             ctx = StageContext(self.run, self.cfg, self.inputs)
             for name in planned:
                 if self.stages[name].source:  # the manifest's fingerprint feeds every other stage's
-                    self._run_stage(name, ctx, planned, fp=None)
+                    self._run_guarded(name, ctx, planned, None)
             fps, bases = self.fingerprints(ctx, planned)
             self._check_order(planned, fps, bases)
             for name in self.order:
@@ -262,8 +270,17 @@ class Executor:
                 self.stages[n].resources_for(self.cfg).actor for n in planned) else ctx
             for name in planned:
                 if not self.stages[name].source:
-                    self._run_stage(name, ctx, planned, fps[name], bases.get(name))
+                    self._run_guarded(name, ctx, planned, fps[name], bases.get(name))
         return self.summary
+
+    def _run_guarded(self, name: str, ctx: StageContext, planned: list[str], fp: Optional[str],
+                     basis: Optional[dict] = None) -> None:
+        try:
+            self._run_stage(name, ctx, planned, fp, basis)
+        except (StageOrderError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise StageFailed(name, e, self.run.root) from e
 
     def _check_order(self, planned: list[str], fps: dict, bases: dict) -> None:
         """Refuse, before anything is removed, a stage whose upstream is neither in this run nor up to date."""

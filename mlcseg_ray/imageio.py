@@ -163,12 +163,15 @@ def load_rgb(uri: str, max_pixels: int, min_side: int = 1, expect: dict | None =
     return np.array(img, dtype=np.uint8)  # writable: pydensecrf needs that
 
 
-def list_image_files(root: Path) -> list[Path]:
-    """All image files below ``root`` (recursive), by extension, sorted; hidden folders skipped."""
+def list_files(root: Path) -> list[Path]:
+    """Every file below ``root`` (recursive), sorted; hidden files and folders skipped."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                out.append(Path(dirpath) / name)
+        out += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
     return sorted(out)
+
+
+def list_image_files(root: Path) -> list[Path]:
+    """All image files below ``root`` (recursive), by extension, sorted; hidden files and folders skipped."""
+    return [p for p in list_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS]

@@ -10,6 +10,7 @@ about an image goes to ``status.parquet``.
 from __future__ import annotations
 
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -18,9 +19,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .imageio import BadImage, content_hash, file_stat, is_remote, list_image_files, probe, read_bytes
+from .imageio import (IMAGE_EXTENSIONS, BadImage, content_hash, file_stat, is_remote, list_files, list_image_files,
+                      probe, read_bytes)
 from .stage import InputSpec, Stage, StageContext  # noqa: F401 (InputSpec: part of this module's API)
 from .store import atomic_write_table
+
+log = logging.getLogger("mlcseg_ray")
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -40,19 +44,44 @@ MANIFEST_SCHEMA = pa.schema(
 
 
 def list_inputs(spec: InputSpec) -> list[dict]:
-    """Rows of (image_id, uri, coco_id) for the input; image ids unique and stable."""
+    """Rows of (image_id, uri, coco_id) for the input, sorted by id, after ``--limit`` / ``--sample``; image ids
+    unique and stable."""
     spec.validate()
     if spec.images:
         root = Path(spec.images)
         if not root.is_dir():
             raise FileNotFoundError(f"--images: no such folder: {root}")
         files = list_image_files(root)
-        return _ids_from_paths([f.relative_to(root) for f in files], [str(f) for f in files])
-    if spec.voc:
-        return _voc_rows(Path(spec.voc), spec.split)
-    if spec.coco:
-        return _coco_rows(Path(spec.coco), Path(spec.ann))
-    return _manifest_rows(spec.manifest)
+        rows = _ids_from_paths([f.relative_to(root) for f in files], [str(f) for f in files])
+    elif spec.voc:
+        rows = _voc_rows(Path(spec.voc), spec.split)
+    elif spec.coco:
+        rows = _coco_rows(Path(spec.coco), Path(spec.ann))
+    else:
+        rows = _manifest_rows(spec.manifest)
+    rows = sorted(rows, key=lambda r: r["image_id"])
+    if spec.limit:
+        rows = rows[: spec.limit]
+    if spec.sample and spec.sample < len(rows):
+        import numpy as np
+
+        keep = np.sort(np.random.default_rng(spec.sample_seed).choice(len(rows), spec.sample, replace=False))
+        rows = [rows[i] for i in keep]
+    return rows
+
+
+def skipped_files(spec: InputSpec, limit: int = 1000) -> dict:
+    """Files of an image folder that ingest leaves out, not being images by their extension: counted by extension
+    and listed (the first ``limit``)."""
+    if not spec.images or not Path(spec.images).is_dir():
+        return {"count": 0, "by_extension": {}, "files": []}
+    root = Path(spec.images)
+    found = [p for p in list_files(root) if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    by_ext: dict[str, int] = {}
+    for p in found:
+        by_ext[p.suffix.lower() or "(none)"] = by_ext.get(p.suffix.lower() or "(none)", 0) + 1
+    return {"count": len(found), "by_extension": dict(sorted(by_ext.items())),
+            "files": [str(p.relative_to(root)) for p in found[:limit]]}
 
 
 def _ids_from_paths(rel_paths: list[Path], uris: list[str]) -> list[dict]:
@@ -211,6 +240,11 @@ class IngestStage(Stage):
                      and previous.select(MANIFEST_SCHEMA.names).equals(table))
         if not unchanged:  # an untouched manifest keeps its file (and its mtime)
             write_manifest(run.manifest, table)
-        run.update_record(inputs=asdict(spec), input=spec.describe())
+        skipped = skipped_files(spec)
+        if skipped["count"]:
+            log.warning("ingest: %d file(s) skipped, not images by their extension (%s); `mlcseg errors %s` lists "
+                        "them", skipped["count"], ", ".join(f"{k} {v}" for k, v in skipped["by_extension"].items()),
+                        run.root)
+        run.update_record(inputs=asdict(spec), input=spec.describe(), skipped_files=skipped)
         errors = {r["image_id"]: r["error"] for r in table.to_pylist() if r["status"] != "ok"}
         return {"images": table.num_rows, "errors": len(errors), "output": str(run.manifest)}

@@ -18,6 +18,11 @@ def entrypoint(out: str, inputs: dict) -> str:
             args += [f"--{key}", inputs[key]]
     if inputs.get("voc"):
         args += ["--split", inputs.get("split", "val")]
+    for key in ("limit", "sample"):
+        if inputs.get(key):
+            args += [f"--{key}", str(inputs[key])]
+    if inputs.get("sample"):
+        args += ["--sample-seed", str(inputs.get("sample_seed", 0))]
     return " ".join(shlex.quote(a) for a in args)
 
 

@@ -76,7 +76,8 @@ def id_hash(ids: Sequence[str]) -> np.ndarray:
 def row_keys(base: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Per-row keys from a per-row base (an image's hash) and the row's place inside it (its patch index)."""
     with np.errstate(over="ignore"):
-        return _splitmix64(np.asarray(base, np.uint64) ^ (np.asarray(offsets, np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
+        spread = np.asarray(offsets, np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        return _splitmix64(np.asarray(base, np.uint64) ^ spread)
 
 
 def uniforms(keys: np.ndarray, seed: int) -> np.ndarray:
@@ -320,7 +321,8 @@ def distributed_kmeans(
         shift = float(np.max(1.0 - np.sum(new * centroids, axis=-1)))
         centroids = new
         history.append({"iteration": it, "inertia": acc["inertia"], "shift": shift})
-        converged = shift < tol or (prev_inertia is not None and abs(prev_inertia - acc["inertia"]) <= tol * max(prev_inertia, EPS))
+        converged = shift < tol or (prev_inertia is not None
+                                    and abs(prev_inertia - acc["inertia"]) <= tol * max(prev_inertia, EPS))
         prev_inertia = acc["inertia"]
         if converged and not empty.any():
             break

@@ -49,6 +49,9 @@ class Pipeline:
         coco: Optional[str] = None,
         ann: Optional[str] = None,
         manifest: Optional[str] = None,
+        limit: Optional[int] = None,
+        sample: Optional[int] = None,
+        sample_seed: int = 0,
         address: Optional[str] = None,
         gt: Optional[str] = None,
         protocol: Optional[str] = None,
@@ -58,23 +61,30 @@ class Pipeline:
         self.cfg = config or Config()
         if voc and not gt:  # a VOC root carries its own ground truth
             gt, protocol = voc, protocol or "voc21"
-        self.inputs = RunInputs(images=images, voc=voc, split=split, coco=coco, ann=ann, manifest=manifest, gt=gt,
-                                protocol=protocol)
+        self.inputs = RunInputs(images=images, voc=voc, split=split, coco=coco, ann=ann, manifest=manifest,
+                                limit=limit, sample=sample, sample_seed=sample_seed, gt=gt, protocol=protocol)
         self.executor = Executor(self.run_dir, self.cfg, STAGES, self.inputs, backend=backend, address=address,
                                  say=_say)
 
-    def run(self, stages: list[str] | None = None) -> list[dict]:
-        """Run ``stages`` (default: every stage this run wants), print the summary; returns its rows."""
+    def run(self, stages: list[str] | None = None, print_summary: bool = True) -> list[dict]:
+        """Run ``stages`` (default: every stage this run wants); returns the summary rows (printed on stderr
+        unless ``print_summary`` is false)."""
         ctx = StageContext(self.run_dir, self.cfg, self.inputs)
         names = expand(stages) if stages else [s.name for s in STAGES if s.wanted(ctx)]
+        if "ingest" in names and self.inputs.given():
+            self.inputs.check()  # before the run folder is made
+        elif "ingest" in names and not self.run_dir.read_record().get("inputs"):
+            raise ValueError(f"{self.run_dir.root} holds no run yet: give the images with --images, --voc, --coco or "
+                             f"--manifest")
         summary = self.executor.run_stages(names, command=f"mlcseg {' '.join(stages or ['run'])}")
         from .progress import console, summary_table
 
-        summary_table(f"mlcseg: {self.run_dir.root}", summary)
+        if print_summary:
+            summary_table(f"mlcseg: {self.run_dir.root}", summary, to=console)
         if self.run_dir.read_record().get("backbone", {}).get("random_weights"):
             from .backbones import RANDOM_WEIGHTS_WARNING
 
-            console.print(f"[bold red]{RANDOM_WEIGHTS_WARNING}[/]")
+            console.print(f"[bold red]{RANDOM_WEIGHTS_WARNING}[/]", soft_wrap=True)
         return summary
 
     def failed_images(self) -> int:

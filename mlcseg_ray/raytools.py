@@ -6,6 +6,31 @@ import os
 from typing import Optional
 
 
+class ClusterUnreachable(ConnectionError):
+    """No Ray cluster answers at the address the user gave."""
+
+
+def check_address(address: str, timeout: float = 10.0) -> None:
+    """Fail fast, naming the address as given, when nothing listens there (Ray itself retries for minutes, and
+    with some addresses reports another one). ``auto`` is left to Ray, which fails fast when no cluster runs."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if not address or address == "auto":
+        return
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port or (8265 if parts.scheme in ("http", "https") else 6379)
+    except ValueError:
+        raise ClusterUnreachable(f"--address {address!r} is not HOST:PORT, ray://HOST:PORT or http://HOST:PORT")
+    if not host:
+        raise ClusterUnreachable(f"--address {address!r} is not HOST:PORT, ray://HOST:PORT or http://HOST:PORT")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterUnreachable(f"no Ray cluster answers at --address {address} ({e.strerror or e})") from None
+
+
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
     """Embedded Ray without an address (loopback only); ``auto`` or ``HOST:PORT`` joins a running cluster."""
     if not address:
@@ -18,7 +43,11 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        check_address(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        except ConnectionError as e:
+            raise ClusterUnreachable(f"no Ray cluster at --address {address}: {e}") from None
     else:
         ray.init(
             _node_ip_address="127.0.0.1",

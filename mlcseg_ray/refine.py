@@ -57,7 +57,8 @@ def refine_image(rgb: np.ndarray, score: np.ndarray, geom: dict, patch: int, cfg
     H, W = rgb.shape[:2]
     if (W, H) != (geom["width"], geom["height"]):
         raise BadImage(f"image is {W}x{H} now but was {geom['width']}x{geom['height']} at extraction")
-    prob = upsample_score(score, (geom["grid_h"], geom["grid_w"]), patch, (geom["resized_h"], geom["resized_w"]), (H, W))
+    prob = upsample_score(score, (geom["grid_h"], geom["grid_w"]), patch, (geom["resized_h"], geom["resized_w"]),
+                          (H, W))
     if cfg.crf and cfg.crf_iters > 0:
         return crf_refine(rgb, prob, cfg)
     return prob > 0.5

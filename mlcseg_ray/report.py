@@ -1,4 +1,4 @@
-"""Stage ``report``: one self-contained ``report.html`` (plus ``report_assets/``) for people to look at.
+"""Stage ``report``: one self-contained ``report.html`` (images inlined) for people to look at.
 
 Sample overlays, one gallery per class cluster, stage timings and counts, metrics when ground truth was given,
 where the features came from - and a loud banner when the backbone's weights were random.
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .stage import Stage, StageContext
-from .store import RunDir, atomic_write_bytes, atomic_write_text
+from .store import RunDir, atomic_write_text
 
 THUMB = 320
 
@@ -39,6 +39,13 @@ def overlay(rgb: np.ndarray, classes: np.ndarray, palette: list[int], alpha: flo
     return img
 
 
+def _data_uri(data: bytes, mime: str = "image/jpeg") -> str:
+    """An image inside the page: report.html is one file that can be mailed or attached."""
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
 def _esc(x) -> str:
     return html.escape(str(x))
 
@@ -51,7 +58,6 @@ def write_report(run: RunDir, cfg: Config) -> Path:
 
     rec = run.read_record()
     backbone = rec.get("backbone", {})
-    assets = run.report_assets
     palette = voc_palette()
     manifest = run.read_status()
     ok = [r for r in manifest if r["status"] == "ok" and run.class_mask(r["image_id"]).exists()]
@@ -79,12 +85,13 @@ def write_report(run: RunDir, cfg: Config) -> Path:
     # metrics
     if run.metrics.exists():
         m = json.loads(run.metrics.read_text())
+        confusion = _data_uri(run.confusion.read_bytes(), "image/png") if run.confusion.exists() else ""
         per = "".join(f"<tr><td>{_esc(k)}</td><td>{'-' if v is None else f'{v:.2f}'}</td></tr>"
                       for k, v in m["per_class_iou"].items())
         parts.append(f"<h2>Metrics ({_esc(m.get('protocol'))}, {_esc(m['matching'])} matching)</h2>"
                      f"<p class='big'>mIoU {m['miou']:.2f} &middot; pixel accuracy {m['pixel_accuracy']:.2f} "
                      f"&middot; {m['n_images']} images</p><div class='row'><table><tr><th>class</th><th>IoU</th>"
-                     f"</tr>{per}</table><img src='confusion.png' alt='confusion matrix'></div>")
+                     f"</tr>{per}</table><img src='{confusion}' alt='confusion matrix'></div>")
 
     # overlays
     samples = ok[: cfg.report_samples]
@@ -95,9 +102,7 @@ def write_report(run: RunDir, cfg: Config) -> Path:
         except BadImage:
             continue
         classes = np.asarray(Image.open(run.class_mask(r["image_id"])))
-        name = f"overlay_{i:04d}.jpg"
-        atomic_write_bytes(assets / name, _jpeg(overlay(rgb, classes, palette)))
-        name = f"{assets.name}/{name}"  # as the page links it
+        name = _data_uri(_jpeg(overlay(rgb, classes, palette)))
         tiles.append(f"<figure><img src='{name}' alt='{_esc(r['image_id'])}'><figcaption>{_esc(r['image_id'])}"
                      f"{' (' + _esc(r['flag']) + ')' if r.get('flag') else ''}</figcaption></figure>")
     parts.append(f"<h2>Samples</h2><div class='grid'>{''.join(tiles) or '<p>no masks</p>'}</div>")
@@ -121,15 +126,18 @@ def write_report(run: RunDir, cfg: Config) -> Path:
                     continue
                 crop = Image.fromarray(rgb).crop((r["x0"], r["y0"], r["x1"], r["y1"]))
                 crop.thumbnail((160, 160))
-                name = f"class_{c:03d}_{j}.jpg"
-                atomic_write_bytes(assets / name, _jpeg(crop))
-                name = f"{assets.name}/{name}"
+                name = _data_uri(_jpeg(crop))
                 figs.append(f"<img src='{name}' alt='class {c}' title='{_esc(r['image_id'])}'>")
             colour = "#%02x%02x%02x" % tuple(palette[3 * c: 3 * c + 3])
             gal.append(f"<div class='cls'><h3><span class='sw' style='background:{colour}'></span>class {c} "
                        f"({len(by_class[c])} regions)</h3>{''.join(figs)}</div>")
         parts.append(f"<h2>Class clusters</h2>{''.join(gal)}")
 
+    flagged = [r for r in manifest if r.get("flag")]
+    if flagged:
+        rows = "".join(f"<tr><td>{_esc(r['image_id'])}</td><td>{_esc(r['flag'])}</td></tr>" for r in flagged)
+        parts.append(f"<h2>Flagged images</h2><p>The pseudo-mask of these images is empty or covers the whole image: "
+                     f"kept, but worth a look.</p><table><tr><th>image</th><th>pseudo-mask</th></tr>{rows}</table>")
     if n_err:
         errs = "".join(f"<tr><td>{_esc(r['image_id'])}</td><td>{_esc(r['stage'])}</td><td>{_esc(r['error'])}</td></tr>"
                        for r in manifest if r["status"] != "ok")
@@ -142,7 +150,6 @@ font-weight:bold;font-size:1.2em}} .grid{{display:flex;flex-wrap:wrap;gap:8px}} 
 figcaption{{font-size:.8em}} .cls img{{margin:2px;max-height:160px}} .sw{{display:inline-block;width:1em;height:1em;
 margin-right:.4em;vertical-align:middle}} .row{{display:flex;gap:2em;align-items:flex-start}} .big{{font-size:1.3em}}
 </style></head><body>{''.join(parts)}</body></html>"""
-    assets.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.report, page)
     return run.report
 
@@ -153,7 +160,7 @@ class ReportStage(Stage):
     name = "report"
     after = ("label",)
     reads = ("status", "masks", "regions", "metrics", "run_record")
-    writes = ("report", "report_assets")
+    writes = ("report",)
     config_keys = ("report_samples",)
     always_run = True
 

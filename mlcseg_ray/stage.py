@@ -15,7 +15,8 @@ timings, each image's status and the lock.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Optional
 
 from .config import Config
@@ -45,22 +46,42 @@ class InputSpec:
     coco: Optional[str] = None
     ann: Optional[str] = None
     manifest: Optional[str] = None
+    limit: Optional[int] = None  # only the first N images, in image-id order
+    sample: Optional[int] = None  # a random sample of N images ...
+    sample_seed: int = 0  # ... drawn with this seed
 
     def describe(self) -> str:
         if self.images:
-            return f"folder {self.images}"
-        if self.voc:
-            return f"VOC {self.voc} ({self.split})"
-        if self.coco:
-            return f"COCO {self.coco} + {self.ann}"
-        return f"manifest {self.manifest}"
+            what = f"folder {self.images}"
+        elif self.voc:
+            what = f"VOC {self.voc} ({self.split})"
+        elif self.coco:
+            what = f"COCO {self.coco} + {self.ann}"
+        else:
+            what = f"manifest {self.manifest}"
+        if self.limit:
+            what += f", first {self.limit}"
+        if self.sample:
+            what += f", sample of {self.sample} (seed {self.sample_seed})"
+        return what
 
     def validate(self) -> None:
         given = [x for x in (self.images, self.voc, self.coco, self.manifest) if x]
         if len(given) != 1:
-            raise ValueError("give exactly one input: --images DIR, --voc ROOT, --coco IMAGES --ann JSON, or --manifest FILE")
+            raise ValueError("give exactly one input: --images DIR, --voc ROOT, --coco IMAGES --ann JSON, or "
+                             "--manifest FILE")
         if self.coco and not self.ann:
             raise ValueError("--coco needs --ann INSTANCES_JSON")
+        if self.limit and self.sample:
+            raise ValueError("give --limit or --sample, not both")
+
+    def check(self) -> None:
+        """Valid, and the local paths it names exist: before a run folder is made for it."""
+        self.validate()
+        for flag, path in (("--images", self.images), ("--voc", self.voc), ("--coco", self.coco),
+                           ("--ann", self.ann), ("--manifest", self.manifest)):
+            if path and "://" not in path and not Path(path).exists():
+                raise FileNotFoundError(f"{flag}: no such file or folder: {path}")
 
 
 @dataclass(frozen=True)
@@ -75,7 +96,7 @@ class RunInputs(InputSpec):
 
     def spec(self) -> InputSpec:
         """Where the images come from, alone."""
-        return InputSpec(self.images, self.voc, self.split, self.coco, self.ann, self.manifest)
+        return InputSpec(**{f.name: getattr(self, f.name) for f in fields(InputSpec)})
 
 
 @dataclass(frozen=True)

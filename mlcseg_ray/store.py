@@ -127,7 +127,6 @@ class RunDir:
     metrics = property(lambda self: self.root / "metrics.json")
     confusion = property(lambda self: self.root / "confusion.png")
     report = property(lambda self: self.root / "report.html")
-    report_assets = property(lambda self: self.root / "report_assets")
 
     # --- per-shard and per-image paths ---
     def feature_shard(self, n: int) -> Path:

@@ -147,8 +147,11 @@ def test_nan_in_a_brought_store_names_the_image(tmp_path):
     recs = [_blob_image(f"img{i}", i) for i in range(3)]
     recs[1]["keys"][3, 2] = np.nan
     run = _store(tmp_path, recs)
-    with pytest.raises(ValueError, match="img1.*NaN"):
+    from mlcseg_ray.executor import StageFailed
+
+    with pytest.raises(StageFailed, match="cluster: .*img1.*NaN") as failed:
         run_cluster(run, Config(kmeans_init_sample=100))
+    assert isinstance(failed.value.__cause__, ValueError)
 
 
 def test_cluster_on_ray_is_identical_and_resumes(ray_local, planted, tmp_path):

@@ -112,7 +112,9 @@ def test_binary_protocol(tmp_path):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     _save(gt, "a", [[0, 3, 3, 255]])
     _save(pred, "a", [[0, 255, 0, 255]])
-    m = evaluate_folder(pred, gt, "binary")
+    m = evaluate_folder(pred, gt, "binary")  # nothing ignored unless asked: 255 is foreground
+    assert round(m["foreground_iou"], 2) == 66.67 and m["per_class_iou"]["background"] == 50.0
+    m = evaluate_folder(pred, gt, "binary", ignore=255)
     assert m["foreground_iou"] == 50.0 and m["per_class_iou"]["background"] == 50.0
 
 

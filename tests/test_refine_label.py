@@ -126,7 +126,8 @@ def test_report_renders_with_its_images(e2e):
     import re
 
     srcs = re.findall(r"src='([^']+)'", page)
-    assert srcs and all((run.root / s).exists() for s in srcs)
+    assert srcs and all(s.startswith("data:image/") for s in srcs)  # one self-contained file
+    assert not (run.root / "report_assets").exists()
 
 
 def test_empty_foreground_gives_background_and_no_region(e2e):
