@@ -43,7 +43,7 @@ RANDOM_WEIGHTS_WARNING = (
 )
 
 
-class WeightsNotFound(RuntimeError):
+class WeightsNotFound(ValueError):
     pass
 
 
@@ -216,6 +216,34 @@ def _from_timm_cache_or_hub(name: str, model: nn.Module) -> str:
         raise WeightsNotFound(f"not in timm's cache and the hub is unreachable ({type(e).__name__})") from None
     load_weights(model, path)
     return f"hub ({hub_id})"
+
+
+def locate_weights(name: str, weights: Optional[str] = None) -> Optional[str]:
+    """Where a run's weights will come from, checked once in the driver before any worker starts: the file
+    given, timm's cache (downloaded there when online), or None for a random-weight backbone. Raises
+    WeightsNotFound / FileNotFoundError with the options a user has."""
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"--weights: no such file: {weights}")
+        return str(weights)
+    if name in RANDOM_BACKBONES:
+        return None
+    import timm
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
+    cached = try_to_load_from_cache(hub_id, "model.safetensors") if hub_id else None
+    if isinstance(cached, str):
+        return cached
+    try:
+        return hf_hub_download(hub_id, "model.safetensors") if hub_id else None
+    except Exception as e:  # offline, no DNS, gated...
+        raise WeightsNotFound(
+            f"no weights for {name}: not in timm's cache and the hub is unreachable ({type(e).__name__}). Options: "
+            f"--weights PATH to an official DINO/DINOv2 .pth, a Hugging Face facebook/dino-* or facebook/dinov2-* "
+            f"model.safetensors, or a timm model.safetensors; or --backbone random-vit-s8 for a random-weight test "
+            f"run") from None
 
 
 def build_backbone(name: str, weights: Optional[str] = None) -> tuple[nn.Module, BackboneInfo]:

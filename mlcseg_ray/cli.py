@@ -3,6 +3,7 @@
 expected failure is one line on stderr and an exit code from :data:`EXIT_CODES`."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -161,10 +162,17 @@ def _run_stages(stages, out, config, overrides, backbone, weights, address, as_j
     from .pipeline import Pipeline
 
     try:
+        if config is None and (Path(out) / "config.yaml").is_file():
+            config = Path(out) / "config.yaml"  # a rerun starts from the folder's config; overrides change it
         cfg = _config(config, overrides, backbone, weights)  # a bad config creates nothing
         _check_out(out)
+        if address:
+            from .raytools import init_ray
+
+            init_ray(address)  # an unreachable cluster creates nothing either
         pipe = Pipeline(out, cfg, address=address, **inputs)
-        summary = pipe.run(stages, print_summary=False)
+        with contextlib.redirect_stdout(sys.stderr):  # Ray's worker logs: stdout is for the result alone
+            summary = pipe.run(stages, print_summary=False)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line and an exit code
         raise typer.Exit(_exit_code(e))
     _report(pipe, summary, as_json)
@@ -205,7 +213,8 @@ def run(
     backbone: Optional[str] = Backbone, weights: Optional[str] = Weights, address: Optional[str] = Address,
     config: Optional[Path] = ConfigFile, as_json: bool = Json, overrides: Optional[List[str]] = Overrides,
 ):
-    """All stages: ingest, extract, cluster, refine, label, (evaluate), report. A rerun resumes or recomputes."""
+    """All stages: ingest, extract, cluster, refine, label, (evaluate), report. A rerun starts from RUN/config.yaml
+    (key=value overrides change it), resumes, and recomputes what a change touches."""
     _run_stages(None, out, config, overrides, backbone, weights, address, as_json, images=images, voc=voc,
                 split=split, coco=coco, ann=ann, manifest=manifest, limit=limit, sample=sample,
                 sample_seed=sample_seed)
@@ -230,8 +239,7 @@ def _stage_command(stage: str, doc: str):
         out: Path = Out, address: Optional[str] = Address, config: Optional[Path] = ConfigFile,
         as_json: bool = Json, overrides: Optional[List[str]] = Overrides,
     ):
-        cfg_file = config or (out / "config.yaml" if (out / "config.yaml").exists() else None)
-        _run_stages([stage], out, cfg_file, overrides, None, None, address, as_json)
+        _run_stages([stage], out, config, overrides, None, None, address, as_json)
 
     command.__doc__ = doc + " Starts from RUN/config.yaml; key=value overrides change it."
     command.__name__ = stage

@@ -259,6 +259,11 @@ class Executor:
                     self._run_guarded(name, ctx, planned, None)
             fps, bases = self.fingerprints(ctx, planned)
             self._check_order(planned, fps, bases)
+            for name in planned:
+                try:
+                    self.stages[name].preflight(ctx)
+                except Exception as e:
+                    raise StageFailed(name, e, self.run.root) from e
             for name in self.order:
                 rec = self._record(name)
                 if rec and not self.stages[name].source and rec.get("fingerprint") != fps[name]:

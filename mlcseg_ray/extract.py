@@ -50,6 +50,11 @@ class ExtractStage(Stage):
                                     f"--manifest) to ingest them first")
         return sorted(set(pq.read_table(ctx.run.manifest, columns=["shard"]).column(0).to_pylist()))
 
+    def preflight(self, ctx: StageContext) -> None:
+        from .backbones import locate_weights
+
+        locate_weights(ctx.cfg.backbone, ctx.cfg.weights)  # a clear error here, not in every actor
+
     def setup(self, ctx: StageContext):
         from .backbones import FeatureExtractor, build_backbone
 

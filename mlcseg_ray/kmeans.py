@@ -110,7 +110,7 @@ _GPU_RESOURCES = None
 
 def visible_gpu() -> bool:
     """Whether this process was given a GPU. Ray hides GPUs from tasks that did not request one, so inside a
-    shard task this is the cluster-level choice (``device``) made by :func:`map_shards`."""
+    shard task this is the cluster-level choice (``device``) made by the executor's resources."""
     try:
         import torch
 

@@ -183,6 +183,12 @@ class DescribeStage(Stage):
             raise FileNotFoundError(f"no pseudo-masks in {ctx.run.pseudo}: run cluster and refine first")
         return [shard_index(p) for p in parts]
 
+    def preflight(self, ctx: StageContext) -> None:
+        if ctx.cfg.region_descriptor == "crop_cls":
+            from .backbones import locate_weights
+
+            locate_weights(ctx.cfg.backbone, ctx.cfg.weights)  # a clear error here, not in every actor
+
     def setup(self, ctx: StageContext):
         return RegionEmbedder(ctx.cfg, ctx.device) if ctx.cfg.region_descriptor == "crop_cls" else None
 

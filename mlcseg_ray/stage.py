@@ -136,6 +136,9 @@ class Stage:
         """Source stages only: a hash of what they wrote."""
         raise NotImplementedError
 
+    def preflight(self, ctx: StageContext) -> None:
+        """Cheap checks (the weights can be found), run for every planned stage before anything is removed."""
+
     def wanted(self, ctx: StageContext) -> bool:
         """Whether a full run includes this stage (evaluate only with ground truth)."""
         return True

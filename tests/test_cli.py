@@ -210,3 +210,17 @@ def test_a_full_disk_is_one_line_naming_the_stage(tmp_path):
         assert "Traceback" not in res.stderr
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_rerun_starts_from_the_folders_config_and_missing_weights_remove_nothing(messy_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(messy_run[1], out)
+    res = mlcseg("run", "--out", out, "--json")  # no input, no overrides: the folder's own config and input
+    assert res.returncode == 3, res.stderr[-2000:]  # the same two images still fail
+    assert all(s["skipped"] for s in json.loads(res.stdout)["stages"] if s["stage"] not in ("ingest", "report"))
+    features = sorted(p.name for p in (out / "features").iterdir())
+    config = (out / "config.yaml").read_text()
+    res = mlcseg("run", "--out", out, "--backbone", "vit_small_patch16_224.dino", env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 2 and "no weights for vit_small_patch16_224.dino" in res.stderr
+    assert sorted(p.name for p in (out / "features").iterdir()) == features  # checked before anything is removed
+    assert (out / "config.yaml").read_text() == config
