@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence
 
 from .config import Config
+from .kmeans import serial_map
 from .stage import MapFn, Resources, RunInputs, Stage, StageContext
 from .store import RunDir, atomic_write_json, read_json
 
@@ -44,15 +45,6 @@ class StageFailed(RuntimeError):
 
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def serial_map(fn: Callable, items: Sequence, *shared, on_done=None) -> list:
-    out = []
-    for item in items:
-        out.append(fn(item, *shared))
-        if on_done:
-            on_done()
-    return out
 
 
 def run_shard(stage: Stage, ctx: StageContext, shard: int, shared: Any, fingerprint: str, worker: Any = None) -> dict:

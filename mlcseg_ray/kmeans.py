@@ -249,9 +249,14 @@ class KMeansResult:
     sample_size: int = 0  # points drawn for the initialisation (held by the driver)
 
 
-def serial_map(fn: Callable, items: Sequence, *shared) -> list:
-    """The default ``map_fn``: a plain loop in this process."""
-    return [fn(item, *shared) for item in items]
+def serial_map(fn: Callable, items: Sequence, *shared, on_done=None) -> list:
+    """The default ``map_fn``: a plain loop in this process (``on_done()`` after each item, for progress)."""
+    out = []
+    for item in items:
+        out.append(fn(item, *shared))
+        if on_done:
+            on_done()
+    return out
 
 
 def _sample_task(shard, load, prob: np.ndarray, seed: int):
