@@ -28,11 +28,6 @@ def weights_identity(path: str | None) -> dict | None:
     return {"path": os.path.realpath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def shard_rows(run, shard: int) -> list[dict]:
-    """The manifest rows of one shard."""
-    return pq.read_table(run.manifest, filters=[("shard", "=", shard)]).to_pylist()
-
-
 class ExtractStage(Stage):
     name = "extract"
     after = ("ingest",)
@@ -65,7 +60,7 @@ class ExtractStage(Stage):
         from .features import FEATURE_WRITE_OPTIONS, extract_shard, store_metadata
 
         extractor, info = worker
-        feats, images = extract_shard(extractor, info, shard_rows(ctx.run, shard), ctx.cfg, ctx.device)
+        feats, images = extract_shard(extractor, info, ctx.run.manifest_rows(shard), ctx.cfg, ctx.device)
         meta = store_metadata(info, ctx.cfg)
         atomic_write_table(ctx.run.feature_shard(shard), feats.replace_schema_metadata(meta), **FEATURE_WRITE_OPTIONS)
         atomic_write_table(ctx.run.image_table(shard), images.replace_schema_metadata(meta))

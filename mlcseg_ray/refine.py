@@ -81,8 +81,7 @@ def expected_files(run: RunDir, shard: int, cfg: Config) -> dict[str, dict]:
 
     if not run.manifest.exists():
         return {}
-    rows = pq.read_table(run.manifest, filters=[("shard", "=", shard)]).to_pylist()
-    return {r["image_id"]: expected_file(r, cfg) for r in rows}
+    return {r["image_id"]: expected_file(r, cfg) for r in run.manifest_rows(shard)}
 
 
 class RefineStage(Stage):

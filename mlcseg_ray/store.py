@@ -153,6 +153,10 @@ class RunDir:
     def class_mask(self, image_id: str) -> Path:
         return self.masks / f"{image_id}.png"
 
+    def manifest_rows(self, shard: int) -> list[dict]:
+        """The manifest's rows of one shard (what extract reads, and what later stages check images against)."""
+        return pq.read_table(self.manifest, filters=[("shard", "=", shard)]).to_pylist()
+
     # --- stage state: markers and the stage record ---
     def state(self, stage: str) -> Path:
         return self.root / "_state" / stage
