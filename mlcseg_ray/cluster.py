@@ -29,10 +29,11 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .features import list_to_numpy
-from .kmeans import (EPS, batched_kmeans, check_finite, distributed_kmeans, exact_weights, id_hash, kmeans_arrays,
-                     kmeans_draws, reduce_sum, row_keys, segment_sum, serial_map, unit_vectors)
+from .kmeans import (EPS, IMAGE_BATCH, assign, assign_groups, batched_kmeans, bottom_k, check_finite, draw_rows,
+                     fit_kmeans, id_hash, keep_probs, kmeans_arrays, kmeans_draws, row_keys, sample_budgets,
+                     segment_sum, serial_map, to_grid, unit_vectors, visible_gpu)
 from .stage import MapFn, Resources, Stage, StageContext
-from .store import RunDir, atomic_write_table, list_shards, read_tables, shard_index
+from .store import RunDir, atomic_write_json, atomic_write_table, list_shards, read_json, read_tables, shard_index
 
 log = logging.getLogger("mlcseg_ray")
 LEVELS = ("dataset", "category", "image")
@@ -220,44 +221,8 @@ class LevelFits:
     loader: KeyLoader  # image -> CLS group
 
 
-def _cue_task(path, centroids):
-    """Dataset level: per cluster, patch count, summed normalised attention, border patches."""
-    from .kmeans import assign
-
-    p = read_patches(path)
-    labels, _ = assign(p.keys, centroids[0])
-    k = centroids.shape[1]
-    return {
-        "counts": np.bincount(labels, minlength=k),
-        "attn": np.bincount(labels, weights=exact_weights(p.attn), minlength=k),
-        "border": np.bincount(labels, weights=p.border.astype(np.float64), minlength=k),
-    }
-
-
-def _group_stats_task(path, loader: KeyLoader, dataset_centroids, dataset_fg, cat_centroids):
-    """Per CLS group: sums of dataset-level fg/bg patches (the group's foreground direction), and per category
-    cluster: sums, counts and how many of its patches were dataset-level foreground."""
-    from .kmeans import assign, assign_groups
-
-    x, groups, _ = loader(path)
-    G, k, D = cat_centroids.shape
-    d_labels, _ = assign(x, dataset_centroids[0])
-    dfg = dataset_fg[d_labels]
-    c_labels, _ = assign_groups(x, groups, cat_centroids)
-    flat = groups * k + c_labels
-    return {
-        "sums": segment_sum(flat, x, G * k).reshape(G, k, D),
-        "counts": np.bincount(flat, minlength=G * k).reshape(G, k),
-        "dfg": np.bincount(flat, weights=dfg.astype(np.float64), minlength=G * k).reshape(G, k),
-        "fg_sum": segment_sum(groups[dfg], x[dfg], G), "fg_n": np.bincount(groups[dfg], minlength=G),
-        "bg_sum": segment_sum(groups[~dfg], x[~dfg], G), "bg_n": np.bincount(groups[~dfg], minlength=G),
-    }
-
-
 def cluster_shard(p: Patches, groups: np.ndarray, fits: LevelFits, cfg: Config, device: str = "cpu") -> list[dict]:
     """All three levels and the combination for every image of one shard (plain function; no I/O)."""
-    from .kmeans import assign, assign_groups
-
     d_labels, _ = assign(p.keys, fits.dataset_centroids[0])
     lvl_d = fits.dataset_fg[d_labels]
     c_labels, _ = assign_groups(p.keys, groups, fits.cat_centroids)
@@ -265,9 +230,8 @@ def cluster_shard(p: Patches, groups: np.ndarray, fits: LevelFits, cfg: Config, 
     lvl_i = np.zeros(len(p.keys), bool)
 
     n_img = len(p.image_ids)
-    chunk = 16
-    for start in range(0, n_img, chunk):
-        idx = list(range(start, min(n_img, start + chunk)))
+    for start in range(0, n_img, IMAGE_BATCH):
+        idx = list(range(start, min(n_img, start + IMAGE_BATCH)))
         sizes = [p.starts[i + 1] - p.starts[i] for i in idx]
         N = max(sizes)
         xb = np.zeros((len(idx), N, p.keys.shape[1]), np.float32)
@@ -339,74 +303,115 @@ def _cls_groups(run: RunDir, cfg: Config) -> tuple[list[str], np.ndarray, int, n
                               for t in tables])
     check_finite(x, "CLS tokens")
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
-    from .kmeans import to_grid
-
     to_grid(x)
     n_groups = min(cfg.num_categories, len(ids))
     if n_groups == 1:
         return ids, np.zeros(len(ids), np.int64), 1, patches
     # in-process (seconds even for COCO; Ray would add object-store copies)
     res = kmeans_arrays(x, n_groups, iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed,
-                        init_sample=cfg.kmeans_init_sample, normalized=True, map_fn=serial_map)
-    from .kmeans import assign
-
+                        sample=cfg.kmeans_sample, assign_all=False, normalized=True, map_fn=serial_map)
     labels, _ = assign(x, res.centroids[0])
     return ids, labels, n_groups, patches
 
 
-def _patch_count(shards) -> int:
-    return sum(pq.read_metadata(p).num_rows for p in shards)
+class PatchRows:
+    """``load(shard) -> (unit keys, CLS group, row keys, normalised attention, border flags)`` of every patch: what
+    the one sampling pass keeps for both global levels (the attention and border cues label the dataset level)."""
+
+    def __init__(self, loader: KeyLoader):
+        self.loader = loader
+
+    def __call__(self, path):
+        p = read_patches(path)
+        keys = row_keys(id_hash(p.image_ids)[p.row_image], np.arange(len(p.keys)) - p.starts[p.row_image])
+        return p.keys, self.loader.groups(p.image_ids)[p.row_image], keys, p.attn, p.border
 
 
 def fit_levels(run: RunDir, cfg: Config, map_fn: MapFn = serial_map) -> LevelFits:
-    """The global parts of levels 1 and 2 (k-means + labelling); writes ``levels/`` and returns what every shard
-    task needs."""
+    """The global parts of levels 1 and 2, from one pass over the store (issue 14).
+
+    The pass draws a bounded sample, by each patch's own hash: the ``kmeans_sample`` patches of the whole store
+    with the smallest hash (dataset level), and as many again shared by the CLS groups (category level, at least
+    50 per centroid in each group). Both k-means, the dataset level's cues and the consistency statistics of the
+    category level are computed on it in memory; the whole store is read again only to label it
+    (:meth:`ClusterStage.process_shard`). Writes ``levels/`` and returns what every shard task needs."""
     shards = list_shards(run.features)
     if not shards:
         raise FileNotFoundError(f"no feature shards in {run.features}: run extract first (or bring a store)")
-    kw = dict(iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=cfg.seed, init_sample=cfg.kmeans_init_sample,
-              map_fn=map_fn)
     t0 = time.perf_counter()
-    ds = distributed_kmeans(shards, KeyLoader(), cfg.k_dataset, sizes=[_patch_count(shards)], **kw)
-    cues = reduce_sum(map_fn(_cue_task, shards, ds.centroids))
-    dataset_fg, cue_score = fg_from_cues(cues["counts"], cues["attn"], cues["border"])
-    fg_n, bg_n = ds.counts[0][dataset_fg].sum(), ds.counts[0][~dataset_fg].sum()
-    global_dir = direction(ds.sums[0][dataset_fg].sum(0), fg_n, ds.sums[0][~dataset_fg].sum(0), bg_n,
-                           np.zeros(ds.sums.shape[2]))
-    log.info("dataset level: %d iterations, fg clusters %s (%.1fs)", ds.iterations,
+    ids, group_of, n_groups, patches = _cls_groups(run, cfg)  # the image tables: N x D, not the store
+    loader = KeyLoader(ids, group_of)
+    sizes = np.bincount(group_of, weights=patches, minlength=n_groups).astype(np.int64)
+    total = int(sizes.sum())
+    d_budget = min(cfg.kmeans_sample, total)
+    g_budgets = sample_budgets(sizes, cfg.kmeans_sample, cfg.k_category)
+    prob = np.maximum(keep_probs([total], [d_budget])[0], keep_probs(sizes, g_budgets))
+    x, groups, keys, u, attn, border = draw_rows(shards, PatchRows(loader), prob, cfg.seed, map_fn)
+    rng = np.random.default_rng(cfg.seed)
+    kw = dict(iters=cfg.kmeans_iters, tol=cfg.kmeans_tol)
+
+    # Level 1 on the store-wide sample: clusters, then foreground from attention and border cues.
+    d = bottom_k(u, np.zeros(len(u), np.int64), keys, np.array([d_budget]))
+    xd = x[d]
+    d_cent, d_iters = fit_kmeans(xd, cfg.k_dataset, rng, **kw)
+    d_labels, _ = assign(xd, d_cent)
+    k = cfg.k_dataset
+    counts = np.bincount(d_labels, minlength=k)
+    dataset_fg, cue_score = fg_from_cues(counts, np.bincount(d_labels, weights=attn[d], minlength=k),
+                                         np.bincount(d_labels, weights=border[d].astype(np.float64), minlength=k))
+    dfg = dataset_fg[d_labels]
+    global_dir = direction(xd[dfg].sum(0, dtype=np.float64), dfg.sum(), xd[~dfg].sum(0, dtype=np.float64),
+                           (~dfg).sum(), np.zeros(x.shape[1]))
+    del xd
+    log.info("dataset level: %d-patch sample, %d iterations, fg clusters %s (%.1fs)", len(d), d_iters,
              np.flatnonzero(dataset_fg).tolist(), time.perf_counter() - t0)
 
+    # Level 2 on each group's sample, labelled consistently with level 1.
     t0 = time.perf_counter()
-    ids, group_of, n_groups, patches = _cls_groups(run, cfg)
-    loader = KeyLoader(ids, group_of)
-    cat = distributed_kmeans(shards, loader, cfg.k_category, n_groups=n_groups,
-                             sizes=np.bincount(group_of, weights=patches, minlength=n_groups).astype(np.int64), **kw)
-    st = reduce_sum(map_fn(_group_stats_task, shards, loader, ds.centroids, dataset_fg, cat.centroids))
-    cat_fg = np.zeros((n_groups, cfg.k_category), bool)
+    c = bottom_k(u, groups, keys, g_budgets)
+    del u, keys, attn, border
+    kc = cfg.k_category
+    cat_centroids = np.zeros((n_groups, kc, x.shape[1]), np.float32)
+    cat_fg = np.zeros((n_groups, kc), bool)
+    cat_counts = np.zeros((n_groups, kc), np.int64)
+    c_iters = 0
+    starts = np.searchsorted(groups[c], np.arange(n_groups + 1))
     for g in range(n_groups):
-        counts = st["counts"][g]
-        frac = st["dfg"][g] / np.maximum(counts, 1)
+        xg = x[c[starts[g]: starts[g + 1]]]
+        if not len(xg):
+            continue
+        cat_centroids[g], it = fit_kmeans(xg, kc, rng, **kw)
+        c_iters = max(c_iters, it)
+        labels, _ = assign(xg, cat_centroids[g])
+        up_fg = dataset_fg[assign(xg, d_cent)[0]]
+        cat_counts[g] = np.bincount(labels, minlength=kc)
+        frac = np.bincount(labels, weights=up_fg.astype(np.float64), minlength=kc) / np.maximum(cat_counts[g], 1)
         if cfg.consistency == "relative":
-            d = direction(st["fg_sum"][g], st["fg_n"][g], st["bg_sum"][g], st["bg_n"][g], global_dir)
-            gmeans = st["sums"][g] / np.maximum(counts, 1)[:, None]
-            cat_fg[g] = relative_flags(gmeans, counts, d, frac, min_spread=RELATIVE_MIN_SPREAD * float(d @ d))
+            dg = direction(xg[up_fg].sum(0, dtype=np.float64), up_fg.sum(), xg[~up_fg].sum(0, dtype=np.float64),
+                           (~up_fg).sum(), global_dir)
+            means = segment_sum(labels, xg, kc) / np.maximum(cat_counts[g], 1)[:, None]
+            cat_fg[g] = relative_flags(means, cat_counts[g], dg, frac, min_spread=RELATIVE_MIN_SPREAD * float(dg @ dg))
         else:
-            cat_fg[g] = majority_flags(frac, counts)
-    log.info("category level: %d groups, %d iterations (%.1fs)", n_groups, cat.iterations, time.perf_counter() - t0)
+            cat_fg[g] = majority_flags(frac, cat_counts[g])
+    log.info("category level: %d groups, %d-patch sample, %d iterations (%.1fs)", n_groups, len(c), c_iters,
+             time.perf_counter() - t0)
 
-    # Level files, for inspection and for the report.
+    # Level files, for inspection and for the report; counts are the sample's.
+    D = x.shape[1]
     atomic_write_table(run.levels / "dataset.parquet", pa.table({
-        "cluster": np.arange(cfg.k_dataset), "fg": dataset_fg, "count": ds.counts[0], "cue_score": cue_score,
-        "centroid": pa.FixedSizeListArray.from_arrays(pa.array(ds.centroids[0].ravel()), ds.centroids.shape[2]),
+        "cluster": np.arange(k), "fg": dataset_fg, "sample_count": counts, "cue_score": cue_score,
+        "centroid": pa.FixedSizeListArray.from_arrays(pa.array(d_cent.ravel()), D),
     }))
-    G, k, D = cat.centroids.shape
     atomic_write_table(run.levels / "categories.parquet", pa.table({
-        "group": np.repeat(np.arange(G), k), "cluster": np.tile(np.arange(k), G), "fg": cat_fg.ravel(),
-        "count": st["counts"].ravel(),
-        "centroid": pa.FixedSizeListArray.from_arrays(pa.array(cat.centroids.ravel()), D),
+        "group": np.repeat(np.arange(n_groups), kc), "cluster": np.tile(np.arange(kc), n_groups),
+        "fg": cat_fg.ravel(), "sample_count": cat_counts.ravel(),
+        "centroid": pa.FixedSizeListArray.from_arrays(pa.array(cat_centroids.ravel()), D),
     }))
     atomic_write_table(run.levels / "groups.parquet", pa.table({"image_id": ids, "group": group_of}))
-    return LevelFits(ds.centroids, dataset_fg, cat.centroids, cat_fg, global_dir, loader)
+    atomic_write_json(run.levels / "fit.json", {
+        "store_passes": 1, "patches": total, "dataset_sample": int(len(d)), "category_sample": int(len(c)),
+        "dataset_iterations": d_iters, "category_iterations": c_iters, "groups": n_groups})
+    return LevelFits(d_cent[None], dataset_fg, cat_centroids, cat_fg, global_dir, loader)
 
 
 def pseudo_table(rows: list[dict]) -> pa.Table:
@@ -424,9 +429,11 @@ class ClusterStage(Stage):
     reads = ("features", "image_tables")
     writes = ("levels", "pseudo")
     config_keys = ("k_dataset", "num_categories", "k_category", "k_image", "consistency", "combine", "vote",
-                   "kmeans_iters", "kmeans_tol", "kmeans_init_sample", "seed")
+                   "kmeans_iters", "kmeans_tol", "kmeans_sample", "seed")
     resources = Resources(cpus=1, gpus="share")
-    version = 2  # 2: sampling keyed by image and patch, exact sums (results independent of shard_size)
+    # 2: sampling keyed by image and patch, exact sums (results independent of shard_size)
+    # 3: global levels fitted on a sample drawn in one pass; the store is read twice in all (issue 14)
+    version = 3
 
     def shards(self, ctx: StageContext) -> list[int]:
         shards = [shard_index(p) for p in list_shards(ctx.run.features)]
@@ -440,8 +447,6 @@ class ClusterStage(Stage):
         return fit_levels(ctx.run, ctx.cfg, map_fn)
 
     def process_shard(self, ctx: StageContext, shard: int, fits: LevelFits, worker=None) -> dict:
-        from .kmeans import visible_gpu
-
         p = read_patches(ctx.run.feature_shard(shard))
         groups = fits.loader.groups(p.image_ids)[p.row_image]
         device = "cuda" if ctx.cfg.device != "cpu" and visible_gpu() else "cpu"
@@ -450,7 +455,12 @@ class ClusterStage(Stage):
         return {"images": len(rows), "flags": {r["image_id"]: r["flag"] for r in rows if r["flag"]}}
 
     def finish(self, ctx: StageContext, results: dict, map_fn: MapFn) -> dict:
-        return {"flagged": sum(len(r.get("flags", {})) for r in results.values()), "output": str(ctx.run.pseudo)}
+        # Passes over the feature store made by this invocation: the fit's (when any shard was pending) plus the
+        # labelling pass over the pending shards (a resumed run reads only what it lacks).
+        fit = read_json(ctx.run.levels / "fit.json") or {}
+        passes = (fit.get("store_passes", 0) if ctx.pending else 0) + len(ctx.pending) / max(len(results), 1)
+        return {"flagged": sum(len(r.get("flags", {})) for r in results.values()), "store_passes": round(passes, 3),
+                "output": str(ctx.run.pseudo)}
 
 
 def read_pseudo(run: RunDir, columns=None) -> pa.Table:

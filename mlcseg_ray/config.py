@@ -47,7 +47,8 @@ class Config(BaseModel):
     vote: int = Field(2, ge=1, le=3)
     kmeans_iters: int = Field(25, ge=1)
     kmeans_tol: float = Field(1e-4, ge=0)
-    kmeans_init_sample: int = Field(100_000, ge=100, description="points drawn on purpose for k-means++ init")
+    kmeans_sample: int = Field(100_000, ge=100, description="vectors a global k-means is fitted on, drawn in one "
+                               "pass (dataset level; the category level's groups share as many; classes)")
     seed: int = 0
 
     # --- refinement (DESIGN §2 "Refinement") ---
@@ -68,6 +69,15 @@ class Config(BaseModel):
 
     # --- report ---
     report_samples: int = Field(24, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        # run folders written before issue 14 name the sample size kmeans_init_sample
+        if isinstance(data, dict) and "kmeans_init_sample" in data and "kmeans_sample" not in data:
+            data = {**data, "kmeans_sample": data["kmeans_init_sample"]}
+            data.pop("kmeans_init_sample")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

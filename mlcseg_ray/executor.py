@@ -326,6 +326,7 @@ class Executor:
             remove_stale_temp_files(getattr(self.run, w))
         done = {n for n in shards if (read_json(self.run.marker(stage.name, n)) or {}).get("fingerprint") == fp}
         todo = [n for n in shards if n not in done]
+        ctx = replace(ctx, pending=tuple(todo))
         if todo:
             shared = stage.prepare(ctx, self.map_fn())
             self._run_shards(stage, ctx, todo, shared, fp)

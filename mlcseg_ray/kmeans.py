@@ -186,14 +186,6 @@ def accumulate(x: np.ndarray, groups: np.ndarray, centroids: np.ndarray) -> dict
             "inertia": float(np.sum(exact_weights(1.0 - sims)))}
 
 
-def sample_rows(x: np.ndarray, groups: np.ndarray, keys: np.ndarray, group_prob: np.ndarray,
-                seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each row kept with its group's probability (``group_prob[g]``), decided by the row's own key: the sample is
-    the same however the rows are cut into shards."""
-    keep = uniforms(keys, seed) < np.asarray(group_prob)[groups]
-    return (x, groups, keys) if keep.all() else (x[keep], groups[keep], keys[keep])  # all kept: no copy
-
-
 def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Greedy k-means++ seeding (as scikit-learn: 2 + log k candidates per step, keep the best) for unit vectors,
     distance 1 - cos. Fewer distinct points than k: repeats allowed."""
@@ -214,14 +206,41 @@ def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return centers
 
 
-def lloyd(x: np.ndarray, centers: np.ndarray, iters: int) -> np.ndarray:
-    """A few in-memory spherical Lloyd steps (used on the init sample, before the distributed passes)."""
-    for _ in range(iters):
-        labels = np.argmax(x @ centers.T, axis=1)
-        sums = segment_sum(labels, x, len(centers))
-        filled = np.bincount(labels, minlength=len(centers)) > 0
-        centers = np.where(filled[:, None], l2_normalize(sums), centers).astype(np.float32)
-    return centers
+def fit_kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 25, tol: float = 1e-4,
+               n_init: int = 3) -> tuple[np.ndarray, int]:
+    """Spherical k-means in memory, the best (lowest inertia) of ``n_init`` k-means++ starts: one start can merge
+    two clusters and split another, and on a bounded sample a few starts cost little. Each start runs Lloyd steps
+    until the centroids move less than ``tol`` (1 - cos) or the partition stops changing; an emptied cluster is
+    re-seeded at the points farthest from every centroid. Sums are float64 over grid vectors, so the result
+    depends only on the rows and their order. Returns (centroids (k, D), Lloyd steps of the chosen start)."""
+    best = None
+    for _ in range(n_init):
+        centers, it, inertia = _lloyd(x, kmeans_pp(x, k, rng), iters, tol)
+        if best is None or inertia < best[2]:
+            best = (centers, it, inertia)
+    return best[0], best[1]
+
+
+def _lloyd(x: np.ndarray, centers: np.ndarray, iters: int, tol: float) -> tuple[np.ndarray, int, float]:
+    k = len(centers)
+    labels = None
+    it = 0
+    for it in range(1, iters + 1):
+        sims = x @ centers.T
+        new_labels = np.argmax(sims, axis=1)
+        counts = np.bincount(new_labels, minlength=k)
+        new = l2_normalize(segment_sum(new_labels, x, k)).astype(np.float32)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):  # the farthest points, one per emptied cluster
+            far = np.argsort(sims.max(1), kind="stable")[: len(empty)]
+            new[empty] = x[far] if len(x) >= k else centers[empty]
+        shift = float(np.max(1.0 - np.sum(new * centers, axis=1)))
+        centers = new
+        if shift < tol or (labels is not None and np.array_equal(labels, new_labels)):
+            break
+        labels = new_labels
+    inertia = float(np.sum(1.0 - (x @ centers.T).max(1), dtype=np.float64))
+    return centers, it, inertia
 
 
 def reduce_sum(dicts) -> dict:
@@ -231,22 +250,6 @@ def reduce_sum(dicts) -> dict:
         for key, v in d.items():
             total[key] = v if key not in total else total[key] + v
     return total
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# distributed spherical k-means
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class KMeansResult:
-    centroids: np.ndarray  # (G, k, D), unit-norm
-    counts: np.ndarray  # (G, k) points per centroid at the last assignment
-    sums: np.ndarray  # (G, k, D) sums of the points (unnormalised means = sums / counts)
-    inertia: float
-    iterations: int
-    history: list
-    sample_size: int = 0  # points drawn for the initialisation (held by the driver)
 
 
 def serial_map(fn: Callable, items: Sequence, *shared, on_done=None) -> list:
@@ -259,100 +262,128 @@ def serial_map(fn: Callable, items: Sequence, *shared, on_done=None) -> list:
     return out
 
 
-def _sample_task(shard, load, prob: np.ndarray, seed: int):
-    x, groups, keys = load(shard)
-    return sample_rows(x, groups, keys, prob, seed)
+# ---------------------------------------------------------------------------------------------------------------
+# a bounded, deterministic sample drawn in one pass, and k-means fitted on it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sample_budgets(sizes: np.ndarray, total: int, k: int) -> np.ndarray:
+    """Rows to draw per group: ``total`` shared equally by the groups, at least 50 per centroid each (a group is
+    never starved), never more than the group holds."""
+    sizes = np.asarray(sizes, np.int64)
+    return np.minimum(sizes, max(total // max(len(sizes), 1), 50 * k)).astype(np.int64)
+
+
+def keep_probs(sizes: np.ndarray, budgets: np.ndarray) -> np.ndarray:
+    """Per group, the chance a shard task keeps a row: a little above budget/size (4 standard deviations and some),
+    so that the ``budget`` rows with the smallest uniform numbers are, but for odds of about 1e-5, all among the
+    rows sent back, and the driver never receives much more than the budget."""
+    b = np.asarray(budgets, np.float64)
+    return np.minimum(1.0, (b + 4 * np.sqrt(b) + 16) / np.maximum(np.asarray(sizes, np.float64), 1))
+
+
+def bottom_k(u: np.ndarray, groups: np.ndarray, keys: np.ndarray, budgets: np.ndarray) -> np.ndarray:
+    """Indices of the ``budgets[g]`` rows of each group g with the smallest uniform number ``u`` (ties by row key),
+    ordered by (group, u): the sample and its order depend on the rows alone, not on the shards they came in."""
+    order = np.lexsort((keys, u, groups))
+    g = groups[order]
+    first = np.searchsorted(g, np.arange(len(budgets)))
+    rank = np.arange(len(order)) - first[g]
+    return order[rank < np.asarray(budgets)[g]]
+
+
+def _draw_task(shard, load, prob: np.ndarray, seed: int) -> list:
+    x, groups, keys, *extra = load(shard)
+    u = uniforms(keys, seed)
+    keep = u < np.asarray(prob)[groups]
+    return [a[keep] for a in (x, groups, keys, u, *extra)]
+
+
+def draw_rows(shards: Sequence[Any], load: Callable, prob: np.ndarray, seed: int,
+              map_fn: Callable = serial_map) -> list[np.ndarray]:
+    """One pass over the shards: every row whose uniform number (from its own key and ``seed``) is below its
+    group's ``prob``. ``load(shard) -> (x, groups, keys, *extra)``; returns the kept rows' (x, groups, keys, u,
+    *extra), concatenated; pick the sample with :func:`bottom_k`."""
+    parts = map_fn(_draw_task, shards, load, prob, seed)
+    if not parts:
+        raise ValueError("k-means: no vectors")
+    cols = []
+    for j in range(len(parts[0])):  # one column at a time, each part dropped once copied
+        cols.append(np.concatenate([p[j] for p in parts]))
+        for p in parts:
+            p[j] = None
+    return cols
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # (G, k, D), unit-norm
+    counts: np.ndarray  # (G, k) points per centroid: all of them with ``assign_all``, else the sample's
+    sums: np.ndarray  # (G, k, D) sums of those points (unnormalised means = sums / counts)
+    inertia: float  # sum(1 - cos) over the same points
+    iterations: int  # Lloyd steps of the slowest group (in memory)
+    sample_size: int  # rows the fit saw (held by the driver)
+    passes: int  # passes over the shards
 
 
 def _size_task(shard, load):
-    x, groups, _ = load(shard)
+    x, groups, *_ = load(shard)
     return np.bincount(groups, minlength=1).astype(np.int64) if len(groups) else np.zeros(1, np.int64)
 
 
 def _accumulate_task(shard, load, centroids):
-    x, groups, _ = load(shard)
+    x, groups, *_ = load(shard)
     return accumulate(x, groups, centroids)
 
 
-def distributed_kmeans(
+def sampled_kmeans(
     shards: Sequence[Any],
-    load: Callable[[Any], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    load: Callable[[Any], tuple],
     k: int,
     n_groups: int = 1,
+    sample: int = 100_000,
+    sizes: np.ndarray | None = None,
     iters: int = 25,
     tol: float = 1e-4,
     seed: int = 0,
-    init_sample: int = 100_000,
-    sizes: np.ndarray | None = None,
+    assign_all: bool = True,
     map_fn: Callable = serial_map,
 ) -> KMeansResult:
-    """Spherical k-means over vectors spread across ``shards``; ``load(shard)`` -> (unit vectors on the grid, group
-    ids, row keys). ``map_fn(fn, shards, *shared)`` runs the per-shard work (the executor's map: Ray tasks that may
-    share a GPU, or a loop); inside a task the assignment uses whatever GPU the task was given."""
-    rng = np.random.default_rng(seed)
-    if sizes is None:  # one pass to count; callers that know the counts (from metadata) pass them
-        sizes = reduce_sum({"n": _pad(c, n_groups)} for c in map_fn(_size_task, shards, load))
-        sizes = sizes.get("n", np.zeros(n_groups, np.int64))
+    """Spherical k-means of vectors spread across ``shards``, fitted on a bounded sample drawn in one pass.
+
+    ``load(shard) -> (unit vectors on the grid, group ids, row keys, ...)``; ``map_fn(fn, shards, *shared)`` runs
+    the per-shard work (Ray tasks, or a loop). ``groups`` clusters G independent sets in the same pass. With k
+    centroids and millions of points a well-drawn sample fits as well as everything (issue 14); the whole data is
+    needed only to assign, which ``assign_all`` does in one more pass (counts, sums and inertia of every point).
+    Passes: 1 (+1 to count when ``sizes`` is not given, +1 with ``assign_all``)."""
+    passes = 0
+    if sizes is None:
+        sizes = np.zeros(n_groups, np.int64)
+        for c in map_fn(_size_task, shards, load):
+            sizes[: min(n_groups, len(c))] += c[:n_groups]
+        passes += 1
     sizes = np.asarray(sizes, np.int64)
-    total = int(sizes.sum())
-    if total == 0:
+    if not len(shards) or sizes.sum() == 0:
         raise ValueError("k-means: no vectors")
-    # A deliberate sample for initialisation: about init_sample points in all, shared equally by the groups (at
-    # least 20 per centroid each). A budget per group would make the driver hold G x init_sample points, which
-    # grows with the number of images until every group is that large (3 GB for 20 groups of 384-d keys).
-    prob = np.minimum(1.0, max(init_sample // n_groups, 20 * k) / np.maximum(sizes, 1))
-    sx, sg = _concat_releasing(map_fn(_sample_task, shards, load, prob, seed))
-    D = sx.shape[1]
-    centroids = np.zeros((n_groups, k, D), np.float32)
+    budgets = sample_budgets(sizes, sample, k)
+    x, groups, keys, u = draw_rows(shards, load, keep_probs(sizes, budgets), seed, map_fn)[:4]
+    passes += 1
+    pick = bottom_k(u, groups, keys, budgets)
+    x, groups = x[pick], groups[pick]
+    centroids = np.zeros((n_groups, k, x.shape[1]), np.float32)
+    iterations = 0
+    rng = np.random.default_rng(seed)
     for g in range(n_groups):
-        pts = sx if n_groups == 1 else sx[sg == g]  # one group: no copy of the sample
+        pts = x if n_groups == 1 else x[groups == g]
         if len(pts):
-            centroids[g] = lloyd(pts, kmeans_pp(pts, k, rng), iters=10)
-    del pts
-    history, prev_inertia, last = [], None, None
-    for it in range(1, iters + 1):
+            centroids[g], it = fit_kmeans(pts, k, rng, iters, tol)
+            iterations = max(iterations, it)
+    if assign_all:
         acc = reduce_sum(map_fn(_accumulate_task, shards, load, centroids))
-        last = acc  # sums/counts/inertia of this assignment: the new centroids are its normalised sums
-        new = l2_normalize(acc["sums"]).astype(np.float32)
-        empty = acc["counts"] == 0
-        for g, c in zip(*np.nonzero(empty)):
-            # Re-seed an empty cluster from the group's sample, away from the existing centroids, deterministically.
-            pts = sx if n_groups == 1 else sx[sg == g]
-            if len(pts):
-                far = np.argmin((pts @ new[g].T).max(1))
-                new[g, c] = pts[far]
-            else:
-                new[g, c] = centroids[g, c]
-        shift = float(np.max(1.0 - np.sum(new * centroids, axis=-1)))
-        centroids = new
-        history.append({"iteration": it, "inertia": acc["inertia"], "shift": shift})
-        converged = shift < tol or (prev_inertia is not None
-                                    and abs(prev_inertia - acc["inertia"]) <= tol * max(prev_inertia, EPS))
-        prev_inertia = acc["inertia"]
-        if converged and not empty.any():
-            break
-    # As faiss does: counts, sums and inertia are those of the last assignment step (no extra pass over the data).
-    return KMeansResult(centroids, last["counts"], last["sums"], last["inertia"], len(history), history, len(sx))
-
-
-def _concat_releasing(samples: list) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate the per-shard (x, groups, keys) samples, dropping each part once copied: the driver holds the
-    sample about once, not twice."""
-    n = sum(len(g) for _, g, _ in samples)
-    D = next((x.shape[1] for x, _, _ in samples if x.ndim == 2), 1)
-    sx, sg = np.empty((n, D), np.float32), np.empty(n, np.int64)
-    pos = 0
-    while samples:
-        x, g, _ = samples.pop(0)
-        sx[pos: pos + len(g)], sg[pos: pos + len(g)] = x, g
-        pos += len(g)
-    return sx, sg
-
-
-def _pad(counts: np.ndarray, n: int) -> np.ndarray:
-    out = np.zeros(n, np.int64)
-    out[: min(n, len(counts))] = counts[:n]
-    return out
+        passes += 1
+    else:
+        acc = accumulate(x, groups, centroids)
+    return KMeansResult(centroids, acc["counts"], acc["sums"], acc["inertia"], iterations, len(x), passes)
 
 
 def kmeans_arrays(x: np.ndarray, k: int, groups: np.ndarray | None = None, n_groups: int = 1, chunk: int = 65536,
@@ -363,7 +394,8 @@ def kmeans_arrays(x: np.ndarray, k: int, groups: np.ndarray | None = None, n_gro
     groups = np.zeros(len(x), np.int64) if groups is None else np.asarray(groups, np.int64)
     keys = np.arange(len(x), dtype=np.uint64)
     chunks = [(x[i: i + chunk], groups[i: i + chunk], keys[i: i + chunk]) for i in range(0, len(x), chunk)]
-    return distributed_kmeans(chunks, _identity_load, k, n_groups=n_groups, **kw)
+    sizes = np.bincount(groups, minlength=n_groups)[:n_groups]
+    return sampled_kmeans(chunks, _identity_load, k, n_groups=n_groups, sizes=sizes, **kw)
 
 
 def _identity_load(chunk):
@@ -375,6 +407,23 @@ def _identity_load(chunk):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _coarse_bmm(x):
+    """``onehot -> onehot @ round(x * 2^10)`` (the sums in units of a coarse grid, exactly, as float64).
+
+    The Lloyd updates of :func:`batched_kmeans` sum the vectors on a coarse grid (multiples of 2^-10, 1e-3 of a
+    unit vector's length, far below what moves a cluster): in units of that grid they are integers small enough
+    that float32 sums of up to 2^14 of them are exact in any order, so a set's centroids do not depend on the
+    padding of its batch, and no float64 copy of the batch is read on every step. Only the direction of a sum is
+    used, so the grid's scale is never divided out."""
+    import torch
+
+    units = torch.mul(x, 1024).round_()
+    if x.shape[1] > 1 << 14:  # more rows than float32 sums exactly
+        units = units.double()
+        return lambda onehot: torch.bmm(onehot.double(), units)
+    return lambda onehot: torch.bmm(onehot, units).double()
+
+
 def kmeans_draws(image_ids: Sequence[str], k: int, seed: int) -> np.ndarray:
     """The uniform numbers :func:`batched_kmeans` seeds each image with, from the image's own id: an image's
     clustering does not depend on the other images of its batch or shard."""
@@ -383,17 +432,25 @@ def kmeans_draws(image_ids: Sequence[str], k: int, seed: int) -> np.ndarray:
     return uniforms(row_keys(base, np.tile(np.arange(n), len(image_ids))), seed).reshape(len(image_ids), n)
 
 
+IMAGE_BATCH = 4  # images per batched_kmeans call: 4 x 784 x 384 floats stay in cache (16 or more did not)
+
+
 def batched_kmeans(x, valid, k: int, iters: int = 20, seed: int = 0, device: str = "cpu", draws=None):
     """Spherical k-means on B independent sets at once.
 
     x: (B, N, D) unit vectors on the grid, zero-padded; valid: (B, N) bool. Returns labels (B, N) (-1 on padding)
     and centroids (B, k, D). A set with fewer than k points gets one cluster per point. ``draws`` (B, 1 + (k-1) *
     trials) uniform numbers for the k-means++ seeding of each set (:func:`kmeans_draws`); without them they come
-    from a generator seeded with ``seed``. Centroid sums are in float64 (exact on the grid), so a set's result does
-    not depend on the padding its batch needs.
+    from a generator seeded with ``seed``. Centroid sums are exact (:func:`_coarse_bmm`), so a set's result does
+    not depend on the padding its batch needs. Batches of a few images (:data:`IMAGE_BATCH`) stay in cache.
     """
     import torch
 
+    with torch.inference_mode():  # no autograd bookkeeping: a call is a few dozen small tensor operations
+        return _batched_kmeans(torch, x, valid, k, iters, seed, device, draws)
+
+
+def _batched_kmeans(torch, x, valid, k, iters, seed, device, draws):
     x = torch.as_tensor(x, dtype=torch.float32, device=device)
     valid = torch.as_tensor(valid, dtype=torch.bool, device=device)
     B, N, D = x.shape
@@ -409,7 +466,8 @@ def batched_kmeans(x, valid, k: int, iters: int = 20, seed: int = 0, device: str
     idx_valid = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid positions first
     ar = torch.arange(B, device=device)
     cent[:, 0] = x[ar, idx_valid[ar, first]]
-    dist = (1 - torch.bmm(x, cent[:, 0, :, None])[..., 0]).clamp(min=0) * valid
+    seed_sims = [torch.bmm(x, cent[:, 0, :, None])[..., 0]]  # each seed's similarity to every point: (B, N)
+    dist = (1 - seed_sims[0]).clamp(min=0) * valid
     for i in range(1, k):
         weights = dist.double()
         flat = weights.sum(1, keepdim=True) <= EPS  # all points on the centres: any valid point will do
@@ -424,22 +482,24 @@ def batched_kmeans(x, valid, k: int, iters: int = 20, seed: int = 0, device: str
         best = cand_d.double().sum(-1).argmin(1)
         cent[:, i] = cand_x[ar, best]
         dist = cand_d[ar, best]
-    labels = torch.zeros(B, N, dtype=torch.long, device=device)
+        seed_sims.append(cand_sim[ar, best])
+    sim = torch.stack(seed_sims, -1)  # the first assignment, from the seeding's own products
+    labels = None
     validf = valid.float()
     ks = torch.arange(k, device=device)[None, :, None]
-    x64 = x.double()
+    coarse_sum = _coarse_bmm(x)
     for _ in range(iters):
-        sim = torch.bmm(x, cent.transpose(1, 2))  # (B, N, k)
-        new_labels = sim.argmax(-1)
-        onehot = (new_labels[:, None, :] == ks).double() * validf[:, None]  # (B, k, N)
-        sums = torch.bmm(onehot, x64)
+        new_labels = (sim if labels is None else torch.bmm(x, cent.transpose(1, 2))).argmax(-1)  # (B, N)
+        if labels is not None and torch.equal(new_labels, labels):
+            break  # converged: the centroids are already this partition's
+        labels = new_labels
+        onehot = (labels[:, None, :] == ks).float() * validf[:, None]  # (B, k, N)
+        sums = coarse_sum(onehot)
         counts = onehot.sum(2)
         norm = sums.norm(dim=-1, keepdim=True)
         cent = torch.where(counts[..., None] > 0, (sums / norm.clamp(min=EPS)).float(), cent)  # empty: keep old
-        if torch.equal(new_labels, labels):
-            break
-        labels = new_labels
-    labels = torch.bmm(x, cent.transpose(1, 2)).argmax(-1)
+    else:
+        labels = torch.bmm(x, cent.transpose(1, 2)).argmax(-1)  # the partition of the last centroids
     # Fewer points than clusters: each point is its own cluster.
     small = n_valid < k
     if small.any():

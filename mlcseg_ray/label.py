@@ -292,15 +292,16 @@ class LabelStage(Stage):
     after = ("describe",)
     reads = ("region_parts", "binary", "pseudo", "manifest")
     writes = ("masks", "coco_parts", "coco", "regions")
-    config_keys = ("num_classes", "region", "min_region_area", "kmeans_iters", "kmeans_tol", "kmeans_init_sample",
+    config_keys = ("num_classes", "region", "min_region_area", "kmeans_iters", "kmeans_tol", "kmeans_sample",
                    "seed")
     resources = Resources(cpus=1)
+    version = 2  # 2: the class k-means is fitted on a sample drawn in one pass (issue 14)
 
     def shards(self, ctx: StageContext) -> list[int]:
         return DescribeStage().shards(ctx)
 
     def prepare(self, ctx: StageContext, map_fn) -> ClassFit:
-        from .kmeans import distributed_kmeans
+        from .kmeans import sampled_kmeans
 
         run, cfg = ctx.run, ctx.cfg
         parts = [run.region_part(n) for n in self.shards(ctx)]
@@ -309,9 +310,9 @@ class LabelStage(Stage):
         k = max(1, min(cfg.num_classes, n_regions))
         centroids = np.zeros((1, 1), np.float32)
         if n_regions:
-            km = distributed_kmeans([p for p, s in zip(parts, sizes) if s], RegionLoader(), k, iters=cfg.kmeans_iters,
-                                    tol=cfg.kmeans_tol, seed=cfg.seed, init_sample=cfg.kmeans_init_sample,
-                                    sizes=[n_regions], map_fn=map_fn)
+            km = sampled_kmeans([p for p, s in zip(parts, sizes) if s], RegionLoader(), k, iters=cfg.kmeans_iters,
+                                tol=cfg.kmeans_tol, seed=cfg.seed, sample=cfg.kmeans_sample, sizes=[n_regions],
+                                assign_all=False, map_fn=map_fn)
             centroids = km.centroids[0]
         return ClassFit(centroids, k, coco_image_ids(run))
 

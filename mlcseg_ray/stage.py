@@ -107,6 +107,7 @@ class StageContext:
     cfg: Config
     inputs: RunInputs = field(default_factory=RunInputs)
     device: str = "cpu"  # the torch device of this run's models ("cuda" when the run uses GPUs)
+    pending: tuple = ()  # the shards this invocation processes (the others were done before and are kept)
 
 
 # ``map_fn(fn, items, *shared) -> [fn(item, *shared) for item in items]``, in order: how a stage's global part
