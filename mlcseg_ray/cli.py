@@ -335,6 +335,69 @@ def eval_cmd(
 
 
 @app.command()
+def ablate(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder (clustered)"),
+    gt: Path = typer.Argument(..., help="ground truth: VOC root, COCO mask folder or instances JSON, mask folder"),
+    protocol: str = typer.Option("voc21", "--protocol", help="voc21, coco81, cocostuff27, binary, folder: how to "
+                                                             "read GT; foreground is every class > 0"),
+    split: str = Split,
+    ignore: Optional[int] = typer.Option(None, "--ignore", help="a label value to leave out (folder, binary)"),
+    refine_top: int = typer.Option(2, "--refine-top", min=0, help="refine this many best rules with the DenseCRF"),
+    as_json: bool = Json,
+):
+    """Foreground IoU of every clustering level and combine rule on a labelled subset, from one cluster run.
+
+    Nothing is extracted or clustered again: the run's pseudo-masks hold the three level masks and each level's
+    weight per image. Each rule is scored at patch resolution (upsampled as the refine stage does), and the best
+    --refine-top rules also after the DenseCRF. Writes RUN/ablation.json and adds a section to RUN/report.html.
+    Pick the winner for your data with combine=RULE (e.g. mlcseg cluster --out RUN combine=image).
+    """
+    from .ablate import ablate as run_ablation
+    from .cluster import read_pseudo
+    from .evaluate import load_ground_truth
+    from .progress import progress_bar
+    from .report import write_report
+    from .store import RunDir
+
+    try:
+        run = RunDir(run_dir)
+        if not run.config.exists():
+            raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
+        cfg = Config.load(run.config)
+        truth = load_ground_truth(gt, protocol, split=split, ignore=ignore)
+        if run.read_record().get("backbone", {}).get("random_weights"):
+            from .backbones import RANDOM_WEIGHTS_WARNING
+
+            console.print(f"[bold red]{RANDOM_WEIGHTS_WARNING}[/]", highlight=False, soft_wrap=True)
+        n = len(set(read_pseudo(run, ["image_id"]).column(0).to_pylist()) & set(truth.image_ids))
+        with run.lock("mlcseg ablate"), progress_bar("ablate", n * (1 + (refine_top if cfg.crf else 0)),
+                                                     "images") as advance:
+            result = run_ablation(run, truth, cfg, refine_top, on_image=advance)
+            if run.report.exists():
+                write_report(run, cfg)
+    except Exception as e:  # noqa: BLE001
+        raise typer.Exit(_exit_code(e))
+    if as_json:
+        stdout.print_json(json.dumps(result))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"foreground IoU on {result['images']} images ({protocol})")
+    for col in ("rule", "patch resolution", "after CRF"):
+        t.add_column(col, justify="left" if col == "rule" else "right")
+    for r in result["rules"]:
+        mark = " (configured)" if r["rule"] == result["configured"] else ""
+        refined = "-" if r["refined_iou"] is None else f"{r['refined_iou']:.3f}"
+        t.add_row(r["rule"] + mark, f"{r['patch_iou']:.3f}", refined)
+    stdout.print(t)
+    stdout.print(f"best: {result['best']}; best single level: {result['best_single_level']}; "
+                 f"notes: {'; '.join(result['notes']) or 'none'}", highlight=False, soft_wrap=True)
+    if result["skipped"]:
+        stdout.print(f"{len(result['skipped'])} image(s) skipped: {'; '.join(result['skipped'][:5])}",
+                     highlight=False, soft_wrap=True)
+
+
+@app.command()
 def submit(
     config: Path = typer.Argument(..., help="YAML config of the run"),
     address: str = typer.Option(..., "--address", help="Ray dashboard address, e.g. http://HEAD:8265"),

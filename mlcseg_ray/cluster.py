@@ -52,6 +52,8 @@ PSEUDO_SCHEMA = pa.schema(
         ("dataset", pa.list_(pa.uint8())),
         ("category", pa.list_(pa.uint8())),
         ("image", pa.list_(pa.uint8())),
+        ("weights", pa.list_(pa.float32())),  # each level's weight in this image (its separation)
+        ("attn", pa.list_(pa.float32())),  # per-image normalised CLS attention (the score's tie-break)
         ("flag", pa.string()),
     ]
 )
@@ -189,18 +191,50 @@ def direction(fg_sum, fg_n, bg_sum, bg_n, fallback):
     return d if np.linalg.norm(d) > EPS else fallback
 
 
-def combine_votes(levels: np.ndarray, attn: np.ndarray, rule: str, vote: int) -> tuple[np.ndarray, np.ndarray]:
-    """levels: (3, n) 0/1 votes of dataset, category, image. Returns (binary mask, soft score in [0, 1]).
+def separation(x: np.ndarray, fg: np.ndarray, direction: np.ndarray | None = None) -> float:
+    """How well a binary split of one image's keys separates them along ``direction`` (the dataset's foreground
+    direction; the split's own when none is given): the Fisher ratio (gap of the projected means)^2 / (sum of
+    the projected variances); 0 for a one-sided split."""
+    n_fg = int(fg.sum())
+    if n_fg == 0 or n_fg == len(fg):
+        return 0.0
+    x64 = x.astype(np.float64)
+    d = x64[fg].mean(0) - x64[~fg].mean(0) if direction is None or not np.any(direction) else direction
+    p = x64 @ np.asarray(d, np.float64)
+    return float((p[fg].mean() - p[~fg].mean()) ** 2 / (p[fg].var() + p[~fg].var() + 1e-12))
 
-    The soft score is a logistic of the margin to the rule's threshold, tie-broken by CLS attention; it is above
-    0.5 exactly where the mask is foreground, and it is what the CRF refines."""
-    if rule in LEVELS:
-        v, t = levels[LEVELS.index(rule)].astype(np.float32), 0.5
+
+def level_weights(x: np.ndarray, levels: np.ndarray, direction: np.ndarray | None = None) -> np.ndarray:
+    """Each level's weight in one image (``combine=weighted``): how well the split it draws there separates the
+    image's keys along the dataset's foreground direction. A level whose split follows something else in this
+    image (texture, a background mode, a shift of the whole image) gets little say."""
+    return np.array([separation(x, lv.astype(bool), direction) for lv in levels], np.float32)
+
+
+COMBINE_RULES = ("weighted", "vote", "intersection", "union", "dataset", "category", "image")
+
+
+def combine_votes(levels: np.ndarray, attn: np.ndarray, rule: str, vote: int = 2,
+                  weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """levels: (3, n) 0/1 votes of dataset, category, image; weights: the levels' weights in this image
+    (``weighted``). Returns (binary mask, soft score in [0, 1]).
+
+    ``weighted``: each level votes with its weight, foreground where the weighted share is above one half (a level
+    that splits the image's keys cleanly outvotes one whose split cuts through a cloud; without any weight, the
+    plain share). The soft score is a logistic of the margin to the rule's threshold, tie-broken by CLS attention,
+    and kept on the mask's side of 0.5: it is what the CRF refines."""
+    if rule == "weighted":
+        w = np.asarray(weights if weights is not None else np.ones(3), np.float64)
+        share = (w[:, None] * levels).sum(0) / w.sum() if w.sum() > 0 else levels.mean(0)
+        v, t, slope = share.astype(np.float32), 0.5, 6.0
+    elif rule in LEVELS:
+        v, t, slope = levels[LEVELS.index(rule)].astype(np.float32), 0.5, 1.5
     else:
         t = {"vote": vote - 0.5, "intersection": 2.5, "union": 0.5}[rule]
-        v = levels.sum(0).astype(np.float32)
+        v, slope = levels.sum(0).astype(np.float32), 1.5
     mask = v > t
-    score = 1.0 / (1.0 + np.exp(-1.5 * (v - t))) + 0.05 * (attn - 0.5)
+    score = 1.0 / (1.0 + np.exp(-slope * (v - t))) + 0.05 * (np.asarray(attn, np.float32) - 0.5)
+    score = np.where(mask, np.maximum(score, 0.501), np.minimum(score, 0.499))
     return mask, np.clip(score, 0.0, 1.0).astype(np.float32)
 
 
@@ -263,13 +297,15 @@ def cluster_shard(p: Patches, groups: np.ndarray, fits: LevelFits, cfg: Config, 
     for i, image_id in enumerate(p.image_ids):
         s = p.slice(i)
         levels = np.stack([lvl_d[s], lvl_c[s], lvl_i[s]]).astype(np.uint8)
-        mask, score = combine_votes(levels, p.attn[s], cfg.combine, cfg.vote)
+        weights = level_weights(p.keys[s], levels, fits.global_dir)
+        mask, score = combine_votes(levels, p.attn[s], cfg.combine, cfg.vote, weights)
         flag = "empty" if not mask.any() else "full" if mask.all() else None
         gh, gw = p.grid[i]
         rows.append({
             "image_id": image_id, "grid_h": gh, "grid_w": gw, "group": int(groups[s][0]),
             "mask": mask.astype(np.uint8), "score": score,
-            "dataset": levels[0], "category": levels[1], "image": levels[2], "flag": flag,
+            "dataset": levels[0], "category": levels[1], "image": levels[2], "weights": weights,
+            "attn": p.attn[s], "flag": flag,
         })
     return rows
 
@@ -408,7 +444,7 @@ def fit_levels(run: RunDir, cfg: Config, map_fn: MapFn = serial_map) -> LevelFit
         "centroid": pa.FixedSizeListArray.from_arrays(pa.array(cat_centroids.ravel()), D),
     }))
     atomic_write_table(run.levels / "groups.parquet", pa.table({"image_id": ids, "group": group_of}))
-    atomic_write_json(run.levels / "fit.json", {
+    atomic_write_json(run.level_fit, {
         "store_passes": 1, "patches": total, "dataset_sample": int(len(d)), "category_sample": int(len(c)),
         "dataset_iterations": d_iters, "category_iterations": c_iters, "groups": n_groups})
     return LevelFits(d_cent[None], dataset_fg, cat_centroids, cat_fg, global_dir, loader)
@@ -416,7 +452,8 @@ def fit_levels(run: RunDir, cfg: Config, map_fn: MapFn = serial_map) -> LevelFit
 
 def pseudo_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(
-        [{**r, **{k: r[k].tolist() for k in ("mask", "score", "dataset", "category", "image")}} for r in rows],
+        [{**r, **{k: r[k].tolist() for k in ("mask", "score", "dataset", "category", "image", "weights", "attn")}}
+         for r in rows],
         schema=PSEUDO_SCHEMA,
     )
 
@@ -433,7 +470,7 @@ class ClusterStage(Stage):
     resources = Resources(cpus=1, gpus="share")
     # 2: sampling keyed by image and patch, exact sums (results independent of shard_size)
     # 3: global levels fitted on a sample drawn in one pass; the store is read twice in all (issue 14)
-    version = 3
+    version = 4  # 4: per-image level weights and the weighted combine (issue 13)
 
     def shards(self, ctx: StageContext) -> list[int]:
         shards = [shard_index(p) for p in list_shards(ctx.run.features)]
@@ -457,7 +494,7 @@ class ClusterStage(Stage):
     def finish(self, ctx: StageContext, results: dict, map_fn: MapFn) -> dict:
         # Passes over the feature store made by this invocation: the fit's (when any shard was pending) plus the
         # labelling pass over the pending shards (a resumed run reads only what it lacks).
-        fit = read_json(ctx.run.levels / "fit.json") or {}
+        fit = read_json(ctx.run.level_fit) or {}
         passes = (fit.get("store_passes", 0) if ctx.pending else 0) + len(ctx.pending) / max(len(results), 1)
         return {"flagged": sum(len(r.get("flags", {})) for r in results.values()), "store_passes": round(passes, 3),
                 "output": str(ctx.run.pseudo)}

@@ -43,7 +43,7 @@ class Config(BaseModel):
     k_category: int = Field(3, ge=2)
     k_image: int = Field(3, ge=2)
     consistency: Literal["relative", "majority"] = "relative"
-    combine: Literal["vote", "intersection", "union", "dataset", "category", "image"] = "vote"
+    combine: Literal["weighted", "vote", "intersection", "union", "dataset", "category", "image"] = "weighted"
     vote: int = Field(2, ge=1, le=3)
     kmeans_iters: int = Field(25, ge=1)
     kmeans_tol: float = Field(1e-4, ge=0)

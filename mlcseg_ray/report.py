@@ -93,6 +93,9 @@ def write_report(run: RunDir, cfg: Config) -> Path:
                      f"&middot; {m['n_images']} images</p><div class='row'><table><tr><th>class</th><th>IoU</th>"
                      f"</tr>{per}</table><img src='{confusion}' alt='confusion matrix'></div>")
 
+    if run.ablation.exists():
+        parts.append(ablation_section(json.loads(run.ablation.read_text())))
+
     # overlays
     samples = ok[: cfg.report_samples]
     tiles = []
@@ -154,12 +157,34 @@ margin-right:.4em;vertical-align:middle}} .row{{display:flex;gap:2em;align-items
     return run.report
 
 
+def ablation_section(a: dict) -> str:
+    """``mlcseg ablate``'s table as horizontal bars (inline SVG): foreground IoU of every level and rule."""
+    rows = a["rules"]
+    bar_w, row_h, label_w = 360, 22, 190
+    svg = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{label_w + bar_w + 150}' height='{row_h * len(rows) + 10}'"
+           f" role='img' aria-label='foreground IoU per rule'>"]
+    for i, r in enumerate(rows):
+        y = 5 + i * row_h
+        colour = "#2a7" if r["rule"] == a["best"] else "#c83" if r["rule"] == a["configured"] else "#69c"
+        w = bar_w * r["patch_iou"]
+        svg.append(f"<text x='0' y='{y + 15}' font-size='13'>{_esc(r['rule'])}</text>"
+                   f"<rect x='{label_w}' y='{y + 3}' width='{w:.1f}' height='{row_h - 6}' fill='{colour}'/>"
+                   f"<text x='{label_w + w + 6:.1f}' y='{y + 15}' font-size='12'>{r['patch_iou']:.3f}"
+                   + (f" / CRF {r['refined_iou']:.3f}" if r["refined_iou"] is not None else "") + "</text>")
+    svg.append("</svg>")
+    warn = " <b>Random weights: these numbers say nothing about the method.</b>" if a.get("random_weights") else ""
+    return (f"<h2>Which level and rule (mlcseg ablate)</h2><p>Foreground IoU on {a['images']} labelled images at "
+            f"patch resolution (and after the DenseCRF for the best rules). Best: <b>{_esc(a['best'])}</b>; "
+            f"configured: {_esc(a['configured'])} (consistency {_esc(a['consistency'])}); best single level: "
+            f"{_esc(a['best_single_level'])}.{warn}</p>{''.join(svg)}")
+
+
 class ReportStage(Stage):
     """A view of the run folder, not a computation: written again on every run that includes it."""
 
     name = "report"
     after = ("label",)
-    reads = ("status", "masks", "regions", "metrics", "run_record")
+    reads = ("status", "masks", "regions", "metrics", "ablation", "run_record")
     writes = ("report",)
     config_keys = ("report_samples",)
     always_run = True

@@ -117,6 +117,7 @@ class RunDir:
     features = property(lambda self: self.root / "features")
     image_tables = property(lambda self: self.root / "images")  # one row per image: geometry, CLS token
     levels = property(lambda self: self.root / "levels")
+    level_fit = property(lambda self: self.root / "levels" / "fit.json")  # sample sizes, iterations, store passes
     pseudo = property(lambda self: self.root / "pseudo")
     binary = property(lambda self: self.root / "binary")
     masks = property(lambda self: self.root / "masks")
@@ -126,6 +127,7 @@ class RunDir:
     coco = property(lambda self: self.root / "pseudo_labels.json")
     metrics = property(lambda self: self.root / "metrics.json")
     confusion = property(lambda self: self.root / "confusion.png")
+    ablation = property(lambda self: self.root / "ablation.json")  # mlcseg ablate: every level and rule vs truth
     report = property(lambda self: self.root / "report.html")
 
     # --- per-shard and per-image paths ---

@@ -52,6 +52,29 @@ def test_combine_rules():
     assert combine_votes(levels, attn, "category", 2)[0].tolist() == [True, False, True, False]
     mask, score = combine_votes(levels, attn, "vote", 1)
     assert ((score > 0.5) == mask).all() and score.min() >= 0 and score.max() <= 1
+    # weighted: a level with no weight has no say; equal weights are the plain majority
+    w = np.array([0.0, 1.0, 3.0])
+    assert combine_votes(levels, attn, "weighted", weights=w)[0].tolist() == [True, False, False, False]
+    assert combine_votes(levels, attn, "weighted", weights=np.array([0.0, 3.0, 1.0]))[0].tolist() == \
+        [True, False, True, False]
+    assert combine_votes(levels, attn, "weighted", weights=np.ones(3))[0].tolist() == \
+        combine_votes(levels, attn, "vote", 2)[0].tolist()
+    mask, score = combine_votes(levels, np.array([1.0, 0.0, 1.0, 0.0], np.float32), "weighted",
+                                weights=np.array([1.0, 1.0, 1.001]))
+    assert ((score > 0.5) == mask).all()  # the attention tie-break never crosses the rule's threshold
+
+
+def test_level_weight_follows_the_foreground_direction():
+    """A split along the dataset's foreground direction weighs more than an equally clean split across it."""
+    from mlcseg_ray.cluster import level_weights
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4)) * 0.05
+    x[:100, 0] += 1.0  # foreground: +1 along axis 0
+    x[::2, 1] += 1.0  # a texture split along axis 1, as clean
+    levels = np.stack([np.arange(200) < 100, np.arange(200) % 2 == 0, np.zeros(200, bool)]).astype(np.uint8)
+    w = level_weights(x.astype(np.float32), levels, direction=np.array([1.0, 0, 0, 0]))
+    assert w[0] > 100 * w[1] and w[2] == 0  # a one-sided split has no weight
 
 
 # ----------------------------------------------------------------------------------------------- planted sets
@@ -85,7 +108,7 @@ def test_planted_hard_three_levels_beat_each_level(planted, tmp_path):
     runs = [_cluster_copy(planted[1], tmp_path, f"hard{seed}", seed=seed) for seed in range(4)]
     mask = np.mean([iou["mask"] for iou in runs])
     best_single = np.mean([max(iou["dataset"], iou["category"], iou["image"]) for iou in runs])
-    assert mask > best_single + 0.01, runs
+    assert mask > best_single + 0.02, runs  # the weighted default; a plain 2-of-3 vote gets about +0.015
     for iou in runs:
         assert iou["dataset/shift"] < 0.8 and iou["image/modes"] < 0.8 and iou["category/mixed"] < 0.5, iou
         assert iou["mask/modes"] > 0.9 and iou["mask/mixed"] > 0.9, iou
@@ -227,7 +250,7 @@ def test_cluster_reads_the_store_twice_and_says_so(planted, tmp_path, monkeypatc
     n_shards = len(list(run.features.glob("*.parquet")))
     res = run_cluster(run, Config())
     assert res["store_passes"] == 2 and len(reads) == 2 * n_shards
-    fit = json.loads((run.levels / "fit.json").read_text())
+    fit = json.loads(run.level_fit.read_text())
     assert fit["store_passes"] == 1 and fit["dataset_sample"] == min(Config().kmeans_sample, fit["patches"])
     # a resumed run reads only what it lacks: the sampling pass and the one shard to label
     reads.clear()
@@ -241,6 +264,6 @@ def test_cluster_reads_the_store_twice_and_says_so(planted, tmp_path, monkeypatc
 def test_sampled_levels_follow_a_sample_of_everything(planted, tmp_path):
     """A sample smaller than the store (a tenth of the easy set's patches) keeps the planted foreground."""
     iou = _cluster_copy(planted[0], tmp_path, "easy_sampled", kmeans_sample=4000)
-    fit = json.loads((tmp_path / "easy_sampled" / "levels" / "fit.json").read_text())
+    fit = json.loads(RunDir(tmp_path / "easy_sampled").level_fit.read_text())
     assert fit["dataset_sample"] == 4000 < fit["patches"] / 5
     assert iou["mask"] >= 0.95, iou
