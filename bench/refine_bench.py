@@ -1,9 +1,11 @@
-"""Refinement (upsampling + DenseCRF) milliseconds per megapixel, and its speed-up from 1 to 2 Ray workers.
+"""Refinement (upsampling + DenseCRF) milliseconds per megapixel, its speed-up from 1 to 2 Ray workers, and what
+the CRF's bounded resolution (``crf_max_side``) saves and changes.
 
-Real VOC photos with a synthetic patch score (a centred ellipse, as a pseudo-mask looks), measured through the
-same plain function the refine stage calls, as Ray tasks on a Ray started with 1 CPU and then with 2.
+Real VOC and COCO photos with a synthetic patch score (a centred ellipse, as a pseudo-mask looks), measured
+through the same plain function the refine stage calls: as Ray tasks on a Ray started with 1 CPU and then with 2;
+then in this process at full resolution and at each ``crf_max_side``, counting the pixels whose label differs.
 
-    python bench/refine_bench.py [--n 32]
+    python bench/refine_bench.py [--n 32] [--sides 512 384]
 """
 import argparse
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import VOC_IMAGES, machine  # noqa: E402
+from common import SHARED, VOC_IMAGES, machine  # noqa: E402
 
 from mlcseg_ray.config import Config  # noqa: E402
 from mlcseg_ray.features import geometry  # noqa: E402
@@ -22,18 +24,38 @@ from mlcseg_ray.executor import ray_map  # noqa: E402
 from mlcseg_ray.refine import refine_image  # noqa: E402
 
 
+def ellipse_score(rgb):
+    """A pseudo-mask's soft score: a centred ellipse on the patch grid of a ViT-S/8 at max_side 512."""
+    g = geometry(rgb.shape[1], rgb.shape[0], 8, 512, False).__dict__
+    yy, xx = np.mgrid[: g["grid_h"], : g["grid_w"]]
+    dy, dx = (yy - g["grid_h"] / 2) / (g["grid_h"] / 3), (xx - g["grid_w"] / 2) / (g["grid_w"] / 3)
+    return np.exp(-(dy ** 2 + dx ** 2)).ravel().astype(np.float32), g
+
+
 def refine_chunk(paths, cfg_dict):
     cfg = Config(**cfg_dict)
     px = 0
     for p in paths:
         rgb = load_rgb(p, cfg.max_pixels)
-        g = geometry(rgb.shape[1], rgb.shape[0], 8, 512, False).__dict__
-        yy, xx = np.mgrid[: g["grid_h"], : g["grid_w"]]
-        dy, dx = (yy - g["grid_h"] / 2) / (g["grid_h"] / 3), (xx - g["grid_w"] / 2) / (g["grid_w"] / 3)
-        score = np.exp(-(dy ** 2 + dx ** 2))
-        refine_image(rgb, score.ravel().astype(np.float32), g, 8, cfg)
+        score, g = ellipse_score(rgb)
+        refine_image(rgb, score, g, 8, cfg)
         px += rgb.shape[0] * rgb.shape[1]
     return px
+
+
+def bounded(paths, sides):
+    """Seconds and the share of pixels that change, full resolution vs each crf_max_side, in this process."""
+    images = [(rgb, *ellipse_score(rgb)) for rgb in (load_rgb(p, Config().max_pixels) for p in paths)]
+    out = {}
+    masks = {}
+    for side in [0, *sides]:
+        cfg = Config(crf_max_side=side)
+        t0 = time.perf_counter()
+        masks[side] = [refine_image(rgb, score, g, 8, cfg) for rgb, score, g in images]
+        seconds = time.perf_counter() - t0
+        changed = sum(int((a != b).sum()) for a, b in zip(masks[0], masks[side]))
+        out[side] = (seconds, changed / sum(m.size for m in masks[0]))
+    return out
 
 
 def run(paths, cpus, chunk=4):
@@ -41,7 +63,7 @@ def run(paths, cpus, chunk=4):
 
     ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    ray_map(refine_chunk, chunks[:1], Config().model_dump())  # warm the workers
+    ray_map(refine_chunk, [paths[:1]] * cpus, Config().model_dump())  # one task per CPU at once: every worker warm
     t0 = time.perf_counter()
     px = sum(ray_map(refine_chunk, chunks, Config().model_dump()))
     seconds = time.perf_counter() - t0
@@ -52,6 +74,7 @@ def run(paths, cpus, chunk=4):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--sides", type=int, nargs="+", default=[512, 384])
     args = ap.parse_args()
     paths = [str(p) for p in sorted(VOC_IMAGES.glob("*.jpg"))[: args.n]]
     t1, px = run(paths, 1)
@@ -61,6 +84,14 @@ def main():
     print(f"1 worker : {t1:.1f}s = {t1 * 1000 / (px / 1e6):.0f} ms/MP")
     print(f"2 workers: {t2:.1f}s = {t2 * 1000 / (px / 1e6):.0f} ms/MP")
     print(f"speed-up 1 -> 2 workers: {t1 / t2:.2f}x")
+    coco = [str(p) for p in sorted((SHARED / "coco_val2014_subset" / "images").glob("*.jpg"))[: args.n]]
+    print("| photos | crf_max_side | seconds | speed-up | pixels changed vs full resolution |")
+    print("|---|---|---|---|---|")
+    for name, group in (("VOC", paths), ("COCO", coco)):
+        res = bounded(group, args.sides)
+        for side, (seconds, changed) in res.items():
+            print(f"| {name} ({len(group)}) | {side or 'full'} | {seconds:.1f} | {res[0][0] / seconds:.2f}x | "
+                  f"{changed:.2%} |", flush=True)
 
 
 if __name__ == "__main__":

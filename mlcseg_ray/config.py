@@ -59,13 +59,17 @@ class Config(BaseModel):
     crf_bilateral_sxy: float = Field(67.0, gt=0, description="at a 500 px image; scaled with image size")
     crf_bilateral_srgb: float = Field(3.0, gt=0)
     crf_bilateral_compat: float = Field(4.0, ge=0)
+    crf_max_side: int = Field(384, ge=0, description="the CRF runs with the longer side brought down to this many "
+                                                     "pixels, the mask upsampled after (0: full resolution)")
 
     # --- classes (DESIGN §2 "Classes") ---
     num_classes: int = Field(20, ge=1)
     region: Literal["component", "image"] = "component"
     min_region_area: int = Field(256, ge=1, description="pixels; smaller components become background")
+    max_regions: int = Field(8, ge=0, description="regions described per image, the largest first; the other "
+                                                  "components join their nearest kept region (0: no limit)")
     region_descriptor: Literal["crop_cls", "masked_mean"] = "crop_cls"
-    crop_size: int = Field(224, ge=16)
+    crop_size: int = Field(160, ge=16, description="region crops are resized to this square for crop_cls")
 
     # --- report ---
     report_samples: int = Field(24, ge=0)

@@ -27,6 +27,7 @@ from .store import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_t
 REGION_SCHEMA_FIELDS = [
     ("image_id", pa.string()), ("region", pa.int32()), ("x0", pa.int32()), ("y0", pa.int32()),
     ("x1", pa.int32()), ("y1", pa.int32()), ("area", pa.int64()),
+    ("joined", pa.int64()),  # pixels of components beyond max_regions that took this region's class
 ]
 
 
@@ -45,8 +46,13 @@ def voc_palette() -> list[int]:
     return pal
 
 
-def find_regions(mask: np.ndarray, mode: str, min_area: int) -> tuple[np.ndarray, list[dict]]:
-    """Component map (0 = none, 1..R = regions kept) and each region's box and area."""
+def find_regions(mask: np.ndarray, mode: str, min_area: int, max_regions: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """Component map (0 = none, 1..R = regions kept) and each region's box, area and joined pixels.
+
+    Components smaller than ``min_area`` become background. With ``max_regions`` > 0, only the largest that many
+    components are regions of their own (each one descriptor: the work per image is bounded whatever the mask's
+    fragmentation); every other component joins the kept region nearest to it, taking its class. A region's box
+    and area are those of its own component (what its descriptor sees); ``joined`` counts the pixels it took in."""
     from scipy import ndimage
 
     if mode == "image":
@@ -55,16 +61,30 @@ def find_regions(mask: np.ndarray, mode: str, min_area: int) -> tuple[np.ndarray
     else:
         comp, n = ndimage.label(mask, structure=np.ones((3, 3), int))
     regions, keep = [], np.zeros(n + 1, np.int32)
-    if n:
-        areas = np.bincount(comp.ravel(), minlength=n + 1)
-        boxes = ndimage.find_objects(comp)
-        for r in range(1, n + 1):
-            if areas[r] >= min_area and boxes[r - 1] is not None:
-                keep[r] = len(regions) + 1
-                ys, xs = boxes[r - 1]
-                regions.append({"region": len(regions) + 1, "x0": xs.start, "y0": ys.start, "x1": xs.stop,
-                                "y1": ys.stop, "area": int(areas[r])})
-    return keep[comp], regions
+    if not n:
+        return keep[comp], regions
+    areas = np.bincount(comp.ravel(), minlength=n + 1)
+    boxes = ndimage.find_objects(comp)
+    big = [r for r in range(1, n + 1) if areas[r] >= min_area and boxes[r - 1] is not None]
+    kept = big
+    if max_regions and len(big) > max_regions:
+        kept = sorted(sorted(big, key=lambda r: (-areas[r], r))[:max_regions])  # the largest, in scan order
+    for r in kept:
+        keep[r] = len(regions) + 1
+        ys, xs = boxes[r - 1]
+        regions.append({"region": len(regions) + 1, "x0": xs.start, "y0": ys.start, "x1": xs.stop, "y1": ys.stop,
+                        "area": int(areas[r]), "joined": 0})
+    out = keep[comp]
+    dropped = [r for r in big if not keep[r]]
+    if dropped:
+        # each dropped component's pixels take the label of the nearest kept pixel
+        _, (iy, ix) = ndimage.distance_transform_edt(out == 0, return_indices=True)
+        joining = np.isin(comp, dropped)
+        out[joining] = out[iy[joining], ix[joining]]
+        joined = np.bincount(out[joining], minlength=len(regions) + 1)
+        for reg in regions:
+            reg["joined"] = int(joined[reg["region"]])
+    return out, regions
 
 
 def read_binary(run: RunDir, image_id: str) -> np.ndarray:
@@ -119,13 +139,15 @@ def describe_shard(run: RunDir, n: int, cfg: Config, embed=None) -> tuple[pa.Tab
     expect = expected_files(run, n, cfg) if cfg.region_descriptor == "crop_cls" else {}
 
     def describe(image_id):
-        comp, regions = find_regions(read_binary(run, image_id), cfg.region, cfg.min_region_area)
+        """An image's regions and either their crops (embedded below, all of the shard's together) or their
+        masked-mean descriptors."""
+        comp, regions = find_regions(read_binary(run, image_id), cfg.region, cfg.min_region_area, cfg.max_regions)
         if not regions:
             return [], None
         g = geoms[image_id]
         if cfg.region_descriptor == "crop_cls":
             rgb = load_rgb(g["uri"], cfg.max_pixels, expect=expect.get(image_id))
-            return regions, embed(crop_batch(rgb, regions, cfg.crop_size, meta["mean"], meta["std"]))
+            return regions, crop_batch(rgb, regions, cfg.crop_size, meta["mean"], meta["std"])
         i = patches.image_ids.index(image_id)
         return regions, masked_mean_descriptors(comp, regions, patches.keys[patches.slice(i)], patches.grid[i], g,
                                                 meta["patch_size"])
@@ -134,6 +156,9 @@ def describe_shard(run: RunDir, n: int, cfg: Config, embed=None) -> tuple[pa.Tab
     done, errors = for_each_image("label", [(i, i) for i in pseudo_ids if run.binary_mask(i).exists()], describe)
     rows = [{"image_id": image_id, **r} for image_id, (regions, _) in done.items() for r in regions]
     descs = [d for _, d in done.values() if d is not None]
+    if cfg.region_descriptor == "crop_cls" and descs:
+        # the crops of every image of the shard in full batches: one forward per batch_size crops, not per image
+        descs = [embed(np.concatenate(descs))]
     dim = int(meta["embed_dim"])
     desc = np.concatenate(descs) if descs else np.zeros((0, dim), np.float32)
     table = pa.Table.from_pylist(rows, schema=pa.schema(REGION_SCHEMA_FIELDS))
@@ -166,7 +191,9 @@ class DescribeStage(Stage):
     after = ("refine",)
     reads = ("binary", "pseudo", "image_tables", "features")
     writes = ("region_parts",)
-    config_keys = ("region", "min_region_area", "region_descriptor", "crop_size", "backbone", "weights", "max_pixels")
+    version = 2  # 2: max_regions, and the joined pixels per region
+    config_keys = ("region", "min_region_area", "max_regions", "region_descriptor", "crop_size", "backbone", "weights",
+                   "max_pixels")
 
     def resources_for(self, cfg: Config) -> Resources:
         # crop_cls runs the backbone: one model per actor, like extraction; masked_mean reads the store only
@@ -246,7 +273,7 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
     for image_id in pseudo_ids:
         if not run.binary_mask(image_id).exists():
             continue
-        comp, regs = find_regions(read_binary(run, image_id), cfg.region, cfg.min_region_area)
+        comp, regs = find_regions(read_binary(run, image_id), cfg.region, cfg.min_region_area, cfg.max_regions)
         assigned = by_image.get(image_id, {})
         if len(assigned) != len(regs):
             continue  # failed at describe: its error row is written
@@ -258,10 +285,11 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
         for r in regs:
             cat, sim = assigned[r["region"]]
             rle = mask_utils.encode(np.asfortranarray((comp == r["region"]).astype(np.uint8)))
+            area, bbox = int(mask_utils.area(rle)), [int(v) for v in mask_utils.toBbox(rle)]  # joined parts too
             rle["counts"] = rle["counts"].decode("ascii")
             annotations.append({
-                "image_id": fit.coco_ids[image_id], "category_id": cat, "segmentation": rle, "area": r["area"],
-                "bbox": [r["x0"], r["y0"], r["x1"] - r["x0"], r["y1"] - r["y0"]], "iscrowd": 0,
+                "image_id": fit.coco_ids[image_id], "category_id": cat, "segmentation": rle, "area": area,
+                "bbox": bbox, "iscrowd": 0,
                 "score": round(sim, 6), "region": r["region"],
             })
             classes[cat] = classes.get(cat, 0) + 1
@@ -292,10 +320,10 @@ class LabelStage(Stage):
     after = ("describe",)
     reads = ("region_parts", "binary", "pseudo", "manifest")
     writes = ("masks", "coco_parts", "coco", "regions")
-    config_keys = ("num_classes", "region", "min_region_area", "kmeans_iters", "kmeans_tol", "kmeans_sample",
-                   "seed")
+    config_keys = ("num_classes", "region", "min_region_area", "max_regions", "kmeans_iters", "kmeans_tol",
+                   "kmeans_sample", "seed")
     resources = Resources(cpus=1)
-    version = 2  # 2: the class k-means is fitted on a sample drawn in one pass (issue 14)
+    version = 3  # 2: class k-means on a sample (issue 14); 3: COCO area and box from the RLE (joined parts)
 
     def shards(self, ctx: StageContext) -> list[int]:
         return DescribeStage().shards(ctx)

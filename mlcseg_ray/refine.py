@@ -46,22 +46,38 @@ def crf_refine(rgb: np.ndarray, prob: np.ndarray, cfg: Config) -> np.ndarray:
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.stack([1 - p, p]).astype(np.float32))))
     d.addPairwiseGaussian(sxy=cfg.crf_gauss_sxy, compat=cfg.crf_gauss_compat)
     sxy = cfg.crf_bilateral_sxy * max(H, W) / 500.0
-    d.addPairwiseBilateral(sxy=sxy, srgb=cfg.crf_bilateral_srgb, rgbim=np.ascontiguousarray(rgb),
+    d.addPairwiseBilateral(sxy=sxy, srgb=cfg.crf_bilateral_srgb, rgbim=np.require(rgb, np.uint8, ["C", "W"]),
                            compat=cfg.crf_bilateral_compat)
     q = np.asarray(d.inference(cfg.crf_iters)).reshape(2, H, W)
     return q[1] > q[0]
 
 
+def crf_size(H: int, W: int, max_side: int) -> tuple[int, int]:
+    """The (h, w) the CRF runs at: the image's, or its longer side brought down to ``max_side``."""
+    if not max_side or max(H, W) <= max_side:
+        return H, W
+    s = max_side / max(H, W)
+    return max(1, round(H * s)), max(1, round(W * s))
+
+
 def refine_image(rgb: np.ndarray, score: np.ndarray, geom: dict, patch: int, cfg: Config) -> np.ndarray:
-    """Binary (H, W) mask of one image from its patch soft score."""
+    """Binary (H, W) mask of one image from its patch soft score. The CRF runs at most at ``crf_max_side`` (its
+    cost grows with the pixels; the score it refines is 8-16 px coarse anyway), the mask brought back to full size."""
+    from PIL import Image
+
     H, W = rgb.shape[:2]
     if (W, H) != (geom["width"], geom["height"]):
         raise BadImage(f"image is {W}x{H} now but was {geom['width']}x{geom['height']} at extraction")
+    crf = cfg.crf and cfg.crf_iters > 0
+    h, w = crf_size(H, W, cfg.crf_max_side) if crf else (H, W)
     prob = upsample_score(score, (geom["grid_h"], geom["grid_w"]), patch, (geom["resized_h"], geom["resized_w"]),
-                          (H, W))
-    if cfg.crf and cfg.crf_iters > 0:
+                          (h, w))
+    if not crf:
+        return prob > 0.5
+    if (h, w) == (H, W):
         return crf_refine(rgb, prob, cfg)
-    return prob > 0.5
+    mask = crf_refine(np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR)), prob, cfg)
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((W, H), Image.BILINEAR)) > 127
 
 
 def png_bytes(array: np.ndarray, palette: list[int] | None = None) -> bytes:
@@ -90,7 +106,7 @@ class RefineStage(Stage):
     reads = ("pseudo", "image_tables", "manifest")
     writes = ("binary",)
     config_keys = ("crf", "crf_iters", "crf_gauss_sxy", "crf_gauss_compat", "crf_bilateral_sxy",
-                   "crf_bilateral_srgb", "crf_bilateral_compat", "max_pixels")
+                   "crf_bilateral_srgb", "crf_bilateral_compat", "crf_max_side", "max_pixels")
     resources = Resources(cpus=1)
 
     def shards(self, ctx: StageContext) -> list[int]:

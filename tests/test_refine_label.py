@@ -58,6 +58,46 @@ def test_regions():
     assert voc_palette()[3:6] == [128, 0, 0]
 
 
+def test_regions_beyond_max_regions_join_their_nearest_kept_region():
+    m = np.zeros((40, 40), bool)
+    m[1:11, 1:11] = True  # 100 px, kept
+    m[1:6, 20:26] = True  # 30 px: joins the nearer kept region (the first)
+    m[25:39, 25:39] = True  # 196 px, kept
+    m[30:34, 5:9] = True  # 16 px: nearer the first region than the 196 px one? no: distance decides
+    m[0, 39] = True  # 1 px: below min_area, background
+    comp, regions = find_regions(m, "component", min_area=10, max_regions=2)
+    assert [r["area"] for r in regions] == [100, 196]  # the two largest, numbered in scan order
+    assert (comp[1:6, 20:26] == 1).all() and comp[0, 39] == 0
+    from scipy import ndimage
+
+    d1 = ndimage.distance_transform_edt(comp != 1)[30:34, 5:9].min()
+    d2 = ndimage.distance_transform_edt(comp != 2)[30:34, 5:9].min()
+    assert d1 == 0 or d2 == 0  # the 16 px component took a kept region's label
+    assert sum(r["joined"] for r in regions) == 30 + 16
+    assert ((comp > 0) == (m & ~np.isin(np.arange(40 * 40).reshape(40, 40), [39]))).all()  # no foreground lost
+    same, unbounded = find_regions(m, "component", min_area=10)[1], find_regions(m, "component", 10, max_regions=0)[1]
+    assert len(same) == len(unbounded) == 4 and all(r["joined"] == 0 for r in same)
+
+
+def test_crf_at_a_bounded_resolution(tmp_path):
+    """The CRF at a smaller size, the mask brought back: full-size output, nearly the same pixels."""
+    from conftest import VOC_SUBSET, need
+    from mlcseg_ray.refine import crf_size, refine_image
+
+    assert crf_size(375, 500, 512) == (375, 500) and crf_size(480, 640, 512) == (384, 512)
+    photo = sorted((need(VOC_SUBSET) / "JPEGImages").iterdir())[0]
+    rgb = np.asarray(Image.open(photo).convert("RGB"))
+    H, W = rgb.shape[:2]
+    gh, gw = H // 16, W // 16
+    yy, xx = np.mgrid[:gh, :gw]
+    score = (((yy - gh / 2) ** 2 + (xx - gw / 2) ** 2) < (min(gh, gw) / 3) ** 2).astype(np.float32).ravel()
+    geom = {"width": W, "height": H, "grid_h": gh, "grid_w": gw, "resized_h": gh * 16, "resized_w": gw * 16}
+    full = refine_image(rgb, score, geom, 16, Config(crf_max_side=0))
+    small = refine_image(rgb, score, geom, 16, Config(crf_max_side=max(H, W) // 2))
+    assert small.shape == full.shape == (H, W)
+    assert (small != full).mean() < 0.05
+
+
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("e2e")
@@ -112,6 +152,8 @@ def test_coco_json_round_trips_to_the_masks(e2e):
         for a in coco.loadAnns(coco.getAnnIds(imgIds=coco_id)):
             m = mu.decode(a["segmentation"]).astype(bool)
             assert m.sum() == a["area"] and 1 <= a["category_id"] <= 4
+            ys, xs = np.nonzero(m)
+            assert a["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
             assert not (rebuilt[m] > 0).any()  # regions do not overlap
             rebuilt[m] = a["category_id"]
         np.testing.assert_array_equal(rebuilt, cls)
@@ -156,3 +198,26 @@ def test_report_renders_in_headless_chromium(e2e, tmp_path):
     assert img.shape[:2] == (1600, 1200)
     assert (np.abs(img.astype(int) - 255).sum(-1) > 30).mean() > 0.02  # not a blank page: text, banner, overlays
     assert ((img[..., 0] > 180) & (img[..., 1] < 40) & (img[..., 2] < 40)).sum() > 1000  # the red random-weights banner
+
+
+def test_max_regions_bounds_the_work_and_labels_all_foreground(e2e):
+    """At most one described region per image; the other components still get a class, and the COCO file still
+    rebuilds every class mask."""
+    from scipy import ndimage
+
+    pipe = e2e[0]
+    run = pipe.run_dir
+    Pipeline(run.root, pipe.cfg.model_copy(update={"max_regions": 1})).run(["label"])
+    regions = pq.read_table(run.regions).to_pylist()
+    per_image = {}
+    for r in regions:
+        per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+    assert per_image and max(per_image.values()) == 1
+    for image_id in per_image:
+        binary = np.asarray(Image.open(run.binary_mask(image_id))) > 0
+        comp, n = ndimage.label(binary, structure=np.ones((3, 3), int))
+        big = np.isin(comp, [c for c in range(1, n + 1) if (comp == c).sum() >= pipe.cfg.min_region_area])
+        classes = np.asarray(Image.open(run.masks / f"{image_id}.png"))
+        assert ((classes > 0) == big).all()  # every component above min_region_area is labelled
+    test_coco_json_round_trips_to_the_masks(e2e)
+    Pipeline(run.root, pipe.cfg).run(["label"])  # back to the fixture's config for the other tests
