@@ -34,6 +34,10 @@ def mixture(n, dim, k, rng):
     return centers[rng.integers(0, k, n)] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
 
 
+def _warm(shard):
+    return shard
+
+
 def bench_distributed(args, work):
     rng = np.random.default_rng(0)
     meta = brought_store_metadata(args.dim, 8)
@@ -58,7 +62,7 @@ def bench_distributed(args, work):
     _, sims = assign(x, l2_normalize(km.centroids))
     faiss_inertia = float(np.sum(1 - sims))
     del x
-    ray_map(len, [shards[0]] * 2)  # Ray's worker processes started before the clock, as faiss's threads are
+    ray_map(_warm, [shards[0]] * 2)  # Ray's worker processes started before the clock, as faiss's threads are
     t0 = time.perf_counter()
     res = sampled_kmeans(shards, load, args.k, iters=args.iters, tol=0.0, seed=0, sample=args.sample,
                          sizes=[n_images * per_image], map_fn=ray_map)

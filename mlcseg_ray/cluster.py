@@ -464,7 +464,7 @@ class ClusterStage(Stage):
     name = "cluster"
     after = ("extract",)
     reads = ("features", "image_tables")
-    writes = ("levels", "pseudo")
+    writes = ("levels", "pseudo", "ablation")  # an ablation describes one clustering: it goes with it
     config_keys = ("k_dataset", "num_categories", "k_category", "k_image", "consistency", "combine", "vote",
                    "kmeans_iters", "kmeans_tol", "kmeans_sample", "seed")
     resources = Resources(cpus=1, gpus="share")

@@ -39,3 +39,10 @@ def test_saved_config_round_trips(tmp_path):
     c = Config.load(None, ["num_classes=7"])
     c.save(tmp_path / "config.yaml")
     assert Config.load(tmp_path / "config.yaml") == c
+
+
+def test_a_run_folder_from_before_the_sampled_fits_still_loads(tmp_path):
+    """config.yaml of runs before issue 14 names the sample kmeans_init_sample: read as kmeans_sample."""
+    (tmp_path / "config.yaml").write_text("kmeans_init_sample: 5000\nk_image: 4\n")
+    cfg = Config.load(tmp_path / "config.yaml")
+    assert cfg.kmeans_sample == 5000 and cfg.k_image == 4 and "kmeans_init_sample" not in cfg.model_dump()
