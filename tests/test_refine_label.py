@@ -221,3 +221,32 @@ def test_max_regions_bounds_the_work_and_labels_all_foreground(e2e):
         assert ((classes > 0) == big).all()  # every component above min_region_area is labelled
     test_coco_json_round_trips_to_the_masks(e2e)
     Pipeline(run.root, pipe.cfg).run(["label"])  # back to the fixture's config for the other tests
+
+
+def test_crops_are_the_configured_size():
+    """crop_size is what the network sees."""
+    from mlcseg_ray.label import crop_batch
+
+    rgb = np.zeros((50, 80, 3), np.uint8)
+    regions = [{"x0": 0, "y0": 0, "x1": 10, "y1": 20}, {"x0": 30, "y0": 5, "x1": 80, "y1": 50}]
+    batch = crop_batch(rgb, regions, 48, [0.5] * 3, [0.25] * 3)
+    assert batch.shape == (2, 3, 48, 48) and np.allclose(batch, -2.0)  # (0 - 0.5) / 0.25
+    assert crop_batch(rgb, [], 48, [0] * 3, [1] * 3).shape == (0, 3, 48, 48)
+
+
+def test_a_shards_crops_go_to_the_embedder_together(e2e):
+    from mlcseg_ray.label import describe_shard
+    from mlcseg_ray.store import shard_index
+
+    pipe = e2e[0]
+    run = pipe.run_dir
+    calls = []
+
+    def embed(batch):
+        calls.append(batch.shape)
+        return np.zeros((len(batch), 48), np.float32)
+
+    shard = shard_index(sorted(run.pseudo.glob("part-*.parquet"))[0])
+    table, _ = describe_shard(run, shard, pipe.cfg, embed)
+    assert len(calls) == 1 and calls[0][0] == table.num_rows > 1  # one call: every image's crops of the shard
+    assert calls[0][2:] == (pipe.cfg.crop_size, pipe.cfg.crop_size)
