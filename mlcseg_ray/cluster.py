@@ -1,15 +1,18 @@
 """Stages ``cluster_dataset``, ``cluster_category``, ``cluster_image`` and ``combine`` (DESIGN §2 levels 1-4).
 
-Plain functions over arrays first, then :class:`ClusterStage`, which streams over feature shards (one shard per
-task, never the whole store in one process):
+Plain functions over arrays first, then :class:`ClusterStage`, which reads the feature store twice (one shard per
+task, never the whole store in one process): one pass draws a bounded sample, on which levels 1 and 2 are fitted in
+memory; one pass labels every patch.
 
-1. dataset level: spherical k-means (``k_dataset``) over every patch; clusters labelled foreground from cues
-   (per-image-normalised CLS attention, border contact);
+1. dataset level: spherical k-means (``k_dataset``) on a sample of ``kmeans_sample`` patches; clusters labelled
+   foreground from cues (per-image-normalised CLS attention, border contact);
 2. category level: the images' CLS tokens grouped into ``num_categories``; inside each group, k-means
-   (``k_category``) over the group's patches - all groups clustered in the same passes over the store; clusters
-   labelled consistently with level 1;
+   (``k_category``) on the group's share of a second sample; clusters labelled consistently with level 1;
 3. image level: k-means (``k_image``) per image, batched over a shard's images; labelled consistently with level 2;
-4. combine: ``vote`` (default: 2 of 3 levels), ``intersection``, ``union`` or one level; a soft score for the CRF.
+4. combine: ``weighted`` (default: each level votes with its weight in the image, the separation of its split
+   along the dataset's foreground direction), ``vote`` (``vote`` of 3 levels), ``intersection``, ``union`` or one
+   level; a soft score for the CRF. Every level's mask and weight are stored, so ``mlcseg ablate`` can score every
+   rule afterwards.
 
 Consistency rules: ``relative`` ranks a finer level's clusters along the coarser level's foreground direction (mean
 of its foreground patches minus mean of its background patches over the images concerned) and calls foreground
