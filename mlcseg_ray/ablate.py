@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pyarrow.parquet as pq
 
-from .cluster import combine_votes
+from .cluster import combine_votes, weighted_share
 from .config import Config
 from .evaluate import GroundTruth
 from .store import RunDir, atomic_write_json, list_shards, shard_index
@@ -38,9 +38,7 @@ def rule_score(row: dict, rule: str) -> np.ndarray:
     attn = np.asarray(row["attn"], np.float32)
     weights = np.asarray(row["weights"], np.float32)
     if combine == "weighted" and t != 0.5:  # another threshold on the weighted share: shift it to one half
-        w = weights.astype(np.float64)
-        share = (w[:, None] * levels).sum(0) / w.sum() if w.sum() > 0 else levels.mean(0)
-        return np.where(share > t, 0.75, 0.25).astype(np.float32)
+        return np.where(weighted_share(levels, weights) > t, 0.75, 0.25).astype(np.float32)
     return combine_votes(levels, attn, combine, int(t) or 2, weights)[1]
 
 

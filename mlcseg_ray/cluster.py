@@ -194,27 +194,31 @@ def direction(fg_sum, fg_n, bg_sum, bg_n, fallback):
     return d if np.linalg.norm(d) > EPS else fallback
 
 
-def separation(x: np.ndarray, fg: np.ndarray, direction: np.ndarray | None = None) -> float:
-    """How well a binary split of one image's keys separates them along ``direction`` (the dataset's foreground
-    direction; the split's own when none is given): the Fisher ratio (gap of the projected means)^2 / (sum of
-    the projected variances); 0 for a one-sided split."""
+def separation(x64: np.ndarray, fg: np.ndarray, along: np.ndarray | None = None) -> float:
+    """How well a binary split of one image's keys (float64) separates them: the Fisher ratio (gap of the projected
+    means)^2 / (sum of the projected variances) of the projections ``along`` a direction (the split's own when
+    none are given); 0 for a one-sided split."""
     n_fg = int(fg.sum())
     if n_fg == 0 or n_fg == len(fg):
         return 0.0
-    x64 = x.astype(np.float64)
-    d = x64[fg].mean(0) - x64[~fg].mean(0) if direction is None or not np.any(direction) else direction
-    p = x64 @ np.asarray(d, np.float64)
+    p = along if along is not None else x64 @ (x64[fg].mean(0) - x64[~fg].mean(0))
     return float((p[fg].mean() - p[~fg].mean()) ** 2 / (p[fg].var() + p[~fg].var() + 1e-12))
 
 
 def level_weights(x: np.ndarray, levels: np.ndarray, direction: np.ndarray | None = None) -> np.ndarray:
     """Each level's weight in one image (``combine=weighted``): how well the split it draws there separates the
     image's keys along the dataset's foreground direction. A level whose split follows something else in this
-    image (texture, a background mode, a shift of the whole image) gets little say."""
-    return np.array([separation(x, lv.astype(bool), direction) for lv in levels], np.float32)
+    image (texture, a background mode, a shift of the whole image) gets little say. The keys are projected once
+    for the three levels."""
+    x64 = x.astype(np.float64)
+    along = x64 @ np.asarray(direction, np.float64) if direction is not None and np.any(direction) else None
+    return np.array([separation(x64, lv.astype(bool), along) for lv in levels], np.float32)
 
 
-COMBINE_RULES = ("weighted", "vote", "intersection", "union", "dataset", "category", "image")
+def weighted_share(levels: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Per patch, the weighted share of the levels that call it foreground (the plain share without weights)."""
+    w = np.asarray(weights if weights is not None else np.ones(len(levels)), np.float64)
+    return (w[:, None] * levels).sum(0) / w.sum() if w.sum() > 0 else levels.mean(0)
 
 
 def combine_votes(levels: np.ndarray, attn: np.ndarray, rule: str, vote: int = 2,
@@ -227,9 +231,7 @@ def combine_votes(levels: np.ndarray, attn: np.ndarray, rule: str, vote: int = 2
     plain share). The soft score is a logistic of the margin to the rule's threshold, tie-broken by CLS attention,
     and kept on the mask's side of 0.5: it is what the CRF refines."""
     if rule == "weighted":
-        w = np.asarray(weights if weights is not None else np.ones(3), np.float64)
-        share = (w[:, None] * levels).sum(0) / w.sum() if w.sum() > 0 else levels.mean(0)
-        v, t, slope = share.astype(np.float32), 0.5, 6.0
+        v, t, slope = weighted_share(levels, weights).astype(np.float32), 0.5, 6.0
     elif rule in LEVELS:
         v, t, slope = levels[LEVELS.index(rule)].astype(np.float32), 0.5, 1.5
     else:
