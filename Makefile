@@ -4,9 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# The report's browser test runs in headless Chromium: Debian's package, installed when missing (root, or sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= demo_run
 
-.PHONY: demo test lint install bench clean-demo
+.PHONY: demo test lint install bench clean-demo browser
 
 install: $(STAMP)
 
@@ -20,12 +22,18 @@ demo: $(STAMP)
 	$(VENV)/bin/mlcseg run --images samples --out $(DEMO_OUT) --backbone random-vit-s8 num_classes=3 num_categories=2 min_region_area=64
 	@echo "report: $(DEMO_OUT)/report.html"
 
-test: $(STAMP)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(PY) bench/extract_throughput.py

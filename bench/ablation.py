@@ -13,8 +13,9 @@
    worst draw, and the share of draws where the rule beats every single level.
 
 Each draw is clustered once with the default config; every rule is recomputed from the level masks, weights and
-attention the cluster stage stores (``mlcseg_ray.ablate.rule_score``), exactly as ``mlcseg ablate`` does.
+attention the cluster stage stores (``mlcseg_ray.tools.ablate.rule_score``), exactly as ``mlcseg ablate`` does.
 """
+
 import argparse
 import multiprocessing as mp
 import shutil
@@ -28,16 +29,16 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the planted-store generators
+sys.path.insert(0, str(ROOT / "tests"))  # the planted-store generators (tests/helpers)
 from common import machine  # noqa: E402
 
-from mlcseg_ray.ablate import RULES, SINGLE_LEVELS, rule_score  # noqa: E402
-from mlcseg_ray.cluster import read_pseudo  # noqa: E402
+from helpers.planted import PlantedSpec, generate, generate_on_photos, random_spec  # noqa: E402
 from mlcseg_ray.config import Config  # noqa: E402
+from mlcseg_ray.core.inputs import RunInputs  # noqa: E402
+from mlcseg_ray.core.store import RunDir  # noqa: E402
 from mlcseg_ray.pipeline import run_stages  # noqa: E402
-from mlcseg_ray.stage import RunInputs  # noqa: E402
-from mlcseg_ray.store import RunDir  # noqa: E402
-from planted import PlantedSpec, generate, generate_on_photos, random_spec  # noqa: E402
+from mlcseg_ray.stages.cluster import read_pseudo  # noqa: E402
+from mlcseg_ray.tools.ablate import RULES, SINGLE_LEVELS, rule_score  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 MASKS = DATA / "voc2012_val_masks" / "SegmentationClass"
@@ -79,8 +80,9 @@ def one_draw(job) -> dict:
     if kind == "random":
         generate(out, random_spec(draw), mask_dir=MASKS)
     else:
-        generate_on_photos(out, RunDir(photo_base), PHOTOS / "SegmentationClass", STRENGTHS[draw % len(STRENGTHS)],
-                           seed=draw)
+        generate_on_photos(
+            out, RunDir(photo_base), PHOTOS / "SegmentationClass", STRENGTHS[draw % len(STRENGTHS)], seed=draw
+        )
     run_stages(out, Config(), ["cluster"])
     res = rule_ious(out)
     shutil.rmtree(out, ignore_errors=True)
@@ -90,8 +92,10 @@ def one_draw(job) -> dict:
 def summarise(rows: list[dict], title: str) -> None:
     best = np.array([max(r[s] for s in SINGLE_LEVELS) for r in rows])
     advance = max(SINGLE_LEVELS, key=lambda s: np.mean([r[s] for r in rows]))
-    print(f"\n{title}: {len(rows)} draws; best single level chosen in advance (best mean): {advance} "
-          f"{np.mean([r[advance] for r in rows]):.4f}; per-draw best single level, mean {best.mean():.4f}")
+    print(
+        f"\n{title}: {len(rows)} draws; best single level chosen in advance (best mean): {advance} "
+        f"{np.mean([r[advance] for r in rows]):.4f}; per-draw best single level, mean {best.mean():.4f}"
+    )
     print("| rule | mean fg IoU | mean regret vs per-draw best level | worst draw | beats every level |")
     print("|---|---|---|---|---|")
     for rule in RULES:
@@ -103,8 +107,12 @@ def summarise(rows: list[dict], title: str) -> None:
 def photo_base(work: Path) -> Path:
     """The 59 VOC photos through a random-weight ViT-S/8 (max_side 320): the real-image half of the photo draws."""
     base = work / "photo_base"
-    run_stages(base, Config(backbone="random-vit-s8", max_side=320), ["ingest", "extract"],
-               inputs=RunInputs(images=str(PHOTOS / "JPEGImages")))
+    run_stages(
+        base,
+        Config(backbone="random-vit-s8", max_side=320),
+        ["ingest", "extract"],
+        inputs=RunInputs(images=str(PHOTOS / "JPEGImages")),
+    )
     return base
 
 
@@ -133,8 +141,9 @@ def main():
         for store in stores:
             for consistency in ("relative", "majority"):
                 res = cluster(store, work / f"{store.name}_{consistency}", consistency=consistency)
-                print(f"| {store.name} | {consistency} | " + " | ".join(f"{res[k]:.3f}" for k in RULES) + " |",
-                      flush=True)
+                print(
+                    f"| {store.name} | {consistency} | " + " | ".join(f"{res[k]:.3f}" for k in RULES) + " |", flush=True
+                )
     jobs = [("random", d, str(work), None) for d in range(args.draws)]
     if args.photo_draws:
         base = photo_base(work)

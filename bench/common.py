@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts: the machine line, image lists, peak memory of a process tree."""
+
 import os
 import platform
 import subprocess
@@ -16,9 +17,11 @@ VOC_IMAGES = SHARED / "voc2012_val_subset" / "JPEGImages"
 def machine() -> str:
     import torch
 
-    return (f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), python {platform.python_version()}")
+    return (
+        f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), python {platform.python_version()}"
+    )
 
 
 class Poller:
@@ -68,18 +71,35 @@ class PeakRSS(Poller):
             key = (p.pid, name)
             self.peaks[key] = max(self.peaks.get(key, 0), rss)
 
-
     def max_other(self) -> float:
         """Largest peak among the other processes of the tree (raylet, GCS, object-store helpers), MB."""
         me = os.getpid()
-        return max((v for (pid, name), v in self.peaks.items()
-                    if pid != me and "ray::" not in name and "default_worker" not in name), default=0) / 2**20
+        return (
+            max(
+                (
+                    v
+                    for (pid, name), v in self.peaks.items()
+                    if pid != me and "ray::" not in name and "default_worker" not in name
+                ),
+                default=0,
+            )
+            / 2**20
+        )
 
     def driver_and_max_worker(self) -> tuple[float, float]:
         me = os.getpid()
         driver = max((v for (pid, _), v in self.peaks.items() if pid == me), default=0) / 2**20
-        workers = max((v for (pid, name), v in self.peaks.items() if pid != me and "ray::" in name or
-                       (pid != me and "default_worker" in name)), default=0) / 2**20
+        workers = (
+            max(
+                (
+                    v
+                    for (pid, name), v in self.peaks.items()
+                    if pid != me and "ray::" in name or (pid != me and "default_worker" in name)
+                ),
+                default=0,
+            )
+            / 2**20
+        )
         return driver, workers
 
 
@@ -94,8 +114,12 @@ class GpuMemoryPeak(Poller):
 
     def sample(self):
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=10).stdout
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
             self.peak = max(self.peak or 0, sum(int(v) for v in out.split()))
         except (OSError, ValueError, subprocess.SubprocessError):
             return False

@@ -7,6 +7,7 @@ photos, all in one run.
 The pipeline runs once up to refine; then describe and label run again for each crop size on the same masks (the
 regions are the same; only their descriptors change).
 """
+
 import argparse
 import json
 import shutil
@@ -19,11 +20,11 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import VOC_IMAGES, machine  # noqa: E402
+from common import VOC_IMAGES, machine
 
-from mlcseg_ray.config import Config  # noqa: E402
-from mlcseg_ray.pipeline import Pipeline  # noqa: E402
-from mlcseg_ray.raytools import init_ray  # noqa: E402
+from mlcseg_ray.backends.cluster import init_ray
+from mlcseg_ray.config import Config
+from mlcseg_ray.pipeline import Pipeline
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -61,8 +62,7 @@ def main():
         classes = regions.column("class_id").to_numpy()
         first = classes if first is None else first
         agree = agreement(first, classes) if len(classes) == len(first) else float("nan")
-        print(f"| {size} | {stages['describe']['seconds'] / args.n:.3f} | {len(classes)} | {agree:.1%} |",
-              flush=True)
+        print(f"| {size} | {stages['describe']['seconds'] / args.n:.3f} | {len(classes)} | {agree:.1%} |", flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
 

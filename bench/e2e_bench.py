@@ -3,6 +3,7 @@ same resolution, measured in the same run.
 
     python bench/e2e_bench.py [--n 59] [--backbone random-vit-s8] [--max-side 512]
 """
+
 import argparse
 import json
 import shutil
@@ -14,12 +15,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import VOC_IMAGES, machine  # noqa: E402
-from extract_throughput import bare  # noqa: E402
+from common import VOC_IMAGES, machine
+from extract_throughput import bare
 
-from mlcseg_ray.config import Config  # noqa: E402
-from mlcseg_ray.pipeline import Pipeline  # noqa: E402
-from mlcseg_ray.raytools import init_ray  # noqa: E402
+from mlcseg_ray.backends.cluster import init_ray
+from mlcseg_ray.config import Config
+from mlcseg_ray.pipeline import Pipeline
 
 
 def main():

@@ -5,6 +5,7 @@ already decoded and preprocessed; the pipeline decodes inside its actor, writes 
 
     python bench/extract_throughput.py [--n 24] [--max-side 320] [--backbone random-vit-s8]
 """
+
 import argparse
 import shutil
 import sys
@@ -16,14 +17,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import VOC_IMAGES, machine  # noqa: E402
+from common import VOC_IMAGES, machine
 
-from mlcseg_ray.backbones import FeatureExtractor, build_backbone  # noqa: E402
-from mlcseg_ray.config import Config  # noqa: E402
-from mlcseg_ray.features import geometry, preprocess  # noqa: E402
-from mlcseg_ray.imageio import load_rgb  # noqa: E402
-from mlcseg_ray.pipeline import Pipeline  # noqa: E402
-from mlcseg_ray.raytools import init_ray  # noqa: E402
+from mlcseg_ray.backends.cluster import init_ray
+from mlcseg_ray.config import Config
+from mlcseg_ray.formats.images import load_rgb
+from mlcseg_ray.models.backbones import FeatureExtractor, build_backbone
+from mlcseg_ray.pipeline import Pipeline
+from mlcseg_ray.stages.extract import geometry, preprocess
 
 
 def bare(paths, cfg, threads):
@@ -36,8 +37,11 @@ def bare(paths, cfg, threads):
         g = geometry(rgb.shape[1], rgb.shape[0], info.patch_size, cfg.max_side, cfg.upscale)
         x = preprocess(rgb, g, info.mean, info.std)
         groups.setdefault(x.shape, []).append(x)
-    batches = [torch.from_numpy(np.stack(v[i:i + cfg.batch_size])) for v in groups.values()
-               for i in range(0, len(v), cfg.batch_size)]
+    batches = [
+        torch.from_numpy(np.stack(v[i : i + cfg.batch_size]))
+        for v in groups.values()
+        for i in range(0, len(v), cfg.batch_size)
+    ]
     fe(batches[0][:1])  # warm-up
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -76,8 +80,10 @@ def main():
     steady_rate = len(paths) / shard_s
     bare_rate = bare(paths, cfg, threads)
     print(f"machine: {machine()}")
-    print(f"images {len(paths)}, backbone {args.backbone}, max_side {args.max_side}, batch {args.batch_size}, "
-          f"threads {threads}")
+    print(
+        f"images {len(paths)}, backbone {args.backbone}, max_side {args.max_side}, batch {args.batch_size}, "
+        f"threads {threads}"
+    )
     print(f"ray start (not counted): {ray_start:.1f}s")
     print(f"bare model loop : {bare_rate:.3f} images/s")
     print(f"ray pipeline    : {pipe_rate:.3f} images/s (actor start, decode, preprocess, forward, parquet, markers)")

@@ -5,6 +5,7 @@ generated (gradients and ellipses), so the script needs nothing but the reposito
 
     python bench/gpu_check.py [--n 300] [--cpu-n 24] [--backbone random-vit-s8] [--max-side 224]
 """
+
 import argparse
 import shutil
 import sys
@@ -16,12 +17,12 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import GpuMemoryPeak, machine  # noqa: E402
+from common import GpuMemoryPeak, machine
 
-from mlcseg_ray.config import Config  # noqa: E402
-from mlcseg_ray.pipeline import Pipeline  # noqa: E402
-from mlcseg_ray.raytools import cluster_gpus, init_ray  # noqa: E402
-from mlcseg_ray.store import RunDir  # noqa: E402
+from mlcseg_ray.backends.cluster import cluster_gpus, init_ray
+from mlcseg_ray.config import Config
+from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.pipeline import Pipeline
 
 
 def make_images(folder: Path, n: int, size: int):
@@ -31,7 +32,7 @@ def make_images(folder: Path, n: int, size: int):
     for i in range(n):
         bg = np.stack([np.linspace(rng.integers(0, 255), rng.integers(0, 255), size)[None].repeat(size, 0)] * 3, -1)
         cy, cx, r = rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size, rng.uniform(0.1, 0.3) * size
-        obj = ((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2
+        obj = ((yy - cy) ** 2 + (xx - cx) ** 2) < r**2
         img = np.where(obj[..., None], rng.integers(0, 255, 3), bg) + rng.normal(0, 8, (size, size, 3))
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img{i:05d}.jpg", quality=90)
 
@@ -81,16 +82,21 @@ def main():
         else:
             cfg = Config(**base, device="cuda", batch_size=64)
             t = extract(work / "images", work / "gpu_run", cfg)
-            print(f"GPU extraction: {args.n / t:.2f} images/s ({args.n} images); "
-                  f"speed-up over CPU {args.n / t / cpu_rate:.1f}x", flush=True)
+            print(
+                f"GPU extraction: {args.n / t:.2f} images/s ({args.n} images); "
+                f"speed-up over CPU {args.n / t / cpu_rate:.1f}x",
+                flush=True,
+            )
             run_dir = work / "gpu_run"
         # Clustering of the same store on CPUs only, then with device=auto (shard tasks on the GPUs if any),
         # after an untimed run that starts the workers and their imports (else the first one timed pays for it).
         cpu_cfg, auto_cfg = cfg.model_copy(update={"device": "cpu"}), cfg.model_copy(update={"device": "auto"})
         cluster(run_dir, cpu_cfg), cluster(run_dir, auto_cfg)
         cpu_cluster, auto_cluster = cluster(run_dir, cpu_cfg), cluster(run_dir, auto_cfg)
-    print(f"clustering: {cpu_cluster:.1f}s on CPUs, {auto_cluster:.1f}s with device=auto "
-          f"(speed-up {cpu_cluster / auto_cluster:.2f}x)")
+    print(
+        f"clustering: {cpu_cluster:.1f}s on CPUs, {auto_cluster:.1f}s with device=auto "
+        f"(speed-up {cpu_cluster / auto_cluster:.2f}x)"
+    )
     if mem.peak is not None:
         total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
         print(f"GPU memory peak (nvidia-smi, all GPUs): {mem.peak} MiB; device 0 total {total:.0f} GiB")

@@ -1,7 +1,8 @@
 """Ingest rate (listing + header probe + manifest) on many files: the VOC photos hard-linked N times over.
 
-    python bench/ingest_bench.py [--copies 102]
+python bench/ingest_bench.py [--copies 102]
 """
+
 import argparse
 import os
 import shutil
@@ -11,10 +12,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import VOC_IMAGES, machine  # noqa: E402
+from common import VOC_IMAGES, machine
 
-from mlcseg_ray.config import Config  # noqa: E402
-from mlcseg_ray.pipeline import Pipeline  # noqa: E402
+from mlcseg_ray.config import Config
+from mlcseg_ray.pipeline import Pipeline
 
 
 def main():

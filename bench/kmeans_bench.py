@@ -9,6 +9,7 @@
 
     python bench/kmeans_bench.py [--n 2000000] [--dim 384] [--k 20] [--iters 10] [--sample 100000] [--images 1000]
 """
+
 import argparse
 import shutil
 import sys
@@ -19,14 +20,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import machine  # noqa: E402
+from common import machine
 
-from mlcseg_ray.cluster import KeyLoader  # noqa: E402
-from mlcseg_ray.features import brought_store_metadata, write_store_shard  # noqa: E402
-from mlcseg_ray.kmeans import IMAGE_BATCH, assign, batched_kmeans, l2_normalize, sampled_kmeans, unit_vectors  # noqa: E402,E501
-from mlcseg_ray.executor import ray_map  # noqa: E402
-from mlcseg_ray.raytools import init_ray  # noqa: E402
-from mlcseg_ray.store import list_shards  # noqa: E402
+from mlcseg_ray.backends.cluster import init_ray
+from mlcseg_ray.backends.ray import ray_map
+from mlcseg_ray.core.store import list_shards
+from mlcseg_ray.formats.feature_store import brought_store_metadata, write_store_shard
+from mlcseg_ray.ops.kmeans import IMAGE_BATCH, assign, batched_kmeans, l2_normalize, sampled_kmeans, unit_vectors
+from mlcseg_ray.stages.cluster import KeyLoader
 
 
 def mixture(n, dim, k, rng):
@@ -45,9 +46,17 @@ def bench_distributed(args, work):
     n_images = args.n // per_image
     shard = 0
     for s in range(0, n_images, per_shard):
-        recs = [{"image_id": f"i{j:07d}", "keys": mixture(per_image, args.dim, args.k, rng), "grid_h": 28,
-                 "grid_w": 28, "cls_attn": np.zeros(per_image), "cls_token": np.zeros(args.dim)}
-                for j in range(s, min(n_images, s + per_shard))]
+        recs = [
+            {
+                "image_id": f"i{j:07d}",
+                "keys": mixture(per_image, args.dim, args.k, rng),
+                "grid_h": 28,
+                "grid_w": 28,
+                "cls_attn": np.zeros(per_image),
+                "cls_token": np.zeros(args.dim),
+            }
+            for j in range(s, min(n_images, s + per_shard))
+        ]
         write_store_shard(work, shard, recs, args.dim, meta)
         shard += 1
     shards = list_shards(work / "features")
@@ -64,13 +73,24 @@ def bench_distributed(args, work):
     del x
     ray_map(_warm, [shards[0]] * 2)  # Ray's worker processes started before the clock, as faiss's threads are
     t0 = time.perf_counter()
-    res = sampled_kmeans(shards, load, args.k, iters=args.iters, tol=0.0, seed=0, sample=args.sample,
-                         sizes=[n_images * per_image], map_fn=ray_map)
+    res = sampled_kmeans(
+        shards,
+        load,
+        args.k,
+        iters=args.iters,
+        tol=0.0,
+        seed=0,
+        sample=args.sample,
+        sizes=[n_images * per_image],
+        map_fn=ray_map,
+    )
     ours_s = time.perf_counter() - t0
     print(f"vectors {len(shards)} shards, {n_images * per_image:,} x {args.dim}, k={args.k}, {args.iters} iterations")
     print(f"faiss.Kmeans in memory : {faiss_s:8.1f}s  inertia {faiss_inertia:,.1f}")
-    print(f"sampled (Ray)          : {ours_s:8.1f}s  inertia {res.inertia:,.1f}  ({res.sample_size:,}-vector "
-          f"sample, {res.passes} passes over the shards)")
+    print(
+        f"sampled (Ray)          : {ours_s:8.1f}s  inertia {res.inertia:,.1f}  ({res.sample_size:,}-vector "
+        f"sample, {res.passes} passes over the shards)"
+    )
     print(f"ratios ours/faiss: time {ours_s / faiss_s:.2f}x, inertia {res.inertia / faiss_inertia:.4f}x")
 
 
@@ -86,14 +106,18 @@ def bench_batched(args):
     # ours first: OpenMP worker threads left spinning by scikit-learn would slow torch down (and vice versa)
     batched_kmeans(xs[:IMAGE_BATCH], valid[:IMAGE_BATCH], 3, seed=0)  # torch's first call (thread pool) untimed
     t0 = time.perf_counter()
-    labels = np.concatenate([batched_kmeans(xs[i:i + IMAGE_BATCH], valid[i:i + IMAGE_BATCH], 3, seed=0)[0]
-                             for i in range(0, len(xs), IMAGE_BATCH)])  # as cluster_shard batches them
+    labels = np.concatenate(
+        [
+            batched_kmeans(xs[i : i + IMAGE_BATCH], valid[i : i + IMAGE_BATCH], 3, seed=0)[0]
+            for i in range(0, len(xs), IMAGE_BATCH)
+        ]
+    )  # as cluster_shard batches them
     ours_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = [KMeans(3, n_init=1, random_state=0).fit_predict(x) for x in xs]
     sk_s = time.perf_counter() - t0
     agree = 0
-    for r, lab in zip(ref, labels):
+    for r, lab in zip(ref, labels, strict=True):
         m = np.zeros((3, 3))
         np.add.at(m, (r, lab), 1)
         a, b = linear_sum_assignment(-m)

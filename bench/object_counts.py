@@ -5,6 +5,7 @@ large, so the same is counted here on the ground truth (touching objects are one
 
     python bench/object_counts.py
 """
+
 import sys
 from pathlib import Path
 
@@ -25,10 +26,11 @@ def components(paths, foreground, min_area: int = 256) -> np.ndarray:
 
 def main():
     sets = {
-        "VOC 2012 val (1,449 masks)": (sorted((DATA / "voc2012_val_masks/SegmentationClass").glob("*.png")),
-                                       lambda a: (a > 0) & (a < 255)),
-        "COCO val2014 subset (66 masks)": (sorted((DATA / "coco_val2014_subset/masks").glob("*.png")),
-                                           lambda a: a > 0),
+        "VOC 2012 val (1,449 masks)": (
+            sorted((DATA / "voc2012_val_masks/SegmentationClass").glob("*.png")),
+            lambda a: (a > 0) & (a < 255),
+        ),
+        "COCO val2014 subset (66 masks)": (sorted((DATA / "coco_val2014_subset/masks").glob("*.png")), lambda a: a > 0),
     }
     print("| masks | mean | median | p90 | p95 | p99 | max | images with <= 8 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -37,8 +39,10 @@ def main():
             sys.exit(f"no masks under {DATA}")
         c = components(paths, fg)
         p = np.percentile(c, [90, 95, 99])
-        print(f"| {name} | {c.mean():.2f} | {np.median(c):.0f} | {p[0]:.0f} | {p[1]:.0f} | {p[2]:.0f} | {c.max()} | "
-              f"{(c <= 8).mean():.1%} |")
+        print(
+            f"| {name} | {c.mean():.2f} | {np.median(c):.0f} | {p[0]:.0f} | {p[1]:.0f} | {p[2]:.0f} | {c.max()} | "
+            f"{(c <= 8).mean():.1%} |"
+        )
 
 
 if __name__ == "__main__":

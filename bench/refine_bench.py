@@ -7,6 +7,7 @@ then in this process at full resolution and at each ``crf_max_side``, counting t
 
     python bench/refine_bench.py [--n 32] [--sides 512 384]
 """
+
 import argparse
 import sys
 import time
@@ -15,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import SHARED, VOC_IMAGES, machine  # noqa: E402
+from common import SHARED, VOC_IMAGES, machine
 
-from mlcseg_ray.config import Config  # noqa: E402
-from mlcseg_ray.features import geometry  # noqa: E402
-from mlcseg_ray.imageio import load_rgb  # noqa: E402
-from mlcseg_ray.executor import ray_map  # noqa: E402
-from mlcseg_ray.refine import refine_image  # noqa: E402
+from mlcseg_ray.backends.ray import ray_map
+from mlcseg_ray.config import Config
+from mlcseg_ray.formats.images import load_rgb
+from mlcseg_ray.ops.crf import refine_image
+from mlcseg_ray.stages.extract import geometry
 
 
 def ellipse_score(rgb):
@@ -29,7 +30,7 @@ def ellipse_score(rgb):
     g = geometry(rgb.shape[1], rgb.shape[0], 8, 512, False).__dict__
     yy, xx = np.mgrid[: g["grid_h"], : g["grid_w"]]
     dy, dx = (yy - g["grid_h"] / 2) / (g["grid_h"] / 3), (xx - g["grid_w"] / 2) / (g["grid_w"] / 3)
-    return np.exp(-(dy ** 2 + dx ** 2)).ravel().astype(np.float32), g
+    return np.exp(-(dy**2 + dx**2)).ravel().astype(np.float32), g
 
 
 def refine_chunk(paths, cfg_dict):
@@ -53,7 +54,7 @@ def bounded(paths, sides):
         t0 = time.perf_counter()
         masks[side] = [refine_image(rgb, score, g, 8, cfg) for rgb, score, g in images]
         seconds = time.perf_counter() - t0
-        changed = sum(int((a != b).sum()) for a, b in zip(masks[0], masks[side]))
+        changed = sum(int((a != b).sum()) for a, b in zip(masks[0], masks[side], strict=True))
         out[side] = (seconds, changed / sum(m.size for m in masks[0]))
     return out
 
@@ -61,8 +62,10 @@ def bounded(paths, sides):
 def run(paths, cpus, chunk=4):
     import ray
 
-    ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
-    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    ray.init(
+        address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR"
+    )
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     ray_map(refine_chunk, [paths[:1]] * cpus, Config().model_dump())  # one task per CPU at once: every worker warm
     t0 = time.perf_counter()
     px = sum(ray_map(refine_chunk, chunks, Config().model_dump()))
@@ -90,8 +93,11 @@ def main():
     for name, group in (("VOC", paths), ("COCO", coco)):
         res = bounded(group, args.sides)
         for side, (seconds, changed) in res.items():
-            print(f"| {name} ({len(group)}) | {side or 'full'} | {seconds:.1f} | {res[0][0] / seconds:.2f}x | "
-                  f"{changed:.2%} |", flush=True)
+            print(
+                f"| {name} ({len(group)}) | {side or 'full'} | {seconds:.1f} | {res[0][0] / seconds:.2f}x | "
+                f"{changed:.2%} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ together may not hold more than that, so the largest store cannot be held by any
 
     python bench/scale.py --sizes 2000 10000 40000 --patches 784 --dim 384 --memory-cap auto
 """
+
 import argparse
 import contextlib
 import logging
@@ -24,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the planted-store generator
-from common import MemoryCap, PeakRSS, machine  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the planted-store generator (tests/helpers)
+from common import MemoryCap, PeakRSS, machine
 
-from mlcseg_ray.pipeline import run_stages  # noqa: E402
-from mlcseg_ray.config import Config  # noqa: E402
-from planted import PlantedSpec, foreground_iou, generate, random_grids  # noqa: E402
-from mlcseg_ray.raytools import init_ray  # noqa: E402
-from mlcseg_ray.store import RunDir  # noqa: E402
+from helpers.planted import PlantedSpec, foreground_iou, generate, random_grids
+from mlcseg_ray.backends.cluster import init_ray
+from mlcseg_ray.config import Config
+from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.pipeline import run_stages
 
 
 def spilled_bytes() -> int:
@@ -63,11 +64,12 @@ def main():
     ap.add_argument("--patches", type=int, default=784, help="patches per image (a square grid; 784 = ViT-S/8 at 224)")
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--shard-size", type=int, default=64, help="images per shard (the pipeline's default)")
-    ap.add_argument("--memory-cap", default="auto",
-                    help="'auto' (a quarter of the largest store), a size in MB, or 'none'")
+    ap.add_argument(
+        "--memory-cap", default="auto", help="'auto' (a quarter of the largest store), a size in MB, or 'none'"
+    )
     ap.add_argument("--work", type=Path, default=None, help="where the stores go (kept when given)")
     args = ap.parse_args()
-    side = int(round(args.patches ** 0.5))
+    side = int(round(args.patches**0.5))
     work = args.work or Path(tempfile.mkdtemp(prefix="mlcseg-scale-"))
     print(f"machine: {machine()}")
     print(f"images of {side}x{side} patches x {args.dim} dims, shards of {args.shard_size} images", flush=True)
@@ -86,14 +88,22 @@ def main():
             print(f"generated {n} images in {time.perf_counter() - t0:.0f}s", flush=True)
         stores[n] = out
     largest = max(store_bytes(o) for o in stores.values())
-    cap = None if args.memory_cap == "none" else (
-        largest // 4 if args.memory_cap == "auto" else int(float(args.memory_cap) * 2**20))
+    cap = (
+        None
+        if args.memory_cap == "none"
+        else (largest // 4 if args.memory_cap == "auto" else int(float(args.memory_cap) * 2**20))
+    )
     if cap:
-        print(f"memory cap {cap / 2**20:.0f} MB for the driver, Ray and every worker together "
-              f"(largest store {largest / 2**20:.0f} MB)", flush=True)
+        print(
+            f"memory cap {cap / 2**20:.0f} MB for the driver, Ray and every worker together "
+            f"(largest store {largest / 2**20:.0f} MB)",
+            flush=True,
+        )
 
-    print("| images | patches | store MB | seconds | dataset s | category s | image+combine s | patches/s | "
-          "driver peak MB | worker peak MB | other Ray peak MB | spilled MB | fg IoU |")
+    print(
+        "| images | patches | store MB | seconds | dataset s | category s | image+combine s | patches/s | "
+        "driver peak MB | worker peak MB | other Ray peak MB | spilled MB | fg IoU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     with MemoryCap(cap) if cap else contextlib.nullcontext() as group:
@@ -103,7 +113,7 @@ def main():
                 shutil.rmtree(out / sub, ignore_errors=True)  # a rerun on a kept store starts the stage afresh
             times, notes = {}, []
 
-            def log(msg):
+            def log(msg, times=times, notes=notes):
                 times[msg.split(":")[0]] = float(msg.rsplit("(", 1)[1].rstrip("s)"))
                 notes.append(msg.split(" (")[0])  # e.g. "dataset level: 3 iterations, fg clusters [1]"
 
@@ -122,26 +132,35 @@ def main():
             rest = seconds - times.get("dataset level", 0) - times.get("category level", 0)
             patches = n * side * side
             rows.append((n, seconds, driver, worker, other))
-            print(f"| {n} | {patches:,} | {store_bytes(out) / 2**20:.0f} | {seconds:.1f} | "
-                  f"{times.get('dataset level', 0):.1f} | {times.get('category level', 0):.1f} | {rest:.1f} | "
-                  f"{patches / seconds:,.0f} | {driver:.0f} | {worker:.0f} | {other:.0f} | "
-                  f"{spilled_bytes() / 2**20:.0f} | {iou:.3f} |", flush=True)
+            print(
+                f"| {n} | {patches:,} | {store_bytes(out) / 2**20:.0f} | {seconds:.1f} | "
+                f"{times.get('dataset level', 0):.1f} | {times.get('category level', 0):.1f} | {rest:.1f} | "
+                f"{patches / seconds:,.0f} | {driver:.0f} | {worker:.0f} | {other:.0f} | "
+                f"{spilled_bytes() / 2**20:.0f} | {iou:.3f} |",
+                flush=True,
+            )
             print(f"<!-- {n}: {'; '.join(notes)} -->", flush=True)  # k-means iterations: each is a pass
         import ray
 
         ray.shutdown()
         if cap:
-            print(f"cgroup: peak charge {group.peak() / 2**20:.0f} MB of {cap / 2**20:.0f} MB (page cache "
-                  f"included), OOM kills {group.oom_kills()}")
+            print(
+                f"cgroup: peak charge {group.peak() / 2**20:.0f} MB of {cap / 2**20:.0f} MB (page cache "
+                f"included), OOM kills {group.oom_kills()}"
+            )
     (n0, _, d0, w0, o0), (n1, _, d1, w1, o1) = rows[0], rows[-1]
     if len(rows) >= 2:
         (na, ta, *_), (nb, tb, *_) = rows[-2], rows[-1]
         print(f"time ratio {nb}/{na}: {tb / ta:.2f} (size ratio {nb / na:.1f}; target <= {1.1 * nb / na:.1f})")
-        print(f"peak RSS ratio {n1}/{n0}: driver {d1 / d0:.2f}, worker {w1 / max(w0, 1):.2f}, "
-              f"other Ray {o1 / max(o0, 1):.2f} (target <= 1.25)")
+        print(
+            f"peak RSS ratio {n1}/{n0}: driver {d1 / d0:.2f}, worker {w1 / max(w0, 1):.2f}, "
+            f"other Ray {o1 / max(o0, 1):.2f} (target <= 1.25)"
+        )
     if cap:
-        print(f"largest process peak {max(d1, w1, o1):.0f} MB, cap {cap / 2**20:.0f} MB, "
-              f"largest store {largest / 2**20:.0f} MB")
+        print(
+            f"largest process peak {max(d1, w1, o1):.0f} MB, cap {cap / 2**20:.0f} MB, "
+            f"largest store {largest / 2**20:.0f} MB"
+        )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,15 +1,23 @@
-"""One validated configuration for every stage (DESIGN §2): YAML file + ``key=value`` overrides.
+"""One validated configuration for every stage: YAML file + ``key=value`` overrides.
 
-Keys are flat on purpose: the names in DESIGN.md (``k_dataset``, ``vote``, ``min_region_area``...) are what users
+Keys are flat on purpose: the names of the method (``k_dataset``, ``vote``, ``min_region_area``...) are what users
 type on the command line. Unknown keys and bad values fail before any work starts.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .core.store import atomic_write_text
+
+# Keys that decide how the work is cut and where it runs, never what comes out: no stage's fingerprint holds them
+# (the outputs do not depend on them; tests/stages/test_cluster.py and tests/core/test_run_folder.py check it).
+# shard_size is ingest's, which writes each image's shard into the manifest.
+SCHEDULING_KEYS = frozenset({"batch_size", "shard_size", "num_workers", "device"})
 
 
 class ConfigError(ValueError):
@@ -20,9 +28,10 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- features (DESIGN §2 "Features", §4) ---
-    backbone: str = Field("vit_small_patch8_224.dino",
-                          description="timm model name, or random-vit-s8 / random-vit-tiny")
-    weights: Optional[str] = Field(None, description="path to a DINO/DINOv2 .pth or safetensors checkpoint")
+    backbone: str = Field(
+        "vit_small_patch8_224.dino", description="timm model name, or random-vit-s8 / random-vit-tiny"
+    )
+    weights: str | None = Field(None, description="path to a DINO/DINOv2 .pth or safetensors checkpoint")
     facet: Literal["key"] = "key"
     max_side: int = Field(512, ge=16, description="longer side is brought down to this many pixels")
     upscale: bool = Field(False, description="also bring smaller images up to max_side")
@@ -34,8 +43,10 @@ class Config(BaseModel):
     # --- ingest ---
     max_pixels: int = Field(178_956_970, ge=1, description="decoded-pixel cap (PIL's decompression-bomb limit)")
     verify_images: Literal["stat", "hash"] = Field(
-        "stat", description="how a rerun and each stage tell that an image changed since ingest: size and "
-                            "modification time, or also a content hash (reads every file again at ingest)")
+        "stat",
+        description="how a rerun and each stage tell that an image changed since ingest: size and "
+        "modification time, or also a content hash (reads every file again at ingest)",
+    )
 
     # --- clustering (DESIGN §2 levels 1-4) ---
     k_dataset: int = Field(3, ge=2)
@@ -47,8 +58,12 @@ class Config(BaseModel):
     vote: int = Field(2, ge=1, le=3)
     kmeans_iters: int = Field(25, ge=1)
     kmeans_tol: float = Field(1e-4, ge=0)
-    kmeans_sample: int = Field(100_000, ge=100, description="vectors a global k-means is fitted on, drawn in one "
-                               "pass (dataset level; the category level's groups share as many; classes)")
+    kmeans_sample: int = Field(
+        100_000,
+        ge=100,
+        description="vectors a global k-means is fitted on, drawn in one "
+        "pass (dataset level; the category level's groups share as many; classes)",
+    )
     seed: int = 0
 
     # --- refinement (DESIGN §2 "Refinement") ---
@@ -59,15 +74,23 @@ class Config(BaseModel):
     crf_bilateral_sxy: float = Field(67.0, gt=0, description="at a 500 px image; scaled with image size")
     crf_bilateral_srgb: float = Field(3.0, gt=0)
     crf_bilateral_compat: float = Field(4.0, ge=0)
-    crf_max_side: int = Field(384, ge=0, description="the CRF runs with the longer side brought down to this many "
-                                                     "pixels, the mask upsampled after (0: full resolution)")
+    crf_max_side: int = Field(
+        384,
+        ge=0,
+        description="the CRF runs with the longer side brought down to this many "
+        "pixels, the mask upsampled after (0: full resolution)",
+    )
 
     # --- classes (DESIGN §2 "Classes") ---
     num_classes: int = Field(20, ge=1)
     region: Literal["component", "image"] = "component"
     min_region_area: int = Field(256, ge=1, description="pixels; smaller components become background")
-    max_regions: int = Field(8, ge=0, description="regions described per image, the largest first; the other "
-                                                  "components join their nearest kept region (0: no limit)")
+    max_regions: int = Field(
+        8,
+        ge=0,
+        description="regions described per image, the largest first; the other "
+        "components join their nearest kept region (0: no limit)",
+    )
     region_descriptor: Literal["crop_cls", "masked_mean"] = "crop_cls"
     crop_size: int = Field(160, ge=16, description="region crops are resized to this square for crop_cls")
 
@@ -76,7 +99,7 @@ class Config(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _renamed(cls, data):
+    def _renamed(cls, data: object) -> object:
         # run folders written before issue 14 name the sample size kmeans_init_sample
         if isinstance(data, dict) and "kmeans_init_sample" in data and "kmeans_sample" not in data:
             data = {**data, "kmeans_sample": data["kmeans_init_sample"]}
@@ -84,14 +107,14 @@ class Config(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "Config":
+    def _check(self) -> Config:
         if self.combine == "vote" and self.vote > 3:
             raise ValueError("vote must be 1, 2 or 3")
         return self
 
     # ------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None) -> "Config":
+    def load(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
         """Read a YAML file (optional), apply ``key=value`` overrides, validate the whole."""
         data: dict = {}
         if path is not None:
@@ -111,15 +134,13 @@ class Config(BaseModel):
         return cls.validated(data)
 
     @classmethod
-    def validated(cls, data: dict) -> "Config":
+    def validated(cls, data: dict) -> Config:
         try:
             return cls(**data)
         except ValidationError as e:
             raise ConfigError(_explain(e)) from None
 
     def save(self, path: str | Path) -> None:
-        from .store import atomic_write_text
-
         atomic_write_text(Path(path), yaml.safe_dump(self.model_dump(), sort_keys=False))
 
 

@@ -3,28 +3,42 @@
 >>> from mlcseg_ray import Pipeline, Config
 >>> Pipeline("runs/voc", Config(backbone="random-vit-s8"), images="photos/").run()
 
-Adding a stage is one module (a :class:`~mlcseg_ray.stage.Stage`) plus one line in :data:`STAGES`.
+Adding a stage is one module under ``stages/`` (a :class:`~mlcseg_ray.core.stage.Stage`) plus one line in
+:data:`STAGES`.
 """
+
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
-from .cluster import ClusterStage
+from .backends import make_backend
 from .config import Config
-from .evaluate import EvaluateStage
-from .executor import Executor
-from .extract import ExtractStage
-from .ingest import IngestStage
-from .label import DescribeStage, LabelStage
-from .refine import RefineStage
-from .report import ReportStage
-from .stage import RunInputs, StageContext
-from .store import RunDir
+from .core.executor import Executor
+from .core.inputs import RunInputs
+from .core.progress import console
+from .core.stage import StageContext
+from .core.store import RunDir
+from .models.backbones import RANDOM_WEIGHTS_WARNING
+from .stages.cluster import ClusterStage
+from .stages.describe import DescribeStage
+from .stages.evaluate import EvaluateStage
+from .stages.extract import ExtractStage
+from .stages.ingest import IngestStage, list_inputs
+from .stages.label import LabelStage
+from .stages.refine import RefineStage
+from .stages.report import ReportStage
 
-
-STAGES = [IngestStage(), ExtractStage(), ClusterStage(), RefineStage(), DescribeStage(), LabelStage(),
-          EvaluateStage(), ReportStage()]
+STAGES = [
+    IngestStage(),
+    ExtractStage(),
+    ClusterStage(),
+    RefineStage(),
+    DescribeStage(),
+    LabelStage(),
+    EvaluateStage(),
+    ReportStage(),
+]
 # What a user asks for by one name: labelling is describing regions, then classing them.
 ALIASES = {"label": ["describe", "label"]}
 
@@ -38,52 +52,52 @@ def expand(names: list[str]) -> list[str]:
 
 
 class Pipeline:
+    """The whole pipeline over ``out``. The input (``images=``, ``voc=``, ``coco=`` + ``ann=``, ``manifest=``,
+    ``limit=``, ``sample=``, ...) is given as :class:`~mlcseg_ray.core.inputs.RunInputs` fields; a VOC root
+    carries its own ground truth. ``backend``: ``ray`` (embedded, or the cluster at ``address``) or ``local``."""
+
     def __init__(
         self,
         out: str | Path,
-        config: Optional[Config] = None,
+        config: Config | None = None,
         *,
-        images: Optional[str] = None,
-        voc: Optional[str] = None,
-        split: str = "val",
-        coco: Optional[str] = None,
-        ann: Optional[str] = None,
-        manifest: Optional[str] = None,
-        limit: Optional[int] = None,
-        sample: Optional[int] = None,
-        sample_seed: int = 0,
-        address: Optional[str] = None,
-        gt: Optional[str] = None,
-        protocol: Optional[str] = None,
+        address: str | None = None,
         backend: str = "ray",
-    ):
+        **inputs: object,
+    ) -> None:
         self.run_dir = RunDir(out)
         self.cfg = config or Config()
-        if voc and not gt:  # a VOC root carries its own ground truth
-            gt, protocol = voc, protocol or "voc21"
-        self.inputs = RunInputs(images=images, voc=voc, split=split, coco=coco, ann=ann, manifest=manifest,
-                                limit=limit, sample=sample, sample_seed=sample_seed, gt=gt, protocol=protocol)
-        self.executor = Executor(self.run_dir, self.cfg, STAGES, self.inputs, backend=backend, address=address,
-                                 say=_say)
+        self.inputs = RunInputs(**inputs)  # an unknown field is a TypeError here, naming it
+        if self.inputs.voc and not self.inputs.gt:
+            self.inputs = replace(self.inputs, gt=self.inputs.voc, protocol=self.inputs.protocol or "voc21")
+        self.executor = Executor(
+            self.run_dir, self.cfg, STAGES, make_backend(backend, address, self.cfg.device), self.inputs, say=_say
+        )
 
     def run(self, stages: list[str] | None = None, print_summary: bool = True) -> list[dict]:
         """Run ``stages`` (default: every stage this run wants); returns the summary rows (printed on stderr
         unless ``print_summary`` is false)."""
+        from .core.progress import summary_table
+
         ctx = StageContext(self.run_dir, self.cfg, self.inputs)
         names = expand(stages) if stages else [s.name for s in STAGES if s.wanted(ctx)]
+        if not self.inputs.given() and (self.inputs.limit or self.inputs.sample):
+            raise ValueError(
+                "--limit and --sample choose among an input's images: give the input again with them "
+                "(--images, --voc, --coco or --manifest)"
+            )
         if "ingest" in names and self.inputs.given():
             self.inputs.check()  # before the run folder is made
+            if not list_inputs(self.inputs.spec()):
+                raise FileNotFoundError(f"no images found in {self.inputs.spec().describe()}")
         elif "ingest" in names and not self.run_dir.read_record().get("inputs"):
-            raise ValueError(f"{self.run_dir.root} holds no run yet: give the images with --images, --voc, --coco or "
-                             f"--manifest")
+            raise ValueError(
+                f"{self.run_dir.root} holds no run yet: give the images with --images, --voc, --coco or --manifest"
+            )
         summary = self.executor.run_stages(names, command=f"mlcseg {' '.join(stages or ['run'])}")
-        from .progress import console, summary_table
-
         if print_summary:
             summary_table(f"mlcseg: {self.run_dir.root}", summary, to=console)
         if self.run_dir.read_record().get("backbone", {}).get("random_weights"):
-            from .backbones import RANDOM_WEIGHTS_WARNING
-
             console.print(f"[bold red]{RANDOM_WEIGHTS_WARNING}[/]", soft_wrap=True)
         return summary
 
@@ -92,13 +106,18 @@ class Pipeline:
 
 
 def _say(message: str) -> None:
-    from .progress import console
-
     console.print(f"[dim]{message}[/]")
 
 
-def run_stages(out: str | Path, cfg: Config, names: list[str], backend: str = "local",
-               inputs: RunInputs = RunInputs(), address: Optional[str] = None) -> list[dict]:
+def run_stages(
+    out: str | Path,
+    cfg: Config,
+    names: list[str],
+    backend: str = "local",
+    inputs: RunInputs = RunInputs(),
+    address: str | None = None,
+) -> list[dict]:
     """Run some stages on a run folder without the CLI's summary: for tests, benchmarks and notebooks.
     ``backend="local"`` runs everything in this process (no Ray)."""
-    return Executor(RunDir(out), cfg, STAGES, inputs, backend=backend, address=address).run_stages(expand(names))
+    executor = Executor(RunDir(out), cfg, STAGES, make_backend(backend, address, cfg.device), inputs)
+    return executor.run_stages(expand(names))

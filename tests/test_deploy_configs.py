@@ -1,5 +1,6 @@
 """Cluster launcher YAMLs validate against the schema that ships inside the ray package; Kubernetes manifests have
 the KubeRay shape; the Docker image's Ray version is the one the package pins."""
+
 import json
 import re
 from pathlib import Path

@@ -1,4 +1,5 @@
 """bench/gpu_check.py on a machine without a GPU: the CPU fallback runs end to end and says so."""
+
 import os
 import re
 import subprocess
@@ -10,9 +11,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_falls_back_to_cpu():
     res = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--n", "6", "--cpu-n", "4", "--backbone",
-         "random-vit-tiny", "--max-side", "64"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_check.py"),
+            "--n",
+            "6",
+            "--cpu-n",
+            "4",
+            "--backbone",
+            "random-vit-tiny",
+            "--max-side",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     import torch
 

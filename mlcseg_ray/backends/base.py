@@ -1,0 +1,49 @@
+"""The protocol every backend follows: a map over items (tasks) and a map over shards with a per-worker state
+(an actor pool), both in item order, and the torch device the run's models use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from ..core.stage import Resources
+
+# ``setup() -> worker``, then ``work(shard, worker)`` for each shard, on each actor
+ShardWork = Callable[[int, Any], Any]
+
+
+class Backend(Protocol):
+    name: str
+
+    def map(
+        self,
+        fn: Callable,
+        items: Sequence,
+        *shared: Any,
+        resources: Resources = Resources(),
+        on_done: Callable[[], None] | None = None,
+    ) -> list:
+        """``[fn(item, *shared) for item in items]``, in item order."""
+        ...
+
+    def map_actors(
+        self,
+        setup: Callable[[], Any],
+        work: ShardWork,
+        shards: Sequence[int],
+        resources: Resources,
+        device: str,
+        num_workers: int,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        """``work(shard, worker)`` for every shard, ``worker = setup()`` built once per worker."""
+        ...
+
+    def describe(self) -> dict:
+        """What the run ran on, for run.json: the backend, and for Ray the cluster's address."""
+        ...
+
+    def device(self) -> str:
+        """The torch device of the run's models, for the ``device`` the backend was made with (``auto``, ``cpu``,
+        ``cuda``)."""
+        ...

@@ -1,0 +1,142 @@
+"""The Ray backend: tasks with the declared resources, results in item order (so every reduction adds in the same
+order), and an actor pool (Ray Data) for stages that keep a model between shards."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..core.stage import Resources
+from .cluster import cluster_cpus, cluster_gpus, gcs_address, init_ray, task_gpus, use_gpus
+
+# Tasks in flight per CPU: enough to hide a task's start-up, few enough that the results waiting in the driver
+# stay small.
+IN_FLIGHT_PER_CPU = 2
+# A task that died with its worker (a lost node, an OOM kill) is run again this many times before the stage fails.
+TASK_RETRIES = 3
+
+
+class RayBackend:
+    name = "ray"
+
+    def __init__(self, address: str | None = None, requested: str = "auto") -> None:
+        self.address, self.requested = address, requested
+        self._up = False
+
+    def _init(self) -> None:
+        if not self._up:
+            init_ray(self.address)
+            self._up = True
+
+    def describe(self) -> dict:
+        """The cluster the run used: its GCS address, and whether it was this run's own embedded Ray."""
+        if not self._up:
+            return {"name": "ray", "embedded": not self.address}
+        return {"name": "ray", "embedded": not self.address, "address": gcs_address()}
+
+    def device(self) -> str:
+        self._init()
+        return "cuda" if use_gpus(self.requested) else "cpu"
+
+    def map(
+        self,
+        fn: Callable,
+        items: Sequence,
+        *shared: Any,
+        resources: Resources = Resources(),
+        on_done: Callable[[], None] | None = None,
+    ) -> list:
+        self._init()
+        share = task_gpus(self.requested)
+        gpus = {"none": 0.0, "share": share, "one": 1.0 if share else 0.0}[resources.gpus]
+        return ray_map(fn, items, *shared, cpus=resources.cpus, gpus=gpus, on_done=on_done)
+
+    def map_actors(
+        self,
+        setup: Callable[[], Any],
+        work: Callable[[int, Any], Any],
+        shards: Sequence[int],
+        resources: Resources,
+        device: str,
+        num_workers: int,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        import ray
+        from ray.data import ActorPoolStrategy
+
+        self._init()
+        gpu = device == "cuda"
+        n_actors = max(1, min(num_workers or (int(cluster_gpus()) if gpu else 1), len(shards)))
+        ds = ray.data.from_items([{"shard": n} for n in shards], override_num_blocks=len(shards)).map_batches(
+            _ShardActor,
+            fn_constructor_kwargs=dict(
+                setup=setup, work=work, device=device, threads=max(1, cluster_cpus() // n_actors)
+            ),
+            batch_size=1,  # one shard per call: a shard is the unit of resume
+            compute=ActorPoolStrategy(size=n_actors),
+            num_gpus=1 if gpu else 0,
+            num_cpus=1 if gpu else resources.cpus,
+        )
+        for _ in ds.iter_batches(batch_size=1, batch_format="numpy"):
+            if on_done:
+                on_done()
+
+
+class _ShardActor:
+    """A pool member: builds its worker state once, then is called by Ray Data with a batch of one shard."""
+
+    def __init__(self, setup: Callable[[], Any], work: Callable[[int, Any], Any], device: str, threads: int) -> None:
+        if device == "cpu":
+            import torch
+
+            torch.set_num_threads(max(1, threads))
+        self.work = work
+        self.worker = setup()
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        shards = [int(s) for s in batch["shard"]]
+        results = [json.dumps(self.work(s, self.worker), default=str) for s in shards]
+        return {"shard": np.asarray(shards), "result": np.asarray(results)}
+
+
+def ray_map(
+    fn: Callable,
+    items: Sequence,
+    *shared: Any,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+    on_done: Callable[[], None] | None = None,
+) -> list:
+    """``[fn(item, *shared) for item in items]`` as Ray tasks, in item order: ``shared`` put in the object store
+    once, at most :data:`IN_FLIGHT_PER_CPU` tasks per CPU in flight."""
+    import ray
+
+    remote = _remote(fn, cpus, gpus)
+    refs = [ray.put(a) for a in shared]
+    results, pending, pos, limit = {}, {}, 0, IN_FLIGHT_PER_CPU * cluster_cpus()
+    while pos < len(items) or pending:
+        while pos < len(items) and len(pending) < limit:
+            pending[remote.remote(items[pos], *refs)] = pos
+            pos += 1
+        done, _ = ray.wait(list(pending), num_returns=1)
+        results[pending.pop(done[0])] = ray.get(done[0])
+        if on_done:
+            on_done()
+    return [results[i] for i in range(len(items))]
+
+
+_REMOTES: dict = {}
+
+
+def _remote(fn: Callable, cpus: float, gpus: float) -> Any:
+    import ray
+
+    key = (fn, cpus, gpus)
+    if key not in _REMOTES:
+        # max_calls=0: Ray's default for GPU tasks is a fresh worker per call (seconds each, CUDA set-up
+        # included); a shard task keeps nothing on the GPU worth releasing between calls.
+        _REMOTES[key] = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=TASK_RETRIES, max_calls=0)(fn)
+    return _REMOTES[key]

@@ -1,0 +1,63 @@
+"""What the commands print on stdout: metrics and the ablation table (logs and progress: ``core/progress.py``)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from ..core.progress import out
+
+
+def print_metrics(metrics: dict) -> None:
+    """The metrics on stdout: what was measured and how, the score, per-class IoU, what was missing."""
+    binary = metrics.get("protocol") == "binary"
+    head = (
+        f"foreground IoU {metrics['foreground_iou']:.2f}"
+        if binary and metrics.get("foreground_iou") is not None
+        else f"mIoU {metrics['miou']:.2f}"
+    )
+    out.print(
+        f"{metrics.get('protocol', '')}: {head}, pixel accuracy {metrics['pixel_accuracy']:.2f} "
+        f"({metrics['n_images']} images; matching: {metrics['matching']}; "
+        f"{'; '.join(metrics.get('notes', [])) or 'nothing ignored'})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    t = Table(title="per-class IoU")
+    t.add_column("class")
+    t.add_column("IoU", justify="right")
+    for name, iou in metrics["per_class_iou"].items():
+        t.add_row(name, "-" if iou is None else f"{iou:.2f}")
+    out.print(t)
+    if metrics["missing_predictions"]:
+        out.print(
+            f"{len(metrics['missing_predictions'])} image(s) had no prediction (counted as background): "
+            f"{', '.join(metrics['missing_predictions'][:10])}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if metrics.get("written_to"):
+        out.print(f"metrics written to {metrics['written_to']}", highlight=False, soft_wrap=True)
+
+
+def print_ablation(result: dict, protocol: str) -> None:
+    """``mlcseg ablate``'s table: foreground IoU of every rule, at patch resolution and after the CRF."""
+    t = Table(title=f"foreground IoU on {result['images']} images ({protocol})")
+    for col in ("rule", "patch resolution", "after CRF"):
+        t.add_column(col, justify="left" if col == "rule" else "right")
+    for r in result["rules"]:
+        mark = " (configured)" if r["rule"] == result["configured"] else ""
+        refined = "-" if r["refined_iou"] is None else f"{r['refined_iou']:.3f}"
+        t.add_row(r["rule"] + mark, f"{r['patch_iou']:.3f}", refined)
+    out.print(t)
+    out.print(
+        f"best: {result['best']}; best single level: {result['best_single_level']}; "
+        f"notes: {'; '.join(result['notes']) or 'none'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result["skipped"]:
+        out.print(
+            f"{len(result['skipped'])} image(s) skipped: {'; '.join(result['skipped'][:5])}",
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -1,0 +1,101 @@
+"""Every expected failure as one line on stderr and a documented exit code (README's table)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+
+from rich.markup import escape
+
+from ..config import ConfigError
+from ..core.errors import ClusterAuthError, ClusterUnreachable, NoUsableImages, RunLocked, StageFailed, StageOrderError
+from ..core.progress import console
+
+EXIT_CODES = {
+    0: "done: every image has its outputs",
+    1: "unexpected internal error (MLCSEG_DEBUG=1 shows the traceback)",
+    2: "bad configuration, input or usage; or a stage whose inputs are missing or out of date",
+    3: "the run finished, but some images failed (mlcseg errors RUN lists them)",
+    4: "the run folder is in use by another run",
+    5: "the disk is full or the run folder is not writable",
+    6: "no Ray cluster answers at --address",
+    7: "the Ray cluster wants a token this machine lacks, or refused the one sent",
+    8: "mlcseg verify found damaged or missing outputs (a rerun recomputes them)",
+    130: "interrupted (Ctrl-C); a rerun resumes",
+}
+
+
+def error(e: object) -> None:
+    """One line on stderr, never wrapped (scripts and log readers grep it)."""
+    console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind an exception (raised here, or inside a Ray task). Ray Data passes a task's failure on as
+    text only (its traceback): there the errno is read from the text."""
+    seen, texts = set(), []
+    while isinstance(e, BaseException) and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        texts += [str(e), str(getattr(e, "traceback_str", ""))]
+        e = e.__cause__ or getattr(e, "cause", None)
+    for text in texts:
+        m = re.search(r"\[Errno (\d+)\]", text)
+        if m:
+            return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+    return None
+
+
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The user-level exception behind Ray's wrappers (a task's traceback is for the logs, not the one line)."""
+    seen = set()
+    while type(e).__module__.startswith("ray.") and id(e) not in seen:
+        seen.add(id(e))
+        inner = e.__cause__ or getattr(e, "cause", None)
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    return e
+
+
+def exit_code(e: BaseException) -> int:
+    """Report ``e`` in one line and return its exit code (:data:`EXIT_CODES`)."""
+    if isinstance(e, RunLocked):
+        return _say_error(e, 4)
+    if isinstance(e, ClusterUnreachable):
+        return _say_error(e, 6)
+    if isinstance(e, ClusterAuthError):
+        return _say_error(e, 7)
+    if isinstance(e, NoUsableImages):
+        return _say_error(e, 3)
+    stage = e.stage if isinstance(e, StageFailed) else None
+    raised = e.__cause__ if isinstance(e, StageFailed) else e
+    cause = _unwrap(raised)
+    os_err = _os_error(raised)
+    if os_err is not None and os_err.errno in STORAGE_ERRNOS:
+        where = f" while {stage} wrote" if stage else " writing"
+        path = os_err.filename or getattr(e, "where", None) or "the run folder"
+        return _say_error(f"{STORAGE_ERRNOS[os_err.errno]}{where} {path}", 5)
+    if isinstance(cause, (ConfigError, FileNotFoundError, ValueError, StageOrderError, NotADirectoryError)):
+        return _say_error(f"{stage}: {cause}" if stage and not str(cause).startswith(stage) else cause, 2)
+    if os.environ.get("MLCSEG_DEBUG"):
+        raise e
+    return _say_error(
+        f"{'in ' + stage + ': ' if stage else ''}{type(cause).__name__}: {cause} (MLCSEG_DEBUG=1 shows the traceback)",
+        1,
+    )
+
+
+def _say_error(e: object, code: int) -> int:
+    error(e)
+    return code

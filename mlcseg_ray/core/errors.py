@@ -1,0 +1,35 @@
+"""The errors a user can act on, in one place: the CLI maps each to one line and an exit code (``cli/errors.py``)."""
+
+from __future__ import annotations
+
+
+class BadImage(Exception):
+    """An input image that cannot be used; the message is the reason shown in its error row."""
+
+
+class RunLocked(RuntimeError):
+    """Another live run holds the run folder."""
+
+
+class StageOrderError(RuntimeError):
+    """A stage was asked for whose inputs are missing or were made with another configuration."""
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped on an error (its ``__cause__``); the run folder records what finished before it."""
+
+    def __init__(self, stage: str, cause: BaseException, where: object = None) -> None:
+        super().__init__(f"{stage}: {cause}")
+        self.stage, self.where = stage, where  # where: the run folder, for errors that name no file
+
+
+class NoUsableImages(RuntimeError):
+    """Every image failed at ingest: there is nothing for the later stages to do (each failure is an error row)."""
+
+
+class ClusterUnreachable(ConnectionError):
+    """No Ray cluster answers at the address the user gave."""
+
+
+class ClusterAuthError(PermissionError):
+    """The Ray cluster wants a token this machine does not have, or refused the one sent."""

@@ -1,0 +1,391 @@
+"""The one executor: runs stages (:mod:`mlcseg_ray.core.stage`) over a run folder, on any backend.
+
+It owns what every stage would otherwise repeat (the shapes of datatrove's executor and NeMo-Curator's stage
+resources):
+
+* fingerprints: a stage's fingerprint hashes its config keys, its code version, other inputs it names (weights
+  file, ground truth) and its upstream stages' fingerprints; ingest's is the hash of the manifest it wrote. A stage
+  whose recorded fingerprint differs is stale: its outputs are removed before anything else happens (whether or
+  not this command runs it), so ``config.yaml``, ``run.json`` and the outputs never disagree; one line says why.
+* markers: ``_state/<stage>/NNNNN`` holds a finished shard's summary and the fingerprint it was made with; a rerun
+  skips exactly the shards whose marker carries the current fingerprint. ``_state/<stage>/stage.json`` records the
+  stage's fingerprint, what it was computed from, and whether it completed.
+* scheduling with the declared :class:`~mlcseg_ray.core.stage.Resources`, through a backend
+  (:mod:`mlcseg_ray.backends`): tasks in shard order, an actor pool for stages with a model.
+* progress, timings in ``run.json``, each image's status (``status.parquet``), and the run folder's lock.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.parquet as pq
+
+from ..config import Config
+from .errors import NoUsableImages, StageFailed, StageOrderError
+from .fingerprint import digest
+from .inputs import RunInputs
+from .integrity import declared_outputs, stage_damage
+from .progress import progress_bar
+from .stage import MapFn, Stage, StageContext
+from .store import RunDir, atomic_write_json, list_shards, read_json, recording_writes, remove_stale_temp_files
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+
+log = logging.getLogger("mlcseg_ray")
+
+
+def run_shard(stage: Stage, ctx: StageContext, shard: int, shared: Any, fingerprint: str, worker: Any = None) -> dict:
+    """One shard of a stage, then its marker: the outputs are in place before the marker says so."""
+    t0 = time.perf_counter()
+    with recording_writes() as written:
+        result = stage.process_shard(ctx, shard, shared, worker) or {}
+    result["seconds"] = round(time.perf_counter() - t0, 4)
+    outputs = declared_outputs(stage.writes, ctx.run, written)  # what a rerun checks is still there
+    atomic_write_json(ctx.run.marker(stage.name, shard), {"fingerprint": fingerprint, **result, "outputs": outputs})
+    return result
+
+
+class Executor:
+    """Runs ``stages`` (the pipeline's ordered list) over ``run`` on ``backend`` (:func:`~mlcseg_ray.backends.
+    make_backend`: an embedded Ray or a cluster, or a plain loop in this process)."""
+
+    def __init__(
+        self,
+        run: RunDir,
+        cfg: Config,
+        stages: Sequence[Stage],
+        backend: Backend,
+        inputs: RunInputs = RunInputs(),
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.run, self.cfg, self.inputs, self.backend = run, cfg, inputs, backend
+        self.stages = {s.name: s for s in stages}
+        self.order = [s.name for s in stages]
+        self.say = say or log.info
+        self.summary: list[dict] = []
+
+    # ------------------------------------------------------------------ scheduling
+    def map_fn(self, stage: Stage) -> MapFn:
+        """The map a stage's global part (k-means passes, evaluation chunks) fans out with, as tasks that ask for
+        what the stage declared."""
+        res = stage.map_resources(self.cfg)
+        return lambda fn, items, *shared: self.backend.map(fn, items, *shared, resources=res)
+
+    def _run_shards(self, stage: Stage, ctx: StageContext, todo: list[int], shared: Any, fp: str) -> None:
+        res = stage.resources_for(self.cfg)
+        with progress_bar(stage.name, total=len(todo), unit="shards") as advance:
+            if res.actor:
+                work = functools.partial(_actor_shard, stage, ctx, shared, fp)
+                self.backend.map_actors(
+                    functools.partial(stage.setup, ctx),
+                    work,
+                    todo,
+                    res,
+                    ctx.device,
+                    self.cfg.num_workers,
+                    on_done=advance,
+                )
+            else:
+                self.backend.map(_shard_task, todo, stage, ctx, shared, fp, resources=res, on_done=advance)
+
+    # ------------------------------------------------------------------ fingerprints
+    def _basis(self, stage: Stage, ctx: StageContext, fps: dict) -> dict:
+        return {
+            "version": stage.version,
+            "config": {k: getattr(self.cfg, k) for k in stage.config_keys},
+            "upstream": {u: fps.get(u, "absent") for u in stage.after},
+            "inputs": stage.fingerprint_extra(ctx),
+        }
+
+    def _record(self, name: str) -> dict | None:
+        return read_json(self.run.stage_record(name))
+
+    def _outputs_exist(self, stage: Stage) -> bool:
+        return any(getattr(self.run, w).exists() for w in stage.writes)
+
+    def _external(self, stage: Stage) -> str:
+        """Outputs brought into the folder by hand (a feature store made elsewhere): a hash of their listing."""
+        listing = []
+        for w in stage.writes:
+            p = getattr(self.run, w)
+            files = sorted(p.rglob("*")) if p.is_dir() else [p] if p.exists() else []
+            listing += [(str(f.relative_to(self.run.root)), f.stat().st_size) for f in files if f.is_file()]
+        return "external-" + digest(listing)
+
+    def fingerprints(self, ctx: StageContext, planned: list[str]) -> tuple[dict[str, str], dict[str, dict]]:
+        fps, bases = {}, {}
+        for name in self.order:
+            stage, rec = self.stages[name], self._record(name)
+            if stage.source:  # the identity of what it wrote (the manifest), however it came to be there
+                fps[name] = stage.output_fingerprint(ctx) if self._outputs_exist(stage) else "absent"
+                continue
+            if rec is None and name not in planned and self._outputs_exist(stage):
+                fps[name] = self._external(stage)
+                continue
+            bases[name] = self._basis(stage, ctx, fps)
+            fps[name] = digest(bases[name])
+        return fps, bases
+
+    @staticmethod
+    def _why(old: dict, new: dict) -> str:
+        """What changed between a stage's recorded basis and today's, in a few words."""
+        if not old:
+            return "made with an earlier version of mlcseg_ray"
+        changed = [
+            f"{k} {old.get('config', {}).get(k)!r} -> {v!r}"
+            for k, v in new.get("config", {}).items()
+            if old.get("config", {}).get(k) != v
+        ]
+        changed += [f"{u} changed" for u, v in new.get("upstream", {}).items() if old.get("upstream", {}).get(u) != v]
+        changed += [f"{k} changed" for k, v in new.get("inputs", {}).items() if old.get("inputs", {}).get(k) != v]
+        if old.get("version") != new.get("version"):
+            changed.append("stage code changed")
+        return ", ".join(changed) or "inputs changed"
+
+    def _invalidate(self, name: str, why: str, planned: list[str]) -> None:
+        stage = self.stages[name]
+        for w in stage.writes:
+            self.run.remove(getattr(self.run, w))
+        self.run.remove(self.run.state(name))
+        rec = self.run.read_record()
+        rec.get("stages", {}).pop(name, None)
+        atomic_write_json(self.run.run_record, rec)
+        then = "recomputing" if name in planned else f"outputs removed; rerun `mlcseg {name}` (or `mlcseg run`)"
+        self.say(f"{name}: stale ({why}); {then}")
+
+    def _is_current(self, name: str, fp: str) -> bool:
+        rec = self._record(name)
+        if rec is None:
+            return not self.stages[name].source and fp.startswith("external-")
+        return rec.get("fingerprint") == fp and rec.get("complete", False)
+
+    def _all_marked(self, stage: Stage, ctx: StageContext, fp: str) -> bool:
+        """Every shard of a completed stage still has its marker (one deleted by hand is done again)."""
+        if self._record(stage.name) is None:  # brought-in outputs
+            return True
+        shards = stage.shards(ctx)
+        return shards is None or all(
+            (read_json(self.run.marker(stage.name, n)) or {}).get("fingerprint") == fp for n in shards
+        )
+
+    # ------------------------------------------------------------------ running
+    def run_stages(self, planned: list[str], command: str = "") -> list[dict]:
+        """Run ``planned`` (in pipeline order) under the run folder's lock."""
+        planned = [n for n in self.order if n in planned]
+        with self.run.lock(command or " ".join(planned)):
+            remove_stale_temp_files(self.run.root)  # a killed run's half-written run.json or status.parquet
+            ctx = StageContext(self.run, self.cfg, self.inputs)
+            for name in planned:
+                if self.stages[name].source:  # the manifest's fingerprint feeds every other stage's
+                    self._run_guarded(name, ctx, planned, None)
+                    self._check_usable(name, planned)
+            fps, bases = self.fingerprints(ctx, planned)
+            self._check_order(planned, fps, bases, ctx)
+            for name in planned:
+                try:
+                    self.stages[name].preflight(ctx)
+                except Exception as e:
+                    raise StageFailed(name, e, self.run.root) from e
+            for name in self.order:
+                rec = self._record(name)
+                if rec and not self.stages[name].source and rec.get("fingerprint") != fps[name]:
+                    self._invalidate(name, self._why(rec.get("basis"), bases.get(name, {})), planned)
+            self.cfg.save(self.run.config)
+            self.run.update_record(
+                config_fingerprint=digest(self.cfg.model_dump()), fingerprints={n: fps[n] for n in self.order}
+            )
+            if any(self.stages[n].resources_for(self.cfg).gpus != "none" for n in planned):
+                ctx = replace(ctx, device=self.backend.device())  # where the run's models and GPU tasks run
+            for name in planned:
+                if not self.stages[name].source:
+                    self._run_guarded(name, ctx, planned, fps[name], bases.get(name))
+            self.run.update_record(backend=self.backend.describe())
+        return self.summary
+
+    def _run_guarded(
+        self, name: str, ctx: StageContext, planned: list[str], fp: str | None, basis: dict | None = None
+    ) -> None:
+        try:
+            self._run_stage(name, ctx, planned, fp, basis)
+        except (StageOrderError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise StageFailed(name, e, self.run.root) from e
+
+    def _check_usable(self, source: str, planned: list[str]) -> None:
+        """Stop before any later stage (and before Ray starts) when the source found no image it could use."""
+        done = self.run.read_record().get("stages", {}).get(source, {})
+        later = [n for n in planned if not self.stages[n].source]
+        if later and done.get("images") and done.get("errors") == done.get("images"):
+            raise NoUsableImages(
+                f"all {done['images']} images failed at {source}; nothing for {later[0]} to do: "
+                f"`mlcseg errors {self.run.root}` says why, image by image"
+            )
+
+    def _check_order(self, planned: list[str], fps: dict, bases: dict, ctx: StageContext) -> None:
+        """Refuse, before anything is removed, a stage whose upstream is neither in this run nor up to date (and
+        undamaged)."""
+        for name in planned:
+            for up in self.stages[name].after:
+                if up in planned:
+                    continue
+                if self._is_current(up, fps[up]):
+                    if self._record(up) is None:  # brought-in outputs: nothing recorded to check
+                        continue
+                    whole, per_shard = stage_damage(self.run, up, fps[up], self.stages[up].shards(ctx))
+                    damage = whole + [p for bad in per_shard.values() for p in bad]
+                    if not damage:
+                        continue
+                    raise StageOrderError(
+                        f"{name} needs {up}, whose outputs are damaged ({damage[0]}"
+                        f"{f' and {len(damage) - 1} more' if len(damage) > 1 else ''}): run `mlcseg {up}` to "
+                        f"recompute them, or `mlcseg run`"
+                    )
+                rec = self._record(up)
+                why = (
+                    "has not run"
+                    if rec is None
+                    else f"is out of date ({self._why(rec.get('basis'), bases.get(up, {}))})"
+                    if rec.get("fingerprint") != fps[up]
+                    else "did not finish"
+                )
+                raise StageOrderError(
+                    f"{name} needs {up}, which {why} in {self.run.root}: run `mlcseg {up}` first, or `mlcseg run`"
+                )
+
+    def _run_stage(
+        self, name: str, ctx: StageContext, planned: list[str], fp: str | None, basis: dict | None = None
+    ) -> None:
+        stage = self.stages[name]
+        t0 = time.perf_counter()
+        if not stage.source and self._is_current(name, fp):
+            self._repair(stage, ctx, fp)
+        if (
+            not stage.source
+            and not stage.always_run
+            and self._is_current(name, fp)
+            and self._all_marked(stage, ctx, fp)
+        ):
+            self.say(f"{name}: up to date, skipped")
+            self._summarise(name, self.run.read_record().get("stages", {}).get(name, {}), 0.0, skipped=True)
+            return
+        previous = self._record(name) or {}
+        atomic_write_json(
+            self.run.stage_record(name),
+            {"fingerprint": fp or previous.get("fingerprint"), "basis": basis, "complete": False},
+        )
+        shards = stage.shards(ctx)
+        with recording_writes() as written:  # the stage's own outputs (prepare, finish, a whole stage)
+            if shards is None:
+                result = stage.run_whole(ctx, self.map_fn(stage)) or {}
+            else:
+                result = self._sharded(stage, ctx, shards, fp)
+        outputs = {**previous.get("outputs", {}), **declared_outputs(stage.writes, self.run, written)}
+        if stage.source:
+            fp, before = stage.output_fingerprint(ctx), previous.get("fingerprint")
+            self.say(
+                f"{name}: {result.get('images')} images"
+                + (
+                    ""
+                    if before is None
+                    else ", unchanged since the last run"
+                    if before == fp
+                    else "; the inputs changed since the last run"
+                )
+            )
+        seconds = time.perf_counter() - t0
+        atomic_write_json(
+            self.run.stage_record(name), {"fingerprint": fp, "basis": basis, "complete": True, "outputs": outputs}
+        )
+        self.run.update_record(stages={name: {"fingerprint": fp, "seconds": round(seconds, 3), **result}})
+        self._write_status()
+        self._summarise(name, result, seconds)
+
+    def _repair(self, stage: Stage, ctx: StageContext, fp: str) -> None:
+        """Outputs that a finished stage recorded and are missing or truncated now: a damaged shard loses its
+        marker (and is done again); damage to the stage's own outputs (a merged file) recomputes the stage."""
+        whole, per_shard = stage_damage(self.run, stage.name, fp, stage.shards(ctx))
+        if whole:
+            self._invalidate(stage.name, f"damaged: {whole[0]}", [stage.name])
+        elif per_shard:
+            first = next(iter(per_shard.values()))[0]
+            self.say(f"{stage.name}: {len(per_shard)} shard(s) damaged ({first}); recomputing them")
+            for n in per_shard:
+                self.run.marker(stage.name, n).unlink(missing_ok=True)
+
+    def _sharded(self, stage: Stage, ctx: StageContext, shards: list[int], fp: str) -> dict:
+        for w in stage.writes:
+            remove_stale_temp_files(getattr(self.run, w))
+        done = {n for n in shards if (read_json(self.run.marker(stage.name, n)) or {}).get("fingerprint") == fp}
+        todo = [n for n in shards if n not in done]
+        ctx = replace(ctx, pending=tuple(todo))
+        if todo:
+            shared = stage.prepare(ctx, self.map_fn(stage))
+            self._run_shards(stage, ctx, todo, shared, fp)
+        results = {n: read_json(self.run.marker(stage.name, n)) for n in shards}
+        errors = {k: v for r in results.values() for k, v in r.get("errors", {}).items()}
+        out = {
+            "images": sum(r.get("images", 0) for r in results.values()),
+            "errors": len(errors),
+            "shards_done": len(todo),
+            "shards_skipped": len(done),
+        }
+        out.update(stage.finish(ctx, results, self.map_fn(stage)) or {})
+        return out
+
+    def _summarise(self, name: str, result: dict, seconds: float, skipped: bool = False) -> None:
+        self.summary.append(
+            {
+                "stage": name,
+                "images": result.get("images"),
+                "errors": result.get("errors", 0),
+                "seconds": round(seconds, 3),
+                "skipped": skipped,
+                "output": result.get("output", ""),
+            }
+        )
+
+    # ------------------------------------------------------------------ each image's status
+    def _write_status(self) -> None:
+        """``status.parquet``: every image once, ok or the first stage's error, and its flag (empty/full mask)."""
+        if self.run.manifest.exists():
+            base = pq.read_table(self.run.manifest, columns=["image_id", "uri", "status", "error"]).to_pylist()
+        else:  # a brought-in store: its image tables list the images
+            base = [
+                r
+                for p in list_shards(self.run.image_tables)
+                for r in pq.read_table(p, columns=["image_id", "uri", "status", "error"]).to_pylist()
+            ]
+        rows = {r["image_id"]: {**r, "stage": "ingest" if r["status"] != "ok" else None, "flag": None} for r in base}
+        for name in self.order:
+            state = self.run.state(name)
+            rec = self._record(name)
+            if rec is None or not state.is_dir():
+                continue
+            for marker in sorted(state.glob("[0-9]*")):
+                m = read_json(marker) or {}
+                if m.get("fingerprint") != rec.get("fingerprint"):
+                    continue
+                for image_id, err in m.get("errors", {}).items():
+                    r = rows.get(image_id)
+                    if r is not None and r["status"] == "ok":
+                        r.update(status="error", error=err, stage=name)
+                for image_id, flag in m.get("flags", {}).items():
+                    if image_id in rows:
+                        rows[image_id]["flag"] = flag
+        self.run.write_status([rows[k] for k in sorted(rows)])
+
+
+def _shard_task(shard: int, stage: Stage, ctx: StageContext, shared: Any, fp: str) -> dict:
+    return run_shard(stage, ctx, shard, shared, fp)
+
+
+def _actor_shard(stage: Stage, ctx: StageContext, shared: Any, fp: str, shard: int, worker: Any) -> dict:
+    return run_shard(stage, ctx, shard, shared, fp, worker)

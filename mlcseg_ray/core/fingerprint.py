@@ -1,0 +1,24 @@
+"""Fingerprints: short, stable hashes of what a stage's outputs were made from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+
+def digest(obj: object) -> str:
+    """A 16-hex-digit hash of any JSON-able value (keys sorted, so dict order does not matter)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_identity(path: str | None) -> dict | None:
+    """What a weights file is, cheaply: its resolved path, size and modification time (a changed file, a changed
+    fingerprint)."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {"path": str(path)}  # the loader reports a missing file clearly
+    return {"path": os.path.realpath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}

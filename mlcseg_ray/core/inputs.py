@@ -1,0 +1,85 @@
+"""Where a run's images come from (:class:`InputSpec`) and what else it reads (:class:`RunInputs`).
+
+The input fields are declared here once; the CLI's options, :class:`~mlcseg_ray.pipeline.Pipeline` and the Ray
+Jobs entrypoint all take them from :data:`INPUT_FIELDS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where the images come from: exactly one of the four kinds."""
+
+    images: str | None = None
+    voc: str | None = None
+    split: str = "val"
+    coco: str | None = None
+    ann: str | None = None
+    manifest: str | None = None
+    limit: int | None = None  # only the first N images, in image-id order
+    sample: int | None = None  # a random sample of N images ...
+    sample_seed: int = 0  # ... drawn with this seed
+
+    def describe(self) -> str:
+        if self.images:
+            what = f"folder {self.images}"
+        elif self.voc:
+            what = f"VOC {self.voc} ({self.split})"
+        elif self.coco:
+            what = f"COCO {self.coco} + {self.ann}"
+        else:
+            what = f"manifest {self.manifest}"
+        if self.limit:
+            what += f", first {self.limit}"
+        if self.sample:
+            what += f", sample of {self.sample} (seed {self.sample_seed})"
+        return what
+
+    def sources(self) -> list[str]:
+        return [x for x in (self.images, self.voc, self.coco, self.manifest) if x]
+
+    def validate(self) -> None:
+        if len(self.sources()) != 1:
+            raise ValueError(
+                "give exactly one input: --images DIR, --voc ROOT, --coco IMAGES --ann JSON, or --manifest FILE"
+            )
+        if self.coco and not self.ann:
+            raise ValueError("--coco needs --ann INSTANCES_JSON")
+        if self.limit and self.sample:
+            raise ValueError("give --limit or --sample, not both")
+
+    def check(self) -> None:
+        """Valid, and the local paths it names exist: before a run folder is made for it."""
+        self.validate()
+        for flag, path in (
+            ("--images", self.images),
+            ("--voc", self.voc),
+            ("--coco", self.coco),
+            ("--ann", self.ann),
+            ("--manifest", self.manifest),
+        ):
+            if path and "://" not in path and not Path(path).exists():
+                raise FileNotFoundError(f"{flag}: no such file or folder: {path}")
+
+
+# The names of the input fields, in the order the CLI lists them.
+INPUT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(InputSpec))
+
+
+@dataclass(frozen=True)
+class RunInputs(InputSpec):
+    """What a run reads besides its config: the images (ingest) and the ground truth (evaluate)."""
+
+    gt: str | None = None
+    protocol: str | None = None
+
+    def given(self) -> bool:
+        return bool(self.sources())
+
+    def spec(self) -> InputSpec:
+        """Where the images come from, alone."""
+        return InputSpec(**{name: getattr(self, name) for name in INPUT_FIELDS})

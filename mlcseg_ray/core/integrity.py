@@ -1,0 +1,78 @@
+"""What a run folder says it holds, checked against what is there: every output a shard or a stage wrote is
+recorded with its size (and a CRC32 up to ``CHECKSUM_MAX_BYTES``) in the shard's marker or the stage's record.
+A rerun checks sizes (a ``stat`` per file) and recomputes what is missing or truncated; ``mlcseg verify`` also
+checks the CRCs and that every Parquet file can be read, and changes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from .store import RunDir, file_crc, read_json
+
+
+def declared_outputs(writes: tuple[str, ...], run: RunDir, written: dict) -> dict[str, list]:
+    """The files in ``written`` (path -> (size, crc)) that lie under the stage's declared ``writes``, relative to
+    the run folder: what its marker or record keeps."""
+    roots = [getattr(run, w) for w in writes]
+    out = {}
+    for path, (size, crc) in written.items():
+        p = Path(path)
+        if any(p == r or r in p.parents for r in roots):
+            out[p.relative_to(run.root).as_posix()] = [size, crc]
+    return out
+
+
+def check_outputs(root: Path, outputs: dict[str, list], deep: bool = False) -> list[str]:
+    """What is wrong with recorded outputs, one phrase each: missing, another size, (``deep``) another CRC or an
+    unreadable Parquet file."""
+    problems = []
+    for rel, (size, crc) in sorted(outputs.items()):
+        path = root / rel
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{rel} is missing")
+            continue
+        if actual != size:
+            problems.append(f"{rel} is {actual} bytes, {size} when written")
+        elif deep and crc is not None and file_crc(path) != crc:
+            problems.append(f"{rel} has changed since it was written (checksum)")
+        elif deep and path.suffix == ".parquet":
+            try:
+                pq.read_metadata(path)
+            except Exception as e:  # any reader error: the file is damaged
+                problems.append(f"{rel} cannot be read ({type(e).__name__})")
+    return problems
+
+
+def stage_damage(
+    run: RunDir, stage: str, fingerprint: str, shards: list[int] | None, deep: bool = False
+) -> tuple[list[str], dict[int, list[str]]]:
+    """(problems with the stage's own outputs, problems per shard) for a stage recorded with ``fingerprint``."""
+    record = read_json(run.stage_record(stage)) or {}
+    whole = check_outputs(run.root, record.get("outputs", {}), deep)
+    per_shard = {}
+    for n in shards or []:
+        marker = read_json(run.marker(stage, n)) or {}
+        if marker.get("fingerprint") == fingerprint:
+            bad = check_outputs(run.root, marker.get("outputs", {}), deep)
+            if bad:
+                per_shard[n] = bad
+    return whole, per_shard
+
+
+def verify_run(run: RunDir) -> dict[str, list[str]]:
+    """Every recorded output of every stage of ``run``, checked deeply: ``{stage: [problems]}`` (empty lists for
+    sound stages). Reads the folder's records alone; changes nothing."""
+    report = {}
+    state = run.root / "_state"
+    for folder in sorted(p for p in state.iterdir() if p.is_dir()) if state.is_dir() else []:
+        record = read_json(folder / "stage.json")
+        if not record:
+            continue
+        shards = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+        whole, per_shard = stage_damage(run, folder.name, record.get("fingerprint"), shards, deep=True)
+        report[folder.name] = whole + [p for n in sorted(per_shard) for p in per_shard[n]]
+    return report

@@ -1,0 +1,176 @@
+"""Reading images from local paths or object storage, with every conversion a photo collection needs.
+
+One function decides what an image *is* (``load_rgb``): EXIF orientation applied, any mode converted to 8-bit RGB,
+decoded pixels capped before decoding. Failures raise :class:`BadImage` with a reason a person understands; callers
+turn it into an error row, never a crashed job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..core.errors import BadImage
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+# EXIF orientations 5-8 swap width and height.
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def read_bytes(uri: str) -> bytes:
+    try:
+        if is_remote(uri):
+            import fsspec
+
+            with fsspec.open(uri, "rb") as f:
+                return f.read()
+        path = uri[len("file://") :] if uri.startswith("file://") else uri
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except PermissionError:
+        raise BadImage("permission denied: the file is not readable") from None
+    except IsADirectoryError:
+        raise BadImage("is a directory, not an image file") from None
+    except OSError as e:
+        raise BadImage(f"cannot read file: {e}") from None
+
+
+def _open(data: bytes) -> Image.Image:
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadImage("not an image: the file's content is not a format PIL can read") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too many pixels: {e}") from None
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block is not a broken image
+        orientation = 1
+    return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
+
+
+def _check_size(w: int, h: int, max_pixels: int, min_side: int) -> None:
+    if w * h > max_pixels:
+        raise BadImage(
+            f"too many pixels: {w}x{h} = {w * h:,} exceeds max_pixels={max_pixels:,} (decompression-bomb guard)"
+        )
+    if min(w, h) < min_side:
+        raise BadImage(f"too small: {w}x{h} is smaller than one {min_side}px patch")
+
+
+def probe(uri: str, max_pixels: int, min_side: int = 1, data: bytes | None = None) -> tuple[int, int]:
+    """Width and height after EXIF orientation, from the header only (cheap; used at ingest)."""
+    img = _open(read_bytes(uri) if data is None else data)
+    w, h = _oriented_size(img)
+    _check_size(w, h, max_pixels, min_side)
+    return w, h
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_stat(uri: str) -> tuple[int | None, int | None]:
+    """(size in bytes, modification time in ns) of a local file or an object (mtime None where the store has none);
+    (None, None) when it cannot be read."""
+    try:
+        if is_remote(uri):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(uri)
+            info = fs.info(path)
+            return info.get("size"), None
+        st = os.stat(uri[len("file://") :] if uri.startswith("file://") else uri)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None, None
+
+
+def check_unchanged(uri: str, data: bytes, expect: dict) -> None:
+    """The file is still the one ingest saw: same size and modification time, and the same content hash when
+    ``expect`` carries one (``verify_images=hash``). Raises BadImage naming what changed."""
+    if expect.get("bytes") is not None and len(data) != expect["bytes"]:
+        raise BadImage(f"changed since ingest: {len(data)} bytes now, {expect['bytes']} then; rerun to recompute")
+    if expect.get("mtime_ns") is not None:
+        _, mtime = file_stat(uri)
+        if mtime is not None and mtime != expect["mtime_ns"]:
+            raise BadImage("changed since ingest: the file was modified; rerun to recompute")
+    if expect.get("content_hash") and content_hash(data) != expect["content_hash"]:
+        raise BadImage("changed since ingest: its content differs; rerun to recompute")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB. 16-bit and float images are scaled by their own range, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if a.max() > 255:  # 16-bit range: scale, do not clip
+            a = a / 65535.0 * 255.0
+        a = np.clip(a, 0, 255)
+        img = Image.fromarray(a.astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        # Transparent pixels become white rather than whatever colour they happen to store.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_rgb(uri: str, max_pixels: int, min_side: int = 1, expect: dict | None = None) -> np.ndarray:
+    """Decode one image to an HxWx3 uint8 array, EXIF orientation applied. ``expect`` (from the manifest:
+    ``bytes``, ``mtime_ns``, optionally ``content_hash``): fail if the file changed since ingest."""
+    data = read_bytes(uri)
+    if expect:
+        check_unchanged(uri, data, expect)
+    img = _open(data)
+    w, h = _oriented_size(img)
+    _check_size(w, h, max_pixels, min_side)
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        img = to_rgb(img)
+    except BadImage:
+        raise
+    except OSError as e:
+        msg = str(e)
+        if "truncated" in msg:
+            raise BadImage("truncated file: the image data ends early") from None
+        raise BadImage(f"cannot decode image: {msg}") from None
+    except (ValueError, SyntaxError) as e:
+        raise BadImage(f"cannot decode image: {e}") from None
+    return np.array(img, dtype=np.uint8)  # writable: pydensecrf needs that
+
+
+def list_files(root: Path) -> list[Path]:
+    """Every file below ``root`` (recursive), sorted; hidden files and folders skipped."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
+    return sorted(out)
+
+
+def list_image_files(root: Path) -> list[Path]:
+    """All image files below ``root`` (recursive), by extension, sorted; hidden files and folders skipped."""
+    return [p for p in list_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS]

@@ -1,0 +1,59 @@
+"""The manifest: one row per input image (``RUN/manifest.parquet``), written by ingest alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import Config
+from ..core.fingerprint import digest
+from ..core.store import RunDir, atomic_write_table
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("bytes", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("content_hash", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("shard", pa.int32()),
+        ("coco_id", pa.int64()),
+    ]
+)
+
+
+def write_manifest(path: Path, table: pa.Table) -> None:
+    atomic_write_table(path, table.cast(MANIFEST_SCHEMA))
+
+
+def read_manifest(path: Path) -> pa.Table:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} not found: run ingest/extract first")
+    return pq.read_table(path)
+
+
+def manifest_fingerprint(path: Path) -> str:
+    """A hash of the manifest's content: the identity of the data every later stage works on."""
+    return digest(read_manifest(path).select(MANIFEST_SCHEMA.names).to_pydict())
+
+
+def expected_file(row: dict, cfg: Config) -> dict:
+    """What a stage checks an image against before it reads it again (``formats.images.load_rgb(expect=...)``)."""
+    return {
+        "bytes": row.get("bytes"),
+        "mtime_ns": row.get("mtime_ns"),
+        "content_hash": row.get("content_hash") if cfg.verify_images == "hash" else None,
+    }
+
+
+def expected_files(run: RunDir, shard: int, cfg: Config) -> dict[str, dict]:
+    """Per image of a shard, what its file must still be (from the manifest; none for a brought-in store)."""
+    if not run.manifest.exists():
+        return {}
+    return {r["image_id"]: expected_file(r, cfg) for r in run.manifest_rows(shard)}

@@ -1,0 +1,314 @@
+"""Frozen ViT backbones by timm name, real weight loading, and the feature hook (DESIGN §2 "Features", §4).
+
+Weights come, in order, from ``--weights PATH`` (official DINO ``.pth``, official DINOv2 ``.pth``, Hugging Face
+``facebook/dino-*`` / ``facebook/dinov2-*`` safetensors, timm safetensors; all mapped to the timm layout), timm's
+local cache, then the hub when online. ``random-*`` backbones are deterministic random-weight models for tests and
+the demo; everything made with them says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+
+log = logging.getLogger("mlcseg_ray")
+
+# timm names of the supported self-supervised backbones.
+PRETRAINED_BACKBONES = [
+    "vit_small_patch8_224.dino",
+    "vit_small_patch16_224.dino",
+    "vit_base_patch8_224.dino",
+    "vit_base_patch16_224.dino",
+    "vit_small_patch14_dinov2.lvd142m",
+    "vit_base_patch14_dinov2.lvd142m",
+    "vit_small_patch14_reg4_dinov2.lvd142m",
+    "vit_base_patch14_reg4_dinov2.lvd142m",
+]
+# Random-weight stand-ins: (timm architecture, extra kwargs). Deterministic: seeded before construction.
+RANDOM_BACKBONES = {
+    "random-vit-s8": ("vit_small_patch8_224", {}),
+    "random-vit-s16": ("vit_small_patch16_224", {}),
+    "random-vit-tiny": ("vit_small_patch8_224", dict(embed_dim=48, depth=2, num_heads=3)),
+    "random-vit-tiny-reg": ("vit_small_patch14_reg4_dinov2", dict(embed_dim=48, depth=2, num_heads=3, img_size=56)),
+}
+
+RANDOM_WEIGHTS_WARNING = (
+    "RANDOM WEIGHTS: the backbone has random, untrained weights. Masks, classes and metrics from this run say "
+    "nothing about the method's quality; use a pretrained DINO backbone (--weights PATH) for real results."
+)
+
+
+class WeightsNotFound(ValueError):
+    pass
+
+
+@dataclass
+class BackboneInfo:
+    name: str
+    arch: str
+    patch_size: int
+    embed_dim: int
+    num_heads: int
+    num_prefix_tokens: int
+    weights: str  # where the weights came from
+    random_weights: bool
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def available_backbones() -> list[str]:
+    return PRETRAINED_BACKBONES + list(RANDOM_BACKBONES)
+
+
+def patch_size_of(name: str) -> int:
+    """The patch size a backbone name implies (timm names say it: ``..._patch8_...``), without building a model."""
+    arch = RANDOM_BACKBONES[name][0] if name in RANDOM_BACKBONES else name
+    m = re.search(r"patch(\d+)", arch)
+    if m:
+        return int(m.group(1))
+    return int(create_architecture(name).patch_embed.patch_size[0])
+
+
+def _create(arch: str, **kwargs) -> nn.Module:
+    # dynamic_img_size: any input whose sides are multiples of the patch size, position embeddings interpolated.
+    return timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+
+
+def create_architecture(name: str) -> nn.Module:
+    """The timm model for ``name`` with freshly initialised weights (random backbones are seeded)."""
+    if name in RANDOM_BACKBONES:
+        arch, kwargs = RANDOM_BACKBONES[name]
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return _create(arch, **kwargs)
+    if name not in PRETRAINED_BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
+    return _create(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint layouts -> timm layout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--weights: no such file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    # Full DINO training checkpoints hold {"teacher": ..., "student": ...}; others wrap in "model"/"state_dict".
+    for key in ("teacher", "model", "state_dict", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
+    return {re.sub(r"^(module\.)?(backbone\.)?", "", k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def detect_layout(sd: dict) -> str:
+    keys = set(sd)
+    if any(k.startswith(("embeddings.", "vit.embeddings.", "dinov2.embeddings.")) for k in keys):
+        return "dinov2_hf" if any("layer_scale1" in k for k in keys) else "dino_hf"
+    if "mask_token" in keys or "register_tokens" in keys:
+        return "dinov2_official"
+    if "cls_token" in keys and any(k.startswith("blocks.") for k in keys):
+        return "dino_official_or_timm"  # the official DINO .pth already uses timm's key names
+    raise ValueError("unrecognised checkpoint layout (expected DINO, DINOv2, Hugging Face or timm ViT keys)")
+
+
+def _hf_to_official(sd: dict) -> dict:
+    """transformers ViTModel / Dinov2Model / Dinov2WithRegistersModel keys -> the official DINO/DINOv2 layout."""
+    sd = {re.sub(r"^(vit|dinov2)\.", "", k): v for k, v in sd.items()}
+    out = {}
+    layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
+    for i in layers:
+        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
+        a = p + "attention.attention."
+        v2 = p + "norm1.weight" in sd  # DINOv2 names its sub-layers differently from ViT (DINO v1)
+        names = {
+            "norm1": "norm1" if v2 else "layernorm_before",
+            "norm2": "norm2" if v2 else "layernorm_after",
+            "mlp.fc1": "mlp.fc1" if v2 else "intermediate.dense",
+            "mlp.fc2": "mlp.fc2" if v2 else "output.dense",
+            "attn.proj": "attention.output.dense",
+        }
+        for t in ("weight", "bias"):
+            out[q + f"attn.qkv.{t}"] = torch.cat([sd[a + f"query.{t}"], sd[a + f"key.{t}"], sd[a + f"value.{t}"]])
+            for ours, theirs in names.items():
+                out[q + f"{ours}.{t}"] = sd[p + f"{theirs}.{t}"]
+        if p + "layer_scale1.lambda1" in sd:
+            out[q + "ls1.gamma"] = sd[p + "layer_scale1.lambda1"]
+            out[q + "ls2.gamma"] = sd[p + "layer_scale2.lambda1"]
+    renames = {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.mask_token": "mask_token",
+        "embeddings.register_tokens": "register_tokens",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "layernorm.weight": "norm.weight",
+        "layernorm.bias": "norm.bias",
+    }
+    out.update({ours: sd[theirs] for theirs, ours in renames.items() if theirs in sd})
+    if "mask_token" in out:
+        out["mask_token"] = out["mask_token"].reshape(1, -1)
+    return out
+
+
+def to_timm_state_dict(sd: dict, model: nn.Module) -> dict:
+    """Any supported layout -> timm keys for ``model``; timm's own filter does DINOv2 and pos-embed resampling."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    if detect_layout(sd) in ("dino_hf", "dinov2_hf"):
+        sd = _hf_to_official(sd)
+    sd = checkpoint_filter_fn(dict(sd), model)
+    # The head is dropped (num_classes=0): ignore any head weights a checkpoint carries.
+    return {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.", "pooler."))}
+
+
+def load_weights(model: nn.Module, path: str | Path) -> str:
+    """Load a checkpoint in any supported layout into a timm ViT; returns the detected layout."""
+    raw = read_checkpoint(path)
+    layout = detect_layout(raw)
+    try:
+        sd = to_timm_state_dict(raw, model)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches: a checkpoint of another size
+        first = str(e).strip().splitlines()[-1][:300]
+        raise ValueError(f"--weights {path}: layout {layout} does not fit this backbone ({first})") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"--weights {path}: layout {layout} does not fit this backbone: "
+            f"missing {sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]} (is --backbone the right size?)"
+        )
+    return layout
+
+
+NO_WEIGHTS_OPTIONS = (
+    "Options: --weights PATH to an official DINO/DINOv2 .pth, a Hugging Face facebook/dino-* or facebook/dinov2-* "
+    "model.safetensors, or a timm model.safetensors; or put the timm weights in the Hugging Face cache (HF_HOME); "
+    "or --backbone random-vit-s8 for a random-weight test run."
+)
+
+
+def _hub_id(name: str) -> str | None:
+    cfg = timm.models.get_pretrained_cfg(name)
+    return getattr(cfg, "hf_hub_id", None) if cfg else None
+
+
+def cached_weights(name: str) -> str | None:
+    """The timm weights of ``name`` in the Hugging Face cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = _hub_id(name)
+    cached = try_to_load_from_cache(hub_id, "model.safetensors") if hub_id else None
+    return cached if isinstance(cached, str) else None
+
+
+def hub_weights(name: str) -> str:
+    """The timm weights of ``name``: from the cache, else downloaded into it. Raises WeightsNotFound, naming the
+    options a user has."""
+    from huggingface_hub import hf_hub_download
+
+    cached = cached_weights(name)
+    if cached:
+        return cached
+    hub_id = _hub_id(name)
+    if not hub_id:
+        raise WeightsNotFound(f"no weights for {name}: timm has no hub id for it. {NO_WEIGHTS_OPTIONS}")
+    try:
+        return hf_hub_download(hub_id, "model.safetensors")
+    except Exception as e:  # offline, no DNS, gated...
+        raise WeightsNotFound(
+            f"no weights for {name}: not in timm's cache and the hub is unreachable "
+            f"({type(e).__name__}). {NO_WEIGHTS_OPTIONS}"
+        ) from None
+
+
+def locate_weights(name: str, weights: str | None = None) -> str | None:
+    """Where a run's weights will come from, checked once in the driver before any worker starts: the file
+    given, timm's cache (downloaded there when online), or None for a random-weight backbone. Raises
+    WeightsNotFound / FileNotFoundError with the options a user has."""
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"--weights: no such file: {weights}")
+        return str(weights)
+    if name in RANDOM_BACKBONES:
+        return None
+    return hub_weights(name)
+
+
+def build_backbone(name: str, weights: str | None = None) -> tuple[nn.Module, BackboneInfo]:
+    """A frozen, eval-mode model and the facts about it that the feature store records."""
+    model = create_architecture(name)
+    random_weights = name in RANDOM_BACKBONES and weights is None
+    if weights is not None:
+        layout = load_weights(model, weights)
+        source = f"{weights} ({layout})"
+    elif random_weights:
+        source = "random (seed 0)"
+    else:
+        path = hub_weights(name)
+        load_weights(model, path)
+        source = f"timm ({path})"
+    model.eval().requires_grad_(False)
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    info = BackboneInfo(
+        name=name,
+        arch=model.default_cfg.get("architecture", name) if hasattr(model, "default_cfg") else name,
+        patch_size=int(model.patch_embed.patch_size[0]),
+        embed_dim=int(model.embed_dim),
+        num_heads=int(model.blocks[-1].attn.num_heads),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        weights=source,
+        random_weights=random_weights,
+        mean=tuple(pcfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(pcfg.get("std", (0.229, 0.224, 0.225))),
+    )
+    return model, info
+
+
+class FeatureExtractor(nn.Module):
+    """Last-block attention keys (heads concatenated), CLS->patch attention (mean over heads), final CLS token.
+
+    The keys come from a forward hook on the last block's ``attn.qkv``; prefix tokens (CLS, registers) are sliced
+    off with ``num_prefix_tokens`` so that row i of the output is patch i in raster order.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.attn = model.blocks[-1].attn
+        self.npt = int(model.num_prefix_tokens)
+        self._qkv = None
+        self.attn.qkv.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._qkv = output
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = self.model.forward_features(x)  # (B, N, C), final norm applied
+        qkv = self._qkv
+        self._qkv = None
+        B, N, _ = qkv.shape
+        H = self.attn.num_heads
+        C = H * self.attn.head_dim
+        qkv = qkv.reshape(B, N, 3, H, self.attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.attn.q_norm(qkv[0]), self.attn.k_norm(qkv[1])  # (B, H, N, hd)
+        keys = k.transpose(1, 2).reshape(B, N, C)[:, self.npt :]
+        attn = torch.softmax((q[:, :, :1] * self.attn.scale) @ k.transpose(-2, -1), dim=-1)  # (B, H, 1, N)
+        cls_attn = attn[:, :, 0, self.npt :].mean(1)
+        return {"keys": keys, "cls_attn": cls_attn, "cls": tokens[:, 0]}

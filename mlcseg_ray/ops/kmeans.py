@@ -1,0 +1,533 @@
+"""Spherical k-means, one implementation for every clustering in the project. Maths only: no Ray here.
+
+* :func:`sampled_kmeans`: vectors spread over *shards*, fitted on a bounded sample drawn in one pass.
+  ``load(shard) -> (unit vectors, group ids, row keys)`` is called inside ``map_fn`` (the executor's map: Ray
+  tasks, or a plain loop); each task sends back only the rows below a keep probability (:func:`draw_rows`), the
+  sample is the rows with the smallest hash (:func:`bottom_k`), and :func:`fit_groups` fits it in memory. No
+  process ever holds more than one shard and the sample. ``groups`` clusters many independent sets in the same
+  pass (G groups x k centroids).
+* :func:`batched_kmeans`: many small problems (one per image) vectorised over a padded batch with torch; no Python
+  loop per image.
+
+Results do not depend on how the data is cut into shards: the sample keeps a row by a hash of the row's own key
+(image id and patch, not its shard), vectors are put on a 2^-20 grid so that float64 sums of them are exact in any
+order, and each image's k-means++ draws come from its own id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.mapping import serial_map
+
+# ``load(shard) -> (unit vectors on the grid, group ids, row keys, *extra)``: how a k-means reads one shard
+Loader = Callable[[Any], tuple]
+
+EPS = 1e-12
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), EPS)
+
+
+def check_finite(x: np.ndarray, what: str) -> None:
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what}: features contain NaN or Inf")
+
+
+GRID = float(2**20)  # unit vectors on this grid sum exactly in float64 (any order) for up to 2^32 rows
+
+
+def to_grid(x: np.ndarray) -> np.ndarray:
+    """Unit vectors (float32) rounded in place onto a 2^-20 grid: exact, order-free sums, the same for any sharding."""
+    x *= GRID
+    np.rint(x, out=x)
+    x /= GRID
+    return x
+
+
+def exact_weights(w: np.ndarray) -> np.ndarray:
+    """Weights in [0, 2] as float64 multiples of 2^-24: their sums are exact in any order."""
+    return np.rint(np.asarray(w, np.float64) * 2**24) / 2**24
+
+
+def unit_vectors(x: np.ndarray) -> np.ndarray:
+    """What every loader hands the k-means: L2-normalised float32 on the summation grid."""
+    return to_grid(l2_normalize(x))
+
+
+# --- deterministic randomness keyed by the data, not by the shard a row happens to be in ---
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = (z + np.uint64(0x9E3779B97F4A7C15)) & _M64
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
+        return z ^ (z >> np.uint64(31))
+
+
+def id_hash(ids: Sequence[str]) -> np.ndarray:
+    """A stable 64-bit hash per string id (image ids)."""
+    return np.asarray(
+        [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids], dtype=np.uint64
+    )
+
+
+def row_keys(base: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per-row keys from a per-row base (an image's hash) and the row's place inside it (its patch index)."""
+    with np.errstate(over="ignore"):
+        spread = np.asarray(offsets, np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        return _splitmix64(np.asarray(base, np.uint64) ^ spread)
+
+
+def uniforms(keys: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per key, for a seed: the same row gets the same number in any shard."""
+    with np.errstate(over="ignore"):
+        z = _splitmix64(np.asarray(keys, np.uint64) ^ _splitmix64(np.full(1, seed, np.uint64)))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plain functions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def segment_sum(labels: np.ndarray, x: np.ndarray, n_segments: int) -> np.ndarray:
+    """Row sums of ``x`` per label, (n_segments, D) float64, by a one-hot matrix product (BLAS), not ``np.add.at``,
+    which is two orders of magnitude slower. In float64, so that grid vectors (:func:`to_grid`) sum exactly."""
+    out = np.zeros((n_segments, x.shape[1]), np.float64)
+    step = max(1, min((1 << 22) // max(1, n_segments), (1 << 22) // max(1, x.shape[1])))  # ~32 MB blocks
+    for i in range(0, len(x), step):
+        lab = labels[i : i + step]
+        onehot = np.zeros((n_segments, len(lab)), np.float64)
+        onehot[lab, np.arange(len(lab))] = 1.0
+        out += onehot @ x[i : i + step].astype(np.float64)
+    return out
+
+
+_GPU_RESOURCES = None
+
+
+def visible_gpu() -> bool:
+    """Whether this process was given a GPU. Ray hides GPUs from tasks that did not request one, so inside a
+    shard task this is the cluster-level choice (``device``) made by the executor's resources."""
+    return torch.cuda.is_available()
+
+
+def _faiss_gpu_index(dim: int):
+    """faiss inner-product index on the GPU, or None without one or without faiss's GPU build (extra ``gpu``)."""
+    import faiss
+
+    global _GPU_RESOURCES
+    if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+        return None
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return faiss.GpuIndexFlatIP(_GPU_RESOURCES, dim)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by inner product (x and centroids unit-norm). Returns (labels, similarity).
+
+    faiss on the GPU where it can, else torch on the GPU (a CUDA node without faiss's GPU build), else faiss on
+    the CPU."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    import faiss
+
+    if visible_gpu():
+        index = _faiss_gpu_index(c.shape[1])
+        if index is None:
+            return _assign_torch_cuda(x, c)
+    else:
+        index = faiss.IndexFlatIP(c.shape[1])
+    index.add(c)
+    sim, idx = index.search(x, 1)
+    return idx[:, 0].astype(np.int64), sim[:, 0]
+
+
+def _assign_torch_cuda(x: np.ndarray, c: np.ndarray, chunk: int = 1 << 20):
+    cg = torch.from_numpy(c).cuda()
+    labels, sims = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
+    for i in range(0, len(x), chunk):
+        sim, idx = (torch.from_numpy(x[i : i + chunk]).cuda() @ cg.T).max(1)
+        labels[i : i + chunk], sims[i : i + chunk] = idx.cpu().numpy(), sim.cpu().numpy()
+    return labels, sims
+
+
+def assign_groups(x: np.ndarray, groups: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid within each vector's group. centroids: (G, k, D)."""
+    present = np.unique(groups)
+    if len(present) == 1:  # one group (the dataset level): no per-group copy of the shard
+        return assign(x, centroids[present[0]])
+    labels = np.zeros(len(x), np.int64)
+    sims = np.zeros(len(x), np.float32)
+    for g in present:
+        sel = np.flatnonzero(groups == g)
+        labels[sel], sims[sel] = assign(x[sel], centroids[g])
+    return labels, sims
+
+
+def accumulate(x: np.ndarray, groups: np.ndarray, centroids: np.ndarray) -> dict:
+    """Per-(group, centroid) sums and counts, and the spherical inertia sum(1 - cos)."""
+    G, k, D = centroids.shape
+    labels, sims = assign_groups(x, groups, centroids)
+    flat = groups.astype(np.int64) * k + labels
+    sums = segment_sum(flat, x, G * k)
+    counts = np.bincount(flat, minlength=G * k).astype(np.int64)
+    return {
+        "sums": sums.reshape(G, k, D),
+        "counts": counts.reshape(G, k),
+        "inertia": float(np.sum(exact_weights(1.0 - sims))),
+    }
+
+
+def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeding (as scikit-learn: 2 + log k candidates per step, keep the best) for unit vectors,
+    distance 1 - cos. Fewer distinct points than k: repeats allowed."""
+    n = len(x)
+    trials = 2 + int(np.log(k))
+    centers = np.empty((k, x.shape[1]), np.float32)
+    centers[0] = x[rng.integers(n)]
+    d = np.maximum(1.0 - x @ centers[0], 0.0)
+    for i in range(1, k):
+        total = d.sum()
+        if total <= EPS:
+            centers[i] = x[rng.integers(n)]
+            continue
+        cand = rng.choice(n, size=trials, p=d / total)
+        cand_d = np.minimum(d[None], np.maximum(1.0 - x[cand] @ x.T, 0.0))  # (trials, n)
+        best = int(np.argmin(cand_d.sum(1)))
+        centers[i], d = x[cand[best]], cand_d[best]
+    return centers
+
+
+def fit_kmeans(
+    x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 25, tol: float = 1e-4, n_init: int = 3
+) -> tuple[np.ndarray, int]:
+    """Spherical k-means in memory, the best (lowest inertia) of ``n_init`` k-means++ starts: one start can merge
+    two clusters and split another, and on a bounded sample a few starts cost little. Each start runs Lloyd steps
+    until the centroids move less than ``tol`` (1 - cos) or the partition stops changing; an emptied cluster is
+    re-seeded at the points farthest from every centroid. Sums are float64 over grid vectors, so the result
+    depends only on the rows and their order. Returns (centroids (k, D), Lloyd steps of the chosen start)."""
+    best = None
+    for _ in range(n_init):
+        centers, it, inertia = _lloyd(x, kmeans_pp(x, k, rng), iters, tol)
+        if best is None or inertia < best[2]:
+            best = (centers, it, inertia)
+    return best[0], best[1]
+
+
+def _lloyd(x: np.ndarray, centers: np.ndarray, iters: int, tol: float) -> tuple[np.ndarray, int, float]:
+    k = len(centers)
+    labels = None
+    it = 0
+    for it in range(1, iters + 1):  # noqa: B007 - the steps taken are returned
+        sims = x @ centers.T
+        new_labels = np.argmax(sims, axis=1)
+        counts = np.bincount(new_labels, minlength=k)
+        new = l2_normalize(segment_sum(new_labels, x, k)).astype(np.float32)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):  # the farthest points, one per emptied cluster
+            far = np.argsort(sims.max(1), kind="stable")[: len(empty)]
+            new[empty] = x[far] if len(x) >= k else centers[empty]
+        shift = float(np.max(1.0 - np.sum(new * centers, axis=1)))
+        centers = new
+        if shift < tol or (labels is not None and np.array_equal(labels, new_labels)):
+            break
+        labels = new_labels
+    inertia = float(np.sum(1.0 - (x @ centers.T).max(1), dtype=np.float64))
+    return centers, it, inertia
+
+
+def fit_groups(
+    x: np.ndarray,
+    groups: np.ndarray,
+    k: int,
+    n_groups: int,
+    rng: np.random.Generator,
+    iters: int = 25,
+    tol: float = 1e-4,
+) -> tuple[np.ndarray, int]:
+    """The sampled fit's in-memory step: :func:`fit_kmeans` on each group's rows of ``x`` (in group order, one
+    ``rng`` for all), zeros for an empty group. Returns (centroids (G, k, D), Lloyd steps of the slowest group)."""
+    centroids = np.zeros((n_groups, k, x.shape[1]), np.float32)
+    iterations = 0
+    for g in range(n_groups):
+        pts = x if n_groups == 1 else x[groups == g]
+        if len(pts):
+            centroids[g], it = fit_kmeans(pts, k, rng, iters, tol)
+            iterations = max(iterations, it)
+    return centroids, iterations
+
+
+def reduce_sum(dicts: Iterable[dict]) -> dict:
+    """Element-wise sum of dicts of arrays/numbers (the reduce of every map over shards)."""
+    total: dict = {}
+    for d in dicts:
+        for key, v in d.items():
+            total[key] = v if key not in total else total[key] + v
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a bounded, deterministic sample drawn in one pass, and k-means fitted on it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sample_budgets(sizes: np.ndarray, total: int, k: int) -> np.ndarray:
+    """Rows to draw per group: ``total`` shared equally by the groups, at least 50 per centroid each (a group is
+    never starved), never more than the group holds."""
+    sizes = np.asarray(sizes, np.int64)
+    return np.minimum(sizes, max(total // max(len(sizes), 1), 50 * k)).astype(np.int64)
+
+
+def keep_probs(sizes: np.ndarray, budgets: np.ndarray) -> np.ndarray:
+    """Per group, the chance a shard task keeps a row: a little above budget/size (4 standard deviations and some),
+    so that the ``budget`` rows with the smallest uniform numbers are, but for odds of about 1e-5, all among the
+    rows sent back, and the driver never receives much more than the budget."""
+    b = np.asarray(budgets, np.float64)
+    return np.minimum(1.0, (b + 4 * np.sqrt(b) + 16) / np.maximum(np.asarray(sizes, np.float64), 1))
+
+
+def bottom_k(u: np.ndarray, groups: np.ndarray, keys: np.ndarray, budgets: np.ndarray) -> np.ndarray:
+    """Indices of the ``budgets[g]`` rows of each group g with the smallest uniform number ``u`` (ties by row key),
+    ordered by (group, u): the sample and its order depend on the rows alone, not on the shards they came in."""
+    order = np.lexsort((keys, u, groups))
+    g = groups[order]
+    first = np.searchsorted(g, np.arange(len(budgets)))
+    rank = np.arange(len(order)) - first[g]
+    return order[rank < np.asarray(budgets)[g]]
+
+
+def _draw_task(shard: Any, load: Loader, prob: np.ndarray, seed: int) -> list:
+    x, groups, keys, *extra = load(shard)
+    u = uniforms(keys, seed)
+    keep = u < np.asarray(prob)[groups]
+    return [a[keep] for a in (x, groups, keys, u, *extra)]
+
+
+def draw_rows(
+    shards: Sequence[Any], load: Callable, prob: np.ndarray, seed: int, map_fn: Callable = serial_map
+) -> list[np.ndarray]:
+    """One pass over the shards: every row whose uniform number (from its own key and ``seed``) is below its
+    group's ``prob``. ``load(shard) -> (x, groups, keys, *extra)``; returns the kept rows' (x, groups, keys, u,
+    *extra), concatenated; pick the sample with :func:`bottom_k`."""
+    parts = map_fn(_draw_task, shards, load, prob, seed)
+    if not parts:
+        raise ValueError("k-means: no vectors")
+    cols = []
+    for j in range(len(parts[0])):  # one column at a time, each part dropped once copied
+        cols.append(np.concatenate([p[j] for p in parts]))
+        for p in parts:
+            p[j] = None
+    return cols
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # (G, k, D), unit-norm
+    counts: np.ndarray  # (G, k) points per centroid: all of them with ``assign_all``, else the sample's
+    sums: np.ndarray  # (G, k, D) sums of those points (unnormalised means = sums / counts)
+    inertia: float  # sum(1 - cos) over the same points
+    iterations: int  # Lloyd steps of the slowest group (in memory)
+    sample_size: int  # rows the fit saw (held by the driver)
+    passes: int  # passes over the shards
+
+
+def _size_task(shard: Any, load: Loader) -> np.ndarray:
+    x, groups, *_ = load(shard)
+    return np.bincount(groups, minlength=1).astype(np.int64) if len(groups) else np.zeros(1, np.int64)
+
+
+def _accumulate_task(shard: Any, load: Loader, centroids: np.ndarray) -> dict:
+    x, groups, *_ = load(shard)
+    return accumulate(x, groups, centroids)
+
+
+def sampled_kmeans(
+    shards: Sequence[Any],
+    load: Callable[[Any], tuple],
+    k: int,
+    n_groups: int = 1,
+    sample: int = 100_000,
+    sizes: np.ndarray | None = None,
+    iters: int = 25,
+    tol: float = 1e-4,
+    seed: int = 0,
+    assign_all: bool = True,
+    map_fn: Callable = serial_map,
+) -> KMeansResult:
+    """Spherical k-means of vectors spread across ``shards``, fitted on a bounded sample drawn in one pass.
+
+    ``load(shard) -> (unit vectors on the grid, group ids, row keys, ...)``; ``map_fn(fn, shards, *shared)`` runs
+    the per-shard work (Ray tasks, or a loop). ``groups`` clusters G independent sets in the same pass. With k
+    centroids and millions of points a well-drawn sample fits as well as everything (issue 14); the whole data is
+    needed only to assign, which ``assign_all`` does in one more pass (counts, sums and inertia of every point).
+    Passes: 1 (+1 to count when ``sizes`` is not given, +1 with ``assign_all``)."""
+    passes = 0
+    if sizes is None:
+        sizes = np.zeros(n_groups, np.int64)
+        for c in map_fn(_size_task, shards, load):
+            sizes[: min(n_groups, len(c))] += c[:n_groups]
+        passes += 1
+    sizes = np.asarray(sizes, np.int64)
+    if not len(shards) or sizes.sum() == 0:
+        raise ValueError("k-means: no vectors")
+    budgets = sample_budgets(sizes, sample, k)
+    x, groups, keys, u = draw_rows(shards, load, keep_probs(sizes, budgets), seed, map_fn)[:4]
+    passes += 1
+    pick = bottom_k(u, groups, keys, budgets)
+    x, groups = x[pick], groups[pick]
+    centroids, iterations = fit_groups(x, groups, k, n_groups, np.random.default_rng(seed), iters, tol)
+    if assign_all:
+        acc = reduce_sum(map_fn(_accumulate_task, shards, load, centroids))
+        passes += 1
+    else:
+        acc = accumulate(x, groups, centroids)
+    return KMeansResult(centroids, acc["counts"], acc["sums"], acc["inertia"], iterations, len(x), passes)
+
+
+def kmeans_arrays(
+    x: np.ndarray,
+    k: int,
+    groups: np.ndarray | None = None,
+    n_groups: int = 1,
+    chunk: int = 65536,
+    normalized: bool = False,
+    **kw,
+) -> KMeansResult:
+    """The same k-means over an in-memory array (CLS tokens, test data), split into chunks. Row keys are the row
+    indices. ``normalized``: x is already unit-norm float32 on the grid (no copy is made)."""
+    x = x if normalized else unit_vectors(x)
+    groups = np.zeros(len(x), np.int64) if groups is None else np.asarray(groups, np.int64)
+    keys = np.arange(len(x), dtype=np.uint64)
+    chunks = [(x[i : i + chunk], groups[i : i + chunk], keys[i : i + chunk]) for i in range(0, len(x), chunk)]
+    sizes = np.bincount(groups, minlength=n_groups)[:n_groups]
+    return sampled_kmeans(chunks, _identity_load, k, n_groups=n_groups, sizes=sizes, **kw)
+
+
+def _identity_load(chunk: tuple) -> tuple:
+    return chunk
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batched k-means: one small problem per image, vectorised
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _coarse_bmm(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``onehot -> onehot @ round(x * 2^10)`` (the sums in units of a coarse grid, exactly, as float64).
+
+    The Lloyd updates of :func:`batched_kmeans` sum the vectors on a coarse grid (multiples of 2^-10, 1e-3 of a
+    unit vector's length, far below what moves a cluster): in units of that grid they are integers small enough
+    that float32 sums of up to 2^14 of them are exact in any order, so a set's centroids do not depend on the
+    padding of its batch, and no float64 copy of the batch is read on every step. Only the direction of a sum is
+    used, so the grid's scale is never divided out."""
+    units = torch.mul(x, 1024).round_()
+    if x.shape[1] > 1 << 14:  # more rows than float32 sums exactly
+        units = units.double()
+        return lambda onehot: torch.bmm(onehot.double(), units)
+    return lambda onehot: torch.bmm(onehot, units).double()
+
+
+def kmeans_draws(image_ids: Sequence[str], k: int, seed: int) -> np.ndarray:
+    """The uniform numbers :func:`batched_kmeans` seeds each image with, from the image's own id: an image's
+    clustering does not depend on the other images of its batch or shard."""
+    n = 1 + (k - 1) * (2 + int(np.log(k)))
+    base = np.repeat(id_hash(image_ids), n)
+    return uniforms(row_keys(base, np.tile(np.arange(n), len(image_ids))), seed).reshape(len(image_ids), n)
+
+
+IMAGE_BATCH = 4  # images per batched_kmeans call: 4 x 784 x 384 floats stay in cache (16 or more did not)
+
+
+def batched_kmeans(
+    x: np.ndarray,
+    valid: np.ndarray,
+    k: int,
+    iters: int = 20,
+    seed: int = 0,
+    device: str = "cpu",
+    draws: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means on B independent sets at once.
+
+    x: (B, N, D) unit vectors on the grid, zero-padded; valid: (B, N) bool. Returns labels (B, N) (-1 on padding)
+    and centroids (B, k, D). A set with fewer than k points gets one cluster per point. ``draws`` (B, 1 + (k-1) *
+    trials) uniform numbers for the k-means++ seeding of each set (:func:`kmeans_draws`); without them they come
+    from a generator seeded with ``seed``. Centroid sums are exact (:func:`_coarse_bmm`), so a set's result does
+    not depend on the padding its batch needs. Batches of a few images (:data:`IMAGE_BATCH`) stay in cache.
+    """
+    with torch.inference_mode():  # no autograd bookkeeping: a call is a few dozen small tensor operations
+        return _batched_kmeans(x, valid, k, iters, seed, device, draws)
+
+
+def _batched_kmeans(
+    x: np.ndarray, valid: np.ndarray, k: int, iters: int, seed: int, device: str, draws: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    x = torch.as_tensor(x, dtype=torch.float32, device=device)
+    valid = torch.as_tensor(valid, dtype=torch.bool, device=device)
+    B, N, D = x.shape
+    trials = 2 + int(np.log(k))  # greedy k-means++, as for the distributed k-means
+    if draws is None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        draws = torch.rand(B, 1 + (k - 1) * trials, generator=gen, device=device, dtype=torch.float64)
+    draws = torch.as_tensor(draws, dtype=torch.float64, device=device)
+    n_valid = valid.sum(1)
+    # k-means++ seeding, vectorised over the batch, by inverse-CDF sampling from each set's own draws.
+    cent = torch.zeros(B, k, D, device=device)
+    first = (draws[:, 0] * n_valid.clamp(min=1)).long().clamp(max=N - 1)
+    idx_valid = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid positions first
+    ar = torch.arange(B, device=device)
+    cent[:, 0] = x[ar, idx_valid[ar, first]]
+    seed_sims = [torch.bmm(x, cent[:, 0, :, None])[..., 0]]  # each seed's similarity to every point: (B, N)
+    dist = (1 - seed_sims[0]).clamp(min=0) * valid
+    for i in range(1, k):
+        weights = dist.double()
+        flat = weights.sum(1, keepdim=True) <= EPS  # all points on the centres: any valid point will do
+        weights = torch.where(flat, valid.double(), weights)
+        weights = weights + (weights.sum(1, keepdim=True) <= 0).double()  # an all-padding row: any index
+        cdf = torch.cumsum(weights, dim=1)
+        u = draws[:, 1 + (i - 1) * trials : 1 + i * trials] * cdf[:, -1:]
+        cand = torch.searchsorted(cdf, u, right=True).clamp(max=N - 1)  # (B, trials)
+        cand_x = x[ar[:, None], cand]  # (B, trials, D)
+        cand_sim = torch.bmm(cand_x, x.transpose(1, 2))  # (B, trials, N)
+        cand_d = torch.minimum(dist[:, None], (1 - cand_sim).clamp(min=0) * valid[:, None])
+        best = cand_d.double().sum(-1).argmin(1)
+        cent[:, i] = cand_x[ar, best]
+        dist = cand_d[ar, best]
+        seed_sims.append(cand_sim[ar, best])
+    sim = torch.stack(seed_sims, -1)  # the first assignment, from the seeding's own products
+    labels = None
+    validf = valid.float()
+    ks = torch.arange(k, device=device)[None, :, None]
+    coarse_sum = _coarse_bmm(x)
+    for _ in range(iters):
+        new_labels = (sim if labels is None else torch.bmm(x, cent.transpose(1, 2))).argmax(-1)  # (B, N)
+        if labels is not None and torch.equal(new_labels, labels):
+            break  # converged: the centroids are already this partition's
+        labels = new_labels
+        onehot = (labels[:, None, :] == ks).float() * validf[:, None]  # (B, k, N)
+        sums = coarse_sum(onehot)
+        counts = onehot.sum(2)
+        norm = sums.norm(dim=-1, keepdim=True)
+        cent = torch.where(counts[..., None] > 0, (sums / norm.clamp(min=EPS)).float(), cent)  # empty: keep old
+    else:
+        labels = torch.bmm(x, cent.transpose(1, 2)).argmax(-1)  # the partition of the last centroids
+    # Fewer points than clusters: each point is its own cluster.
+    small = n_valid < k
+    if small.any():
+        labels[small] = torch.arange(N, device=device).clamp(max=k - 1)[None].expand(int(small.sum()), N)
+    labels = torch.where(valid, labels, torch.full_like(labels, -1))
+    return labels.cpu().numpy(), cent.cpu().numpy()

@@ -1,0 +1,215 @@
+"""Stage ``label`` (the second half of ``mlcseg label``): K classes over the region descriptors, and the outputs
+other tools read.
+
+1. the project's sampled spherical k-means over all descriptors (``prepare``) -> ``num_classes`` centroids;
+2. per shard, in parallel: class-id palette PNGs ``masks/<id>.png`` (background 0, classes 1..K, VOC colours) and a
+   COCO fragment; ``finish`` merges the fragments into ``pseudo_labels.json`` and the region parts into
+   ``regions.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pycocotools import mask as mask_utils
+
+from ..config import Config
+from ..core.stage import MapFn, Resources, Stage, StageContext
+from ..core.store import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_table, list_shards
+from ..formats.feature_store import list_to_numpy
+from ..formats.manifest import read_manifest
+from ..formats.masks import png_bytes, read_binary, voc_palette
+from ..ops.kmeans import assign, id_hash, row_keys, sampled_kmeans, unit_vectors
+from ..ops.regions import find_regions
+
+
+class RegionLoader:
+    """``load(part) -> (unit descriptors, zeros, row keys)`` for the distributed k-means."""
+
+    def __call__(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        t = pq.read_table(path, columns=["image_id", "region", "descriptor"])
+        x = unit_vectors(list_to_numpy(t.column("descriptor")))
+        keys = row_keys(id_hash(t.column("image_id").to_pylist()), t.column("region").to_numpy())
+        return x, np.zeros(len(x), np.int64), keys
+
+
+@dataclass
+class ClassFit:
+    """What every label shard needs: the class centroids and the COCO image ids."""
+
+    centroids: np.ndarray  # (K, D)
+    k: int
+    coco_ids: dict[str, int]
+
+
+def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
+    """Class masks, the COCO fragment and the labelled regions of one shard (plain function)."""
+    regions = pq.read_table(run.region_part(n))
+    if regions.num_rows:
+        labels, sims = assign(unit_vectors(list_to_numpy(regions.column("descriptor"))), fit.centroids)
+    else:
+        labels, sims = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    by_image: dict[str, dict[int, tuple[int, float]]] = {}
+    for image_id, region, lab, sim in zip(
+        regions.column("image_id").to_pylist(), regions.column("region").to_pylist(), labels, sims, strict=True
+    ):
+        by_image.setdefault(image_id, {})[region] = (int(lab) + 1, float(sim))
+    palette = voc_palette()
+    pseudo_ids = pq.read_table(run.pseudo_part(n), columns=["image_id"]).column(0).to_pylist()
+    annotations, classes, images = [], {}, 0
+    for image_id in pseudo_ids:
+        if not run.binary_mask(image_id).exists():
+            continue
+        comp, regs = find_regions(
+            read_binary(run.binary_mask(image_id)), cfg.region, cfg.min_region_area, cfg.max_regions
+        )
+        assigned = by_image.get(image_id, {})
+        if len(assigned) != len(regs):
+            continue  # failed at describe: its error row is written
+        lut = np.zeros(len(regs) + 1, np.uint8)
+        for r in regs:
+            lut[r["region"]] = assigned[r["region"]][0]
+        atomic_write_bytes(run.class_mask(image_id), png_bytes(lut[comp], palette))
+        images += 1
+        for r in regs:
+            cat, sim = assigned[r["region"]]
+            rle = mask_utils.encode(np.asfortranarray((comp == r["region"]).astype(np.uint8)))
+            area, bbox = int(mask_utils.area(rle)), [int(v) for v in mask_utils.toBbox(rle)]  # joined parts too
+            rle["counts"] = rle["counts"].decode("ascii")
+            annotations.append(
+                {
+                    "image_id": fit.coco_ids[image_id],
+                    "category_id": cat,
+                    "segmentation": rle,
+                    "area": area,
+                    "bbox": bbox,
+                    "iscrowd": 0,
+                    "score": round(sim, 6),
+                    "region": r["region"],
+                }
+            )
+            classes[cat] = classes.get(cat, 0) + 1
+    atomic_write_json(run.coco_part(n), annotations)
+    table = regions.drop_columns(["descriptor"]).append_column("class_id", pa.array((labels + 1).astype(np.int32)))
+    table = table.append_column("score", pa.array(sims.astype(np.float32)))
+    atomic_write_table(run.labelled_part(n), table)
+    return {"images": len(pseudo_ids), "annotations": len(annotations), "classes": classes}
+
+
+def coco_image_ids(run: RunDir) -> dict[str, int]:
+    """COCO ids: the input's own where it had them, else 1-based positions in the sorted manifest."""
+    if run.manifest.exists():
+        rows = read_manifest(run.manifest).to_pylist()
+        return {r["image_id"]: int(r["coco_id"]) if r.get("coco_id") is not None else i + 1 for i, r in enumerate(rows)}
+    ids = sorted(
+        i for p in list_shards(run.image_tables) for i in pq.read_table(p, columns=["image_id"]).column(0).to_pylist()
+    )
+    return {image_id: i + 1 for i, image_id in enumerate(ids)}
+
+
+class LabelStage(Stage):
+    """Label, part 2: the class k-means over every descriptor (``prepare``), then class masks and COCO fragments
+    per shard, merged into one COCO file and one regions table."""
+
+    name = "label"
+    after = ("describe",)
+    reads = ("region_parts", "binary", "pseudo", "manifest", "image_tables", "run_record")
+    writes = ("masks", "coco_parts", "coco", "regions")
+    config_keys = (
+        "num_classes",
+        "region",
+        "min_region_area",
+        "max_regions",
+        "kmeans_iters",
+        "kmeans_tol",
+        "kmeans_sample",
+        "seed",
+    )
+    resources = Resources(cpus=1)
+    version = 3  # 2: class k-means on a sample (issue 14); 3: COCO area and box from the RLE (joined parts)
+
+    def shards(self, ctx: StageContext) -> list[int]:
+        return ctx.run.pseudo_shards()
+
+    def prepare(self, ctx: StageContext, map_fn: MapFn) -> ClassFit:
+        run, cfg = ctx.run, ctx.cfg
+        parts = [run.region_part(n) for n in self.shards(ctx)]
+        sizes = [pq.read_metadata(p).num_rows for p in parts]
+        n_regions = sum(sizes)
+        k = max(1, min(cfg.num_classes, n_regions))
+        centroids = np.zeros((1, 1), np.float32)
+        if n_regions:
+            km = sampled_kmeans(
+                [p for p, s in zip(parts, sizes, strict=True) if s],
+                RegionLoader(),
+                k,
+                iters=cfg.kmeans_iters,
+                tol=cfg.kmeans_tol,
+                seed=cfg.seed,
+                sample=cfg.kmeans_sample,
+                sizes=[n_regions],
+                assign_all=False,
+                map_fn=map_fn,
+            )
+            centroids = km.centroids[0]
+        return ClassFit(centroids, k, coco_image_ids(run))
+
+    def process_shard(self, ctx: StageContext, shard: int, fit: ClassFit, worker: object = None) -> dict:
+        return {**write_shard_labels(ctx.run, shard, fit, ctx.cfg), "k": fit.k}
+
+    def finish(self, ctx: StageContext, results: dict, map_fn: MapFn) -> dict:
+        run = ctx.run
+        shards = sorted(results)
+        k = max([r.get("k", 1) for r in results.values()] or [1])
+        _merge_outputs(run, shards, k, coco_image_ids(run))
+        classes: dict = {}
+        for r in results.values():
+            for c, v in r.get("classes", {}).items():
+                classes[int(c)] = classes.get(int(c), 0) + v
+        return {
+            "classes": k,
+            "regions": sum(classes.values()),
+            "regions_per_class": {str(c): classes[c] for c in sorted(classes)},
+            "output": str(run.coco),
+        }
+
+
+def _merge_outputs(run: RunDir, shards: list[int], k: int, coco_ids: dict) -> None:
+    """Per-shard fragments -> one COCO JSON and one regions table (atomic writes)."""
+    images = []
+    for p in list_shards(run.image_tables):
+        for r in pq.read_table(p, columns=["image_id", "uri", "width", "height", "status"]).to_pylist():
+            if r["status"] == "ok" and run.class_mask(r["image_id"]).exists():
+                images.append(
+                    {
+                        "id": coco_ids[r["image_id"]],
+                        "file_name": r["uri"],
+                        "width": r["width"],
+                        "height": r["height"],
+                        "mlcseg_image_id": r["image_id"],
+                    }
+                )
+    annotations = []
+    for n in shards:
+        annotations += json.loads(run.coco_part(n).read_text())
+    for i, a in enumerate(annotations):
+        a["id"] = i + 1
+    rec = run.read_record()
+    coco = {
+        "info": {
+            "description": "mlcseg_ray pseudo-labels",
+            "backbone": rec.get("backbone", {}).get("backbone"),
+            "random_weights": rec.get("backbone", {}).get("random_weights"),
+        },
+        "images": sorted(images, key=lambda x: x["id"]),
+        "annotations": annotations,
+        "categories": [{"id": c, "name": f"cluster_{c}", "supercategory": "object"} for c in range(1, k + 1)],
+    }
+    atomic_write_json(run.coco, coco)
+    tables = [pq.read_table(run.labelled_part(n)) for n in shards]
+    atomic_write_table(run.regions, pa.concat_tables(tables) if tables else pa.table({}))

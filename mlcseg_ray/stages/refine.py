@@ -1,0 +1,67 @@
+"""Stage ``refine``: patch soft scores -> full-resolution binary masks.
+
+The score grid is upsampled bilinearly onto the padded, resized canvas the model saw (patch centres), cropped to
+the resized image (padding undone), resized to the original, EXIF-oriented size; then a two-label DenseCRF on the
+RGB image. Masks are written as ``binary/<image_id>.png`` (0 background, 255 foreground); one CPU task per
+pseudo-mask shard.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..core.stage import MapFn, Resources, Stage, StageContext, for_each_image
+from ..core.store import atomic_write_bytes
+from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
+from ..formats.images import load_rgb
+from ..formats.manifest import expected_files
+from ..formats.masks import png_bytes
+from ..ops.crf import refine_image
+
+
+class RefineStage(Stage):
+    name = "refine"
+    after = ("cluster",)
+    reads = ("pseudo", "image_tables", "manifest", "features")
+    writes = ("binary",)
+    config_keys = (
+        "crf",
+        "crf_iters",
+        "crf_gauss_sxy",
+        "crf_gauss_compat",
+        "crf_bilateral_sxy",
+        "crf_bilateral_srgb",
+        "crf_bilateral_compat",
+        "crf_max_side",
+        "max_pixels",
+        "verify_images",
+    )
+    resources = Resources(cpus=1)
+
+    def shards(self, ctx: StageContext) -> list[int]:
+        return ctx.run.pseudo_shards()
+
+    def prepare(self, ctx: StageContext, map_fn: MapFn) -> int:
+        return int(first_store_metadata(ctx.run)["patch_size"])
+
+    def process_shard(self, ctx: StageContext, shard: int, patch: int, worker: object = None) -> dict:
+        """Refine and write each image's mask of one pseudo-mask shard."""
+        run, cfg = ctx.run, ctx.cfg
+        pseudo = pq.read_table(run.pseudo_part(shard), columns=["image_id", "score"]).to_pylist()
+        geoms = {r["image_id"]: r for r in pq.read_table(run.image_table(shard), columns=GEOMETRY_COLUMNS).to_pylist()}
+        expect = expected_files(run, shard, cfg)
+
+        def refine_one(r: dict) -> None:
+            g = geoms[r["image_id"]]
+            rgb = load_rgb(g["uri"], cfg.max_pixels, expect=expect.get(r["image_id"]))
+            mask = refine_image(rgb, np.asarray(r["score"], np.float32), g, patch, cfg)
+            atomic_write_bytes(run.binary_mask(r["image_id"]), png_bytes(mask.astype(np.uint8) * 255))
+
+        _, errors = for_each_image(self.name, [(r["image_id"], r) for r in pseudo], refine_one)
+        for image_id in errors:  # no mask of an earlier attempt stands beside an error row
+            run.binary_mask(image_id).unlink(missing_ok=True)
+        return {"images": len(pseudo), "errors": errors}
+
+    def finish(self, ctx: StageContext, results: dict, map_fn: MapFn) -> dict:
+        return {"output": str(ctx.run.binary)}

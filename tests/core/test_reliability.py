@@ -1,0 +1,285 @@
+"""Issue 6 reliability tests, loopback only. Every process a test starts is ended by its PID."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+
+from helpers import MLCSEG, TINY, copy_voc_images
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _images(tmp_path, n):
+    return copy_voc_images(tmp_path / "images", n)
+
+
+def _end(procs):
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _started_under(tmpdir: str):
+    """Processes whose command line names our private Ray temp dir: the ones our driver started."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(tmpdir in a for a in (p.info["cmdline"] or [])):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _outputs(run: Path) -> dict:
+    files = {f"masks/{p.relative_to(run / 'masks')}": p.read_bytes() for p in sorted((run / "masks").rglob("*.png"))}
+    files["pseudo_labels.json"] = (run / "pseudo_labels.json").read_bytes()
+    return files
+
+
+def _run_cmd(images, out, *extra):
+    # max_side=320 gives each one-image shard enough work for the test to catch the run in the middle
+    return MLCSEG + ["run", "--images", str(images), "--out", str(out), *TINY, "shard_size=1", "max_side=320", *extra]
+
+
+def test_driver_killed_then_resumed_gives_identical_outputs(tmp_path):
+    images = _images(tmp_path, 6)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ref = tmp_path / "reference"
+    subprocess.run(_run_cmd(images, ref), check=True, env=env, capture_output=True, timeout=600)
+
+    out = tmp_path / "killed"
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+    proc = subprocess.Popen(
+        _run_cmd(images, out),
+        env={**env, "RAY_TMPDIR": ray_tmp},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            markers = list((out / "_state" / "extract").glob("0*")) if (out / "_state" / "extract").is_dir() else []
+            if len(markers) >= 2:
+                break
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.01)
+        # SIGKILL the driver and, at the same instant, the embedded Ray it started (its workers would otherwise
+        # finish the shard they hold after the driver is gone)
+        # (Ray workers retitle themselves, so they are found as descendants, not by command line)
+        driver = psutil.Process(proc.pid)
+        doomed = [driver] + driver.children(recursive=True) + _started_under(ray_tmp)
+        for p in doomed:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(timeout=30)
+        psutil.wait_procs(doomed, timeout=30)
+    finally:
+        _end(_started_under(ray_tmp))
+    done_before = len(list((out / "_state" / "extract").glob("0*")))
+    assert 2 <= done_before < 6, done_before
+    assert not (out / "pseudo_labels.json").exists()
+
+    subprocess.run(_run_cmd(images, out), check=True, env=env, capture_output=True, timeout=600)
+    rec = json.loads((out / "run.json").read_text())["stages"]["extract"]
+    assert rec["shards_skipped"] == done_before and rec["shards_done"] == 6 - done_before
+    # no duplicates, no partial files, identical bytes to the run that was never interrupted
+    ids = [
+        i
+        for p in sorted((out / "features").glob("shard-*.parquet"))
+        for i in set(pq.read_table(p, columns=["image_id"]).column(0).to_pylist())
+    ]
+    assert sorted(ids) == sorted(p.stem for p in images.iterdir())
+    assert not list(out.rglob(".tmp-*"))
+    assert _outputs(out) == _outputs(ref)
+
+
+def test_failure_on_one_image_becomes_an_error_row(ray_local, tmp_path):
+    from mlcseg_ray.config import Config
+    from mlcseg_ray.pipeline import Pipeline
+
+    images = _images(tmp_path, 6)
+    cfg = Config.load(None, TINY + ["shard_size=3"])
+    pipe = Pipeline(tmp_path / "run", cfg, images=str(images))
+    pipe.run(["ingest", "extract", "cluster"])
+    victim = sorted(images.iterdir())[1]
+    victim.write_bytes(victim.read_bytes()[:500])  # the file breaks between extraction and refinement
+    pipe.run(["refine", "label", "report"])
+    manifest = {r["image_id"]: r for r in pq.read_table(tmp_path / "run" / "status.parquet").to_pylist()}
+    assert manifest[victim.stem]["status"] == "error" and "refine" in manifest[victim.stem]["error"]
+    for image_id, r in manifest.items():
+        if image_id != victim.stem:
+            assert r["status"] == "ok" and (tmp_path / "run" / "masks" / f"{image_id}.png").exists()
+    coco = json.loads((tmp_path / "run" / "pseudo_labels.json").read_text())
+    assert victim.stem not in {im["mlcseg_image_id"] for im in coco["images"]} and len(coco["images"]) == 5
+
+
+def test_submit_to_a_ray_head_started_by_the_test(tmp_path):
+    images = _images(tmp_path, 4)
+    port, dash = _free_port(), _free_port()
+    # a throw-away loopback head: no token to hand around; the job's `python` is this environment's
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--include-dashboard",
+            "true",
+            "--num-cpus",
+            "2",
+            "--block",
+            "--disable-usage-stats",
+            "--temp-dir",
+            ray_tmp,
+            # own agent ports: the session's embedded Ray may hold the defaults (its job agent would then never start)
+            "--dashboard-agent-listen-port",
+            str(_free_port()),
+            "--dashboard-agent-grpc-port",
+            str(_free_port()),
+            "--runtime-env-agent-port",
+            str(_free_port()),
+            "--metrics-export-port",
+            str(_free_port()),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
+                time.sleep(1)
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text("\n".join(t.replace("=", ": ") for t in TINY + ["shard_size=2"]) + "\n")
+        out = tmp_path / "run"
+        res = subprocess.run(
+            MLCSEG
+            + [
+                "submit",
+                str(cfg),
+                "--address",
+                f"http://127.0.0.1:{dash}",
+                "--images",
+                str(images),
+                "--out",
+                str(out),
+                "--follow",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        job_id = res.stdout.strip().splitlines()[0]
+        assert job_id.startswith("raysubmit_")
+        st = subprocess.run(
+            MLCSEG + ["status", job_id, "--address", f"http://127.0.0.1:{dash}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert "SUCCEEDED" in st.stdout
+        assert len(list((out / "masks").glob("*.png"))) == 4 and (out / "report.html").exists()
+        assert json.loads((out / "pseudo_labels.json").read_text())["info"]["random_weights"] is True
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` ends the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        _end(_started_under(ray_tmp))
+
+
+def test_worker_nodes_lost_mid_extraction_and_mid_refinement(tmp_path):
+    images = _images(tmp_path, 6)
+    script = Path(__file__).parents[1] / "helpers" / "node_loss_run.py"
+    results = {}
+    for mode in ("keep", "remove"):
+        ray_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
+        try:
+            res = subprocess.run(
+                [sys.executable, str(script), str(images), str(tmp_path / mode), mode],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env={**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"},
+            )
+        finally:
+            _end(_started_under(ray_tmp))
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        results[mode] = res.stdout
+    assert "removed a node during extract" in results["remove"]
+    assert "removed a node during refine" in results["remove"]
+    assert _outputs(tmp_path / "remove") == _outputs(tmp_path / "keep")
+
+
+def test_no_ray_process_outlives_a_killed_driver(tmp_path):
+    """SIGKILL of the driver alone (not its process tree): the embedded Ray it started, agents and workers
+    included, is gone shortly after."""
+    images = _images(tmp_path, 4)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _run_cmd(images, out),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ours = []
+    try:
+        deadline = time.time() + 300
+        while not list((out / "_state" / "extract").glob("0*")) if (out / "_state" / "extract").is_dir() else True:
+            assert time.time() < deadline and proc.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.05)
+        driver = psutil.Process(proc.pid)
+        ours = driver.children(recursive=True)
+        names = {p.name() for p in ours}
+        assert len(ours) >= 4, names  # gcs, raylet, agents, workers, the reaper
+        driver.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(ours, timeout=15)  # left alone, the agents outlive it by 20-60 s
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:
+        _end(ours)

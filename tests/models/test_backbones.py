@@ -1,0 +1,180 @@
+"""Checkpoints written here in each official layout load into the timm model with identical parameters and
+identical features (issue 2, item 7). The writers below are the inverse mappings, written independently."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mlcseg_ray.models.backbones import (
+    RANDOM_BACKBONES,
+    FeatureExtractor,
+    WeightsNotFound,
+    _create,
+    build_backbone,
+    load_weights,
+)
+
+
+def tiny(kind: str, seed: int):
+    torch.manual_seed(seed)
+    if kind == "dino":
+        arch, kw = RANDOM_BACKBONES["random-vit-tiny"]
+    elif kind == "dinov2_reg":
+        arch, kw = RANDOM_BACKBONES["random-vit-tiny-reg"]
+    else:
+        arch, kw = "vit_small_patch14_dinov2", dict(embed_dim=48, depth=2, num_heads=3, img_size=56)
+    m = _create(arch, **kw).eval()
+    for p in m.parameters():  # make every tensor distinctive (timm zero-inits some biases and tokens)
+        p.data.normal_()
+    return m
+
+
+def clone(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def write_dino_official(m, path, training_checkpoint=False):
+    sd = clone(m)
+    if training_checkpoint:  # facebookresearch/dino train checkpoints: {"teacher": {"module.backbone.*"}}
+        sd = {"teacher": {f"module.backbone.{k}": v for k, v in sd.items()}, "epoch": 100}
+    torch.save(sd, path)
+
+
+def write_dinov2_official(m, path):
+    sd = clone(m)
+    C = m.embed_dim
+    sd["mask_token"] = torch.randn(1, C)
+    if "reg_token" in sd:  # timm folds the CLS position into cls_token; the official file keeps it in pos_embed
+        pos0 = torch.randn(1, 1, C)
+        sd["register_tokens"] = sd.pop("reg_token")
+        sd["cls_token"] = sd["cls_token"] - pos0
+        sd["pos_embed"] = torch.cat([pos0, sd["pos_embed"]], dim=1)
+    torch.save(sd, path)
+
+
+def write_hf(m, path, v2: bool):
+    sd = clone(m)
+    out = {}
+    C = m.embed_dim
+    for i in range(len(m.blocks)):
+        b, p = f"blocks.{i}.", f"encoder.layer.{i}."
+        q, k, v = sd[b + "attn.qkv.weight"].chunk(3)
+        qb, kb, vb = sd[b + "attn.qkv.bias"].chunk(3)
+        a = p + "attention.attention."
+        out.update(
+            {
+                a + "query.weight": q,
+                a + "key.weight": k,
+                a + "value.weight": v,
+                a + "query.bias": qb,
+                a + "key.bias": kb,
+                a + "value.bias": vb,
+            }
+        )
+        names = {
+            "attn.proj": "attention.output.dense",
+            "norm1": "norm1" if v2 else "layernorm_before",
+            "norm2": "norm2" if v2 else "layernorm_after",
+            "mlp.fc1": "mlp.fc1" if v2 else "intermediate.dense",
+            "mlp.fc2": "mlp.fc2" if v2 else "output.dense",
+        }
+        for ours, theirs in names.items():
+            for t in ("weight", "bias"):
+                out[p + f"{theirs}.{t}"] = sd[b + f"{ours}.{t}"]
+        if v2:
+            out[p + "layer_scale1.lambda1"] = sd[b + "ls1.gamma"]
+            out[p + "layer_scale2.lambda1"] = sd[b + "ls2.gamma"]
+    cls, pos = sd["cls_token"], sd["pos_embed"]
+    if "reg_token" in sd:
+        pos0 = torch.randn(1, 1, C)
+        out["embeddings.register_tokens"] = sd["reg_token"]
+        cls, pos = cls - pos0, torch.cat([pos0, pos], 1)
+    out["embeddings.cls_token"], out["embeddings.position_embeddings"] = cls, pos
+    out["embeddings.patch_embeddings.projection.weight"] = sd["patch_embed.proj.weight"]
+    out["embeddings.patch_embeddings.projection.bias"] = sd["patch_embed.proj.bias"]
+    if v2:
+        out["embeddings.mask_token"] = torch.zeros(1, C)
+    else:
+        out["pooler.dense.weight"], out["pooler.dense.bias"] = torch.randn(C, C), torch.randn(C)
+    out["layernorm.weight"], out["layernorm.bias"] = sd["norm.weight"], sd["norm.bias"]
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+
+
+def write_timm(m, path):
+    save_file({k: v.contiguous() for k, v in clone(m).items()}, str(path))
+
+
+CASES = [
+    ("dino", "dino_official.pth", lambda m, p: write_dino_official(m, p)),
+    ("dino", "dino_train_ckpt.pth", lambda m, p: write_dino_official(m, p, training_checkpoint=True)),
+    ("dino", "hf_dino.safetensors", lambda m, p: write_hf(m, p, v2=False)),
+    ("dino", "timm_dino.safetensors", write_timm),
+    ("dinov2", "dinov2_official.pth", write_dinov2_official),
+    ("dinov2_reg", "dinov2_reg_official.pth", write_dinov2_official),
+    ("dinov2", "hf_dinov2.safetensors", lambda m, p: write_hf(m, p, v2=True)),
+    ("dinov2_reg", "hf_dinov2_reg.safetensors", lambda m, p: write_hf(m, p, v2=True)),
+    ("dinov2_reg", "timm_dinov2_reg.safetensors", write_timm),
+]
+
+
+@pytest.mark.parametrize("kind,fname,writer", CASES, ids=[c[1] for c in CASES])
+def test_checkpoint_layouts_load_to_same_model(tmp_path, kind, fname, writer):
+    reference = tiny(kind, seed=1)
+    path = tmp_path / fname
+    writer(reference, path)
+    fresh = tiny(kind, seed=2)
+    load_weights(fresh, path)
+    ref_sd, got_sd = reference.state_dict(), fresh.state_dict()
+    assert ref_sd.keys() == got_sd.keys()
+    for k in ref_sd:
+        torch.testing.assert_close(got_sd[k], ref_sd[k], rtol=1e-6, atol=1e-6, msg=k)
+    patch = reference.patch_embed.patch_size[0]
+    x = torch.randn(2, 3, 4 * patch, 6 * patch)
+    a, b = FeatureExtractor(reference)(x), FeatureExtractor(fresh)(x)
+    for k in ("keys", "cls_attn", "cls"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
+    assert a["keys"].shape == (2, 24, 48)  # prefix tokens (CLS, registers) sliced off
+
+
+def test_wrong_size_checkpoint_is_a_clear_error(tmp_path):
+    write_timm(tiny("dino", 1), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="does not fit this backbone"):
+        load_weights(tiny("dinov2_reg", 2), tmp_path / "w.safetensors")
+
+
+def test_no_weights_offline_names_the_options(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    with pytest.raises(WeightsNotFound, match="--weights PATH"):
+        build_backbone("vit_small_patch16_224.dino")
+
+
+def test_weights_flag_on_a_named_backbone(tmp_path):
+    # --backbone random-vit-tiny --weights PATH: weights given, so the run is not a random-weight run
+    write_timm(tiny("dino", 1), tmp_path / "w.safetensors")
+    model, info = build_backbone("random-vit-tiny", str(tmp_path / "w.safetensors"))
+    assert not info.random_weights and "w.safetensors" in info.weights
+
+
+def test_features_match_a_manual_attention_computation():
+    m = tiny("dinov2_reg", 3)
+    x = torch.randn(1, 3, 56, 42)
+    out = FeatureExtractor(m)(x)
+    # independent: run the blocks by hand and compute the last block's attention explicitly
+    with torch.no_grad():
+        t = m.patch_drop(m._pos_embed(m.patch_embed(x)))
+        t = m.norm_pre(t)
+        for blk in m.blocks[:-1]:
+            t = blk(t)
+        blk = m.blocks[-1]
+        h = blk.norm1(t)
+        W, B_ = blk.attn.qkv.weight, blk.attn.qkv.bias
+        C = m.embed_dim
+        q, k = h @ W[:C].T + B_[:C], h @ W[C : 2 * C].T + B_[C : 2 * C]
+        npt = m.num_prefix_tokens
+        heads = k.reshape(1, -1, 3, 16)
+        qh = q.reshape(1, -1, 3, 16)
+        att = torch.einsum("bhd,bnhd->bhn", qh[:, 0], heads) / 4.0
+        att = att.softmax(-1)[..., npt:].mean(1)
+    torch.testing.assert_close(out["keys"], k[:, npt:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["cls_attn"], att, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,290 @@
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import VOC_MASKS, need
+from helpers.planted import PlantedSpec, foreground_iou, generate
+from mlcseg_ray.config import Config
+from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.formats.feature_store import brought_store_metadata, write_store_shard
+from mlcseg_ray.ops.levels import combine_votes, fg_from_cues, majority_flags, relative_flags
+from mlcseg_ray.pipeline import run_stages
+from mlcseg_ray.stages.cluster import read_pseudo
+
+
+def run_cluster(run: RunDir, cfg: Config, backend: str = "local") -> dict:
+    (summary,) = run_stages(run.root, cfg, ["cluster"], backend=backend)
+    return {**run.read_record()["stages"]["cluster"], "skipped": summary["skipped"]}
+
+
+# ----------------------------------------------------------------------------------------------- rules
+def test_cues_pick_attended_clusters_away_from_borders():
+    fg, score = fg_from_cues(counts=[100, 100, 100], attn_sum=[80, 20, 30], border_sum=[5, 60, 40])
+    assert fg.tolist() == [True, False, False] and score[0] > score[2] > score[1]
+
+
+def test_relative_rule_is_shift_invariant_and_majority_copies():
+    d = np.array([1.0, 0.0])
+    means = np.array([[0.9, 0.1], [0.2, 0.5], [0.1, 0.9]])
+    counts = np.array([10, 10, 10])
+    coarse = np.array([1.0, 1.0, 1.0])  # the coarser level called everything foreground (a shifted image)
+    assert relative_flags(means, counts, d, coarse).tolist() == [True, False, False]
+    assert relative_flags(means + 5 * d, counts, d, coarse).tolist() == [True, False, False]
+    assert majority_flags(coarse, counts).tolist() == [True, True, True]
+
+
+def test_relative_falls_back_when_clusters_do_not_separate():
+    d = np.array([1.0, 0.0])
+    means = np.array([[0.50, 0.1], [0.52, 0.5], [0.0, 0.0]])
+    counts = np.array([10, 10, 0])  # third cluster empty; the other two barely differ along d
+    flags = relative_flags(means, counts, d, np.array([0.2, 0.1, 0.0]), min_spread=0.5)
+    assert flags.tolist() == [False, False, False]
+
+
+def test_combine_rules():
+    levels = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 0]], np.uint8)
+    attn = np.full(4, 0.5, np.float32)
+    assert combine_votes(levels, attn, "vote", 2)[0].tolist() == [True, False, False, False]
+    assert combine_votes(levels, attn, "union", 2)[0].tolist() == [True, True, True, False]
+    assert combine_votes(levels, attn, "intersection", 2)[0].tolist() == [True, False, False, False]
+    assert combine_votes(levels, attn, "category", 2)[0].tolist() == [True, False, True, False]
+    mask, score = combine_votes(levels, attn, "vote", 1)
+    assert ((score > 0.5) == mask).all() and score.min() >= 0 and score.max() <= 1
+    # weighted: a level with no weight has no say; equal weights are the plain majority
+    w = np.array([0.0, 1.0, 3.0])
+    assert combine_votes(levels, attn, "weighted", weights=w)[0].tolist() == [True, False, False, False]
+    assert combine_votes(levels, attn, "weighted", weights=np.array([0.0, 3.0, 1.0]))[0].tolist() == [
+        True,
+        False,
+        True,
+        False,
+    ]
+    assert (
+        combine_votes(levels, attn, "weighted", weights=np.ones(3))[0].tolist()
+        == combine_votes(levels, attn, "vote", 2)[0].tolist()
+    )
+    mask, score = combine_votes(
+        levels, np.array([1.0, 0.0, 1.0, 0.0], np.float32), "weighted", weights=np.array([1.0, 1.0, 1.001])
+    )
+    assert ((score > 0.5) == mask).all()  # the attention tie-break never crosses the rule's threshold
+
+
+def test_level_weight_follows_the_foreground_direction():
+    """A split along the dataset's foreground direction weighs more than an equally clean split across it."""
+    from mlcseg_ray.ops.levels import level_weights
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4)) * 0.05
+    x[:100, 0] += 1.0  # foreground: +1 along axis 0
+    x[::2, 1] += 1.0  # a texture split along axis 1, as clean
+    levels = np.stack([np.arange(200) < 100, np.arange(200) % 2 == 0, np.zeros(200, bool)]).astype(np.uint8)
+    w = level_weights(x.astype(np.float32), levels, direction=np.array([1.0, 0, 0, 0]))
+    assert w[0] > 100 * w[1] and w[2] == 0  # a one-sided split has no weight
+
+
+# ----------------------------------------------------------------------------------------------- planted sets
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    masks = need(VOC_MASKS) / "SegmentationClass"
+    root = tmp_path_factory.mktemp("planted")
+    easy = generate(root / "easy", PlantedSpec("easy", n_images=240, shard_size=48), mask_dir=masks)
+    hard = generate(root / "hard", PlantedSpec("hard", n_images=400, shard_size=50), mask_dir=masks)
+    return easy, hard
+
+
+def _cluster_copy(run, tmp_path, name, **overrides):
+    out = tmp_path / name
+    shutil.copytree(run.root / "features", out / "features")
+    shutil.copytree(run.image_tables, out / "images")
+    shutil.copy(run.root / "gt.parquet", out / "gt.parquet")
+    r = RunDir(out)
+    run_cluster(r, Config(**overrides))
+    return foreground_iou(r)
+
+
+def test_planted_easy(planted, tmp_path):
+    iou = _cluster_copy(planted[0], tmp_path, "easy")
+    assert iou["mask"] >= 0.95, iou
+
+
+def test_planted_hard_three_levels_beat_each_level(planted, tmp_path):
+    """Over seeds (one seed's k-means luck moves the shift family by +-0.1), the combined mask beats the best single
+    level, each level has its own failure family, and the combination fixes the families of the finer levels."""
+    runs = [_cluster_copy(planted[1], tmp_path, f"hard{seed}", seed=seed) for seed in range(4)]
+    mask = np.mean([iou["mask"] for iou in runs])
+    best_single = np.mean([max(iou["dataset"], iou["category"], iou["image"]) for iou in runs])
+    assert mask > best_single + 0.02, runs  # the weighted default; a plain 2-of-3 vote gets about +0.015
+    for iou in runs:
+        assert iou["dataset/shift"] < 0.8 and iou["image/modes"] < 0.8 and iou["category/mixed"] < 0.5, iou
+        assert iou["mask/modes"] > 0.9 and iou["mask/mixed"] > 0.9, iou
+    # the majority rule copies the coarser level's errors: relative is better
+    maj = _cluster_copy(planted[1], tmp_path, "hard_majority", consistency="majority")
+    assert maj["mask"] < runs[0]["mask"] - 0.05, (maj, runs[0])
+
+
+# ----------------------------------------------------------------------------------------------- degenerate
+def _store(tmp_path, records, dim=8):
+    write_store_shard(tmp_path, 0, records, dim, brought_store_metadata(dim, 16))
+    return RunDir(tmp_path)
+
+
+def _rec(image_id, keys, gh, gw, seed=0, attn=None):
+    rng = np.random.default_rng(seed)
+    return {
+        "image_id": image_id,
+        "keys": keys,
+        "grid_h": gh,
+        "grid_w": gw,
+        "cls_attn": attn if attn is not None else rng.random(gh * gw),
+        "cls_token": rng.normal(size=keys.shape[1]),
+    }
+
+
+def _blob_image(image_id, seed, gh=6, gw=6, dim=8):
+    rng = np.random.default_rng(seed)
+    f, b = np.eye(dim)[0], np.eye(dim)[1]
+    yy, xx = np.mgrid[:gh, :gw]
+    fg = ((yy - gh / 2 + 0.5) ** 2 + (xx - gw / 2 + 0.5) ** 2 <= (gh / 3) ** 2).ravel()
+    keys = np.where(fg[:, None], f, b) + 0.05 * rng.normal(size=(gh * gw, dim))
+    return _rec(image_id, keys, gh, gw, seed, attn=np.where(fg, 0.8, 0.2))
+
+
+def test_degenerate_images_are_kept_and_flagged(tmp_path):
+    dim = 8
+    recs = [_blob_image(f"img{i}", i) for i in range(5)]
+    recs.append(_rec("one_patch", np.eye(dim)[:1] + 0.01, 1, 1))  # fewer patches than k
+    recs.append(_rec("two_patches", np.eye(dim)[:2], 1, 2))
+    recs.append(_rec("identical", np.tile(np.eye(dim)[1], (16, 1)), 4, 4))  # all-identical features
+    run = _store(tmp_path, recs, dim)
+    run_cluster(run, Config(num_categories=20, kmeans_sample=100))
+    rows = {r["image_id"]: r for r in read_pseudo(run).to_pylist()}
+    assert set(rows) == {r["image_id"] for r in recs}  # every image has a pseudo-mask, none crashed
+    assert rows["identical"]["flag"] in ("empty", "full")
+    assert len(rows["one_patch"]["mask"]) == 1 and rows["one_patch"]["flag"] in ("empty", "full")
+    for i in range(5):
+        assert rows[f"img{i}"]["flag"] is None and 0 < sum(rows[f"img{i}"]["mask"]) < 36
+
+
+def test_a_category_holding_one_image(tmp_path):
+    recs = [_blob_image(f"img{i}", i) for i in range(3)]
+    recs[2]["cls_token"] = np.full(8, 10.0)  # far from the others: its CLS group holds only itself
+    run = _store(tmp_path, recs)
+    run_cluster(run, Config(num_categories=2, kmeans_sample=100))
+    groups = pq.read_table(run.levels / "groups.parquet").to_pylist()
+    by_group = {}
+    for g in groups:
+        by_group.setdefault(g["group"], []).append(g["image_id"])
+    assert sorted(len(v) for v in by_group.values()) == [1, 2]
+    rows = {r["image_id"]: r for r in read_pseudo(run).to_pylist()}
+    truth = np.asarray(recs[2]["cls_attn"]) > 0.5
+    assert (np.asarray(rows["img2"]["mask"], bool) == truth).mean() > 0.9
+
+
+def test_nan_in_a_brought_store_names_the_image(tmp_path):
+    recs = [_blob_image(f"img{i}", i) for i in range(3)]
+    recs[1]["keys"][3, 2] = np.nan
+    run = _store(tmp_path, recs)
+    from mlcseg_ray.core.errors import StageFailed
+
+    with pytest.raises(StageFailed, match="cluster: .*img1.*NaN") as failed:
+        run_cluster(run, Config(kmeans_sample=100))
+    assert isinstance(failed.value.__cause__, ValueError)
+
+
+def test_cluster_on_ray_is_identical_and_resumes(ray_local, planted, tmp_path):
+    easy = planted[0]
+    out = tmp_path / "r"
+    shutil.copytree(easy.features, out / "features")
+    shutil.copytree(easy.image_tables, out / "images")
+    run = RunDir(out)
+    res = run_cluster(run, Config(), backend="ray")
+    assert res["shards_done"] == 5 and res["images"] == 240
+    first = {p.name: p.read_bytes() for p in run.pseudo.iterdir()}
+    run.marker("cluster", 2).unlink()
+    run.pseudo_part(2).unlink()
+    stage = run.stage_record("cluster")
+    stage.write_text(stage.read_text().replace('"complete": true', '"complete": false'))  # as if killed mid-stage
+    res = run_cluster(run, Config(), backend="ray")
+    assert res["shards_done"] == 1 and res["shards_skipped"] == 4
+    assert {p.name: p.read_bytes() for p in run.pseudo.iterdir()} == first
+    # the same store clustered in-process gives the same bytes
+    local = tmp_path / "local"
+    shutil.copytree(easy.features, local / "features")
+    shutil.copytree(easy.image_tables, local / "images")
+    run_cluster(RunDir(local), Config())
+    assert {p.name: p.read_bytes() for p in RunDir(local).pseudo.iterdir()} == first
+
+
+def test_cluster_results_do_not_depend_on_the_shard_size(planted, tmp_path):
+    """The same images cut into other shards: every pseudo-mask, level mask and soft score is identical."""
+    from mlcseg_ray.formats.feature_store import read_store_metadata
+
+    src = planted[1]
+    feats = pq.read_table(src.feature_shard(0)).to_pylist()
+    images = pq.read_table(src.image_table(0)).to_pylist()
+    meta = read_store_metadata(src.feature_shard(0))
+    records = []
+    for im in images[:24]:
+        rows = [r for r in feats if r["image_id"] == im["image_id"]]
+        records.append(
+            {
+                "image_id": im["image_id"],
+                "grid_h": im["grid_h"],
+                "grid_w": im["grid_w"],
+                "keys": np.asarray([r["key"] for r in rows], np.float32),
+                "cls_attn": np.asarray([r["cls_attn"] for r in rows]),
+                "cls_token": im["cls_token"],
+            }
+        )
+    masks = {}
+    for shard_size in (5, 24):
+        root = tmp_path / f"s{shard_size}"
+        for s in range(0, len(records), shard_size):
+            write_store_shard(root, s // shard_size, records[s : s + shard_size], meta["embed_dim"], meta)
+        run_cluster(RunDir(root), Config(num_categories=4, kmeans_sample=500))
+        masks[shard_size] = {r["image_id"]: r for r in read_pseudo(RunDir(root)).to_pylist()}
+    assert masks[5] == masks[24]
+
+
+def test_cluster_reads_the_store_twice_and_says_so(planted, tmp_path, monkeypatch):
+    """One pass to sample (both global levels are fitted in memory on it), one to label: every read of a feature
+    shard is counted here and must match the ``store_passes`` that run.json reports."""
+    import mlcseg_ray.stages.cluster as cluster
+
+    easy = planted[0]
+    out = tmp_path / "passes"
+    shutil.copytree(easy.features, out / "features")
+    shutil.copytree(easy.image_tables, out / "images")
+    run = RunDir(out)
+    reads = []
+    real_read = cluster.pq.read_table
+
+    def counting_read(path, *a, **kw):
+        if str(path).startswith(str(run.features)):
+            reads.append(path)
+        return real_read(path, *a, **kw)
+
+    monkeypatch.setattr(cluster.pq, "read_table", counting_read)
+    n_shards = len(list(run.features.glob("*.parquet")))
+    res = run_cluster(run, Config())
+    assert res["store_passes"] == 2 and len(reads) == 2 * n_shards
+    fit = json.loads(run.level_fit.read_text())
+    assert fit["store_passes"] == 1 and fit["dataset_sample"] == min(Config().kmeans_sample, fit["patches"])
+    # a resumed run reads only what it lacks: the sampling pass and the one shard to label
+    reads.clear()
+    run.marker("cluster", 1).unlink()
+    stage = run.stage_record("cluster")
+    stage.write_text(stage.read_text().replace('"complete": true', '"complete": false'))
+    res = run_cluster(run, Config())
+    assert len(reads) == n_shards + 1 and res["store_passes"] == round(1 + 1 / n_shards, 3)
+
+
+def test_sampled_levels_follow_a_sample_of_everything(planted, tmp_path):
+    """A sample smaller than the store (a tenth of the easy set's patches) keeps the planted foreground."""
+    iou = _cluster_copy(planted[0], tmp_path, "easy_sampled", kmeans_sample=4000)
+    fit = json.loads(RunDir(tmp_path / "easy_sampled").level_fit.read_text())
+    assert fit["dataset_sample"] == 4000 < fit["patches"] / 5
+    assert iou["mask"] >= 0.95, iou

@@ -1,0 +1,285 @@
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageFilter
+
+from helpers import copy_voc_images
+from helpers.badinputs import make_corpus
+from mlcseg_ray.config import Config
+from mlcseg_ray.formats.masks import voc_palette
+from mlcseg_ray.ops.crf import crf_refine, upsample_score
+from mlcseg_ray.ops.regions import find_regions
+from mlcseg_ray.pipeline import Pipeline
+
+
+def test_upsample_undoes_padding_and_resize():
+    # a 500x375 image at scale 1 with patch 8: grid 47x63, padding 1 row / 4 columns
+    score = np.zeros((47, 63), np.float32)
+    score[:, -1] = 1.0  # last patch column (half of it is padding)
+    prob = upsample_score(score.ravel(), (47, 63), 8, (375, 500), (375, 500))
+    assert prob.shape == (375, 500)
+    assert prob[:, -1].mean() > 0.5 and prob[:, :480].max() < 0.01
+    # resized by 0.5: the map comes back at the original size
+    prob = upsample_score(np.ones(12, np.float32), (3, 4), 8, (24, 32), (48, 64))
+    assert prob.shape == (48, 64) and np.allclose(prob, 1)
+
+
+def test_crf_raises_boundary_agreement():
+    rng = np.random.default_rng(0)
+    H, W = 120, 160
+    yy, xx = np.mgrid[:H, :W]
+    truth = (yy - 60) ** 2 + (xx - 85) ** 2 < 40**2
+    rgb = np.where(truth[..., None], [200, 60, 40], [40, 90, 200]).astype(np.float64)
+    rgb = np.clip(rgb + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8)
+    # a coarse, shifted, blurred soft mask, like an upsampled patch score
+    coarse = Image.fromarray((np.roll(truth, 6, axis=1) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(10))
+    prob = np.asarray(coarse, np.float32) / 255 * 0.7 + 0.15
+    before = prob > 0.5
+    after = crf_refine(rgb, prob, Config())
+
+    def iou(a):
+        return (a & truth).sum() / (a | truth).sum()
+
+    assert iou(after) > iou(before) + 0.05 and iou(after) > 0.9, (iou(before), iou(after))
+
+
+def test_regions():
+    m = np.zeros((20, 20), bool)
+    m[2:8, 2:8] = True  # 36 px
+    m[15:17, 15:17] = True  # 4 px: below min area
+    comp, regions = find_regions(m, "component", min_area=10)
+    assert len(regions) == 1 and regions[0]["area"] == 36 and (regions[0]["x0"], regions[0]["x1"]) == (2, 8)
+    assert comp.max() == 1 and comp[16, 16] == 0
+    _, regions = find_regions(m, "image", min_area=1)
+    assert len(regions) == 1 and regions[0]["area"] == 40
+    assert find_regions(np.zeros((5, 5), bool), "component", 1)[1] == []
+    assert voc_palette()[3:6] == [128, 0, 0]
+
+
+def test_regions_beyond_max_regions_join_their_nearest_kept_region():
+    m = np.zeros((40, 40), bool)
+    m[1:11, 1:11] = True  # 100 px, kept
+    m[1:6, 20:26] = True  # 30 px: joins the nearer kept region (the first)
+    m[25:39, 25:39] = True  # 196 px, kept
+    m[30:34, 5:9] = True  # 16 px: nearer the first region than the 196 px one? no: distance decides
+    m[0, 39] = True  # 1 px: below min_area, background
+    comp, regions = find_regions(m, "component", min_area=10, max_regions=2)
+    assert [r["area"] for r in regions] == [100, 196]  # the two largest, numbered in scan order
+    assert (comp[1:6, 20:26] == 1).all() and comp[0, 39] == 0
+    from scipy import ndimage
+
+    d1 = ndimage.distance_transform_edt(comp != 1)[30:34, 5:9].min()
+    d2 = ndimage.distance_transform_edt(comp != 2)[30:34, 5:9].min()
+    assert d1 == 0 or d2 == 0  # the 16 px component took a kept region's label
+    assert sum(r["joined"] for r in regions) == 30 + 16
+    assert ((comp > 0) == (m & ~np.isin(np.arange(40 * 40).reshape(40, 40), [39]))).all()  # no foreground lost
+    same, unbounded = find_regions(m, "component", min_area=10)[1], find_regions(m, "component", 10, max_regions=0)[1]
+    assert len(same) == len(unbounded) == 4 and all(r["joined"] == 0 for r in same)
+
+
+def test_crf_at_a_bounded_resolution(tmp_path):
+    """The CRF at a smaller size, the mask brought back: full-size output, nearly the same pixels."""
+    from helpers import VOC_SUBSET, need
+    from mlcseg_ray.ops.crf import crf_size, refine_image
+
+    assert crf_size(375, 500, 512) == (375, 500) and crf_size(480, 640, 512) == (384, 512)
+    photo = sorted((need(VOC_SUBSET) / "JPEGImages").iterdir())[0]
+    rgb = np.asarray(Image.open(photo).convert("RGB"))
+    H, W = rgb.shape[:2]
+    gh, gw = H // 16, W // 16
+    yy, xx = np.mgrid[:gh, :gw]
+    score = (((yy - gh / 2) ** 2 + (xx - gw / 2) ** 2) < (min(gh, gw) / 3) ** 2).astype(np.float32).ravel()
+    geom = {"width": W, "height": H, "grid_h": gh, "grid_w": gw, "resized_h": gh * 16, "resized_w": gw * 16}
+    full = refine_image(rgb, score, geom, 16, Config(crf_max_side=0))
+    small = refine_image(rgb, score, geom, 16, Config(crf_max_side=max(H, W) // 2))
+    assert small.shape == full.shape == (H, W)
+    assert (small != full).mean() < 0.05
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("e2e")
+    images = copy_voc_images(root / "images", 8)
+    corpus = make_corpus(root / "bad", with_bomb=False)
+    for name in ("exif_rotated.jpg", "zero.jpg", "truncated.jpg", "cmyk.jpg"):
+        shutil.copy(root / "bad" / name, images / name)
+    cfg = Config(
+        backbone="random-vit-tiny",
+        shard_size=4,
+        max_side=160,
+        num_classes=4,
+        num_categories=3,
+        min_region_area=16,
+        crop_size=32,
+    )
+    pipe = Pipeline(root / "run", cfg, images=str(images))
+    pipe.run()
+    return pipe, images, corpus
+
+
+def test_end_to_end_outputs(e2e):
+    pipe, images, _ = e2e
+    run = pipe.run_dir
+    manifest = {r["image_id"]: r for r in run.read_status()}
+    assert manifest["zero"]["status"] == "error" and "empty" in manifest["zero"]["error"]
+    assert manifest["truncated"]["status"] == "error" and "truncated" in manifest["truncated"]["error"]
+    ok = [i for i, r in manifest.items() if r["status"] == "ok"]
+    assert len(ok) == 10
+    for image_id in ok:
+        src = next(images.glob(f"{image_id}.*"))
+        with Image.open(src) as im:
+            from PIL import ImageOps
+
+            size = ImageOps.exif_transpose(im).size
+        for folder in (run.binary, run.masks):
+            m = Image.open(folder / f"{image_id}.png")
+            assert m.size == size, (image_id, folder)
+        assert Image.open(run.masks / f"{image_id}.png").mode == "P"
+    assert Image.open(run.masks / "exif_rotated.png").size == (32, 64)  # the rotated photo's shape
+    for bad in ("zero", "truncated"):  # failed images: an error row, and no output file pretending otherwise
+        assert not (run.masks / f"{bad}.png").exists()
+    rec = json.loads(run.run_record.read_text())
+    assert rec["backbone"]["random_weights"] is True
+
+
+def test_coco_json_round_trips_to_the_masks(e2e):
+    from pycocotools import mask as mu
+    from pycocotools.coco import COCO
+
+    run = e2e[0].run_dir
+    coco = COCO(str(run.coco))
+    assert len(coco.dataset["images"]) == 10 and coco.dataset["info"]["random_weights"] is True
+    assert coco.dataset["annotations"], "the random backbone still finds some regions"
+    ids = {im["id"]: im["mlcseg_image_id"] for im in coco.dataset["images"]}
+    for image_id, coco_id in ((v, k) for k, v in ids.items()):
+        cls = np.asarray(Image.open(run.masks / f"{image_id}.png"))
+        rebuilt = np.zeros_like(cls)
+        for a in coco.loadAnns(coco.getAnnIds(imgIds=coco_id)):
+            m = mu.decode(a["segmentation"]).astype(bool)
+            assert m.sum() == a["area"] and 1 <= a["category_id"] <= 4
+            ys, xs = np.nonzero(m)
+            assert a["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+            assert not (rebuilt[m] > 0).any()  # regions do not overlap
+            rebuilt[m] = a["category_id"]
+        np.testing.assert_array_equal(rebuilt, cls)
+    regions = pq.read_table(run.regions).to_pylist()
+    assert len(regions) == len(coco.dataset["annotations"])
+
+
+def test_report_renders_with_its_images(e2e):
+    run = e2e[0].run_dir
+    page = run.report.read_text()
+    assert "RANDOM WEIGHTS" in page and "Class clusters" in page and "Errors" in page
+    import re
+
+    srcs = re.findall(r"src='([^']+)'", page)
+    assert srcs and all(s.startswith("data:image/") for s in srcs)  # one self-contained file
+    assert not (run.root / "report_assets").exists()
+
+
+def test_empty_foreground_gives_background_and_no_region(e2e):
+    pipe = e2e[0]
+    run = pipe.run_dir
+    cfg = pipe.cfg.model_copy(update={"min_region_area": 10**9})
+    Pipeline(run.root, cfg).run(["label"])
+    coco = json.loads(run.coco.read_text())
+    assert coco["annotations"] == [] and len(coco["images"]) == 10
+    for p in run.masks.glob("*.png"):
+        assert np.asarray(Image.open(p)).max() == 0
+    Pipeline(run.root, pipe.cfg).run(["label"])  # restore for other tests
+
+
+def test_report_renders_in_headless_chromium(e2e, tmp_path):
+    """The report as a user sees it: Debian's Chromium (``make test`` installs it) renders it headless."""
+    import subprocess
+
+    assert shutil.which("chromium"), "chromium not found: `make browser` installs Debian's package"
+    run = e2e[0].run_dir
+    shot = tmp_path / "report.png"
+    logs = []
+    for attempt in range(3):  # a loaded machine can make headless Chromium exit before it writes the file
+        res = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--hide-scrollbars",
+                "--virtual-time-budget=10000",
+                f"--user-data-dir={tmp_path / f'profile{attempt}'}",
+                "--window-size=1200,1600",
+                f"--screenshot={shot}",
+                run.report.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        logs.append(f"rc {res.returncode}: {res.stderr[-800:]}")
+        if shot.exists():
+            break
+    assert shot.exists(), "Chromium wrote no screenshot:\n" + "\n".join(logs)
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (1600, 1200)
+    assert (np.abs(img.astype(int) - 255).sum(-1) > 30).mean() > 0.02  # not a blank page: text, banner, overlays
+    assert ((img[..., 0] > 180) & (img[..., 1] < 40) & (img[..., 2] < 40)).sum() > 1000  # the red random-weights banner
+
+
+def test_max_regions_bounds_the_work_and_labels_all_foreground(e2e):
+    """At most one described region per image; the other components still get a class, and the COCO file still
+    rebuilds every class mask."""
+    from scipy import ndimage
+
+    pipe = e2e[0]
+    run = pipe.run_dir
+    Pipeline(run.root, pipe.cfg.model_copy(update={"max_regions": 1})).run(["label"])
+    regions = pq.read_table(run.regions).to_pylist()
+    per_image = {}
+    for r in regions:
+        per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+    assert per_image and max(per_image.values()) == 1
+    for image_id in per_image:
+        binary = np.asarray(Image.open(run.binary_mask(image_id))) > 0
+        comp, n = ndimage.label(binary, structure=np.ones((3, 3), int))
+        big = np.isin(comp, [c for c in range(1, n + 1) if (comp == c).sum() >= pipe.cfg.min_region_area])
+        classes = np.asarray(Image.open(run.masks / f"{image_id}.png"))
+        assert ((classes > 0) == big).all()  # every component above min_region_area is labelled
+    test_coco_json_round_trips_to_the_masks(e2e)
+    Pipeline(run.root, pipe.cfg).run(["label"])  # back to the fixture's config for the other tests
+
+
+def test_crops_are_the_configured_size():
+    """crop_size is what the network sees."""
+    from mlcseg_ray.ops.regions import crop_batch
+
+    rgb = np.zeros((50, 80, 3), np.uint8)
+    regions = [{"x0": 0, "y0": 0, "x1": 10, "y1": 20}, {"x0": 30, "y0": 5, "x1": 80, "y1": 50}]
+    batch = crop_batch(rgb, regions, 48, [0.5] * 3, [0.25] * 3)
+    assert batch.shape == (2, 3, 48, 48) and np.allclose(batch, -2.0)  # (0 - 0.5) / 0.25
+    assert crop_batch(rgb, [], 48, [0] * 3, [1] * 3).shape == (0, 3, 48, 48)
+
+
+def test_a_shards_crops_go_to_the_embedder_together(e2e):
+    from mlcseg_ray.core.store import shard_index
+    from mlcseg_ray.stages.describe import describe_shard
+
+    pipe = e2e[0]
+    run = pipe.run_dir
+    calls = []
+
+    def embed(batch):
+        calls.append(batch.shape)
+        return np.zeros((len(batch), 48), np.float32)
+
+    shard = shard_index(sorted(run.pseudo.glob("part-*.parquet"))[0])
+    table, _ = describe_shard(run, shard, pipe.cfg, embed)
+    assert len(calls) == 1 and calls[0][0] == table.num_rows > 1  # one call: every image's crops of the shard
+    assert calls[0][2:] == (pipe.cfg.crop_size, pipe.cfg.crop_size)

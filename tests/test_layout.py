@@ -1,0 +1,104 @@
+"""The package layout is the architecture: each layer imports only the layers below it, a stage never imports
+another stage, and Ray is imported only by the backends (and the Ray Jobs client)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mlcseg_ray"
+
+# layer -> the layers (top-level names under mlcseg_ray) its modules may import
+ALLOWED = {
+    "core": {"core", "config"},
+    "ops": {"ops", "core.mapping", "core.errors", "config"},
+    "formats": {"formats", "ops", "core", "config"},
+    "models": {"models", "core", "config"},
+    "stages": {"core", "formats", "ops", "models", "config"},
+    "backends": {"backends", "core", "config"},
+    "tools": {"tools", "core", "formats", "ops", "models", "stages", "backends", "config"},
+    "cli": {"cli", "core", "formats", "ops", "models", "stages", "backends", "tools", "config", "pipeline", ""},
+}
+RAY_ALLOWED = {"backends", "tools/jobs.py"}
+
+
+def _modules():
+    return sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def _imports(path: Path, root: Path = PACKAGE.parent) -> list[tuple[str, int]]:
+    """Absolute module names imported by ``path`` (relative imports resolved against ``root``), with their line.
+    Imports under ``if TYPE_CHECKING:`` are annotations only and are left out."""
+    package = list(path.relative_to(root).with_suffix("").parts[:-1])
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            mod = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            found += [(mod if node.module else f"{mod}.{a.name}", node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.module, node.lineno))
+    return found
+
+
+def _layer_of(module: str) -> str:
+    """``mlcseg_ray.ops.kmeans`` -> ``ops``; ``mlcseg_ray.core.mapping`` -> ``core.mapping``; the package -> ``""``."""
+    parts = module.split(".")[1:]
+    if parts[:1] == ["core"] and len(parts) > 1:
+        return ".".join(parts[:2])
+    return parts[0] if parts and (PACKAGE / parts[0]).is_dir() or parts[:1] in (["config"], ["pipeline"]) else ""
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_each_layer_imports_only_the_layers_below_it(path):
+    layer = path.relative_to(PACKAGE).parts[0] if len(path.relative_to(PACKAGE).parts) > 1 else None
+    if layer not in ALLOWED:
+        return  # top-level modules (config, pipeline, the package itself) put the layers together
+    bad = []
+    for module, line in _imports(path):
+        if not module.startswith("mlcseg_ray"):
+            continue
+        target = _layer_of(module)
+        allowed = ALLOWED[layer]
+        if target not in allowed and target.split(".")[0] not in allowed:
+            bad.append(f"line {line}: {module}")
+    assert not bad, f"{path.relative_to(PACKAGE)} ({layer}) imports outside {sorted(ALLOWED[layer])}: {bad}"
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "stages").glob("*.py")), ids=lambda p: p.name)
+def test_no_stage_imports_another_stage(path):
+    others = [m for m, _ in _imports(path) if m.startswith("mlcseg_ray.stages") and m != "mlcseg_ray.stages"]
+    assert not others, f"stages/{path.name} imports {others}"
+
+
+def test_ray_is_imported_only_by_the_backends():
+    users = []
+    for path in _modules():
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.split("/")[0] in RAY_ALLOWED or rel in RAY_ALLOWED:
+            continue
+        users += [f"{rel}:{line}" for m, line in _imports(path) if m == "ray" or m.startswith("ray.")]
+    assert not users, f"Ray imported outside backends/: {users}"
+
+
+def test_the_checker_sees_forbidden_imports(tmp_path):
+    """The checks above can fail: a stage importing a sibling, and Ray, are found; a TYPE_CHECKING import is not."""
+    bad = tmp_path / "mlcseg_ray" / "stages" / "x.py"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(
+        "from typing import TYPE_CHECKING\nfrom .cluster import read_pseudo\nfrom ..ops import levels\nimport ray\n"
+        "if TYPE_CHECKING:\n    from ..backends.base import Backend\n"
+    )
+    found = [m for m, _ in _imports(bad, tmp_path)]
+    assert found == ["typing", "mlcseg_ray.stages.cluster", "mlcseg_ray.ops", "ray"]
+    assert _layer_of("mlcseg_ray.stages.cluster") == "stages" and _layer_of("mlcseg_ray.core.mapping") == "core.mapping"
