@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..core.errors import ClusterUnreachable
+from ..core.errors import ClusterAuthError, ClusterUnreachable
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ADDRESS_FORMS = "HOST:PORT, auto, ray://HOST:PORT or http://HOST:PORT"
@@ -123,6 +123,19 @@ def _ray_loggers_to_log() -> None:
                     h.setStream(_RAY_LOG[-1])
 
 
+def _use_cluster_token() -> None:
+    """Send the cluster token where there is one. Ray 2.60 does so by itself only for a cluster it found (no
+    address, or ``auto``), never for an explicit address, while ``ray start --head`` turns token authentication on;
+    its own helper enables token mode in this process when ``RAY_AUTH_MODE`` is unset and a token exists."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Without an address: a new embedded Ray on loopback, whatever else runs on this machine (a ``ray start``
     head, a stale record of one). ``auto`` or ``HOST:PORT``: join that cluster, reached on loopback when it is
@@ -148,6 +161,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # workers' own output stays in the cluster's session logs; MLCSEG_DEBUG=1 shows it here
     forward = bool(os.environ.get("MLCSEG_DEBUG"))
     if address:
+        _use_cluster_token()
         loopback = "://" not in resolved and _host_port(resolved)[0] in LOOPBACK
         try:
             ray.init(
@@ -157,6 +171,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                 **({"_node_ip_address": "127.0.0.1"} if loopback else {}),
             )
         except ConnectionError as e:
+            if type(e.__cause__).__name__ == "AuthenticationError":
+                raise ClusterAuthError(
+                    f"the Ray cluster at --address {address} wants its token: set RAY_AUTH_TOKEN "
+                    f"(or RAY_AUTH_TOKEN_PATH), or copy the head's ~/.ray/auth_token here"
+                ) from None
             raise ClusterUnreachable(f"no Ray cluster at --address {address}: {e}") from None
     else:
         # address="local": a new instance even where RAY_ADDRESS or ray_current_cluster names another one

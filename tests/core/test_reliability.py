@@ -3,50 +3,23 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 
 from helpers import MLCSEG, TINY, copy_voc_images
+from helpers.ray_head import end, started_under
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _images(tmp_path, n):
     return copy_voc_images(tmp_path / "images", n)
-
-
-def _end(procs):
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-def _started_under(tmpdir: str):
-    """Processes whose command line names our private Ray temp dir: the ones our driver started."""
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(tmpdir in a for a in (p.info["cmdline"] or [])):
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
 
 
 def _outputs(run: Path) -> dict:
@@ -87,7 +60,7 @@ def test_driver_killed_then_resumed_gives_identical_outputs(tmp_path):
         # finish the shard they hold after the driver is gone)
         # (Ray workers retitle themselves, so they are found as descendants, not by command line)
         driver = psutil.Process(proc.pid)
-        doomed = [driver] + driver.children(recursive=True) + _started_under(ray_tmp)
+        doomed = [driver] + driver.children(recursive=True) + started_under(ray_tmp)
         for p in doomed:
             try:
                 p.send_signal(signal.SIGKILL)
@@ -96,7 +69,7 @@ def test_driver_killed_then_resumed_gives_identical_outputs(tmp_path):
         proc.wait(timeout=30)
         psutil.wait_procs(doomed, timeout=30)
     finally:
-        _end(_started_under(ray_tmp))
+        end(started_under(ray_tmp))
     done_before = len(list((out / "_state" / "extract").glob("0*")))
     assert 2 <= done_before < 6, done_before
     assert not (out / "pseudo_labels.json").exists()
@@ -135,103 +108,6 @@ def test_failure_on_one_image_becomes_an_error_row(ray_local, tmp_path):
     assert victim.stem not in {im["mlcseg_image_id"] for im in coco["images"]} and len(coco["images"]) == 5
 
 
-def test_submit_to_a_ray_head_started_by_the_test(tmp_path):
-    images = _images(tmp_path, 4)
-    port, dash = _free_port(), _free_port()
-    # a throw-away loopback head: no token to hand around; the job's `python` is this environment's
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
-    head = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "ray"),
-            "start",
-            "--head",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dash),
-            "--include-dashboard",
-            "true",
-            "--num-cpus",
-            "2",
-            "--block",
-            "--disable-usage-stats",
-            "--temp-dir",
-            ray_tmp,
-            # own agent ports: the session's embedded Ray may hold the defaults (its job agent would then never start)
-            "--dashboard-agent-listen-port",
-            str(_free_port()),
-            "--dashboard-agent-grpc-port",
-            str(_free_port()),
-            "--runtime-env-agent-port",
-            str(_free_port()),
-            "--metrics-export-port",
-            str(_free_port()),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
-                time.sleep(1)
-        cfg = tmp_path / "run.yaml"
-        cfg.write_text("\n".join(t.replace("=", ": ") for t in TINY + ["shard_size=2"]) + "\n")
-        out = tmp_path / "run"
-        res = subprocess.run(
-            MLCSEG
-            + [
-                "submit",
-                str(cfg),
-                "--address",
-                f"http://127.0.0.1:{dash}",
-                "--images",
-                str(images),
-                "--out",
-                str(out),
-                "--follow",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        job_id = res.stdout.strip().splitlines()[0]
-        assert job_id.startswith("raysubmit_")
-        st = subprocess.run(
-            MLCSEG + ["status", job_id, "--address", f"http://127.0.0.1:{dash}"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-        )
-        assert "SUCCEEDED" in st.stdout
-        assert len(list((out / "masks").glob("*.png"))) == 4 and (out / "report.html").exists()
-        assert json.loads((out / "pseudo_labels.json").read_text())["info"]["random_weights"] is True
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` ends the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        _end(_started_under(ray_tmp))
-
-
 def test_worker_nodes_lost_mid_extraction_and_mid_refinement(tmp_path):
     images = _images(tmp_path, 6)
     script = Path(__file__).parents[1] / "helpers" / "node_loss_run.py"
@@ -247,7 +123,7 @@ def test_worker_nodes_lost_mid_extraction_and_mid_refinement(tmp_path):
                 env={**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"},
             )
         finally:
-            _end(_started_under(ray_tmp))
+            end(started_under(ray_tmp))
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         results[mode] = res.stdout
     assert "removed a node during extract" in results["remove"]
@@ -282,4 +158,4 @@ def test_no_ray_process_outlives_a_killed_driver(tmp_path):
         _, alive = psutil.wait_procs(ours, timeout=15)  # left alone, the agents outlive it by 20-60 s
         assert not alive, [(p.pid, p.name()) for p in alive]
     finally:
-        _end(ours)
+        end(ours)

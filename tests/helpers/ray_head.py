@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,9 +112,15 @@ def ray_head(num_cpus: int = 2, extra_env: dict | None = None):
             try:
                 urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=2)
                 break
+            except urllib.error.HTTPError:  # it answers (401 where it wants the token): it is up
+                break
             except OSError:
                 assert time.time() < deadline and process.poll() is None, "the Ray head did not come up"
                 time.sleep(1)
+        record = Path(ray_tmp, "ray", "ray_current_cluster")  # `ray start` writes it last
+        while not record.exists():
+            assert time.time() < deadline and process.poll() is None, "the Ray head recorded no address"
+            time.sleep(0.2)
         yield head
     finally:
         head.stop()
