@@ -79,8 +79,8 @@ def ray_output_to_log(log_path: Path) -> Iterator[None]:
     stderr from C++ (its core worker's warnings) as well as from Python, so the file descriptor itself is pointed
     at the log, and ``sys.stderr`` (progress, errors, the tool's log lines) at a copy of the terminal's.
     ``MLCSEG_DEBUG=1`` leaves everything on the terminal."""
-    if os.environ.get("MLCSEG_DEBUG"):
-        yield
+    if os.environ.get("MLCSEG_DEBUG") or not _stderr_is_fd2():
+        yield  # debugging, or stderr already captured by the caller (a test runner): leave it alone
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stderr.flush()
@@ -110,6 +110,13 @@ def ray_output_to_log(log_path: Path) -> Iterator[None]:
         os.dup2(saved_fd, 2)
         os.close(saved_fd)
         terminal.close()
+
+
+def _stderr_is_fd2() -> bool:
+    try:
+        return sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return False
 
 
 def _ray_loggers_to_log() -> None:

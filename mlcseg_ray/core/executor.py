@@ -48,7 +48,10 @@ def run_shard(stage: Stage, ctx: StageContext, shard: int, shared: Any, fingerpr
         result = stage.process_shard(ctx, shard, shared, worker) or {}
     result["seconds"] = round(time.perf_counter() - t0, 4)
     outputs = declared_outputs(stage.writes, ctx.run, written)  # what a rerun checks is still there
-    atomic_write_json(ctx.run.marker(stage.name, shard), {"fingerprint": fingerprint, **result, "outputs": outputs})
+    inputs = {"inputs": stage.shard_inputs(ctx, shard)} if stage.per_shard_inputs else {}
+    atomic_write_json(
+        ctx.run.marker(stage.name, shard), {"fingerprint": fingerprint, **result, **inputs, "outputs": outputs}
+    )
     return result
 
 
@@ -70,6 +73,7 @@ class Executor:
         self.order = [s.name for s in stages]
         self.say = say or log.info
         self.summary: list[dict] = []
+        self.marker_fps: dict[str, str] = {}  # the fingerprint each stage's shard markers carry
 
     # ------------------------------------------------------------------ scheduling
     def map_fn(self, stage: Stage) -> MapFn:
@@ -131,6 +135,13 @@ class Executor:
                 continue
             bases[name] = self._basis(stage, ctx, fps)
             fps[name] = digest(bases[name])
+            # a stage whose shards check their own inputs keeps its outputs when only the source changed: its
+            # markers carry the fingerprint of the rest (config, code, weights); downstream sees the full one
+            own = {
+                **bases[name],
+                "upstream": {u: f for u, f in bases[name]["upstream"].items() if not self.stages[u].source},
+            }
+            self.marker_fps[name] = digest(own) if stage.per_shard_inputs else fps[name]
         return fps, bases
 
     @staticmethod
@@ -171,9 +182,7 @@ class Executor:
         if self._record(stage.name) is None:  # brought-in outputs
             return True
         shards = stage.shards(ctx)
-        return shards is None or all(
-            (read_json(self.run.marker(stage.name, n)) or {}).get("fingerprint") == fp for n in shards
-        )
+        return shards is None or all(self._marker_done(stage, ctx, n, fp) for n in shards)
 
     # ------------------------------------------------------------------ running
     def run_stages(self, planned: list[str], command: str = "") -> list[dict]:
@@ -195,7 +204,10 @@ class Executor:
                     raise StageFailed(name, e, self.run.root) from e
             for name in self.order:
                 rec = self._record(name)
-                if rec and not self.stages[name].source and rec.get("fingerprint") != fps[name]:
+                changed = (rec or {}).get("marker_fingerprint", (rec or {}).get("fingerprint")) != self.marker_fps.get(
+                    name, fps[name]
+                )
+                if rec and not self.stages[name].source and changed:
                     self._invalidate(name, self._why(rec.get("basis"), bases.get(name, {})), planned)
             self.cfg.save(self.run.config)
             self.run.update_record(
@@ -239,7 +251,9 @@ class Executor:
                 if self._is_current(up, fps[up]):
                     if self._record(up) is None:  # brought-in outputs: nothing recorded to check
                         continue
-                    whole, per_shard = stage_damage(self.run, up, fps[up], self.stages[up].shards(ctx))
+                    whole, per_shard = stage_damage(
+                        self.run, up, self.marker_fps.get(up, fps[up]), self.stages[up].shards(ctx)
+                    )
                     damage = whole + [p for bad in per_shard.values() for p in bad]
                     if not damage:
                         continue
@@ -266,20 +280,21 @@ class Executor:
         stage = self.stages[name]
         t0 = time.perf_counter()
         if not stage.source and self._is_current(name, fp):
-            self._repair(stage, ctx, fp)
+            self._repair(stage, ctx, self.marker_fps.get(name, fp))
         if (
             not stage.source
             and not stage.always_run
             and self._is_current(name, fp)
-            and self._all_marked(stage, ctx, fp)
+            and self._all_marked(stage, ctx, self.marker_fps.get(name, fp))
         ):
             self.say(f"{name}: up to date, skipped")
             self._summarise(name, self.run.read_record().get("stages", {}).get(name, {}), 0.0, skipped=True)
             return
         previous = self._record(name) or {}
+        marker_fp = {} if stage.source else {"marker_fingerprint": self.marker_fps.get(name, fp)}
         atomic_write_json(
             self.run.stage_record(name),
-            {"fingerprint": fp or previous.get("fingerprint"), "basis": basis, "complete": False},
+            {"fingerprint": fp or previous.get("fingerprint"), **marker_fp, "basis": basis, "complete": False},
         )
         shards = stage.shards(ctx)
         with recording_writes() as written:  # the stage's own outputs (prepare, finish, a whole stage)
@@ -302,7 +317,8 @@ class Executor:
             )
         seconds = time.perf_counter() - t0
         atomic_write_json(
-            self.run.stage_record(name), {"fingerprint": fp, "basis": basis, "complete": True, "outputs": outputs}
+            self.run.stage_record(name),
+            {"fingerprint": fp, **marker_fp, "basis": basis, "complete": True, "outputs": outputs},
         )
         self.run.update_record(stages={name: {"fingerprint": fp, "seconds": round(seconds, 3), **result}})
         self._write_status()
@@ -320,10 +336,33 @@ class Executor:
             for n in per_shard:
                 self.run.marker(stage.name, n).unlink(missing_ok=True)
 
+    def _marker_done(self, stage: Stage, ctx: StageContext, n: int, fp: str) -> bool:
+        """Shard ``n`` is done: its marker carries ``fp`` and, for a stage that checks its inputs per shard, the
+        digest of the inputs it has now."""
+        marker = read_json(self.run.marker(stage.name, n)) or {}
+        if marker.get("fingerprint") != fp:
+            return False
+        return not stage.per_shard_inputs or marker.get("inputs") == stage.shard_inputs(ctx, n)
+
+    def _drop_vanished(self, stage: Stage, shards: list[int]) -> None:
+        """Markers (and recorded outputs) of shards the stage no longer has (their images left the input)."""
+        state = self.run.state(stage.name)
+        if not state.is_dir():
+            return
+        for marker in state.glob("[0-9]*"):
+            if int(marker.name) not in shards:
+                for rel in (read_json(marker) or {}).get("outputs", {}):
+                    (self.run.root / rel).unlink(missing_ok=True)
+                marker.unlink()
+
     def _sharded(self, stage: Stage, ctx: StageContext, shards: list[int], fp: str) -> dict:
         for w in stage.writes:
             remove_stale_temp_files(getattr(self.run, w))
-        done = {n for n in shards if (read_json(self.run.marker(stage.name, n)) or {}).get("fingerprint") == fp}
+        fp = self.marker_fps.get(stage.name, fp)
+        self._drop_vanished(stage, shards)
+        done = {n for n in shards if self._marker_done(stage, ctx, n, fp)}
+        if stage.per_shard_inputs and done and len(done) < len(shards):
+            self.say(f"{stage.name}: {len(shards) - len(done)} of {len(shards)} shards new or changed; the others kept")
         todo = [n for n in shards if n not in done]
         ctx = replace(ctx, pending=tuple(todo))
         if todo:
@@ -371,7 +410,7 @@ class Executor:
                 continue
             for marker in sorted(state.glob("[0-9]*")):
                 m = read_json(marker) or {}
-                if m.get("fingerprint") != rec.get("fingerprint"):
+                if m.get("fingerprint") != rec.get("marker_fingerprint", rec.get("fingerprint")):
                     continue
                 for image_id, err in m.get("errors", {}).items():
                     r = rows.get(image_id)

@@ -73,6 +73,7 @@ def verify_run(run: RunDir) -> dict[str, list[str]]:
         if not record:
             continue
         shards = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-        whole, per_shard = stage_damage(run, folder.name, record.get("fingerprint"), shards, deep=True)
+        fingerprint = record.get("marker_fingerprint", record.get("fingerprint"))
+        whole, per_shard = stage_damage(run, folder.name, fingerprint, shards, deep=True)
         report[folder.name] = whole + [p for n in sorted(per_shard) for p in per_shard[n]]
     return report

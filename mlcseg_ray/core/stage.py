@@ -63,6 +63,8 @@ class Stage:
     version: ClassVar[int] = 1  # bumped when the stage's code changes its outputs
     source: ClassVar[bool] = False  # runs every time; its fingerprint is that of its output (ingest)
     always_run: ClassVar[bool] = False  # a view of the folder (the report): written on every run that includes it
+    # each shard checks its own inputs (shard_inputs): a changed source redoes only the shards whose inputs changed
+    per_shard_inputs: ClassVar[bool] = False
 
     def resources_for(self, cfg: Config) -> Resources:
         return self.resources
@@ -105,6 +107,10 @@ class Stage:
 
     def process_shard(self, ctx: StageContext, shard: int, shared: Any, worker: Any = None) -> dict:
         raise NotImplementedError
+
+    def shard_inputs(self, ctx: StageContext, shard: int) -> str | None:
+        """``per_shard_inputs`` stages: a digest of what shard ``shard`` is made from (its images as listed)."""
+        return None
 
     def finish(self, ctx: StageContext, results: dict[int, dict], map_fn: MapFn) -> dict:
         return {}

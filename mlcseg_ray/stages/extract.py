@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..config import Config
 from ..core.errors import BadImage
-from ..core.fingerprint import weights_identity
+from ..core.fingerprint import digest, weights_identity
 from ..core.stage import MapFn, Resources, Stage, StageContext
 from ..core.store import atomic_write_table
 from ..formats.feature_store import (
@@ -34,6 +34,8 @@ from ..formats.manifest import expected_file
 from ..models.backbones import RANDOM_WEIGHTS_WARNING, FeatureExtractor, build_backbone, locate_weights
 
 log = logging.getLogger("mlcseg_ray")
+# what identifies an image's file: a change in any of these redoes its shard
+IDENTITY = ("image_id", "uri", "bytes", "mtime_ns", "content_hash", "status", "error")
 
 
 @dataclass
@@ -144,6 +146,13 @@ class ExtractStage(Stage):
     writes = ("features", "image_tables")
     config_keys = ("backbone", "weights", "facet", "max_side", "upscale", "max_pixels", "verify_images")
     resources = Resources(cpus=0.5, gpus="one", actor=True)
+    # an image's features depend on that image and the backbone alone: adding, changing or removing images
+    # redoes only the shards they are in (ingest keeps every known image in its shard)
+    per_shard_inputs = True
+    version = 2  # 2: markers record their shard's inputs
+
+    def shard_inputs(self, ctx: StageContext, shard: int) -> str:
+        return digest([{k: r[k] for k in IDENTITY} for r in ctx.run.manifest_rows(shard)])
 
     def fingerprint_extra(self, ctx: StageContext) -> dict:
         return {"weights_file": weights_identity(ctx.cfg.weights)}

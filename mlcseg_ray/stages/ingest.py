@@ -191,7 +191,10 @@ def build_manifest(
     min_side: int,
     previous: pa.Table | None = None,
     rehash: bool = False,
+    keep_shards: bool = False,
 ) -> pa.Table:
+    """The manifest of ``spec``'s images. With ``keep_shards``, every image of ``previous`` stays in its shard (so
+    its features are kept) and new images fill new shards after the last one."""
     rows = list_inputs(spec)
     if not rows:
         raise FileNotFoundError(f"no images found in {spec.describe()}")
@@ -201,9 +204,23 @@ def build_manifest(
         else None
     )
     rows = sorted(probe_rows(rows, max_pixels, min_side, prev, rehash), key=lambda r: r["image_id"])
-    for i, r in enumerate(rows):
-        r["shard"] = i // shard_size
+    known = {}
+    if keep_shards and previous is not None and "shard" in previous.column_names:
+        known = dict(zip(previous.column("image_id").to_pylist(), previous.column("shard").to_pylist(), strict=True))
+    assign_shards(rows, shard_size, known)
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+
+def assign_shards(rows: list[dict], shard_size: int, known: dict[str, int]) -> None:
+    """Each row's ``shard``: a known image keeps its shard; the others, in id order, fill new shards of
+    ``shard_size`` after the last known one (all of them, numbered from 0, on a first ingest)."""
+    new = [r for r in rows if r["image_id"] not in known]
+    for r in rows:
+        if r["image_id"] in known:
+            r["shard"] = known[r["image_id"]]
+    start = max(known.values()) + 1 if known else 0
+    for i, r in enumerate(new):
+        r["shard"] = start + i // shard_size
 
 
 def _readable_manifest(run: RunDir) -> pa.Table | None:
@@ -247,6 +264,8 @@ class IngestStage(Stage):
         if cfg.backbone not in available_backbones():
             raise ValueError(f"unknown backbone {cfg.backbone!r}; available: {', '.join(available_backbones())}")
         previous = _readable_manifest(run)
+        # images keep their shards while shard_size stays (a new shard_size cuts every image afresh)
+        same_cut = run.read_record().get("stages", {}).get("ingest", {}).get("shard_size") == cfg.shard_size
         table = build_manifest(
             spec,
             cfg.shard_size,
@@ -254,6 +273,7 @@ class IngestStage(Stage):
             min_side=patch_size_of(cfg.backbone),
             previous=previous,
             rehash=cfg.verify_images == "hash",
+            keep_shards=same_cut,
         )
         unchanged = (
             previous is not None
@@ -272,4 +292,9 @@ class IngestStage(Stage):
             )
         run.update_record(inputs=asdict(spec), input=spec.describe(), skipped_files=skipped)
         errors = {r["image_id"]: r["error"] for r in table.to_pylist() if r["status"] != "ok"}
-        return {"images": table.num_rows, "errors": len(errors), "output": str(run.manifest)}
+        return {
+            "images": table.num_rows,
+            "errors": len(errors),
+            "shard_size": cfg.shard_size,
+            "output": str(run.manifest),
+        }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import shutil
@@ -65,6 +66,8 @@ def job_client(address: str) -> JobSubmissionClient:
     refused token or a cluster that wants one is :class:`ClusterAuthError`; no dashboard there, ClusterUnreachable."""
     token = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    if not os.environ.get("MLCSEG_DEBUG"):  # Ray's INFO lines (packaging, uploads) are not the tool's output
+        logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as e:

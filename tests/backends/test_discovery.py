@@ -74,6 +74,7 @@ def test_jobs_with_rays_default_token_authentication(tmp_path):
             timeout=600,
         )
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert " INFO " not in res.stderr  # no packaging chatter from Ray
         job_id = res.stdout.strip().splitlines()[0]
         assert job_id.startswith("raysubmit_")
         assert "SUCCEEDED" in mlcseg("status", job_id, "--address", url, env=env).stdout

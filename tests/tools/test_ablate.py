@@ -102,6 +102,20 @@ def test_ablate_refuses_what_it_cannot_score(voc_run, tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(empty / "not_an_image_of_the_run.png")
     r = mlcseg("ablate", voc_run, empty, "--protocol", "binary")
     assert r.returncode == 2 and "none of the run's images has ground truth" in r.stderr
+    # ground truth of the run's images, but at another size: the mismatch is named, as eval names it
+    small = tmp_path / "small"
+    small.mkdir()
+    for p in sorted((voc_run / "binary").glob("*.png")):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(small / p.name)
+    r = mlcseg("ablate", voc_run, small, "--protocol", "binary")
+    assert r.returncode == 2 and "ground truth is 4x4, the image" in r.stderr and r.stderr.count("\n") <= 2
+    # a run folder where nothing was clustered: one line, not an IndexError
+    run = RunDir(voc_run)
+    hollow = tmp_path / "hollow"
+    shutil.copytree(voc_run, hollow, ignore=shutil.ignore_patterns("pseudo"))
+    r = mlcseg("ablate", hollow, need(VOC_SUBSET))
+    assert r.returncode == 2 and "has no clustered image" in r.stderr and "Traceback" not in r.stderr
+    assert run.pseudo.is_dir()
 
 
 def test_rule_scores_reproduce_the_cluster_stage(tmp_path):
