@@ -67,7 +67,8 @@ def test_coco_id_mapping_and_real_masks(tmp_path):
     assert m["miou"] == 100.0 and m["n_images"] == 66
 
 
-def test_coco_instances_json(tmp_path):
+def _instances_json(folder):
+    """A COCO instances JSON of one 6x4 image with one toothbrush (id 90); returns (path, the object's mask)."""
     from pycocotools import mask as mu
 
     m = np.zeros((4, 6), np.uint8)
@@ -89,8 +90,13 @@ def test_coco_instances_json(tmp_path):
         ],
         "categories": [{"id": 90, "name": "toothbrush"}],
     }
-    (tmp_path / "inst.json").write_text(json.dumps(ann))
-    g = load_ground_truth(tmp_path / "inst.json", "coco81")
+    (folder / "inst.json").write_text(json.dumps(ann))
+    return folder / "inst.json", m
+
+
+def test_coco_instances_json(tmp_path):
+    path, m = _instances_json(tmp_path)
+    g = load_ground_truth(path, "coco81")
     assert g.image_ids == ["img"] and (g.read("img") == m * 80).all()
 
 
@@ -185,29 +191,8 @@ def test_ground_truth_matching_nothing_is_an_error_that_writes_nothing(tmp_path)
 
 def test_eval_json_with_an_instances_json_is_json(tmp_path):
     """pycocotools prints its progress: on stderr, so that --json parses."""
-    from pycocotools import mask as mu
-
-    m = np.zeros((4, 6), np.uint8)
-    m[1:3, 2:5] = 1
-    rle = mu.encode(np.asfortranarray(m))
-    rle["counts"] = rle["counts"].decode()
-    ann = {
-        "images": [{"id": 1, "file_name": "img.jpg", "width": 6, "height": 4}],
-        "categories": [{"id": 90}],
-        "annotations": [
-            {
-                "id": 1,
-                "image_id": 1,
-                "category_id": 90,
-                "segmentation": rle,
-                "area": 6,
-                "bbox": [2, 1, 3, 2],
-                "iscrowd": 0,
-            }
-        ],
-    }
-    (tmp_path / "inst.json").write_text(json.dumps(ann))
+    path, m = _instances_json(tmp_path)
     _save(tmp_path / "pred", "img", m)
-    res = mlcseg("eval", tmp_path / "pred", tmp_path / "inst.json", "--protocol", "coco81", "--json")
+    res = mlcseg("eval", tmp_path / "pred", path, "--protocol", "coco81", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["n_images"] == 1 and "annotations" in res.stderr  # the chatter went to stderr
