@@ -42,7 +42,10 @@ app = typer.Typer(
 Split = typer.Option("val", "--split", help="VOC split name")
 # The input options, declared once: every command that takes an input gets them all (:func:`takes_inputs`).
 INPUT_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "images": (str | None, typer.Option(None, "--images", help="folder of images (recursive)")),
+    "images": (
+        str | None,
+        typer.Option(None, "--images", help="folder or bucket prefix (s3://, gs://) of images, recursive"),
+    ),
     "voc": (
         str | None,
         typer.Option(None, "--voc", help="VOC root (VOCdevkit/VOC2012 layout); evaluated at the end"),

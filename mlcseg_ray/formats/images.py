@@ -11,7 +11,7 @@ import hashlib
 import io
 import os
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -171,6 +171,31 @@ def list_files(root: Path) -> list[Path]:
     return sorted(out)
 
 
-def list_image_files(root: Path) -> list[Path]:
-    """All image files below ``root`` (recursive), by extension, sorted; hidden files and folders skipped."""
-    return [p for p in list_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS]
+def list_folder(root: str) -> list[tuple[PurePosixPath, str]]:
+    """Every file below a local folder or an object-store prefix (``s3://bucket/photos/``, ``gs://...``),
+    recursive, sorted, hidden ones skipped: ``(path relative to root, uri)``. Credentials and endpoints come the
+    standard way (AWS variables and profiles, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``, roles)."""
+    if not is_remote(root):
+        local = Path(root[len("file://") :] if root.startswith("file://") else root)
+        if not local.is_dir():
+            raise FileNotFoundError(f"--images: no such folder: {root}")
+        return [(PurePosixPath(p.relative_to(local).as_posix()), str(p)) for p in list_files(local)]
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(root)
+        path = path.rstrip("/")
+        if not fs.isdir(path):
+            raise FileNotFoundError(f"--images: no such folder or prefix: {root}")
+        found = sorted(fs.find(path))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # credentials, permissions, an endpoint that does not answer: one line
+        raise ValueError(f"--images: cannot list {root} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    scheme = root.split("://", 1)[0]
+    out = []
+    for f in found:
+        rel = PurePosixPath(f).relative_to(path)
+        if not any(part.startswith(".") for part in rel.parts):
+            out.append((rel, f"{scheme}://{f}"))
+    return out

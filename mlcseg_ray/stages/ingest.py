@@ -32,8 +32,7 @@ from ..formats.images import (
     content_hash,
     file_stat,
     is_remote,
-    list_files,
-    list_image_files,
+    list_folder,
     probe,
     read_bytes,
 )
@@ -52,11 +51,8 @@ def list_inputs(spec: InputSpec) -> list[dict]:
     unique and stable."""
     spec.validate()
     if spec.images:
-        root = Path(spec.images)
-        if not root.is_dir():
-            raise FileNotFoundError(f"--images: no such folder: {root}")
-        files = list_image_files(root)
-        rows = _ids_from_paths([f.relative_to(root) for f in files], [str(f) for f in files])
+        files = [(rel, uri) for rel, uri in list_folder(spec.images) if rel.suffix.lower() in IMAGE_EXTENSIONS]
+        rows = _ids_from_paths([Path(rel) for rel, _ in files], [uri for _, uri in files])
     elif spec.voc:
         rows = _voc_rows(Path(spec.voc), spec.split)
     elif spec.coco:
@@ -75,17 +71,16 @@ def list_inputs(spec: InputSpec) -> list[dict]:
 def skipped_files(spec: InputSpec, limit: int = 1000) -> dict:
     """Files of an image folder that ingest leaves out, not being images by their extension: counted by extension
     and listed (the first ``limit``)."""
-    if not spec.images or not Path(spec.images).is_dir():
+    if not spec.images:
         return {"count": 0, "by_extension": {}, "files": []}
-    root = Path(spec.images)
-    found = [p for p in list_files(root) if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    found = [rel for rel, _ in list_folder(spec.images) if rel.suffix.lower() not in IMAGE_EXTENSIONS]
     by_ext: dict[str, int] = {}
     for p in found:
         by_ext[p.suffix.lower() or "(none)"] = by_ext.get(p.suffix.lower() or "(none)", 0) + 1
     return {
         "count": len(found),
         "by_extension": dict(sorted(by_ext.items())),
-        "files": [str(p.relative_to(root)) for p in found[:limit]],
+        "files": [str(p) for p in found[:limit]],
     }
 
 
