@@ -24,7 +24,7 @@ from .stages.cluster import ClusterStage
 from .stages.describe import DescribeStage
 from .stages.evaluate import EvaluateStage
 from .stages.extract import ExtractStage
-from .stages.ingest import IngestStage, list_inputs
+from .stages.ingest import IngestStage
 from .stages.label import LabelStage
 from .stages.refine import RefineStage
 from .stages.report import ReportStage
@@ -88,8 +88,6 @@ class Pipeline:
             )
         if "ingest" in names and self.inputs.given():
             self.inputs.check()  # before the run folder is made
-            if not list_inputs(self.inputs.spec()):
-                raise FileNotFoundError(f"no images found in {self.inputs.spec().describe()}")
         elif "ingest" in names and not self.run_dir.read_record().get("inputs"):
             raise ValueError(
                 f"{self.run_dir.root} holds no run yet: give the images with --images, --voc, --coco or --manifest"

@@ -274,6 +274,7 @@ class RunDir:
         (same host, process gone) is taken over, and said so. A guard ``flock`` makes check-and-take atomic."""
         import fcntl
 
+        created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         me = {
             "host": socket.gethostname(),
@@ -314,6 +315,11 @@ class RunDir:
                 fcntl.flock(guard, fcntl.LOCK_EX)
                 if (read_json(self.lock_file) or {}).get("pid") == me["pid"]:
                     self.lock_file.unlink(missing_ok=True)
+            if created and self._holds_only_state():  # a run that failed before writing anything leaves nothing
+                shutil.rmtree(self.root, ignore_errors=True)
+
+    def _holds_only_state(self) -> bool:
+        return all(p.name in ("_state", ".lock") for p in self.root.iterdir())
 
 
 def _alive(holder: dict) -> bool:

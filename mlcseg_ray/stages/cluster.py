@@ -241,11 +241,12 @@ def fit_category_level(
     return centroids, fg, counts, iters
 
 
-def _sample_rows(run: RunDir, cfg: Config, groups: CLSGroups, map_fn: MapFn) -> tuple[list, np.ndarray, np.ndarray]:
+def _sample_rows(
+    run: RunDir, cfg: Config, groups: CLSGroups, loader: KeyLoader, map_fn: MapFn
+) -> tuple[list, np.ndarray, np.ndarray]:
     """One pass over the store: the rows of both samples, and the two samples' indices into them (dataset level:
     the ``kmeans_sample`` patches with the smallest hash; category level: as many again shared by the groups, at
     least 50 per centroid in each)."""
-    loader = KeyLoader(groups.image_ids, groups.group_of)
     sizes = np.bincount(groups.group_of, weights=groups.patches, minlength=groups.n_groups).astype(np.int64)
     total = int(sizes.sum())
     d_budget = min(cfg.kmeans_sample, total)
@@ -266,7 +267,8 @@ def fit_levels(run: RunDir, cfg: Config, map_fn: MapFn = serial_map) -> LevelFit
         raise FileNotFoundError(f"no feature shards in {run.features}: run extract first (or bring a store)")
     t0 = time.perf_counter()
     groups = cls_groups(run, cfg)  # the image tables: N x D, not the store
-    rows, d, c = _sample_rows(run, cfg, groups, map_fn)
+    loader = KeyLoader(groups.image_ids, groups.group_of)  # image -> CLS group, for the sample and every shard
+    rows, d, c = _sample_rows(run, cfg, groups, loader, map_fn)
     x, g, _, _, attn, border = rows
     rng = np.random.default_rng(cfg.seed)
     dataset = fit_dataset_level(x[d], attn[d], border[d], cfg, rng)
@@ -299,7 +301,6 @@ def fit_levels(run: RunDir, cfg: Config, map_fn: MapFn = serial_map) -> LevelFit
             "groups": groups.n_groups,
         },
     )
-    loader = KeyLoader(groups.image_ids, groups.group_of)
     return LevelFits(dataset.centroids[None], dataset.fg, cat_centroids, cat_fg, dataset.direction, loader)
 
 
