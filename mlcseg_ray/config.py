@@ -12,12 +12,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .core.storage import as_location
 from .core.store import atomic_write_text
 
 # Keys that decide how the work is cut and where it runs, never what comes out: no stage's fingerprint holds them
 # (the outputs do not depend on them; tests/stages/test_cluster.py and tests/core/test_run_folder.py check it).
 # shard_size is ingest's, which writes each image's shard into the manifest.
-SCHEDULING_KEYS = frozenset({"batch_size", "shard_size", "num_workers", "device"})
+SCHEDULING_KEYS = frozenset({"batch_size", "shard_size", "num_workers", "device", "s3_endpoint_url"})
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,13 @@ class Config(BaseModel):
     region_descriptor: Literal["crop_cls", "masked_mean"] = "crop_cls"
     crop_size: int = Field(160, ge=16, description="region crops are resized to this square for crop_cls")
 
+    # --- storage ---
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="an S3-compatible store's endpoint (MinIO, Ceph, R2...), for the images and a bucket run "
+        "folder; the same as setting AWS_ENDPOINT_URL_S3, which it overrides",
+    )
+
     # --- report ---
     report_samples: int = Field(24, ge=0)
 
@@ -118,7 +126,7 @@ class Config(BaseModel):
         """Read a YAML file (optional), apply ``key=value`` overrides, validate the whole."""
         data: dict = {}
         if path is not None:
-            p = Path(path)
+            p = as_location(path)  # a run folder's config.yaml may be in a bucket
             if not p.is_file():
                 raise ConfigError(f"config file not found: {p}")
             try:
@@ -141,7 +149,7 @@ class Config(BaseModel):
             raise ConfigError(_explain(e)) from None
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), yaml.safe_dump(self.model_dump(), sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(self.model_dump(), sort_keys=False))
 
 
 def parse_overrides(overrides: list[str] | dict) -> dict:

@@ -18,6 +18,7 @@ from .core.executor import Executor
 from .core.inputs import RunInputs
 from .core.progress import console
 from .core.stage import StageContext
+from .core.storage import use_endpoint
 from .core.store import RunDir
 from .models.backbones import RANDOM_WEIGHTS_WARNING
 from .stages.cluster import ClusterStage
@@ -65,8 +66,9 @@ class Pipeline:
         backend: str = "ray",
         **inputs: object,
     ) -> None:
-        self.run_dir = RunDir(out)
         self.cfg = config or Config()
+        use_endpoint(self.cfg.s3_endpoint_url)  # before the run folder (maybe in that store) is touched
+        self.run_dir = RunDir(out)
         self.inputs = RunInputs(**inputs)  # an unknown field is a TypeError here, naming it
         if self.inputs.voc and not self.inputs.gt:
             self.inputs = replace(self.inputs, gt=self.inputs.voc, protocol=self.inputs.protocol or "voc21")

@@ -47,6 +47,30 @@ def test_kuberay_manifests():
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == pinned
 
 
+def test_the_bucket_rayjob_needs_no_shared_volume_and_its_command_parses():
+    import typer.main
+
+    from mlcseg_ray.cli.app import app
+
+    job = yaml.safe_load((ROOT / "deploy" / "rayjob-coco-s3.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["rayVersion"] == _ray_version_pinned()
+    pods = [job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+    assert all("volumes" not in p and all("volumeMounts" not in c for c in p["containers"]) for p in pods)
+    words = job["spec"]["entrypoint"].split()
+    assert words[:4] == ["python", "-m", "mlcseg_ray.cli", "run"]
+    args = words[4:]
+    for flag in ("--coco", "--ann", "--out", "--weights"):
+        assert args[args.index(flag) + 1].startswith("s3://"), flag
+    # the CLI itself accepts every option and key=value of the entrypoint
+    command = typer.main.get_command(app).commands["run"]
+    ctx = command.make_context("run", list(args))
+    assert ctx.params["out"] == args[args.index("--out") + 1]
+    from mlcseg_ray.config import Config
+
+    Config.load(None, ctx.params["overrides"])
+
+
 def test_dockerfile_uses_the_pinned_ray_gpu_image():
     text = (ROOT / "deploy" / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{_ray_version_pinned()}-" in text and "-gpu" in text and ".[gpu]" in text

@@ -102,3 +102,33 @@ def test_the_checker_sees_forbidden_imports(tmp_path):
     found = [m for m, _ in _imports(bad, tmp_path)]
     assert found == ["typing", "mlcseg_ray.stages.cluster", "mlcseg_ray.ops", "ray"]
     assert _layer_of("mlcseg_ray.stages.cluster") == "stages" and _layer_of("mlcseg_ray.core.mapping") == "core.mapping"
+
+
+def _direct_io(path: Path) -> list[str]:
+    """Calls in ``path`` that open a file or a Parquet file without the storage layer: ``open(...)``,
+    ``pq.*``/``pyarrow.parquet`` reads and writes, ``Image.open``, ``shutil``'s file operations."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Name) and f.id == "open":
+            found.append(f"open() at line {node.lineno}")
+        elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+            if f.value.id == "pq" or (f.value.id, f.attr) in {("Image", "open"), ("shutil", "rmtree")}:
+                found.append(f"{f.value.id}.{f.attr}() at line {node.lineno}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "path", sorted([*(PACKAGE / "stages").glob("*.py"), *(PACKAGE / "tools").glob("*.py")]), ids=lambda p: p.name
+)
+def test_stages_and_tools_read_and_write_only_through_the_storage_layer(path):
+    """A run folder may be in a bucket: a stage that opened a path itself would work on a local folder only."""
+    assert not _direct_io(path), f"{path.relative_to(PACKAGE)}: {_direct_io(path)} (use core/storage.py)"
+
+
+def test_the_io_checker_sees_direct_io(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("open('a')\npq.read_table('b')\nImage.open('c')\nrun.masks.open('rb')\n")
+    assert _direct_io(bad) == ["open() at line 1", "pq.read_table() at line 2", "Image.open() at line 3"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..core.errors import ClusterAuthError, ClusterUnreachable
+from ..core.storage import endpoint_env
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ADDRESS_FORMS = "HOST:PORT, auto, ray://HOST:PORT or http://HOST:PORT"
@@ -175,6 +176,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                 address=resolved,
                 logging_level=logging.WARNING,
                 log_to_driver=forward,
+                runtime_env={"env_vars": endpoint_env()} if endpoint_env() else None,
                 **({"_node_ip_address": "127.0.0.1"} if loopback else {}),
             )
         except ConnectionError as e:

@@ -14,7 +14,6 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 import typer
 
-from ..config import Config
+from ..config import Config, parse_overrides
 from ..core.inputs import INPUT_FIELDS, InputSpec
 from ..core.progress import console
 from ..core.progress import out as stdout
@@ -111,9 +110,14 @@ def main_options(
     pass
 
 
-def _check_out(out: Path) -> None:
-    """Before anything is created: --out must be a folder (or not exist yet) that can be written."""
-    out = Path(out)
+def _check_out(out: str) -> None:
+    """Before anything is created: --out must be a folder (or not exist yet) that can be written. (A bucket's
+    permissions show at its first write: a refusal there is one line and exit 5.)"""
+    from ..core.storage import as_location, is_local
+
+    out = as_location(out)
+    if not is_local(out):
+        return
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is a file; give a folder")
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
@@ -135,7 +139,7 @@ def _config(
 
 def _run_stages(
     stages: list[str] | None,
-    out: Path,
+    out: str,
     config: Path | None,
     overrides: list[str] | None,
     backbone: str | None,
@@ -145,15 +149,18 @@ def _run_stages(
     inputs: InputSpec = InputSpec(),
 ) -> None:
     from ..backends.cluster import init_ray, ray_output_to_log
+    from ..core.storage import use_endpoint
     from ..core.store import RunDir
     from ..pipeline import Pipeline
 
     fd, ray_log = tempfile.mkstemp(prefix="mlcseg-ray-", suffix=".log")
     os.close(fd)
     try:
+        use_endpoint(parse_overrides(overrides or []).get("s3_endpoint_url"))  # before the bucket's config.yaml
         if config is None and RunDir(out).config.is_file():
             config = RunDir(out).config  # a rerun starts from the folder's config; overrides change it
         cfg = _config(config, overrides, backbone, weights)  # a bad config creates nothing
+        use_endpoint(cfg.s3_endpoint_url)
         _check_out(out)
         # Ray's own lines go to the run's log (RUN/logs/); stdout is for the result alone
         with ray_output_to_log(Path(ray_log)), contextlib.redirect_stdout(sys.stderr):
@@ -166,7 +173,7 @@ def _run_stages(
         error(f"interrupted; finished shards are kept: rerun the same command to resume ({out})")
         raise typer.Exit(130) from None
     except Exception as e:  # every failure becomes one line and an exit code
-        raise typer.Exit(exit_code(e)) from None
+        raise typer.Exit(exit_code(e, out)) from None
     finally:
         _keep_log(Path(ray_log), RunDir(out))
     _report(pipe, summary, as_json)
@@ -174,11 +181,15 @@ def _run_stages(
 
 def _keep_log(log: Path, run: Any) -> None:
     """The command's Ray log into ``RUN/logs/`` where the run folder exists (and the log holds anything)."""
-    if run.root.is_dir() and log.exists() and log.stat().st_size:
-        run.logs.mkdir(exist_ok=True)
-        shutil.move(str(log), run.logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
-    else:
-        log.unlink(missing_ok=True)
+    from ..core.store import atomic_write_bytes
+
+    try:
+        if log.exists() and log.stat().st_size and run.root.is_dir():
+            atomic_write_bytes(run.logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log", log.read_bytes())
+    except Exception:  # a store that went away: the log stays behind, the run's own error is what the user sees
+        console.print(f"[yellow]Ray's log of this command: {log}[/]", soft_wrap=True, highlight=False)
+        return
+    log.unlink(missing_ok=True)
 
 
 def _report(pipe: Any, summary: list[dict], as_json: bool) -> None:
@@ -216,7 +227,7 @@ def _input_command(name: str, stages: list[str] | None, doc: str) -> None:
     """A command that takes an input (``run``, ``extract``) and runs ``stages`` (None: every stage)."""
 
     def command(
-        out: Path = Out,
+        out: str = Out,
         backbone: str | None = Backbone,
         weights: str | None = Weights,
         address: str | None = Address,
@@ -242,7 +253,7 @@ _input_command("extract", ["ingest", "extract"], "Ingest and feature extraction 
 
 def _stage_command(stage: str, doc: str) -> None:
     def command(
-        out: Path = Out,
+        out: str = Out,
         address: str | None = Address,
         config: Path | None = ConfigFile,
         as_json: bool = Json,
@@ -262,7 +273,7 @@ _stage_command("report", "Write RUN/report.html: one self-contained file (images
 
 
 @app.command()
-def errors(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder"), as_json: bool = Json) -> None:
+def errors(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"), as_json: bool = Json) -> None:
     """What each stage did, every image that failed and why, and the files ingest skipped."""
     from rich.table import Table
 
@@ -324,7 +335,7 @@ def errors(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder")
 
 
 @app.command()
-def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder"), as_json: bool = Json) -> None:
+def verify(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"), as_json: bool = Json) -> None:
     """Check every output the run folder records (present, same size and checksum, Parquet readable); changes
     nothing. Exit 8 when something is damaged: a rerun of the same command recomputes just that."""
     from ..core.integrity import verify_run
@@ -354,7 +365,7 @@ def verify(run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder")
 
 @app.command("eval")
 def eval_cmd(
-    pred: Path = typer.Argument(..., help="run folder, or a folder of predicted masks"),
+    pred: str = typer.Argument(..., help="run folder, or a folder of predicted masks"),
     gt: Path = typer.Argument(..., help="ground truth: VOC root, COCO mask folder or instances JSON, mask folder"),
     protocol: str = typer.Option("voc21", "--protocol", help="voc21, coco81, cocostuff27, binary, folder"),
     split: str = Split,
@@ -362,7 +373,7 @@ def eval_cmd(
         None, "--ignore", help="a label value to leave out (folder, binary); VOC and COCO always ignore 255"
     ),
     matching: str = typer.Option("hungarian", "--matching", help="hungarian or majority (not for binary)"),
-    out: Path | None = typer.Option(
+    out: str | None = typer.Option(
         None,
         "--out",
         help="where metrics.json and confusion.png go (default: the run folder, or PRED_eval/ beside a plain folder)",
@@ -402,7 +413,7 @@ def eval_cmd(
 
 @app.command()
 def ablate(
-    run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder (clustered)"),
+    run_dir: str = typer.Argument(..., metavar="RUN", help="run folder (clustered)"),
     gt: Path = typer.Argument(..., help="ground truth: VOC root, COCO mask folder or instances JSON, mask folder"),
     protocol: str = typer.Option(
         "voc21",

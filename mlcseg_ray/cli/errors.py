@@ -18,7 +18,8 @@ EXIT_CODES = {
     2: "bad configuration, input or usage; or a stage whose inputs are missing or out of date",
     3: "the run finished, but some images failed (mlcseg errors RUN lists them)",
     4: "the run folder is in use by another run",
-    5: "the disk is full or the run folder is not writable",
+    5: "the run folder cannot be written: the disk is full, it is not writable (a read-only bucket, credentials the "
+    "store refuses), or its object store does not answer (a rerun resumes once it does)",
     6: "no Ray cluster answers at --address",
     7: "the Ray cluster wants a token this machine lacks, or refused the one sent",
     8: "mlcseg verify found damaged or missing outputs (a rerun recomputes them)",
@@ -68,8 +69,32 @@ def _unwrap(e: BaseException) -> BaseException:
     return e
 
 
-def exit_code(e: BaseException) -> int:
-    """Report ``e`` in one line and return its exit code (:data:`EXIT_CODES`)."""
+# How botocore and aiohttp say that an object store did not answer (a Ray task passes them on as text only): the
+# URL botocore names first, else the host aiohttp names.
+_UNREACHABLE = (
+    re.compile(r"Could not connect to the endpoint URL: \"?(\w+://[^\s\"]+)"),
+    re.compile(r"Cannot connect to host ([^\s]+)"),
+)
+
+
+def _store_unreachable(e: BaseException) -> str | None:
+    """What ``e`` (or what caused it) says the object store did not answer at, if it says so."""
+    texts, seen = [], set()
+    while isinstance(e, BaseException) and id(e) not in seen:
+        seen.add(id(e))
+        texts += [str(e), str(getattr(e, "traceback_str", ""))]
+        e = e.__cause__ or e.__context__ or getattr(e, "cause", None)
+    for pattern in _UNREACHABLE:
+        for text in texts:
+            m = pattern.search(text)
+            if m:
+                return m.group(1)
+    return None
+
+
+def exit_code(e: BaseException, out: object = None) -> int:
+    """Report ``e`` in one line and return its exit code (:data:`EXIT_CODES`). ``out``: the run folder the command
+    was given, named where an error does not name a path."""
     if isinstance(e, RunLocked):
         return _say_error(e, 4)
     if isinstance(e, ClusterUnreachable):
@@ -81,11 +106,9 @@ def exit_code(e: BaseException) -> int:
     stage = e.stage if isinstance(e, StageFailed) else None
     raised = e.__cause__ if isinstance(e, StageFailed) else e
     cause = _unwrap(raised)
-    os_err = _os_error(raised)
-    if os_err is not None and os_err.errno in STORAGE_ERRNOS:
-        where = f" while {stage} wrote" if stage else " writing"
-        path = os_err.filename or getattr(e, "where", None) or "the run folder"
-        return _say_error(f"{STORAGE_ERRNOS[os_err.errno]}{where} {path}", 5)
+    storage = _storage_error(e, raised, cause, stage, out)
+    if storage:
+        return _say_error(storage, 5)
     if isinstance(cause, (ConfigError, FileNotFoundError, ValueError, StageOrderError, NotADirectoryError)):
         return _say_error(f"{stage}: {cause}" if stage and not str(cause).startswith(stage) else cause, 2)
     if os.environ.get("MLCSEG_DEBUG"):
@@ -94,6 +117,24 @@ def exit_code(e: BaseException) -> int:
         f"{'in ' + stage + ': ' if stage else ''}{type(cause).__name__}: {cause} (MLCSEG_DEBUG=1 shows the traceback)",
         1,
     )
+
+
+def _storage_error(e: BaseException, raised: BaseException, cause: BaseException, stage: str | None, out: object):
+    """The line for a run folder that cannot be written (exit 5), or None: a store that does not answer, a bucket
+    that refuses the credentials or the write, a full or read-only disk."""
+    endpoint = _store_unreachable(raised)  # before the FileNotFoundError s3fs may have made of it
+    if endpoint:
+        where = f" while {stage} ran" if stage else ""
+        return f"cannot reach the object store at {endpoint}{where}; rerun once it answers to resume"
+    if isinstance(cause, PermissionError) and cause.errno is None:  # a bucket's refusal (s3fs, gcsfs)
+        what = f"{stage}'s write" if stage else f"access to {getattr(e, 'where', None) or out or 'the run folder'}"
+        return f"the object store refused {what} ({cause}): check the credentials and that they may write there"
+    os_err = _os_error(raised)
+    if os_err is not None and os_err.errno in STORAGE_ERRNOS:
+        where = f" while {stage} wrote" if stage else " writing"
+        path = os_err.filename or getattr(e, "where", None) or out or "the run folder"
+        return f"{STORAGE_ERRNOS[os_err.errno]}{where} {path}"
+    return None
 
 
 def _say_error(e: object, code: int) -> int:

@@ -24,8 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.parquet as pq
-
 from ..config import Config
 from .errors import NoUsableImages, StageFailed, StageOrderError
 from .fingerprint import digest
@@ -33,7 +31,16 @@ from .inputs import RunInputs
 from .integrity import declared_outputs, stage_damage
 from .progress import progress_bar
 from .stage import MapFn, Stage, StageContext
-from .store import RunDir, atomic_write_json, list_shards, read_json, recording_writes, remove_stale_temp_files
+from .storage import read_table, walk_files
+from .store import (
+    RunDir,
+    atomic_write_json,
+    list_shards,
+    markers,
+    read_json,
+    recording_writes,
+    remove_stale_temp_files,
+)
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
@@ -119,8 +126,9 @@ class Executor:
         listing = []
         for w in stage.writes:
             p = getattr(self.run, w)
-            files = sorted(p.rglob("*")) if p.is_dir() else [p] if p.exists() else []
-            listing += [(str(f.relative_to(self.run.root)), f.stat().st_size) for f in files if f.is_file()]
+            files = walk_files(p) if p.is_dir() else [p] if p.exists() else []
+            top = len(str(self.run.root).rstrip("/")) + 1
+            listing += [(str(f)[top:], f.stat().st_size) for f in files]
         return "external-" + digest(listing)
 
     def fingerprints(self, ctx: StageContext, planned: list[str]) -> tuple[dict[str, str], dict[str, dict]]:
@@ -349,7 +357,7 @@ class Executor:
         state = self.run.state(stage.name)
         if not state.is_dir():
             return
-        for marker in state.glob("[0-9]*"):
+        for marker in markers(state):
             if int(marker.name) not in shards:
                 for rel in (read_json(marker) or {}).get("outputs", {}):
                     (self.run.root / rel).unlink(missing_ok=True)
@@ -395,12 +403,12 @@ class Executor:
     def _write_status(self) -> None:
         """``status.parquet``: every image once, ok or the first stage's error, and its flag (empty/full mask)."""
         if self.run.manifest.exists():
-            base = pq.read_table(self.run.manifest, columns=["image_id", "uri", "status", "error"]).to_pylist()
+            base = read_table(self.run.manifest, columns=["image_id", "uri", "status", "error"]).to_pylist()
         else:  # a brought-in store: its image tables list the images
             base = [
                 r
                 for p in list_shards(self.run.image_tables)
-                for r in pq.read_table(p, columns=["image_id", "uri", "status", "error"]).to_pylist()
+                for r in read_table(p, columns=["image_id", "uri", "status", "error"]).to_pylist()
             ]
         rows = {r["image_id"]: {**r, "stage": "ingest" if r["status"] != "ok" else None, "flag": None} for r in base}
         for name in self.order:
@@ -408,7 +416,7 @@ class Executor:
             rec = self._record(name)
             if rec is None or not state.is_dir():
                 continue
-            for marker in sorted(state.glob("[0-9]*")):
+            for marker in markers(state):
                 m = read_json(marker) or {}
                 if m.get("fingerprint") != rec.get("marker_fingerprint", rec.get("fingerprint")):
                     continue

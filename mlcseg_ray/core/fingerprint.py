@@ -17,6 +17,14 @@ def weights_identity(path: str | None) -> dict | None:
     fingerprint)."""
     if not path:
         return None
+    if "://" in str(path) and not str(path).startswith("file://"):  # an object: its size and ETag
+        from .storage import as_location
+
+        try:
+            info = as_location(path).fs.info(as_location(path).path)
+        except OSError:
+            return {"path": str(path)}
+        return {"path": str(path), "bytes": info.get("size"), "etag": info.get("ETag") or info.get("etag")}
     try:
         st = os.stat(path)
     except OSError:

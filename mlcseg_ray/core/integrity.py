@@ -5,26 +5,23 @@ checks the CRCs and that every Parquet file can be read, and changes nothing."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pyarrow.parquet as pq
-
+from .storage import Location, read_metadata
 from .store import RunDir, file_crc, read_json
 
 
 def declared_outputs(writes: tuple[str, ...], run: RunDir, written: dict) -> dict[str, list]:
     """The files in ``written`` (path -> (size, crc)) that lie under the stage's declared ``writes``, relative to
     the run folder: what its marker or record keeps."""
-    roots = [getattr(run, w) for w in writes]
-    out = {}
-    for path, (size, crc) in written.items():
-        p = Path(path)
-        if any(p == r or r in p.parents for r in roots):
-            out[p.relative_to(run.root).as_posix()] = [size, crc]
-    return out
+    roots = [str(getattr(run, w)) for w in writes]
+    top = len(str(run.root).rstrip("/")) + 1
+    return {
+        path[top:]: [size, crc]
+        for path, (size, crc) in written.items()
+        if any(path == r or path.startswith(r + "/") for r in roots)
+    }
 
 
-def check_outputs(root: Path, outputs: dict[str, list], deep: bool = False) -> list[str]:
+def check_outputs(root: Location, outputs: dict[str, list], deep: bool = False) -> list[str]:
     """What is wrong with recorded outputs, one phrase each: missing, another size, (``deep``) another CRC or an
     unreadable Parquet file."""
     problems = []
@@ -41,7 +38,7 @@ def check_outputs(root: Path, outputs: dict[str, list], deep: bool = False) -> l
             problems.append(f"{rel} has changed since it was written (checksum)")
         elif deep and path.suffix == ".parquet":
             try:
-                pq.read_metadata(path)
+                read_metadata(path)
             except Exception as e:  # any reader error: the file is damaged
                 problems.append(f"{rel} cannot be read ({type(e).__name__})")
     return problems
@@ -68,7 +65,7 @@ def verify_run(run: RunDir) -> dict[str, list[str]]:
     sound stages). Reads the folder's records alone; changes nothing."""
     report = {}
     state = run.root / "_state"
-    for folder in sorted(p for p in state.iterdir() if p.is_dir()) if state.is_dir() else []:
+    for folder in sorted((p for p in state.iterdir() if p.is_dir()), key=str) if state.is_dir() else []:
         record = read_json(folder / "stage.json")
         if not record:
             continue

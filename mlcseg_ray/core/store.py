@@ -1,9 +1,11 @@
 """The run folder: every path in it, atomic writes, shard markers, image status and the lock.
 
-A shard's output is written to a temporary name in the same folder, renamed into place, and only then its marker
-``_state/<stage>/NNNNN`` is written (by the executor). No reader ever sees a half-written file: readers list only
-final names (``shard-*.parquet``), never ``.tmp-*``. Files take the mode the user's umask gives (``mkstemp`` alone
-would leave them 0600, unreadable to the other users of a shared file system).
+The folder is local or in a bucket (``s3://``, ``gs://``): every read and write goes through ``core/storage.py``.
+A shard's outputs are written atomically (locally a temporary name in the same folder renamed into place; in a
+bucket one PUT or a multipart upload completed last), and only then its marker ``_state/<stage>/NNNNN`` (by the
+executor). No reader ever sees a half-written file: readers list only final names (``shard-*.parquet``), never
+``.tmp-*``. Local files take the mode the user's umask gives (``mkstemp`` alone would leave them 0600, unreadable to
+the other users of a shared file system).
 """
 
 from __future__ import annotations
@@ -13,31 +15,21 @@ import contextvars
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from . import storage
 from .errors import RunLocked
+from .storage import Location, as_location, is_local, read_table
 
 FEATURE_SCHEMA_VERSION = "1"
 log = logging.getLogger("mlcseg_ray")
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_current_umask()  # read once, at import: os.umask is process-wide and not thread-safe
 
 
 def shard_name(index: int, prefix: str = "shard", suffix: str = ".parquet") -> str:
@@ -61,53 +53,47 @@ def recording_writes() -> Iterator[dict[str, tuple[int, int | None]]]:
         _WRITTEN.reset(token)
 
 
-def file_crc(path: str | Path) -> int:
-    with open(path, "rb") as f:
-        return zlib.crc32(f.read())
+def file_crc(path: Location) -> int:
+    return zlib.crc32(as_location(path).read_bytes())
 
 
-def _note_write(path: Path, data: bytes | None = None) -> None:
+def _note_write(path: Location, data: bytes | None = None) -> None:
     written = _WRITTEN.get()
     if written is None:
         return
-    size = path.stat().st_size
+    size = len(data) if data is not None else path.stat().st_size
     crc = zlib.crc32(data) if data is not None else file_crc(path) if size <= CHECKSUM_MAX_BYTES else None
     written[str(path)] = (size, crc)
 
 
-def _atomic(path: Path, write: Callable[[str], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, FILE_MODE)
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def atomic_write_table(path: Location, table: pa.Table, **kwargs: object) -> None:
+    path = as_location(path)
+    if is_local(path):
+        storage.put_table(path, table, **kwargs)
+        _note_write(path)
+    else:
+        atomic_write_bytes(path, storage.table_bytes(table, **kwargs))
 
 
-def atomic_write_table(path: Path, table: pa.Table, **kwargs: object) -> None:
-    _atomic(Path(path), lambda tmp: pq.write_table(table, tmp, **kwargs))
-    _note_write(Path(path))
+def atomic_write_bytes(path: Location, data: bytes) -> None:
+    path = as_location(path)
+    storage.put_bytes(path, data)
+    _note_write(path, data)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
+def atomic_write_many(items: list[tuple[Location, bytes]]) -> None:
+    """A shard's many small files (masks): each atomic, to a bucket concurrently."""
+    items = [(as_location(p), d) for p, d in items]
+    storage.put_many(items)
+    for p, d in items:
+        _note_write(p, d)
 
-    _atomic(Path(path), write)
-    _note_write(Path(path), data)
 
-
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Location, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_write_json(path: Path, obj: object) -> None:
+def atomic_write_json(path: Location, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default))
 
 
@@ -118,14 +104,14 @@ def _json_default(o: object) -> object:
         return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
-    if isinstance(o, Path):
+    if isinstance(o, os.PathLike):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def read_json(path: Path, default: Any = None) -> Any:
+def read_json(path: Location, default: Any = None) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(as_location(path).read_text())
     except FileNotFoundError:
         return default
 
@@ -147,7 +133,8 @@ class RunDir:
     else builds a path under ``root``."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        self.root = as_location(root)  # a local Path, or a UPath in a bucket
+        self.remote = not is_local(self.root)
 
     # --- files and folders ---
     manifest = property(lambda self: self.root / "manifest.parquet")  # ingest's listing; never rewritten
@@ -176,31 +163,37 @@ class RunDir:
     logs = property(lambda self: self.root / "logs")  # each command's Ray output (Ray's lines stay off the terminal)
 
     # --- per-shard and per-image paths ---
-    def feature_shard(self, n: int) -> Path:
+    def feature_shard(self, n: int) -> Location:
         return self.features / shard_name(n)
 
-    def image_table(self, n: int) -> Path:
+    def image_table(self, n: int) -> Location:
         return self.image_tables / shard_name(n)
 
-    def pseudo_part(self, n: int) -> Path:
+    def pseudo_part(self, n: int) -> Location:
         return self.pseudo / shard_name(n, "part")
 
-    def region_part(self, n: int) -> Path:
+    def region_part(self, n: int) -> Location:
         return self.region_parts / shard_name(n, "part")
 
-    def labelled_part(self, n: int) -> Path:
+    def labelled_part(self, n: int) -> Location:
         return self.coco_parts / shard_name(n, "labelled")  # label's, beside its COCO fragments
 
-    def coco_part(self, n: int) -> Path:
+    def coco_part(self, n: int) -> Location:
         return self.coco_parts / shard_name(n, "part", ".json")
 
-    def binary_mask(self, image_id: str) -> Path:
+    def binary_mask(self, image_id: str) -> Location:
         return self.binary / f"{image_id}.png"
 
-    def class_mask(self, image_id: str) -> Path:
+    def class_mask(self, image_id: str) -> Location:
         return self.masks / f"{image_id}.png"
 
-    def shards_of(self, folder: Path, prefix: str = "shard") -> list[int]:
+    def mask_ids(self, folder: Location) -> set[str]:
+        """The image ids with a mask in ``folder`` (``binary``, ``masks``), from one listing: in a bucket a LIST
+        per thousand masks, not a HEAD per image."""
+        top = len(str(folder).rstrip("/")) + 1
+        return {str(p)[top:-4] for p in storage.walk_files(folder) if str(p).endswith(".png")}
+
+    def shards_of(self, folder: Location, prefix: str = "shard") -> list[int]:
         """The shard numbers of one of this run's sharded folders (final files only)."""
         return [shard_index(p) for p in list_shards(folder, prefix)]
 
@@ -214,36 +207,36 @@ class RunDir:
     def image_ids(self) -> set[str]:
         """Every image of the run: the manifest's, or a brought-in store's image tables'."""
         if self.manifest.exists():
-            return set(pq.read_table(self.manifest, columns=["image_id"]).column(0).to_pylist())
+            return set(read_table(self.manifest, columns=["image_id"]).column(0).to_pylist())
         return {
-            i
-            for p in list_shards(self.image_tables)
-            for i in pq.read_table(p, columns=["image_id"]).column(0).to_pylist()
+            i for p in list_shards(self.image_tables) for i in read_table(p, columns=["image_id"]).column(0).to_pylist()
         }
 
     def manifest_rows(self, shard: int) -> list[dict]:
         """The manifest's rows of one shard (what extract reads, and what later stages check images against)."""
-        return pq.read_table(self.manifest, filters=[("shard", "=", shard)]).to_pylist()
+        return read_table(self.manifest, filters=[("shard", "=", shard)]).to_pylist()
 
     # --- stage state: markers and the stage record ---
-    def state(self, stage: str) -> Path:
+    def state(self, stage: str) -> Location:
         return self.root / "_state" / stage
 
-    def marker(self, stage: str, shard: int) -> Path:
+    def marker(self, stage: str, shard: int) -> Location:
         return self.state(stage) / f"{shard:05d}"
 
-    def stage_record(self, stage: str) -> Path:
+    def stage_record(self, stage: str) -> Location:
         return self.state(stage) / "stage.json"
 
-    def remove(self, path: Path) -> None:
+    def inside(self, path: Location) -> bool:
+        if self.remote:
+            return str(path).startswith(str(self.root).rstrip("/") + "/")
+        return self.root.resolve() in Path(path).resolve().parents
+
+    def remove(self, path: Location) -> None:
         """Remove a file or folder of this run (a stage's stale outputs)."""
-        path = Path(path)
-        if self.root.resolve() not in path.resolve().parents:
+        path = as_location(path)
+        if not self.inside(path):
             raise ValueError(f"refusing to remove {path}: not inside the run folder {self.root}")
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        storage.remove(path)
 
     # --- run record: what made this run (config fingerprint, backbone, stage timings) ---
     def read_record(self) -> dict:
@@ -265,17 +258,16 @@ class RunDir:
 
     def read_status(self) -> list[dict]:
         """One row per image (image_id, uri, status ok/error, stage, error, flag); empty before ingest."""
-        return pq.read_table(self.status).to_pylist() if self.status.exists() else []
+        return read_table(self.status).to_pylist() if self.status.exists() else []
 
     # --- the lock ---
     @contextlib.contextmanager
     def lock(self, command: str = "") -> Iterator[dict]:
         """Hold the run folder for this process. A live holder is a clear error naming it; a dead holder's lock
-        (same host, process gone) is taken over, and said so. A guard ``flock`` makes check-and-take atomic."""
-        import fcntl
-
+        (same host, process gone) is taken over, and said so. Check-and-take is atomic: locally under a guard
+        ``flock``, in a bucket by a conditional create of the lock object."""
         created = not self.root.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
+        storage.make_folder(self.root)
         me = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -283,40 +275,77 @@ class RunDir:
             "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": command,
         }
+        self._take_lock(me)
+        try:
+            yield me
+        finally:
+            try:
+                with self._lock_guard():
+                    if (read_json(self.lock_file) or {}).get("pid") == me["pid"]:
+                        storage.remove(self.lock_file)
+                if created and self._holds_only_state():  # a run that failed before writing anything leaves nothing
+                    storage.remove(self.root)
+            except Exception as e:  # a store that went away: the next run takes the dead holder's lock over
+                log.warning("could not release the lock %s (%s): the next run takes it over", self.lock_file, e)
+
+    def _take_lock(self, me: dict) -> None:
+        if self.remote:
+            # Of two runs that create the lock object at once, the store lets exactly one succeed. Taking over a
+            # dead holder's lock (delete, then create) is not exclusive against a second taker at the same moment.
+            while not self._create_lock(me):
+                holder = read_json(self.lock_file)
+                if holder and not self._ours(holder, me):
+                    self._refuse_live(holder, me)
+                storage.remove(self.lock_file)
+            return
+        with self._lock_guard():
+            holder = read_json(self.lock_file)
+            if holder and not self._ours(holder, me):
+                self._refuse_live(holder, me)
+            atomic_write_json(self.lock_file, me)
+
+    def _create_lock(self, me: dict) -> bool:
+        try:
+            return storage.create_exclusive(self.lock_file, json.dumps(me).encode())
+        except FileNotFoundError:
+            bucket = str(self.root).split("://", 1)[1].split("/", 1)[0]
+            raise FileNotFoundError(f"--out {self.root}: no such bucket {bucket!r} (create it first)") from None
+
+    @staticmethod
+    def _ours(holder: dict, me: dict) -> bool:
+        return holder.get("pid") == me["pid"] and holder.get("host") == me["host"]
+
+    def _refuse_live(self, holder: dict, me: dict) -> None:
+        """Raise RunLocked naming a live holder; say so when a dead one's lock is taken over."""
+        if _alive(holder):
+            raise RunLocked(
+                f"{self.root} is in use by another run: pid {holder.get('pid')} on {holder.get('host')} since "
+                f"{holder.get('started_at')} ({holder.get('command') or 'mlcseg'}); wait for it to end or use "
+                f"another --out"
+                + ("" if holder.get("host") == me["host"] else f" (if that run is gone, delete {self.lock_file})")
+            )
+        log.warning(
+            "taking over the lock of %s: its holder (pid %s on %s, started %s) is no longer running",
+            self.root,
+            holder.get("pid"),
+            holder.get("host"),
+            holder.get("started_at"),
+        )
+
+    @contextlib.contextmanager
+    def _lock_guard(self) -> Iterator[None]:
+        """Locally a ``flock`` on ``_state/lock.guard`` around check-and-take; a bucket needs none (its create is
+        conditional)."""
+        if self.remote:
+            yield
+            return
+        import fcntl
+
         guard_path = self.root / "_state" / "lock.guard"
         guard_path.parent.mkdir(parents=True, exist_ok=True)
         with open(guard_path, "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
-            holder = read_json(self.lock_file)
-            if holder and holder.get("pid") != me["pid"]:
-                if _alive(holder):
-                    raise RunLocked(
-                        f"{self.root} is in use by another run: pid {holder.get('pid')} on {holder.get('host')} since "
-                        f"{holder.get('started_at')} ({holder.get('command') or 'mlcseg'}); wait for it to end or use "
-                        f"another --out"
-                        + (
-                            ""
-                            if holder.get("host") == me["host"]
-                            else f" (if that run is gone, delete {self.lock_file})"
-                        )
-                    )
-                log.warning(
-                    "taking over the lock of %s: its holder (pid %s on %s, started %s) is no longer running",
-                    self.root,
-                    holder.get("pid"),
-                    holder.get("host"),
-                    holder.get("started_at"),
-                )
-            atomic_write_json(self.lock_file, me)
-        try:
-            yield me
-        finally:
-            with open(guard_path, "a") as guard:
-                fcntl.flock(guard, fcntl.LOCK_EX)
-                if (read_json(self.lock_file) or {}).get("pid") == me["pid"]:
-                    self.lock_file.unlink(missing_ok=True)
-            if created and self._holds_only_state():  # a run that failed before writing anything leaves nothing
-                shutil.rmtree(self.root, ignore_errors=True)
+            yield
 
     def _holds_only_state(self) -> bool:
         return all(p.name in ("_state", ".lock") for p in self.root.iterdir())
@@ -336,24 +365,30 @@ def _alive(holder: dict) -> bool:
         return False
 
 
-def list_shards(folder: Path, prefix: str = "shard") -> list[Path]:
+def list_shards(folder: Location, prefix: str = "shard") -> list[Location]:
     """Final shard files only (never ``.tmp-*``), in shard order."""
-    folder = Path(folder)
+    folder = as_location(folder)
     return sorted(folder.glob(f"{prefix}-*.parquet")) if folder.is_dir() else []
 
 
-def shard_index(path: Path) -> int:
-    return int(Path(path).stem.split("-")[-1])
+def markers(state: Location) -> list[Location]:
+    """A stage's shard markers (files named by their shard number), in shard order."""
+    return sorted((p for p in state.iterdir() if p.name.isdigit()), key=lambda p: p.name) if state.is_dir() else []
 
 
-def read_tables(paths: Iterable[Path], columns: list[str] | None = None) -> pa.Table:
-    tables = [pq.read_table(p, columns=columns) for p in paths]
+def shard_index(path: Location) -> int:
+    return int(as_location(path).stem.split("-")[-1])
+
+
+def read_tables(paths: Iterable[Location], columns: list[str] | None = None) -> pa.Table:
+    tables = [read_table(p, columns=columns) for p in paths]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def remove_stale_temp_files(*folders: Path) -> None:
-    """Temp files of a run that was killed mid-write; never read, removed so they do not pile up."""
-    for folder in folders:
-        if Path(folder).is_dir():
-            for p in Path(folder).glob(".tmp-*"):
+def remove_stale_temp_files(*folders: Location) -> None:
+    """Temp files of a run that was killed mid-write; never read, removed so they do not pile up. (A bucket has
+    none: its writes are single objects.)"""
+    for folder in map(as_location, folders):
+        if is_local(folder) and folder.is_dir():
+            for p in folder.glob(".tmp-*"):
                 p.unlink(missing_ok=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..core.storage import as_location
+
 VOC_CLASSES = [
     "background",
     "aeroplane",
@@ -331,14 +333,16 @@ NO_IGNORE = 256  # outside 0..255: no pixel is ignored
 
 
 def read_label_png(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path))
+    with as_location(path).open("rb") as f:  # a prediction may be in a bucket
+        return np.asarray(Image.open(f))
 
 
 def read_binary_mask(path: Path, ignore: int = NO_IGNORE) -> np.ndarray:
     """Foreground 1, background 0, ``ignore`` pixels 255. Any mode (1-bit, 8-bit, palette, RGB read as grey); JPEG
     (lossy: edges hold values between 0 and 255) thresholded at 128, everything else foreground where > 0."""
-    img = Image.open(path)
-    a = np.asarray(img.convert("L") if img.mode not in ("1", "L", "P", "I", "I;16") else img)
+    with as_location(path).open("rb") as f:
+        img = Image.open(f)
+        a = np.asarray(img.convert("L") if img.mode not in ("1", "L", "P", "I", "I;16") else img)
     a = a.astype(np.int64) if a.dtype != bool else a.astype(np.uint8)
     fg = a >= 128 if Path(path).suffix.lower() in LOSSY else a > 0
     out = fg.astype(np.uint8)

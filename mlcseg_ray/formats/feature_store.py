@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import Config
+from ..core.storage import read_schema, read_table
 from ..core.store import FEATURE_SCHEMA_VERSION, RunDir, atomic_write_table, list_shards
 from ..ops.kmeans import EPS, check_finite, unit_vectors
 
@@ -91,7 +91,7 @@ def store_metadata(info: dict, cfg: Config) -> dict:
 
 
 def read_store_metadata(path: str | Path) -> dict:
-    md = pq.read_schema(path).metadata or {}
+    md = read_schema(path).metadata or {}
     if META_KEY not in md:
         raise ValueError(f"{path}: no 'mlcseg' metadata; see README 'Feature store' for the format")
     return json.loads(md[META_KEY])
@@ -248,7 +248,7 @@ def unit_keys(path: str | Path, t: pa.Table, image_ids: list[str], row_image: np
 
 
 def read_patches(path: str | Path) -> Patches:
-    t = pq.read_table(path, columns=["image_id", "py", "px", "key", "cls_attn"])
+    t = read_table(path, columns=["image_id", "py", "px", "key", "cls_attn"])
     image_ids, starts, row_image = image_runs(path, t.column("image_id"))
     keys = unit_keys(path, t, image_ids, row_image)
     attn = t.column("cls_attn").to_numpy().astype(np.float32)

@@ -91,19 +91,31 @@ def content_hash(data: bytes) -> str:
 
 
 def file_stat(uri: str) -> tuple[int | None, int | None]:
-    """(size in bytes, modification time in ns) of a local file or an object (mtime None where the store has none);
-    (None, None) when it cannot be read."""
+    """(size in bytes, modification time in ns) of a local file or an object (its last-modified time; None where
+    the store has none); (None, None) when it cannot be read."""
     try:
         if is_remote(uri):
             import fsspec
 
             fs, path = fsspec.core.url_to_fs(uri)
             info = fs.info(path)
-            return info.get("size"), None
+            return info.get("size"), _modified_ns(info)
         st = os.stat(uri[len("file://") :] if uri.startswith("file://") else uri)
         return st.st_size, st.st_mtime_ns
     except OSError:
         return None, None
+
+
+def _modified_ns(info: dict) -> int | None:
+    """An object's last modification in ns (S3 ``LastModified``, GCS ``updated``), None where the store has none."""
+    import datetime
+
+    when = info.get("LastModified") or info.get("updated") or info.get("mtime")
+    if isinstance(when, str):
+        when = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
+    if isinstance(when, datetime.datetime):
+        return int(when.timestamp() * 1e9)
+    return int(when * 1e9) if isinstance(when, (int, float)) else None
 
 
 def check_unchanged(uri: str, data: bytes, expect: dict) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import Config
 from ..core.fingerprint import digest
+from ..core.storage import as_location, read_table
 from ..core.store import RunDir, atomic_write_table
 
 MANIFEST_SCHEMA = pa.schema(
@@ -33,9 +33,9 @@ def write_manifest(path: Path, table: pa.Table) -> None:
 
 
 def read_manifest(path: Path) -> pa.Table:
-    if not Path(path).exists():
+    if not as_location(path).exists():
         raise FileNotFoundError(f"{path} not found: run ingest/extract first")
-    return pq.read_table(path)
+    return read_table(path)
 
 
 def manifest_fingerprint(path: Path) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..core.storage import as_location
+
 
 def voc_palette() -> list[int]:
     """The PASCAL VOC colour map (bit-interleaved), 256 entries."""
@@ -35,8 +37,9 @@ def png_bytes(array: np.ndarray, palette: list[int] | None = None) -> bytes:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A mask PNG as it is stored (class ids, or 0/255)."""
-    return np.asarray(Image.open(path))
+    """A mask PNG as it is stored (class ids, or 0/255), from a local folder or a bucket."""
+    with as_location(path).open("rb") as f:
+        return np.asarray(Image.open(f))
 
 
 def read_binary(path: str | Path) -> np.ndarray:

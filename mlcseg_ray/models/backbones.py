@@ -8,6 +8,7 @@ the demo; everything made with them says so.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -16,6 +17,8 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn as nn
+
+from ..core.storage import as_location, is_local
 
 log = logging.getLogger("mlcseg_ray")
 
@@ -101,14 +104,16 @@ def create_architecture(name: str) -> nn.Module:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
+    """A checkpoint's tensors, from a local file or an object (``s3://.../dino.pth``: no shared volume needed)."""
+    path = as_location(path)
     if not path.is_file():
         raise FileNotFoundError(f"--weights: no such file: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load, load_file
 
-        return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        return load_file(str(path)) if is_local(path) else load(path.read_bytes())
+    source = str(path) if is_local(path) else io.BytesIO(path.read_bytes())
+    sd = torch.load(source, map_location="cpu", weights_only=True)
     # Full DINO training checkpoints hold {"teacher": ..., "student": ...}; others wrap in "model"/"state_dict".
     for key in ("teacher", "model", "state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
@@ -242,7 +247,7 @@ def locate_weights(name: str, weights: str | None = None) -> str | None:
     given, timm's cache (downloaded there when online), or None for a random-weight backbone. Raises
     WeightsNotFound / FileNotFoundError with the options a user has."""
     if weights is not None:
-        if not Path(weights).is_file():
+        if not as_location(weights).is_file():
             raise FileNotFoundError(f"--weights: no such file: {weights}")
         return str(weights)
     if name in RANDOM_BACKBONES:

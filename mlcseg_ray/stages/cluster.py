@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..config import Config
 from ..core.mapping import serial_map
 from ..core.stage import MapFn, Resources, Stage, StageContext
+from ..core.storage import read_table
 from ..core.store import RunDir, atomic_write_json, atomic_write_table, list_shards, read_json, read_tables
 from ..formats.feature_store import Patches, image_runs, list_to_numpy, read_patches, unit_keys
 from ..ops.kmeans import (
@@ -93,7 +93,7 @@ class KeyLoader:
         return self.group_of[idx.astype(np.int64)]
 
     def __call__(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        t = pq.read_table(path, columns=["image_id", "key"])
+        t = read_table(path, columns=["image_id", "key"])
         image_ids, starts, row_image = image_runs(path, t.column("image_id"))
         x = unit_keys(path, t, image_ids, row_image)
         keys = row_keys(id_hash(image_ids)[row_image], np.arange(len(x)) - starts[row_image])
@@ -145,7 +145,7 @@ def _read_cls_tokens(run: RunDir) -> tuple[list[str], np.ndarray, np.ndarray]:
     the one thing in the driver that grows with N, so they are held once: filled shard by shard, normalised in
     place."""
     shards = list_shards(run.image_tables)
-    read = [pq.read_table(p, columns=["image_id", "status", "grid_h", "grid_w"]) for p in shards]
+    read = [read_table(p, columns=["image_id", "status", "grid_h", "grid_w"]) for p in shards]
     oks = [pc.equal(t.column("status"), "ok") for t in read]
     tables = [t.filter(ok) for t, ok in zip(read, oks, strict=True)]
     n = sum(t.num_rows for t in tables)
@@ -156,7 +156,7 @@ def _read_cls_tokens(run: RunDir) -> tuple[list[str], np.ndarray, np.ndarray]:
         if not t.num_rows:
             continue
         ids += t.column("image_id").to_pylist()
-        cls = list_to_numpy(pq.read_table(path, columns=["cls_token"]).filter(ok).column("cls_token"))
+        cls = list_to_numpy(read_table(path, columns=["cls_token"]).filter(ok).column("cls_token"))
         x = np.empty((n, cls.shape[1]), np.float32) if x is None else x
         x[pos : pos + len(cls)] = cls
         pos += len(cls)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from ..config import Config
 from ..core.fingerprint import weights_identity
 from ..core.stage import MapFn, Resources, Stage, StageContext, for_each_image
+from ..core.storage import read_table
 from ..core.store import RunDir, atomic_write_table
 from ..formats.feature_store import fixed_list, read_patches, read_store_metadata
 from ..formats.images import load_rgb
@@ -42,8 +42,8 @@ def describe_shard(
 ) -> tuple[pa.Table, dict[str, str]]:
     """Regions and descriptors of one shard (plain function; ``embed(batch) -> CLS tokens`` for crop_cls), and
     the images that failed."""
-    geoms = {r["image_id"]: r for r in pq.read_table(run.image_table(n)).to_pylist() if r["status"] == "ok"}
-    pseudo_ids = pq.read_table(run.pseudo_part(n), columns=["image_id"]).column(0).to_pylist()
+    geoms = {r["image_id"]: r for r in read_table(run.image_table(n)).to_pylist() if r["status"] == "ok"}
+    pseudo_ids = read_table(run.pseudo_part(n), columns=["image_id"]).column(0).to_pylist()
     meta = read_store_metadata(run.feature_shard(n))
     patches = read_patches(run.feature_shard(n)) if cfg.region_descriptor == "masked_mean" else None
     expect = expected_files(run, n, cfg) if cfg.region_descriptor == "crop_cls" else {}
@@ -136,7 +136,7 @@ class DescribeStage(Stage):
         table, errors = describe_shard(ctx.run, shard, ctx.cfg, worker)
         atomic_write_table(ctx.run.region_part(shard), table)
         return {
-            "images": len(pq.read_table(ctx.run.pseudo_part(shard), columns=["image_id"])),
+            "images": len(read_table(ctx.run.pseudo_part(shard), columns=["image_id"])),
             "errors": errors,
             "regions": table.num_rows,
         }

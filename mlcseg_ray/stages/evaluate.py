@@ -19,6 +19,7 @@ import numpy as np
 
 from ..core.mapping import serial_map
 from ..core.stage import MapFn, Stage, StageContext
+from ..core.storage import as_location, make_folder
 from ..core.store import RunDir, atomic_write_bytes, atomic_write_json
 from ..formats.datasets import (
     MASK_EXTENSIONS,
@@ -38,9 +39,11 @@ def _chunk_confusion(image_ids: list[str], gt: GroundTruth, pred_dir: str, binar
     missing = []
     for i in image_ids:
         g = gt.read(i)
-        p_path = Path(pred_dir) / f"{i}.png"
+        p_path = as_location(pred_dir) / f"{i}.png"
         if binary_pred and not p_path.exists():
-            p_path = next((q for q in (Path(pred_dir) / f"{i}{e}" for e in MASK_EXTENSIONS) if q.exists()), p_path)
+            p_path = next(
+                (q for q in (as_location(pred_dir) / f"{i}{e}" for e in MASK_EXTENSIONS) if q.exists()), p_path
+            )
         if p_path.exists():
             p = read_binary_mask(p_path) if binary_pred else read_label_png(p_path)
             if p.ndim == 3:
@@ -104,7 +107,7 @@ def evaluate_folder(
     map_fn: MapFn | None = None,
 ) -> dict:
     """``mlcseg eval``: PRED is a run folder (its masks/ or, for binary, binary/) or a folder of label PNGs."""
-    pred = Path(pred)
+    pred = as_location(pred)
     if not pred.exists():
         raise FileNotFoundError(f"predictions not found: {pred}")
     run = RunDir(pred)
@@ -114,13 +117,13 @@ def evaluate_folder(
     else:
         pred_dir = pred
     gt_def = load_ground_truth(gt, protocol, split, ignore)
-    gt_def, left_out = _scored_images(gt_def, run.image_ids() if is_run else None, Path(pred_dir), protocol)
+    gt_def, left_out = _scored_images(gt_def, run.image_ids() if is_run else None, pred_dir, protocol)
     metrics = evaluate(pred_dir, gt_def, matching, binary_pred=protocol == "binary", map_fn=map_fn)
     metrics["ground_truth_outside_run"] = left_out
     if left_out:
         metrics["notes"] = [*metrics["notes"], f"{left_out} ground-truth image(s) outside the run left out"]
     # a run keeps its metrics; a plain folder's go beside it (never into it: confusion.png would read as a mask)
-    out = Path(out) if out else pred if is_run else pred.parent / f"{pred.name}_eval"
+    out = as_location(out) if out else pred if is_run else pred.parent / f"{pred.name}_eval"
     metrics.update(
         protocol=protocol,
         predictions=str(pred_dir),
@@ -195,7 +198,7 @@ class EvaluateStage(Stage):
 
 def write_outputs(out: Path, metrics: dict, names: list[str]) -> None:
     run = RunDir(out)
-    run.root.mkdir(parents=True, exist_ok=True)
+    make_folder(run.root)
     atomic_write_json(run.metrics, metrics)
     atomic_write_bytes(run.confusion, confusion_png(np.asarray(metrics["confusion"]), names))
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -21,6 +20,7 @@ from ..config import Config
 from ..core.errors import BadImage
 from ..core.fingerprint import digest, weights_identity
 from ..core.stage import MapFn, Resources, Stage, StageContext
+from ..core.storage import read_table
 from ..core.store import atomic_write_table
 from ..formats.feature_store import (
     FEATURE_WRITE_OPTIONS,
@@ -163,7 +163,7 @@ class ExtractStage(Stage):
                 f"{ctx.run.manifest} not found: give the images (--images, --voc, --coco, "
                 f"--manifest) to ingest them first"
             )
-        return sorted(set(pq.read_table(ctx.run.manifest, columns=["shard"]).column(0).to_pylist()))
+        return sorted(set(read_table(ctx.run.manifest, columns=["shard"]).column(0).to_pylist()))
 
     def preflight(self, ctx: StageContext) -> None:
         locate_weights(ctx.cfg.backbone, ctx.cfg.weights)  # a clear error here, not in every actor

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from ..core.errors import BadImage
 from ..core.inputs import InputSpec
 from ..core.stage import MapFn, Stage, StageContext
+from ..core.storage import Location, as_location, is_local, read_table
 from ..core.store import RunDir
 from ..formats.datasets import find_voc_root
 from ..formats.images import (
@@ -54,9 +54,9 @@ def list_inputs(spec: InputSpec) -> list[dict]:
         files = [(rel, uri) for rel, uri in list_folder(spec.images) if rel.suffix.lower() in IMAGE_EXTENSIONS]
         rows = _ids_from_paths([Path(rel) for rel, _ in files], [uri for _, uri in files])
     elif spec.voc:
-        rows = _voc_rows(Path(spec.voc), spec.split)
-    elif spec.coco:
-        rows = _coco_rows(Path(spec.coco), Path(spec.ann))
+        rows = _voc_rows(as_location(spec.voc), spec.split)
+    elif spec.coco:  # the image root and the annotation file may each be local or in a bucket
+        rows = _coco_rows(as_location(spec.coco), as_location(spec.ann))
     else:
         rows = _manifest_rows(spec.manifest)
     rows = sorted(rows, key=lambda r: r["image_id"])
@@ -98,7 +98,7 @@ def _ids_from_paths(rel_paths: list[Path], uris: list[str]) -> list[dict]:
     return rows
 
 
-def _voc_rows(root: Path, split: str) -> list[dict]:
+def _voc_rows(root: Location, split: str) -> list[dict]:
     voc = find_voc_root(root)
     split_file = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not split_file.is_file():
@@ -107,7 +107,7 @@ def _voc_rows(root: Path, split: str) -> list[dict]:
     return [{"image_id": i, "uri": str(voc / "JPEGImages" / f"{i}.jpg"), "coco_id": None} for i in ids]
 
 
-def _coco_rows(images: Path, ann: Path) -> list[dict]:
+def _coco_rows(images: Location, ann: Location) -> list[dict]:
     if not ann.is_file():
         raise FileNotFoundError(f"--ann: no such file: {ann}")
     data = json.loads(ann.read_text())
@@ -119,11 +119,16 @@ def _coco_rows(images: Path, ann: Path) -> list[dict]:
 
 
 def _manifest_rows(path: str) -> list[dict]:
-    table = pq.read_table(path) if str(path).endswith(".parquet") else pacsv.read_csv(path)
+    where = as_location(path)  # a local file or an object
+    if str(path).endswith(".parquet"):
+        table = read_table(where)
+    else:
+        with where.open("rb") as f:
+            table = pacsv.read_csv(f)
     if "uri" not in table.column_names:
         raise ValueError(f"--manifest {path}: needs a 'uri' column (has {table.column_names})")
     # a relative path is relative to the manifest's folder, not to wherever the command runs
-    here = Path(path).resolve().parent
+    here = where.resolve().parent if is_local(where) else where.parent
     uris = [
         u if "://" in u or Path(u).is_absolute() else str(here / u) for u in map(str, table.column("uri").to_pylist())
     ]

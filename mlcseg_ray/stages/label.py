@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from ..config import Config
 from ..core.stage import MapFn, Resources, Stage, StageContext
-from ..core.store import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_table, list_shards
+from ..core.storage import read_metadata, read_table
+from ..core.store import RunDir, atomic_write_json, atomic_write_many, atomic_write_table, list_shards
 from ..formats.feature_store import list_to_numpy
 from ..formats.manifest import read_manifest
 from ..formats.masks import png_bytes, read_binary, voc_palette
@@ -32,7 +32,7 @@ class RegionLoader:
     """``load(part) -> (unit descriptors, zeros, row keys)`` for the distributed k-means."""
 
     def __call__(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        t = pq.read_table(path, columns=["image_id", "region", "descriptor"])
+        t = read_table(path, columns=["image_id", "region", "descriptor"])
         x = unit_vectors(list_to_numpy(t.column("descriptor")))
         keys = row_keys(id_hash(t.column("image_id").to_pylist()), t.column("region").to_numpy())
         return x, np.zeros(len(x), np.int64), keys
@@ -49,7 +49,7 @@ class ClassFit:
 
 def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
     """Class masks, the COCO fragment and the labelled regions of one shard (plain function)."""
-    regions = pq.read_table(run.region_part(n))
+    regions = read_table(run.region_part(n))
     if regions.num_rows:
         labels, sims = assign(unit_vectors(list_to_numpy(regions.column("descriptor"))), fit.centroids)
     else:
@@ -60,8 +60,8 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
     ):
         by_image.setdefault(image_id, {})[region] = (int(lab) + 1, float(sim))
     palette = voc_palette()
-    pseudo_ids = pq.read_table(run.pseudo_part(n), columns=["image_id"]).column(0).to_pylist()
-    annotations, classes, images = [], {}, 0
+    pseudo_ids = read_table(run.pseudo_part(n), columns=["image_id"]).column(0).to_pylist()
+    annotations, classes, images, masks = [], {}, 0, []
     for image_id in pseudo_ids:
         if not run.binary_mask(image_id).exists():
             continue
@@ -74,7 +74,7 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
         lut = np.zeros(len(regs) + 1, np.uint8)
         for r in regs:
             lut[r["region"]] = assigned[r["region"]][0]
-        atomic_write_bytes(run.class_mask(image_id), png_bytes(lut[comp], palette))
+        masks.append((run.class_mask(image_id), png_bytes(lut[comp], palette)))
         images += 1
         for r in regs:
             cat, sim = assigned[r["region"]]
@@ -94,6 +94,7 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
                 }
             )
             classes[cat] = classes.get(cat, 0) + 1
+    atomic_write_many(masks)  # the shard's masks together: to a bucket, concurrently
     atomic_write_json(run.coco_part(n), annotations)
     table = regions.drop_columns(["descriptor"]).append_column("class_id", pa.array((labels + 1).astype(np.int32)))
     table = table.append_column("score", pa.array(sims.astype(np.float32)))
@@ -107,7 +108,7 @@ def coco_image_ids(run: RunDir) -> dict[str, int]:
         rows = read_manifest(run.manifest).to_pylist()
         return {r["image_id"]: int(r["coco_id"]) if r.get("coco_id") is not None else i + 1 for i, r in enumerate(rows)}
     ids = sorted(
-        i for p in list_shards(run.image_tables) for i in pq.read_table(p, columns=["image_id"]).column(0).to_pylist()
+        i for p in list_shards(run.image_tables) for i in read_table(p, columns=["image_id"]).column(0).to_pylist()
     )
     return {image_id: i + 1 for i, image_id in enumerate(ids)}
 
@@ -139,7 +140,7 @@ class LabelStage(Stage):
     def prepare(self, ctx: StageContext, map_fn: MapFn) -> ClassFit:
         run, cfg = ctx.run, ctx.cfg
         parts = [run.region_part(n) for n in self.shards(ctx)]
-        sizes = [pq.read_metadata(p).num_rows for p in parts]
+        sizes = [read_metadata(p).num_rows for p in parts]
         n_regions = sum(sizes)
         k = max(1, min(cfg.num_classes, n_regions))
         centroids = np.zeros((1, 1), np.float32)
@@ -181,10 +182,10 @@ class LabelStage(Stage):
 
 def _merge_outputs(run: RunDir, shards: list[int], k: int, coco_ids: dict) -> None:
     """Per-shard fragments -> one COCO JSON and one regions table (atomic writes)."""
-    images = []
+    images, masked = [], run.mask_ids(run.masks)
     for p in list_shards(run.image_tables):
-        for r in pq.read_table(p, columns=["image_id", "uri", "width", "height", "status"]).to_pylist():
-            if r["status"] == "ok" and run.class_mask(r["image_id"]).exists():
+        for r in read_table(p, columns=["image_id", "uri", "width", "height", "status"]).to_pylist():
+            if r["status"] == "ok" and r["image_id"] in masked:
                 images.append(
                     {
                         "id": coco_ids[r["image_id"]],
@@ -211,5 +212,5 @@ def _merge_outputs(run: RunDir, shards: list[int], k: int, coco_ids: dict) -> No
         "categories": [{"id": c, "name": f"cluster_{c}", "supercategory": "object"} for c in range(1, k + 1)],
     }
     atomic_write_json(run.coco, coco)
-    tables = [pq.read_table(run.labelled_part(n)) for n in shards]
+    tables = [read_table(run.labelled_part(n)) for n in shards]
     atomic_write_table(run.regions, pa.concat_tables(tables) if tables else pa.table({}))

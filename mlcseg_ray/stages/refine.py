@@ -9,10 +9,10 @@ pseudo-mask shard.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ..core.stage import MapFn, Resources, Stage, StageContext, for_each_image
-from ..core.store import atomic_write_bytes
+from ..core.storage import read_table
+from ..core.store import atomic_write_many
 from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
 from ..formats.images import load_rgb
 from ..formats.manifest import expected_files
@@ -48,17 +48,19 @@ class RefineStage(Stage):
     def process_shard(self, ctx: StageContext, shard: int, patch: int, worker: object = None) -> dict:
         """Refine and write each image's mask of one pseudo-mask shard."""
         run, cfg = ctx.run, ctx.cfg
-        pseudo = pq.read_table(run.pseudo_part(shard), columns=["image_id", "score"]).to_pylist()
-        geoms = {r["image_id"]: r for r in pq.read_table(run.image_table(shard), columns=GEOMETRY_COLUMNS).to_pylist()}
+        pseudo = read_table(run.pseudo_part(shard), columns=["image_id", "score"]).to_pylist()
+        geoms = {r["image_id"]: r for r in read_table(run.image_table(shard), columns=GEOMETRY_COLUMNS).to_pylist()}
         expect = expected_files(run, shard, cfg)
+        masks = []
 
         def refine_one(r: dict) -> None:
             g = geoms[r["image_id"]]
             rgb = load_rgb(g["uri"], cfg.max_pixels, expect=expect.get(r["image_id"]))
             mask = refine_image(rgb, np.asarray(r["score"], np.float32), g, patch, cfg)
-            atomic_write_bytes(run.binary_mask(r["image_id"]), png_bytes(mask.astype(np.uint8) * 255))
+            masks.append((run.binary_mask(r["image_id"]), png_bytes(mask.astype(np.uint8) * 255)))
 
         _, errors = for_each_image(self.name, [(r["image_id"], r) for r in pseudo], refine_one)
+        atomic_write_many(masks)  # the shard's masks together: to a bucket, concurrently
         for image_id in errors:  # no mask of an earlier attempt stands beside an error row
             run.binary_mask(image_id).unlink(missing_ok=True)
         return {"images": len(pseudo), "errors": errors}

@@ -13,12 +13,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
 from ..config import Config
 from ..core.errors import BadImage
 from ..core.stage import MapFn, Stage, StageContext
+from ..core.storage import read_metadata, read_table
 from ..core.store import RunDir, atomic_write_text
 from ..formats.images import load_rgb
 from ..formats.masks import read_mask, voc_palette
@@ -127,7 +127,7 @@ GALLERY_SIZE = 6  # crops shown per class, the most confident first
 
 def _gallery_section(run: RunDir, status: list[dict], cfg: Config, palette: list[int]) -> str:
     """One row of region crops per class cluster."""
-    regions = pq.read_table(run.regions).to_pylist()
+    regions = read_table(run.regions).to_pylist()
     uris = {r["image_id"]: r["uri"] for r in status}
     by_class: dict[int, list] = {}
     for r in sorted(regions, key=lambda r: -r["score"]):
@@ -187,7 +187,8 @@ def write_report(run: RunDir, cfg: Config) -> Path:
     rec = run.read_record()
     palette = voc_palette()
     status = run.read_status()
-    ok = [r for r in status if r["status"] == "ok" and run.class_mask(r["image_id"]).exists()]
+    masked = run.mask_ids(run.masks)
+    ok = [r for r in status if r["status"] == "ok" and r["image_id"] in masked]
     parts = _header(run, rec)
     parts.append(_stages_section(rec, status))
     if run.metrics.exists():
@@ -195,7 +196,7 @@ def write_report(run: RunDir, cfg: Config) -> Path:
     if run.ablation.exists():
         parts.append(ablation_section(json.loads(run.ablation.read_text())))
     parts.append(_samples_section(run, ok, cfg, palette))
-    if run.regions.exists() and pq.read_metadata(run.regions).num_rows:
+    if run.regions.exists() and read_metadata(run.regions).num_rows:
         parts.append(_gallery_section(run, status, cfg, palette))
     parts += _problems_section(status)
     page = (

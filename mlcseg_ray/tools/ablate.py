@@ -13,9 +13,9 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ..config import Config
+from ..core.storage import read_schema, read_table
 from ..core.store import RunDir, atomic_write_json, list_shards, shard_index
 from ..formats.datasets import GroundTruth
 from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
@@ -79,12 +79,12 @@ def _scored_images(
     union = dict.fromkeys(RULES, 0)
     images, skipped = [], []
     for part in list_shards(run.pseudo, "part"):
-        rows = [r for r in pq.read_table(part).to_pylist() if r["image_id"] in wanted]
+        rows = [r for r in read_table(part).to_pylist() if r["image_id"] in wanted]
         if not rows:
             continue
         geoms = {
             g["image_id"]: g
-            for g in pq.read_table(run.image_table(shard_index(part)), columns=GEOMETRY_COLUMNS).to_pylist()
+            for g in read_table(run.image_table(shard_index(part)), columns=GEOMETRY_COLUMNS).to_pylist()
         }
         for row in rows:
             g = geoms[row["image_id"]]
@@ -134,7 +134,7 @@ def ablate(
     if not parts:
         raise FileNotFoundError(f"no pseudo-masks in {run.pseudo}: run cluster first")
     patch = int(first_store_metadata(run)["patch_size"])
-    if "weights" not in pq.read_schema(parts[0]).names:
+    if "weights" not in read_schema(parts[0]).names:
         raise ValueError(
             f"{run.pseudo} was written before the level weights were stored: run "
             f"'mlcseg cluster --out {run.root}' again (it recomputes only the clustering)"

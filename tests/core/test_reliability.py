@@ -13,7 +13,7 @@ import psutil
 import pyarrow.parquet as pq
 
 from helpers import MLCSEG, TINY, copy_voc_images
-from helpers.ray_head import end, started_under
+from helpers.ray_head import end, kill_driver, started_under
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,18 +56,7 @@ def test_driver_killed_then_resumed_gives_identical_outputs(tmp_path):
                 break
             assert proc.poll() is None, "the run ended before it could be interrupted"
             time.sleep(0.01)
-        # SIGKILL the driver and, at the same instant, the embedded Ray it started (its workers would otherwise
-        # finish the shard they hold after the driver is gone)
-        # (Ray workers retitle themselves, so they are found as descendants, not by command line)
-        driver = psutil.Process(proc.pid)
-        doomed = [driver] + driver.children(recursive=True) + started_under(ray_tmp)
-        for p in doomed:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait(timeout=30)
-        psutil.wait_procs(doomed, timeout=30)
+        kill_driver(proc, ray_tmp)
     finally:
         end(started_under(ray_tmp))
     done_before = len(list((out / "_state" / "extract").glob("0*")))

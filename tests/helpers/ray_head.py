@@ -66,6 +66,23 @@ class Head:
         end(started_under(self.env["RAY_TMPDIR"]))
 
 
+def kill_driver(proc: subprocess.Popen, ray_tmp: str) -> None:
+    """SIGKILL a driver and, at the same instant, the embedded Ray it started under ``RAY_TMPDIR=ray_tmp`` (its
+    workers would otherwise finish the shard they hold after the driver is gone). Ray workers retitle themselves,
+    so they are found as descendants and by their session folder, not by command line."""
+    import signal
+
+    driver = psutil.Process(proc.pid)
+    doomed = [driver] + driver.children(recursive=True) + started_under(ray_tmp)
+    for p in doomed:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(doomed, timeout=30)
+
+
 @contextlib.contextmanager
 def ray_head(num_cpus: int = 2, extra_env: dict | None = None):
     ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it

@@ -252,7 +252,6 @@ def test_cluster_results_do_not_depend_on_the_shard_size(planted, tmp_path):
 def test_cluster_reads_the_store_twice_and_says_so(planted, tmp_path, monkeypatch):
     """One pass to sample (both global levels are fitted in memory on it), one to label: every read of a feature
     shard is counted here and must match the ``store_passes`` that run.json reports."""
-    import mlcseg_ray.stages.cluster as cluster
 
     easy = planted[0]
     out = tmp_path / "passes"
@@ -260,14 +259,14 @@ def test_cluster_reads_the_store_twice_and_says_so(planted, tmp_path, monkeypatc
     shutil.copytree(easy.image_tables, out / "images")
     run = RunDir(out)
     reads = []
-    real_read = cluster.pq.read_table
+    real_read = pq.read_table  # every module's Parquet reads go through it (core/storage.py)
 
     def counting_read(path, *a, **kw):
         if str(path).startswith(str(run.features)):
             reads.append(path)
         return real_read(path, *a, **kw)
 
-    monkeypatch.setattr(cluster.pq, "read_table", counting_read)
+    monkeypatch.setattr(pq, "read_table", counting_read)
     n_shards = len(list(run.features.glob("*.parquet")))
     res = run_cluster(run, Config())
     assert res["store_passes"] == 2 and len(reads) == 2 * n_shards

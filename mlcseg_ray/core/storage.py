@@ -1,0 +1,221 @@
+"""The one file-system layer: every read and write of a run folder, on a local disk or in a bucket.
+
+A location is a local ``pathlib.Path`` (``/data/run``, ``file:///data/run``) or a ``UPath`` over fsspec for object
+storage (``s3://bucket/runs/coco``, ``gs://...``); both have the same pathlib surface (``/``, ``exists``, ``glob``,
+``read_text``...). What differs, this module does in each store's own way:
+
+- atomic writes: locally a temp file in the same folder, then ``os.replace`` (modes from the umask); in a bucket a
+  single PUT, or a multipart upload completed last: no reader ever sees a partial object under its final name;
+- Parquet through pyarrow on either (pyarrow reads an fsspec file system directly, in ranges: no whole download);
+- exclusive create (the lock): ``O_EXCL`` locally, a conditional PUT (S3 ``If-None-Match: *``, GCS
+  ``ifGenerationMatch=0``) in a bucket;
+- many small writes (a shard's masks) go out concurrently to a bucket.
+
+Credentials and endpoints come the standard way (AWS variables and profiles, ``AWS_ENDPOINT_URL(_S3)``, roles,
+``GOOGLE_APPLICATION_CREDENTIALS``). Why fsspec and not pyarrow.fs: docs/architecture.md, "Storage".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+Location: TypeAlias = Any  # pathlib.Path (local) or upath.UPath (object storage): the same pathlib surface
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_current_umask()  # read once, at import: os.umask is process-wide and not thread-safe
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    """An object-store URI (``s3://``, ``gs://``...), as opposed to a local path or ``file://``."""
+    s = str(uri)
+    return "://" in s and not s.startswith("file://")
+
+
+# The standard variables that name an S3-compatible endpoint (botocore reads them): a Ray cluster's workers get the
+# driver's, so that every process reads the same store.
+ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def use_endpoint(url: str | None) -> None:
+    """The ``s3_endpoint_url`` config key: the S3 endpoint for this process and the Ray workers it starts."""
+    if url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = url
+
+
+def endpoint_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in ENDPOINT_VARS if os.environ.get(k)}
+
+
+def is_local(path: Location) -> bool:
+    return isinstance(path, Path)
+
+
+def _remote_options(protocol: str) -> dict:
+    # Listings are never cached: Ray workers in other processes write into the same folder between two listings.
+    options: dict = {"use_listings_cache": False}
+    if protocol in ("s3", "s3a") and not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
+        # throttling (503 SlowDown) and dropped connections retried with backoff, unless the user chose otherwise
+        options["config_kwargs"] = {"retries": {"mode": "standard", "max_attempts": 8}}
+    return options
+
+
+def as_location(location: str | os.PathLike) -> Location:
+    """The location a string or path names: a ``Path`` for a local one, a ``UPath`` for an object-store URI."""
+    if not isinstance(location, (str, Path)):
+        return location  # already a UPath
+    s = str(location)
+    if not is_remote(s):
+        return Path(s[len("file://") :] if s.startswith("file://") else s)
+    from upath import UPath
+
+    return UPath(s, **_remote_options(s.split("://", 1)[0]))
+
+
+def uri(path: Location) -> str:
+    return str(path)
+
+
+def make_folder(path: Location) -> None:
+    """A local folder and its parents; in a bucket nothing (its folders are key prefixes, and a bucket is never
+    created by this tool: a missing one is an error at the first write)."""
+    path = as_location(path)
+    if is_local(path):
+        path.mkdir(parents=True, exist_ok=True)
+
+
+# --- writes ---
+def _atomic_local(path: Path, write: Callable[[str], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, FILE_MODE)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def put_bytes(path: Location, data: bytes) -> None:
+    """Write ``data`` under ``path`` atomically."""
+    path = as_location(path)
+    if is_local(path):
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+        _atomic_local(path, write)
+    else:
+        path.fs.pipe_file(path.path, data)  # one PUT, or a multipart upload completed last
+
+
+def put_many(items: Iterable[tuple[Location, bytes]]) -> None:
+    """Many small atomic writes (a shard's masks); to a bucket they go out concurrently."""
+    items = list(items)
+    remote = [(p, d) for p, d in items if not is_local(p)]
+    for p, d in items:
+        if is_local(p):
+            put_bytes(p, d)
+    if remote:
+        remote[0][0].fs.pipe({p.path: d for p, d in remote})
+
+
+def table_bytes(table: pa.Table, **kwargs: object) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **kwargs)  # the same bytes a local file gets
+    return sink.getvalue().to_pybytes()
+
+
+def put_table(path: Location, table: pa.Table, **kwargs: object) -> None:
+    path = as_location(path)
+    if is_local(path):
+        _atomic_local(path, lambda tmp: pq.write_table(table, tmp, **kwargs))
+    else:
+        put_bytes(path, table_bytes(table, **kwargs))
+
+
+def create_exclusive(path: Location, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` only if nothing is there; False when something is. On object storage this
+    is a conditional PUT (S3 ``If-None-Match``, GCS ``ifGenerationMatch=0``): exclusive where the store enforces it."""
+    path = as_location(path)
+    if is_local(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    try:
+        path.fs.pipe_file(path.path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
+def remove(path: Location) -> None:
+    """Remove a file or a whole folder (prefix); nothing there is fine."""
+    path = as_location(path)
+    if is_local(path):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    elif path.exists():
+        path.fs.rm(path.path, recursive=True)
+
+
+# --- reads ---
+def _pa_args(path: Location) -> tuple[Any, dict]:
+    path = as_location(path)
+    return (path, {}) if is_local(path) else (path.path, {"filesystem": path.fs})
+
+
+def read_table(path: Location, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+    where, fs = _pa_args(path)
+    return pq.read_table(where, columns=columns, filters=filters, **fs)
+
+
+def _read_footer(path: Location, read: Callable) -> Any:
+    path = as_location(path)
+    if is_local(path):
+        return read(path)
+    with path.fs.open(path.path, "rb") as f:  # one ranged read of the footer, not the whole object
+        return read(f)
+
+
+def read_metadata(path: Location) -> pq.FileMetaData:
+    """A Parquet file's footer alone (row counts, schema)."""
+    return _read_footer(path, pq.read_metadata)
+
+
+def read_schema(path: Location) -> pa.Schema:
+    return _read_footer(path, pq.read_schema)
+
+
+def walk_files(folder: Location) -> list[Location]:
+    """Every file below ``folder`` (recursive), sorted."""
+    folder = as_location(folder)
+    if is_local(folder):
+        return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    if not folder.exists():
+        return []
+    return sorted(folder / os.path.relpath(f, folder.path) for f in folder.fs.find(folder.path))

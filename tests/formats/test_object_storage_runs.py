@@ -1,0 +1,257 @@
+"""A whole run with its images and its run folder in a bucket, against a real S3 API server on loopback (moto's
+server mode): the same bytes as a local run, resume, reruns, the lock, the store going away and coming back, a
+killed driver, and each storage mistake as one line."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import boto3
+import psutil
+import pytest
+
+from helpers import MLCSEG, TINY, VOC_MASKS, copy_voc_images, mlcseg, need
+from helpers.ray_head import end, kill_driver, started_under
+from helpers.s3 import S3Server
+
+N_IMAGES = 4
+CONFIG = [*TINY, "shard_size=1"]
+# Files a run writes whose bytes hold no path: a bucket run and a local run must agree on every one of them.
+SAME_BYTES = ("masks/", "binary/", "pseudo/", "features/", "levels/", "regions.parquet", "regions/")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def images(s3, tmp_path_factory):
+    folder = copy_voc_images(tmp_path_factory.mktemp("photos") / "set", N_IMAGES)
+    s3.upload(folder, "photos", "set")
+    s3.client.create_bucket(Bucket="runs")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_run(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "run"
+    res = mlcseg("run", "--images", images, "--out", out, *CONFIG, "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def _local_files(run) -> dict[str, bytes]:
+    return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _comparable(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in files.items() if k.startswith(SAME_BYTES)}
+
+
+def _coco(data: bytes) -> dict:
+    """The COCO JSON with each image's file name reduced to its base name (the one thing that names the store)."""
+    coco = json.loads(data)
+    for im in coco["images"]:
+        im["file_name"] = im["file_name"].rsplit("/", 1)[-1]
+    return coco
+
+
+def _stages(stdout: str) -> dict[str, bool]:
+    return {s["stage"]: s["skipped"] for s in json.loads(stdout)["stages"]}
+
+
+def test_a_run_in_a_bucket_equals_a_local_run_and_reruns_like_one(s3, images, local_run, tmp_path):
+    out = "s3://runs/voc"
+    res = mlcseg("run", "--images", "s3://photos/set/", "--out", out, *CONFIG, "--json", env=s3.env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    remote, local = s3.objects("runs", "voc"), _local_files(local_run)
+    assert _comparable(remote) == _comparable(local) and len(_comparable(remote)) > 4 * N_IMAGES
+    assert _coco(remote["pseudo_labels.json"]) == _coco(local["pseudo_labels.json"])
+    for name in ("config.yaml", "run.json", "status.parquet", "manifest.parquet", "report.html"):
+        assert name in remote
+    assert not [k for k in remote if ".tmp-" in k or k == ".lock"]  # nothing partial, the lock released
+
+    # the commands that read a run folder work on a bucket one
+    for cmd in (["verify", out], ["errors", out, "--json"]):
+        res = mlcseg(*cmd, env=s3.env)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(mlcseg("errors", out, "--json", env=s3.env).stdout)["images"] == N_IMAGES
+    gt = need(VOC_MASKS)
+    metrics = {}
+    for run in (out, local_run):
+        res = mlcseg("eval", run, gt, "--protocol", "voc21", "--json", env=s3.env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        metrics[str(run)] = json.loads(res.stdout)
+    assert metrics[out]["miou"] == metrics[str(local_run)]["miou"]
+    assert metrics[out]["per_class_iou"] == metrics[str(local_run)]["per_class_iou"]
+    assert s3.keys("runs", "voc/metrics.json") and s3.keys("runs", "voc/confusion.png")
+    res = mlcseg("ablate", out, gt, "--protocol", "voc21", "--refine-top", "1", "--json", env=s3.env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(s3.read("runs", "voc/ablation.json")) == json.loads(res.stdout)
+
+    # a rerun does what a local rerun does (nothing but what the evaluation touched); so does a changed key
+    local_run = shutil.copytree(local_run, tmp_path / "local")  # the other tests compare with the original
+    for overrides in ([], ["num_classes=2"]):
+        stages = {}
+        for run in (out, local_run):
+            res = mlcseg("run", "--out", run, *CONFIG, *overrides, "--json", env=s3.env)
+            assert res.returncode == 0, res.stderr[-2000:]
+            stages[str(run)] = _stages(res.stdout)
+        assert stages[out] == stages[str(local_run)], (overrides, stages)
+        assert stages[out]["extract"] and stages[out]["cluster"] and stages[out]["label"] == (not overrides)
+    assert _comparable(s3.objects("runs", "voc")) == _comparable(_local_files(local_run))
+
+
+def test_two_runs_on_one_bucket_folder_the_second_is_refused(s3, images):
+    from mlcseg_ray.core.storage import as_location, create_exclusive
+
+    # a live holder (this test process, on this host) holds the folder
+    holder = {"host": socket.gethostname(), "pid": psutil.Process().pid, "started": time.time()}
+    s3.client.put_object(Bucket="runs", Key="held/.lock", Body=json.dumps({**holder, "command": "holder"}))
+    res = mlcseg("run", "--images", "s3://photos/set/", "--out", "s3://runs/held", *CONFIG, env=s3.env)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 4 and len(errors) == 1 and "in use by another run" in errors[0], res.stderr[-2000:]
+    assert s3.keys("runs", "held/") == ["held/.lock"]  # nothing else written
+
+    # of many runs creating the lock at once, the store lets exactly one through (a conditional PUT)
+    os.environ.update(s3.env)
+    try:
+        target = as_location("s3://runs/race/.lock")
+        won = []
+        threads = [
+            threading.Thread(target=lambda i=i: won.append(create_exclusive(target, b"%d" % i))) for i in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(won) == [False] * 7 + [True]
+    finally:
+        for k in s3.env:
+            os.environ.pop(k, None)
+
+
+def _wait_for(predicate, proc, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_the_store_going_away_mid_refine_is_one_line_and_a_rerun_resumes(s3, images, local_run):
+    out = "s3://runs/outage"
+    cmd = MLCSEG + ["run", "--images", "s3://photos/set/", "--out", out, *CONFIG, "max_side=256"]
+    env = {**os.environ, **s3.env, "AWS_MAX_ATTEMPTS": "2"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: s3.keys("runs", "outage/_state/refine/0"), proc, "refine's first shard")
+        s3.stop()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        s3.start()
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 5 and len(errors) == 1, stderr[-3000:]
+    assert s3.url in errors[0] and "cannot reach the object store" in errors[0], errors
+
+    res = mlcseg("run", "--out", out, *CONFIG, "max_side=256", "--json", env=s3.env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _stages(res.stdout)["extract"] is True  # resumed: extraction was not redone
+    ref = mlcseg("run", "--images", images, "--out", local_run.parent / "outage_ref", *CONFIG, "max_side=256")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert _comparable(s3.objects("runs", "outage")) == _comparable(_local_files(local_run.parent / "outage_ref"))
+
+
+def test_a_killed_driver_resumes_in_the_bucket_with_the_same_bytes(s3, images, local_run):
+    out = "s3://runs/killed"
+    env = {**os.environ, **s3.env}
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    proc = subprocess.Popen(
+        MLCSEG + ["run", "--images", "s3://photos/set/", "--out", out, *CONFIG],
+        env={**env, "RAY_TMPDIR": ray_tmp},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(lambda: len(s3.keys("runs", "killed/_state/extract/0")) >= 2, proc, "two extracted shards")
+        kill_driver(proc, ray_tmp)
+    finally:
+        end(started_under(ray_tmp))
+    assert "killed/pseudo_labels.json" not in s3.keys("runs", "killed/")
+    assert s3.keys("runs", "killed/.lock")  # the dead driver's lock is still there ...
+    res = mlcseg("run", "--out", out, *CONFIG, env=s3.env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "taking over the lock" in res.stderr  # ... and taken over: its holder is gone
+    assert _comparable(s3.objects("runs", "killed")) == _comparable(_local_files(local_run))
+
+
+def test_storage_mistakes_are_one_line_each_and_create_nothing(s3, images, tmp_path):
+    from moto import settings
+
+    iam = boto3.client(
+        "iam", endpoint_url=s3.url, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
+    )
+    iam.create_user(UserName="reader")
+    read_only = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:Get*", "s3:List*", "s3:Head*"], "Resource": "*"}],
+    }
+    iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps(read_only))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    s3.client.create_bucket(Bucket="readonly")
+    reader = {**s3.env, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    wrong = {**s3.env, "AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY0000000", "AWS_SECRET_ACCESS_KEY": "wrong"}
+    cases = [  # (what, --out, environment, exit code, words in the line)
+        ("missing bucket", "s3://no-such-bucket/run", s3.env, 2, "no such bucket"),
+        ("wrong credentials", "s3://runs/wrong", wrong, 5, "refused access to s3://runs/wrong"),
+        ("read-only bucket", "s3://readonly/run", reader, 5, "object store refused"),
+    ]
+    try:
+        for what, out, env, code, words in cases:
+            if what == "wrong credentials":  # from now on the server checks credentials and policies
+                settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+            res = mlcseg("run", "--images", images, "--out", out, *CONFIG, env=env, timeout=120)
+            errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+            assert (res.returncode, len(errors)) == (code, 1), (what, res.stderr[-2000:])
+            assert words in errors[0], (what, errors[0])
+    finally:
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")
+    assert s3.keys("readonly") == [] and s3.keys("runs", "wrong/") == []
+    assert "no-such-bucket" not in [b["Name"] for b in s3.client.list_buckets()["Buckets"]]
+
+
+def test_throttling_is_retried_with_backoff_and_changes_nothing(s3, images, local_run):
+    """Every eighth request answered 503 SlowDown: the run retries (botocore's standard mode, with backoff) and
+    ends with the same masks. (One shard: each retry waits, and a run of many small shards makes hundreds.)"""
+    from helpers.s3 import FlakyProxy
+
+    with FlakyProxy(s3.port, every=8) as proxy:
+        env = {**s3.env, "AWS_ENDPOINT_URL": proxy.url}
+        res = mlcseg(
+            "run",
+            "--images",
+            "s3://photos/set/",
+            "--out",
+            "s3://runs/throttled",
+            *CONFIG,
+            "shard_size=4",
+            env=env,
+            timeout=600,
+        )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert proxy.refused > 20  # the store really did refuse, many times
+    masks = {k: v for k, v in s3.objects("runs", "throttled").items() if k.startswith(("masks/", "binary/"))}
+    assert len(masks) == 2 * N_IMAGES
+    assert masks == {k: v for k, v in _local_files(local_run).items() if k.startswith(("masks/", "binary/"))}
