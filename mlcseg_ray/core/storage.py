@@ -52,8 +52,11 @@ ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 def use_endpoint(url: str | None) -> None:
     """The ``s3_endpoint_url`` config key: the S3 endpoint for this process and the Ray workers it starts."""
-    if url:
+    if url and os.environ.get("AWS_ENDPOINT_URL_S3") != url:
         os.environ["AWS_ENDPOINT_URL_S3"] = url
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps a client per options, made for the old endpoint
 
 
 def endpoint_env() -> dict[str, str]:

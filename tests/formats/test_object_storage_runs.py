@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import psutil
@@ -126,14 +127,14 @@ def test_two_runs_on_one_bucket_folder_the_second_is_refused(s3, images):
     os.environ.update(s3.env)
     try:
         target = as_location("s3://runs/race/.lock")
-        won = []
-        threads = [
-            threading.Thread(target=lambda i=i: won.append(create_exclusive(target, b"%d" % i))) for i in range(8)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        start = threading.Barrier(8)
+
+        def create(i: int) -> bool:
+            start.wait()
+            return create_exclusive(target, b"%d" % i)
+
+        with ThreadPoolExecutor(8) as pool:
+            won = list(pool.map(create, range(8)))  # an exception in a thread is raised here
         assert sorted(won) == [False] * 7 + [True]
     finally:
         for k in s3.env:

@@ -35,6 +35,11 @@ class S3Server:
         )
 
     def start(self) -> None:
+        import s3fs
+
+        # fsspec keeps one client per set of options in a process, whatever the environment says now: a client
+        # made for another test's server (gone) must not be reused
+        s3fs.S3FileSystem.clear_instance_cache()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
         self._server.start()
