@@ -127,8 +127,7 @@ class Executor:
         for w in stage.writes:
             p = getattr(self.run, w)
             files = walk_files(p) if p.is_dir() else [p] if p.exists() else []
-            top = len(str(self.run.root).rstrip("/")) + 1
-            listing += [(str(f)[top:], f.stat().st_size) for f in files]
+            listing += [(self.run.relative(f), f.stat().st_size) for f in files]
         return "external-" + digest(listing)
 
     def fingerprints(self, ctx: StageContext, planned: list[str]) -> tuple[dict[str, str], dict[str, dict]]:

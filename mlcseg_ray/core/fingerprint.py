@@ -17,9 +17,9 @@ def weights_identity(path: str | None) -> dict | None:
     fingerprint)."""
     if not path:
         return None
-    if "://" in str(path) and not str(path).startswith("file://"):  # an object: its size and ETag
-        from .storage import as_location
+    from .storage import as_location, is_remote
 
+    if is_remote(path):  # an object: its size and ETag
         try:
             info = as_location(path).fs.info(as_location(path).path)
         except OSError:

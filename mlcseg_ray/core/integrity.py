@@ -13,9 +13,8 @@ def declared_outputs(writes: tuple[str, ...], run: RunDir, written: dict) -> dic
     """The files in ``written`` (path -> (size, crc)) that lie under the stage's declared ``writes``, relative to
     the run folder: what its marker or record keeps."""
     roots = [str(getattr(run, w)) for w in writes]
-    top = len(str(run.root).rstrip("/")) + 1
     return {
-        path[top:]: [size, crc]
+        run.relative(path): [size, crc]
         for path, (size, crc) in written.items()
         if any(path == r or path.startswith(r + "/") for r in roots)
     }

@@ -88,10 +88,6 @@ def as_location(location: str | os.PathLike) -> Location:
     return UPath(s, **_remote_options(s.split("://", 1)[0]))
 
 
-def uri(path: Location) -> str:
-    return str(path)
-
-
 def make_folder(path: Location) -> None:
     """A local folder and its parents; in a bucket nothing (its folders are key prefixes, and a bucket is never
     created by this tool: a missing one is an error at the first write)."""

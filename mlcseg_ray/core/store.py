@@ -190,8 +190,8 @@ class RunDir:
     def mask_ids(self, folder: Location) -> set[str]:
         """The image ids with a mask in ``folder`` (``binary``, ``masks``), from one listing: in a bucket a LIST
         per thousand masks, not a HEAD per image."""
-        top = len(str(folder).rstrip("/")) + 1
-        return {str(p)[top:-4] for p in storage.walk_files(folder) if str(p).endswith(".png")}
+        top = len(self.relative(folder)) + 1
+        return {self.relative(p)[top:-4] for p in storage.walk_files(folder) if str(p).endswith(".png")}
 
     def shards_of(self, folder: Location, prefix: str = "shard") -> list[int]:
         """The shard numbers of one of this run's sharded folders (final files only)."""
@@ -225,6 +225,10 @@ class RunDir:
 
     def stage_record(self, stage: str) -> Location:
         return self.state(stage) / "stage.json"
+
+    def relative(self, path: Location | str) -> str:
+        """``path`` (inside the run folder) relative to its root, as the markers record it."""
+        return str(path)[len(str(self.root).rstrip("/")) + 1 :]
 
     def inside(self, path: Location) -> bool:
         if self.remote:

@@ -17,14 +17,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..core.errors import BadImage
+from ..core.storage import is_remote
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 # EXIF orientations 5-8 swap width and height.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
-
-
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
 
 
 def read_bytes(uri: str) -> bytes:

@@ -24,14 +24,13 @@ import pyarrow.csv as pacsv
 from ..core.errors import BadImage
 from ..core.inputs import InputSpec
 from ..core.stage import MapFn, Stage, StageContext
-from ..core.storage import Location, as_location, is_local, read_table
+from ..core.storage import Location, as_location, is_local, is_remote, read_table
 from ..core.store import RunDir
 from ..formats.datasets import find_voc_root
 from ..formats.images import (
     IMAGE_EXTENSIONS,
     content_hash,
     file_stat,
-    is_remote,
     list_folder,
     probe,
     read_bytes,
