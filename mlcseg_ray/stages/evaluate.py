@@ -32,11 +32,49 @@ from ..formats.datasets import (
 from ..ops.metrics import MAX_PRED, confusion, match, scores
 
 EVAL_CHUNK = 64  # images per evaluation task: a task's confusion matrix is summed from this many
+PER_IMAGE_KEPT = 12  # the worst and the best images by foreground IoU kept in metrics.json (the report shows them)
+IOU_BINS = 10
+
+
+def foreground_iou(pred: np.ndarray, gt: np.ndarray, ignore: int) -> float | None:
+    """One image's class-agnostic foreground IoU (predicted id > 0 against ground truth > 0, ignored pixels left
+    out); None where neither has foreground (nothing to get wrong)."""
+    valid = gt != ignore
+    p, g = (pred > 0) & valid, (gt > 0) & valid
+    union = int((p | g).sum())
+    return None if union == 0 else float((p & g).sum()) / union
+
+
+def _per_image_summary(scored: list[tuple[float, str]]) -> dict:
+    """What the report needs of the per-image scores, bounded whatever the split's size: the worst and best
+    images, and a histogram."""
+    scored = sorted(scored)
+    hist = np.histogram([s for s, _ in scored], bins=IOU_BINS, range=(0, 1))[0] if scored else np.zeros(IOU_BINS)
+    return {
+        "worst": [[i, round(s, 4)] for s, i in scored[:PER_IMAGE_KEPT]],
+        "best": [[i, round(s, 4)] for s, i in scored[::-1][:PER_IMAGE_KEPT]],
+        "histogram": [int(c) for c in hist],
+        "scored": len(scored),
+        "sum": float(sum(s for s, _ in scored)),
+    }
+
+
+def _merge_per_image(parts: list[dict]) -> dict:
+    scored = [(s, i) for p in parts for i, s in p["worst"] + p["best"]]
+    merged = _per_image_summary(sorted(set(scored)))
+    n = sum(p["scored"] for p in parts)
+    merged.update(
+        histogram=[int(c) for c in np.sum([p["histogram"] for p in parts], axis=0)] if parts else [0] * IOU_BINS,
+        scored=n,
+        mean=round(sum(p["sum"] for p in parts) / n, 4) if n else None,
+    )
+    merged.pop("sum")
+    return merged
 
 
 def _chunk_confusion(image_ids: list[str], gt: GroundTruth, pred_dir: str, binary_pred: bool) -> dict:
     conf = np.zeros((MAX_PRED, gt.n_classes), np.int64)
-    missing = []
+    missing, scored = [], []
     for i in image_ids:
         g = gt.read(i)
         p_path = as_location(pred_dir) / f"{i}.png"
@@ -56,7 +94,10 @@ def _chunk_confusion(image_ids: list[str], gt: GroundTruth, pred_dir: str, binar
             missing.append(i)  # counted as all background, and listed
             p = np.zeros_like(g, np.uint8)
         conf += confusion(p, g, gt.n_classes, gt.ignore)
-    return {"conf": conf, "missing": missing}
+        iou = foreground_iou(p, g, gt.ignore)
+        if iou is not None:
+            scored.append((iou, i))
+    return {"conf": conf, "missing": missing, "per_image": _per_image_summary(scored)}
 
 
 def evaluate(
@@ -90,6 +131,7 @@ def evaluate(
         n_predicted_ids=int(used.size),
         notes=gt.notes,
         confusion=conf.tolist(),
+        per_image_foreground_iou=_merge_per_image([r["per_image"] for r in results]),
     )
     if binary_pred:
         out["foreground_iou"] = out["per_class_iou"].get("foreground")

@@ -1,15 +1,21 @@
-"""Stage ``report``: one self-contained ``report.html`` (images inlined) for people to look at.
+"""Stage ``report``: one self-contained ``report.html`` (images inlined, no script) for people to look at.
 
-Sample overlays, one gallery per class cluster, stage timings and counts, metrics when ground truth was given,
-where the features came from - and a loud banner when the backbone's weights were random.
+The page answers "where does it fail": per-image panels (photo, the three levels, the combined patch mask, the
+refined mask, the class mask with its legend, the ground truth on an evaluated run) for a bounded choice of images
+(the worst and best by IoU, the flagged, those whose levels disagree most, a few at random); the numbers as
+pictures (per-class IoU, the confusion matrix, the ablation, the foreground-share histogram, time per stage); class
+galleries of the largest regions; the errors and skipped files with their reasons; and a loud banner when the
+backbone's weights were random.
+
+Its size does not grow with the dataset: the images shown are chosen from per-shard summaries (each shard task
+returns a bounded list of candidates), and every thumbnail is small.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,194 +23,462 @@ from PIL import Image
 
 from ..config import Config
 from ..core.errors import BadImage
-from ..core.stage import MapFn, Stage, StageContext
+from ..core.mapping import MapFn, serial_map
+from ..core.stage import Stage, StageContext
 from ..core.storage import read_metadata, read_table
 from ..core.store import RunDir, atomic_write_text
+from ..formats.datasets import EvalError, load_ground_truth
+from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
+from ..formats.html import bar_chart, data_uri, esc, hex_colour, histogram, jpeg_uri, png_uri, swatch
 from ..formats.images import load_rgb
 from ..formats.masks import read_mask, voc_palette
 from ..models.backbones import RANDOM_WEIGHTS_WARNING
+from ..ops.kmeans import id_hash
 
-THUMB = 320
-
-
-def _jpeg(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
-def overlay(rgb: np.ndarray, classes: np.ndarray, palette: list[int], alpha: float = 0.5) -> Image.Image:
-    pal = np.asarray(palette, np.uint8).reshape(-1, 3)
-    color = pal[classes]
-    fg = classes > 0
-    out = rgb.astype(np.float32)
-    out[fg] = (1 - alpha) * out[fg] + alpha * color[fg]
-    img = Image.fromarray(out.astype(np.uint8))
-    img.thumbnail((THUMB, THUMB))
-    return img
+PANEL = 150  # a panel's longest side in pixels: 8 panels of ~24 images stay well under a megabyte
+CROP = 96  # a gallery crop's longest side
+GALLERY_SIZE = 6  # crops per class: its largest regions
+TABLE_ROWS = 20  # error and flag rows listed (the counts by reason cover the rest)
+FG_BINS = 20
+LEVELS = ("dataset", "category", "image")
+# Patch masks: background dark, foreground one colour per kind (palette index 1)
+MASK_COLOURS = {"dataset": "#e8a33c", "category": "#4fb3d9", "image": "#9d6fd6", "combined": "#f0f0f0"}
+MASK_BG = "#282828"
 
 
-def _data_uri(data: bytes, mime: str = "image/jpeg") -> str:
-    """An image inside the page: report.html is one file that can be mailed or attached."""
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+# --- choosing the images: per shard a bounded list of candidates, merged in the driver ---
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
+def _disagreement(dataset: list, category: list, image: list) -> float:
+    """The share of an image's patches on which its three levels do not all say the same."""
+    d, c, i = np.asarray(dataset), np.asarray(category), np.asarray(image)
+    return float(1.0 - np.mean((d == c) & (c == i))) if d.size else 0.0
 
 
-def _esc(x: object) -> str:
-    return html.escape(str(x))
+def candidates(ids: list[str], flags: list, masks: list, levels: list[list], quota: int) -> dict:
+    """A shard's share of the choice: the images whose levels disagree most, the flagged, the ones that come
+    first in a stable hash order (the random pick), and the foreground-share histogram; all bounded by ``quota``,
+    so the merged choice does not depend on how the images were cut into shards."""
+    share = np.array([np.mean(m) if len(m) else 0.0 for m in masks])
+    disagree = [_disagreement(*lv) for lv in zip(*levels, strict=True)]
+    hashes = id_hash(ids) if ids else np.zeros(0, np.uint64)
+    return {
+        "disagree": sorted(((-float(d), i) for d, i in zip(disagree, ids, strict=True)))[:quota],
+        "random": sorted((int(h), i) for h, i in zip(hashes, ids, strict=True))[:quota],
+        "flagged": sorted((i, f) for i, f in zip(ids, flags, strict=True) if f)[:quota],
+        "flag_counts": dict(Counter(f for f in flags if f)),
+        "share_hist": np.histogram(share, bins=FG_BINS, range=(0, 1))[0].tolist(),
+        "images": len(ids),
+    }
+
+
+def shard_candidates(shard: int, run_root: str, quota: int) -> dict:
+    """:func:`candidates` of one pseudo shard (a task: the driver gets back only the bounded lists)."""
+    t = read_table(RunDir(run_root).pseudo_part(shard), columns=["image_id", "mask", "flag", *LEVELS])
+    return candidates(
+        t.column("image_id").to_pylist(),
+        t.column("flag").to_pylist(),
+        t.column("mask").to_pylist(),
+        [t.column(lv).to_pylist() for lv in LEVELS],
+        quota,
+    )
+
+
+@dataclass
+class Choice:
+    """The images shown, each under the first heading that chose it, and the run-wide summaries."""
+
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    why: dict[str, str] = field(default_factory=dict)  # image id -> caption of why it is shown
+    share_hist: list[int] = field(default_factory=lambda: [0] * FG_BINS)
+    flag_counts: dict[str, int] = field(default_factory=dict)
+
+
+def choose_images(parts: list[dict], n: int, metrics: dict | None, masked: set[str]) -> Choice:
+    """At most ``n`` images: on an evaluated run the worst and best by foreground IoU first, then the flagged,
+    the most disagreeing between levels, and the rest at random (a stable hash order: the same run shows the same
+    images)."""
+    ch = Choice()
+    for p in parts:
+        ch.share_hist = [a + b for a, b in zip(ch.share_hist, p["share_hist"], strict=True)]
+        for f, c in p["flag_counts"].items():
+            ch.flag_counts[f] = ch.flag_counts.get(f, 0) + c
+    per_image = (metrics or {}).get("per_image_foreground_iou") or {}
+    disagree = sorted(x for p in parts for x in p["disagree"])  # (-share, id): the most disagreeing first
+    sources = [
+        ("Worst by foreground IoU", [(i, f"foreground IoU {s:.2f}") for i, s in per_image.get("worst", [])], 5),
+        ("Best by foreground IoU", [(i, f"foreground IoU {s:.2f}") for i, s in per_image.get("best", [])], 6),
+        ("Flagged", [(i, f"flag: {f}") for i, f in sorted(x for p in parts for x in p["flagged"])], 6),
+        ("Levels disagree most", [(i, f"levels disagree on {-d:.0%} of patches") for d, i in disagree], 4),
+        ("At random", [(i, "at random") for _, i in sorted(x for p in parts for x in p["random"])], 1),
+    ]
+    shown: set[str] = set()
+    for title, items, share in sources:
+        quota = max(1, n // share) if share > 1 else n - len(shown)
+        picked = []
+        for image_id, why in items:
+            if len(picked) >= quota or len(shown) >= n:
+                break
+            if image_id in shown or image_id not in masked:
+                continue
+            picked.append(image_id)
+            shown.add(image_id)
+            ch.why[image_id] = why
+        if picked:
+            ch.groups[title] = picked
+    return ch
+
+
+# --- per-image panels ---
+
+
+def _thumb_size(w: int, h: int) -> tuple[int, int]:
+    s = PANEL / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def _labels_thumb(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.asarray(labels, np.uint8)).resize(size, Image.NEAREST))
+
+
+def _patch_thumb(mask: np.ndarray, geom: dict, patch: int, size: tuple[int, int]) -> np.ndarray:
+    """A patch-grid mask in the photo's frame: each patch a block, the bottom/right padding cut off."""
+    grid = np.asarray(mask, np.uint8).reshape(geom["grid_h"], geom["grid_w"])
+    rh, rw = geom.get("resized_h") or grid.shape[0] * patch, geom.get("resized_w") or grid.shape[1] * patch
+    canvas = np.kron(grid, np.ones((patch, patch), np.uint8))[:rh, :rw]
+    return _labels_thumb(canvas, size)
+
+
+def _two_colours(colour: str) -> list[int]:
+    fg = [int(colour[k : k + 2], 16) for k in (1, 3, 5)]
+    bg = [int(MASK_BG[k : k + 2], 16) for k in (1, 3, 5)]
+    return [*bg, *fg] + [0] * (3 * 254)
+
+
+def _panel(kind: str, src: str, caption: str) -> str:
+    return (
+        f"<figure class='panel'><img data-panel='{kind}' src='{src}' alt='{esc(kind)}'>"
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+@dataclass
+class PanelInputs:
+    """What every image's panels read, resolved once."""
+
+    run: RunDir
+    cfg: Config
+    palette: list[int]
+    patch: int
+    gt: object | None  # a GroundTruth where the run was evaluated
+    gt_palette: list[int]
+    gt_names: list[str]
+    matched: dict[int, str]  # predicted class id -> the name of the ground-truth class it was matched to
+    lut: np.ndarray | None  # predicted class id -> ground-truth class index (unmatched: background)
+
+
+def _image_panels(image_id: str, row: dict, geom: dict, why: str, inp: PanelInputs) -> str:
+    run, cfg = inp.run, inp.cfg
+    w, h = int(geom.get("width") or 0), int(geom.get("height") or 0)
+    classes = read_mask(run.class_mask(image_id))
+    if not (w and h):
+        h, w = classes.shape
+    size = _thumb_size(w, h)
+    panels = []
+    try:
+        photo = Image.fromarray(load_rgb(geom["uri"], cfg.max_pixels))
+        photo.thumbnail((PANEL, PANEL))
+        panels.append(_panel("photo", jpeg_uri(photo), esc(image_id)))
+    except (BadImage, OSError, KeyError, TypeError):
+        panels.append("<figure class='panel missing'>photo not readable</figure>")
+    weights = np.asarray(row["weights"], np.float64)
+    shares = weights / weights.sum() if weights.sum() > 0 else np.full(len(LEVELS), 1 / len(LEVELS))
+    for k, lv in enumerate(LEVELS):
+        thumb = _patch_thumb(row[lv], geom, inp.patch, size)
+        panels.append(
+            _panel(
+                f"level-{lv}",
+                png_uri(thumb, _two_colours(MASK_COLOURS[lv])),
+                f"{lv} level &middot; weight {shares[k]:.0%}",
+            )
+        )
+    mask = np.asarray(row["mask"], np.uint8)
+    panels.append(
+        _panel(
+            "combined",
+            png_uri(_patch_thumb(mask, geom, inp.patch, size), _two_colours(MASK_COLOURS["combined"])),
+            f"combined ({cfg.combine}) &middot; {mask.mean():.0%} fg",
+        )
+    )
+    binary = read_mask(run.binary_mask(image_id)) > 0 if run.binary_mask(image_id).exists() else None
+    if binary is not None:
+        panels.append(
+            _panel(
+                "refined",
+                png_uri(_labels_thumb(binary, size), _two_colours(MASK_COLOURS["combined"])),
+                f"refined{' (CRF)' if cfg.crf else ''} &middot; {binary.mean():.0%} fg",
+            )
+        )
+    present = [int(c) for c in np.unique(classes) if c > 0]
+    legend = "".join(
+        swatch(hex_colour(inp.palette, c), f"{c}" + (f" {inp.matched[c]}" if c in inp.matched else ""), c)
+        for c in present
+    )
+    panels.append(
+        _panel("classes", png_uri(_labels_thumb(classes, size), inp.palette), f"classes {legend or '(none)'}")
+    )
+    if inp.gt is not None and image_id in inp.gt.image_ids:
+        truth = inp.gt.read(image_id)
+        panels.append(
+            _panel(
+                "matched",
+                png_uri(_labels_thumb(inp.lut[classes], size), inp.gt_palette),
+                "classes matched to the truth's",
+            )
+        )
+        names = [
+            inp.gt_names[c] if c < len(inp.gt_names) else str(c) for c in np.unique(truth) if 0 < c < len(inp.gt_names)
+        ]
+        panels.append(
+            _panel(
+                "truth",
+                png_uri(_labels_thumb(truth, size), inp.gt_palette),
+                "ground truth " + esc(", ".join(names) or "(background)"),
+            )
+        )
+    flag = row.get("flag")
+    caption = f"<b>{esc(image_id)}</b>: {esc(why)}" + (f" &middot; flag <b>{esc(flag)}</b>" if flag else "")
+    return (
+        f"<div class='image' data-image='{esc(image_id)}'><p>{caption}</p>"
+        f"<div class='panels'>{''.join(panels)}</div></div>"
+    )
+
+
+def _read_chosen(run: RunDir, shards: list[int], chosen: set[str]) -> tuple[dict, dict]:
+    """The pseudo rows and geometry of the chosen images, read shard by shard (only their rows are kept)."""
+    rows, geoms = {}, {}
+    for s in shards:
+        columns = ["image_id", "grid_h", "grid_w", "mask", "weights", "flag", *LEVELS]
+        t = read_table(run.pseudo_part(s), columns=columns).to_pylist()
+        hits = [r for r in t if r["image_id"] in chosen]
+        if not hits:
+            continue
+        rows.update({r["image_id"]: r for r in hits})
+        if run.image_table(s).exists():
+            g = read_table(run.image_table(s), columns=GEOMETRY_COLUMNS).to_pylist()
+            geoms.update({r["image_id"]: r for r in g if r["image_id"] in chosen})
+    return rows, geoms
+
+
+def _panels_section(run: RunDir, cfg: Config, choice: Choice, inp: PanelInputs, shards: list[int]) -> str:
+    chosen = {i for ids in choice.groups.values() for i in ids}
+    rows, geoms = _read_chosen(run, shards, chosen)
+    key = "".join(swatch(MASK_COLOURS[k], f"{k} foreground") for k in (*LEVELS, "combined")) + swatch(
+        MASK_BG, "background"
+    )
+    out = [
+        "<h2>Images, level by level</h2><p>Each row: the photo; the dataset, category and image levels' patch masks "
+        "(each with its weight in this image); their combination; the refined mask; the class mask; the ground "
+        f"truth where the run was evaluated. {key}</p>"
+    ]
+    for title, ids in choice.groups.items():
+        # a brought-in store may have no image table: then the grid alone places the patch masks
+        blocks = [_image_panels(i, rows[i], geoms.get(i, rows[i]), choice.why[i], inp) for i in ids if i in rows]
+        if blocks:
+            out.append(f"<h3>{esc(title)} ({len(blocks)})</h3>{''.join(blocks)}")
+    if len(out) == 1:
+        out.append("<p>no image has a mask</p>")
+    return "".join(out)
+
+
+# --- run-wide sections ---
 
 
 def _header(run: RunDir, rec: dict) -> list[str]:
     backbone = rec.get("backbone", {})
     parts = []
     if backbone.get("random_weights"):
-        parts.append(f'<div class="banner">{_esc(RANDOM_WEIGHTS_WARNING)}</div>')
+        parts.append(f'<div class="banner">{esc(RANDOM_WEIGHTS_WARNING)}</div>')
     parts.append(
-        f"<h1>mlcseg_ray report</h1><p>run folder <code>{_esc(run.root)}</code>; input "
-        f"{_esc(rec.get('input', '(brought-in feature store)'))}</p>"
+        f"<h1>mlcseg_ray report</h1><p>run folder <code>{esc(run.root)}</code>; input "
+        f"{esc(rec.get('input', '(brought-in feature store)'))}</p>"
     )
     parts.append(
-        "<h2>Features</h2><table>"
+        "<details><summary>Features</summary><table>"
         + "".join(
-            f"<tr><th>{_esc(k)}</th><td>{_esc(backbone.get(k))}</td></tr>"
+            f"<tr><th>{esc(k)}</th><td>{esc(backbone.get(k))}</td></tr>"
             for k in ("backbone", "weights", "random_weights", "patch_size", "embed_dim", "max_side")
         )
-        + "</table>"
+        + "</table></details>"
     )
     return parts
 
 
-def _stages_section(rec: dict, status: list[dict]) -> str:
-    rows = "".join(
-        f"<tr><td>{_esc(s)}</td><td>{_esc(v.get('images', ''))}</td><td>{_esc(v.get('errors', ''))}</td>"
-        f"<td>{v.get('seconds', 0):.1f}</td></tr>"
-        for s, v in rec.get("stages", {}).items()
-    )
+def _summary_section(rec: dict, status: list[dict], choice: Choice) -> str:
     n_err = sum(1 for r in status if r["status"] != "ok")
-    n_flag = sum(1 for r in status if r.get("flag"))
+    skipped = rec.get("skipped_files", {}).get("count", 0)
+    flags = ", ".join(f"{c} {f}" for f, c in sorted(choice.flag_counts.items())) or "none"
+    stages = rec.get("stages", {})
+    bars = bar_chart(
+        [(s, float(v.get("seconds", 0)), f"{v.get('seconds', 0):.1f} s") for s, v in stages.items()],
+        "seconds per stage",
+    )
+    n_hist = sum(choice.share_hist)
+    edges = [i / FG_BINS for i in range(FG_BINS + 1)]
     return (
-        f"<h2>Stages</h2><p>{len(status)} images, {n_err} errors, {n_flag} flagged "
-        f"(empty or full pseudo-mask)</p><table><tr><th>stage</th><th>images</th><th>errors</th>"
-        f"<th>seconds</th></tr>{rows}</table>"
+        f"<h2>Summary</h2><p class='big'>{len(status)} images &middot; {len(status) - n_err} with masks &middot; "
+        f"{n_err} errors &middot; flagged: {esc(flags)} &middot; {skipped} files skipped</p>"
+        f"<div class='row'><div><h3>Time per stage</h3>{bars}</div>"
+        f"<div><h3>Foreground share of the patch masks ({n_hist} images)</h3>"
+        f"{histogram(choice.share_hist, edges, 'images by foreground share')}</div></div>"
     )
 
 
-def _metrics_section(run: RunDir) -> str:
-    m = json.loads(run.metrics.read_text())
-    confusion = _data_uri(run.confusion.read_bytes(), "image/png") if run.confusion.exists() else ""
-    per = "".join(
-        f"<tr><td>{_esc(k)}</td><td>{'-' if v is None else f'{v:.2f}'}</td></tr>" for k, v in m["per_class_iou"].items()
-    )
+def _metrics_section(run: RunDir, metrics: dict) -> str:
+    m = metrics
+    confusion = data_uri(run.confusion.read_bytes(), "image/png") if run.confusion.exists() else ""
+    per = [(k, float(v), f"{v:.1f}") for k, v in m["per_class_iou"].items() if v is not None]
+    per_image = m.get("per_image_foreground_iou") or {}
+    hist = ""
+    if per_image.get("scored"):
+        edges = [i / len(per_image["histogram"]) for i in range(len(per_image["histogram"]) + 1)]
+        hist = (
+            f"<div><h3>Images by foreground IoU (mean {per_image['mean']:.2f})</h3>"
+            f"{histogram(per_image['histogram'], edges, 'images by foreground IoU', '#c83')}</div>"
+        )
+    img = f"<div><h3>Confusion</h3><img data-panel='confusion' src='{confusion}' alt='confusion matrix'></div>"
     return (
-        f"<h2>Metrics ({_esc(m.get('protocol'))}, {_esc(m['matching'])} matching)</h2>"
+        f"<h2>Metrics ({esc(m.get('protocol'))}, {esc(m['matching'])} matching)</h2>"
         f"<p class='big'>mIoU {m['miou']:.2f} &middot; pixel accuracy {m['pixel_accuracy']:.2f} "
-        f"&middot; {m['n_images']} images</p><div class='row'><table><tr><th>class</th><th>IoU</th>"
-        f"</tr>{per}</table><img src='{confusion}' alt='confusion matrix'></div>"
+        f"&middot; {m['n_images']} images</p><div class='row'><div><h3>IoU per class</h3>"
+        f"{bar_chart(per, 'IoU per class', vmax=100)}</div>{img if confusion else ''}{hist}</div>"
     )
 
 
-def _samples_section(run: RunDir, ok: list[dict], cfg: Config, palette: list[int]) -> str:
-    """Overlays of the class masks on the first ``report_samples`` images."""
-    tiles = []
-    for r in ok[: cfg.report_samples]:
-        try:
-            rgb = load_rgb(r["uri"], cfg.max_pixels)
-        except BadImage:
+def _gallery_section(run: RunDir, uris: dict[str, str], cfg: Config, palette: list[int]) -> str:
+    """The largest regions of each class, classes by their total area, empty classes said so."""
+    t = read_table(run.regions, columns=["image_id", "class_id", "area", "x0", "y0", "x1", "y1"])
+    cls = np.asarray(t.column("class_id"))
+    area = np.asarray(t.column("area"))
+    ids = t.column("image_id").to_pylist()
+    totals = {c: int(area[cls == c].sum()) for c in range(1, cfg.num_classes + 1)}
+    rows = []
+    for c in sorted(totals, key=lambda c: (-totals[c], c)):
+        members = np.flatnonzero(cls == c)
+        colour = hex_colour(palette, c)
+        head = f"<h3>{swatch(colour, f'class {c}', c)} {len(members)} regions, {totals[c]:,} px</h3>"
+        if not len(members):
+            rows.append(f"<div class='cls'>{head.replace(' 0 regions, 0 px', ' no region')}</div>")
             continue
-        name = _data_uri(_jpeg(overlay(rgb, read_mask(run.class_mask(r["image_id"])), palette)))
-        tiles.append(
-            f"<figure><img src='{name}' alt='{_esc(r['image_id'])}'><figcaption>{_esc(r['image_id'])}"
-            f"{' (' + _esc(r['flag']) + ')' if r.get('flag') else ''}</figcaption></figure>"
-        )
-    return f"<h2>Samples</h2><div class='grid'>{''.join(tiles) or '<p>no masks</p>'}</div>"
-
-
-GALLERY_SIZE = 6  # crops shown per class, the most confident first
-
-
-def _gallery_section(run: RunDir, status: list[dict], cfg: Config, palette: list[int]) -> str:
-    """One row of region crops per class cluster."""
-    regions = read_table(run.regions).to_pylist()
-    uris = {r["image_id"]: r["uri"] for r in status}
-    by_class: dict[int, list] = {}
-    for r in sorted(regions, key=lambda r: -r["score"]):
-        by_class.setdefault(r["class_id"], []).append(r)
-    gal = []
-    for c in sorted(by_class):
         figs = []
-        for r in by_class[c][:GALLERY_SIZE]:
-            if r["image_id"] not in uris:
-                continue
+        for j in members[np.argsort(-area[members], kind="stable")][:GALLERY_SIZE]:
+            uri = uris.get(ids[j])
             try:
-                rgb = load_rgb(uris[r["image_id"]], cfg.max_pixels)
-            except BadImage:
+                rgb = load_rgb(uri, cfg.max_pixels)
+            except (BadImage, OSError, TypeError):
                 continue
-            crop = Image.fromarray(rgb).crop((r["x0"], r["y0"], r["x1"], r["y1"]))
-            crop.thumbnail((160, 160))
-            figs.append(f"<img src='{_data_uri(_jpeg(crop))}' alt='class {c}' title='{_esc(r['image_id'])}'>")
-        colour = "#{:02x}{:02x}{:02x}".format(*palette[3 * c : 3 * c + 3])
-        gal.append(
-            f"<div class='cls'><h3><span class='sw' style='background:{colour}'></span>class {c} "
-            f"({_count(len(by_class[c]), 'region')})</h3>{''.join(figs)}</div>"
-        )
-    return f"<h2>Class clusters</h2>{''.join(gal)}"
+            crop = Image.fromarray(rgb).crop(tuple(int(t.column(k)[j].as_py()) for k in ("x0", "y0", "x1", "y1")))
+            crop.thumbnail((CROP, CROP))
+            figs.append(f"<img data-panel='crop' src='{jpeg_uri(crop)}' alt='class {c}' title='{esc(ids[j])}'>")
+        rows.append(f"<div class='cls'>{head}<div class='crops'>{''.join(figs)}</div></div>")
+    return f"<h2>Class clusters, largest first</h2>{''.join(rows)}"
 
 
-def _problems_section(status: list[dict]) -> list[str]:
+def _problems_section(rec: dict, status: list[dict]) -> list[str]:
     parts = []
-    flagged = [r for r in status if r.get("flag")]
-    if flagged:
-        rows = "".join(f"<tr><td>{_esc(r['image_id'])}</td><td>{_esc(r['flag'])}</td></tr>" for r in flagged)
-        parts.append(
-            f"<h2>Flagged images</h2><p>The pseudo-mask of these images is empty or covers the whole image: "
-            f"kept, but worth a look.</p><table><tr><th>image</th><th>pseudo-mask</th></tr>{rows}</table>"
-        )
     failed = [r for r in status if r["status"] != "ok"]
     if failed:
-        errs = "".join(
-            f"<tr><td>{_esc(r['image_id'])}</td><td>{_esc(r['stage'])}</td><td>{_esc(r['error'])}</td></tr>"
-            for r in failed
+        reasons = Counter((r["stage"], (r["error"] or "").split(":")[0][:80]) for r in failed)
+        counts = "".join(
+            f"<tr><td>{esc(s)}</td><td>{esc(e)}</td><td>{n}</td></tr>" for (s, e), n in reasons.most_common(10)
         )
-        parts.append(f"<h2>Errors</h2><table><tr><th>image</th><th>stage</th><th>reason</th></tr>{errs}</table>")
+        errs = "".join(
+            f"<tr><td>{esc(r['image_id'])}</td><td>{esc(r['stage'])}</td><td>{esc(r['error'])}</td></tr>"
+            for r in failed[:TABLE_ROWS]
+        )
+        more = (
+            f"<p>and {len(failed) - TABLE_ROWS} more: <code>mlcseg errors RUN</code></p>"
+            if len(failed) > TABLE_ROWS
+            else ""
+        )
+        parts.append(
+            f"<h2>Errors ({len(failed)})</h2><table><tr><th>stage</th><th>reason</th><th>images</th></tr>{counts}"
+            f"</table><table><tr><th>image</th><th>stage</th><th>reason</th></tr>{errs}</table>{more}"
+        )
+    skipped = rec.get("skipped_files", {})
+    if skipped.get("count"):
+        by_ext = ", ".join(f"{k}: {v}" for k, v in skipped.get("by_extension", {}).items())
+        files = ", ".join(skipped.get("files", [])[:TABLE_ROWS])
+        parts.append(
+            f"<h2>Skipped files ({skipped['count']})</h2><p>Not images by their extension ({esc(by_ext)}): "
+            f"{esc(files)}</p>"
+        )
     return parts
 
 
 STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px} "
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1500px} "
     "table{border-collapse:collapse;margin:.5em 0}\n"
     "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left} .banner{background:#c00;color:#fff;padding:1em;\n"
-    "font-weight:bold;font-size:1.2em} .grid{display:flex;flex-wrap:wrap;gap:8px} figure{margin:0}\n"
-    "figcaption{font-size:.8em} .cls img{margin:2px;max-height:160px} .sw{display:inline-block;width:1em;height:1em;\n"
-    "margin-right:.4em;vertical-align:middle} .row{display:flex;gap:2em;align-items:flex-start} .big{font-size:1.3em}\n"
+    "font-weight:bold;font-size:1.2em} figure{margin:0} figcaption{font-size:.75em;max-width:150px}\n"
+    ".panels{display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start} .image{margin:.6em 0 1.2em}\n"
+    ".image p{margin:.2em 0} .panel img{display:block;width:150px;height:auto;image-rendering:pixelated}\n"
+    ".crops{display:grid;grid-template-columns:repeat(6,100px);gap:4px} .crops img{max-width:96px;max-height:96px}\n"
+    ".sw{display:inline-block;width:.9em;height:.9em;margin:0 .25em 0 .4em;vertical-align:middle;\n"
+    "border:1px solid #888}\n"
+    ".key{white-space:nowrap} .row{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start} .big{font-size:1.2em}\n"
+    ".cls h3{font-size:1em;margin:.8em 0 .3em} .missing{width:150px;font-size:.8em;color:#888}\n"
 )
 
 
-def write_report(run: RunDir, cfg: Config) -> Path:
+def write_report(run: RunDir, cfg: Config, map_fn: MapFn | None = None) -> Path:
     """``report.html``: the sections in order, one self-contained page."""
     rec = run.read_record()
     palette = voc_palette()
     status = run.read_status()
+    metrics = json.loads(run.metrics.read_text()) if run.metrics.exists() else None
+    shards = run.shards_of(run.pseudo, "part")
+    parts_ = (map_fn or serial_map)(shard_candidates, shards, str(run.root), max(cfg.report_samples, 1))
     masked = run.mask_ids(run.masks)
-    ok = [r for r in status if r["status"] == "ok" and r["image_id"] in masked]
+    choice = choose_images(parts_, cfg.report_samples, metrics, masked)
+    inp = _panel_inputs(run, cfg, rec, metrics, palette)
     parts = _header(run, rec)
-    parts.append(_stages_section(rec, status))
-    if run.metrics.exists():
-        parts.append(_metrics_section(run))
+    parts.append(_summary_section(rec, status, choice))
+    if metrics:
+        parts.append(_metrics_section(run, metrics))
     if run.ablation.exists():
         parts.append(ablation_section(json.loads(run.ablation.read_text())))
-    parts.append(_samples_section(run, ok, cfg, palette))
+    if shards and cfg.report_samples:
+        parts.append(_panels_section(run, cfg, choice, inp, shards))
     if run.regions.exists() and read_metadata(run.regions).num_rows:
-        parts.append(_gallery_section(run, status, cfg, palette))
-    parts += _problems_section(status)
+        parts.append(_gallery_section(run, {r["image_id"]: r["uri"] for r in status}, cfg, palette))
+    parts += _problems_section(rec, status)
     page = (
         f'<!doctype html><html><head><meta charset="utf-8"><title>mlcseg_ray report</title><style>\n{STYLE}'
         f"</style></head><body>{''.join(parts)}</body></html>"
     )
     atomic_write_text(run.report, page)
     return run.report
+
+
+def _panel_inputs(run: RunDir, cfg: Config, rec: dict, metrics: dict | None, palette: list[int]) -> PanelInputs:
+    try:
+        patch = int(first_store_metadata(run).get("patch_size", 1))
+    except FileNotFoundError:
+        patch = int(rec.get("backbone", {}).get("patch_size", 1))
+    gt, names, matched, lut = None, [], {}, None
+    evaluation = rec.get("evaluation")
+    if metrics and evaluation:
+        try:
+            gt = load_ground_truth(Path(evaluation["gt"]), evaluation["protocol"], evaluation.get("split", "val"))
+        except (EvalError, OSError):
+            gt = None  # the truth moved since: the page says what metrics.json says, without the truth panels
+        names = list(metrics["per_class_iou"])
+        assignment = {int(p): int(g) for p, g in metrics.get("assignment", {}).items() if 0 <= g < len(names)}
+        matched = {p: names[g] for p, g in assignment.items() if p > 0}
+        lut = np.zeros(256, np.uint8)
+        lut[list(assignment)] = list(assignment.values())
+    return PanelInputs(run, cfg, palette, patch, gt, voc_palette(), names, matched, lut)
 
 
 def ablation_section(a: dict) -> str:
@@ -220,7 +494,7 @@ def ablation_section(a: dict) -> str:
         colour = "#2a7" if r["rule"] == a["best"] else "#c83" if r["rule"] == a["configured"] else "#69c"
         w = bar_w * r["patch_iou"]
         svg.append(
-            f"<text x='0' y='{y + 15}' font-size='13'>{_esc(r['rule'])}</text>"
+            f"<text x='0' y='{y + 15}' font-size='13'>{esc(r['rule'])}</text>"
             f"<rect x='{label_w}' y='{y + 3}' width='{w:.1f}' height='{row_h - 6}' fill='{colour}'/>"
             f"<text x='{label_w + w + 6:.1f}' y='{y + 15}' font-size='12'>{r['patch_iou']:.3f}"
             + (f" / CRF {r['refined_iou']:.3f}" if r["refined_iou"] is not None else "")
@@ -230,9 +504,9 @@ def ablation_section(a: dict) -> str:
     warn = " <b>Random weights: these numbers say nothing about the method.</b>" if a.get("random_weights") else ""
     return (
         f"<h2>Which level and rule (mlcseg ablate)</h2><p>Foreground IoU on {a['images']} labelled images at "
-        f"patch resolution (and after the DenseCRF for the best rules). Best: <b>{_esc(a['best'])}</b>; "
-        f"configured: {_esc(a['configured'])} (consistency {_esc(a['consistency'])}); best single level: "
-        f"{_esc(a['best_single_level'])}.{warn}</p>{''.join(svg)}"
+        f"patch resolution (and after the DenseCRF for the best rules). Best: <b>{esc(a['best'])}</b>; "
+        f"configured: {esc(a['configured'])} (consistency {esc(a['consistency'])}); best single level: "
+        f"{esc(a['best_single_level'])}.{warn}</p>{''.join(svg)}"
     )
 
 
@@ -241,10 +515,22 @@ class ReportStage(Stage):
 
     name = "report"
     after = ("label",)
-    reads = ("status", "masks", "regions", "metrics", "confusion", "ablation", "run_record")
+    reads = (
+        "status",
+        "masks",
+        "binary",
+        "pseudo",
+        "image_tables",
+        "features",
+        "regions",
+        "metrics",
+        "confusion",
+        "ablation",
+        "run_record",
+    )
     writes = ("report",)
-    config_keys = ("report_samples", "max_pixels")
+    config_keys = ("report_samples", "max_pixels", "num_classes", "combine", "crf")
     always_run = True
 
     def run_whole(self, ctx: StageContext, map_fn: MapFn) -> dict:
-        return {"output": str(write_report(ctx.run, ctx.cfg))}
+        return {"output": str(write_report(ctx.run, ctx.cfg, map_fn))}

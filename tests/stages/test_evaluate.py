@@ -196,3 +196,31 @@ def test_eval_json_with_an_instances_json_is_json(tmp_path):
     res = mlcseg("eval", tmp_path / "pred", path, "--protocol", "coco81", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["n_images"] == 1 and "annotations" in res.stderr  # the chatter went to stderr
+
+
+def test_per_image_foreground_iou_worst_and_best_whatever_the_chunking(tmp_path):
+    """Each image's foreground IoU (what the report ranks images by), kept bounded: the worst and best images
+    and a histogram, the same for any chunking of the split."""
+    from mlcseg_ray.stages.evaluate import PER_IMAGE_KEPT, foreground_iou
+
+    voc = need(VOC_SUBSET)
+    g = load_ground_truth(voc, "voc21")
+    pred = tmp_path / "p"
+    rng = np.random.default_rng(3)
+    expected = {}
+    for k, i in enumerate(g.image_ids):
+        truth = g.read(i)
+        fg = (truth > 0) & (truth != 255)
+        p = np.where(rng.random(truth.shape) < k / len(g.image_ids), fg, ~fg)  # worse for earlier images
+        _save(pred, i, p.astype(np.uint8) * 3)
+        valid = truth != 255
+        expected[i] = ((p & fg) & valid).sum() / ((p | fg) & valid).sum()
+    assert foreground_iou(np.zeros((2, 2)), np.zeros((2, 2)), 255) is None  # nothing to get wrong: not ranked
+    ranked = sorted((v, i) for i, v in expected.items())
+    for chunk in (5, 64):
+        m = evaluate(pred, g, chunk=chunk)["per_image_foreground_iou"]
+        assert [i for i, _ in m["worst"]] == [i for _, i in ranked[:PER_IMAGE_KEPT]]
+        assert [i for i, _ in m["best"]] == [i for _, i in ranked[::-1][:PER_IMAGE_KEPT]]
+        assert m["worst"][0][1] == pytest.approx(ranked[0][0], abs=1e-4)
+        assert m["scored"] == sum(m["histogram"]) == len(g.image_ids)
+        assert m["mean"] == pytest.approx(np.mean(list(expected.values())), abs=1e-4)
