@@ -1,6 +1,6 @@
 """Foreground IoU of every clustering level and combine rule, on the fixed planted sets and on randomized families.
 
-    python bench/ablation.py                       # fixed sets + 100 randomized draws + 20 draws on real photos
+    python bench/ablation.py                       # fixed sets, 100 + 50 randomized draws, 20 + 20 on real photos
     python bench/ablation.py --draws 20 --photo-draws 5 --skip-fixed
     python bench/ablation.py --store RUN           # any store with RUN/gt.parquet (image_id, grid_h, grid_w, mask)
 
@@ -40,6 +40,8 @@ from mlcseg_ray.pipeline import run_stages  # noqa: E402
 from mlcseg_ray.stages.cluster import read_pseudo  # noqa: E402
 from mlcseg_ray.tools.ablate import RULES, SINGLE_LEVELS, rule_score  # noqa: E402
 
+RULES_LIST = list(RULES)
+
 DATA = ROOT.parent / "shared" / "data"
 MASKS = DATA / "voc2012_val_masks" / "SegmentationClass"
 PHOTOS = DATA / "voc2012_val_subset"
@@ -47,17 +49,33 @@ STRENGTHS = (0.3, 0.5, 0.7, 1.0, 1.5)
 
 
 def rule_ious(store: Path) -> dict:
-    """Patch-level foreground IoU of every rule against the store's gt.parquet."""
-    gt = {r["image_id"]: np.asarray(r["mask"], bool) for r in pq.read_table(store / "gt.parquet").to_pylist()}
+    """Patch-level foreground IoU of every rule against the store's gt.parquet; for the empty scenes, the share
+    each rule keeps clean (at most 5% foreground); and the configured rule's IoU without the least confident 10% of
+    the images."""
+    gt = {r["image_id"]: r for r in pq.read_table(store / "gt.parquet").to_pylist()}
     inter = dict.fromkeys(RULES, 0)
     union = dict.fromkeys(RULES, 0)
+    clean = dict.fromkeys(RULES, 0)
+    n_empty, per_image = 0, []
     for row in read_pseudo(RunDir(store)).to_pylist():
-        t = gt[row["image_id"]]
+        t = np.asarray(gt[row["image_id"]]["mask"], bool)
+        empty = not t.any()
+        n_empty += empty
         for rule in RULES:
             p = rule_score(row, rule) > 0.5
             inter[rule] += int((p & t).sum())
             union[rule] += int((p | t).sum())
-    return {r: inter[r] / union[r] if union[r] else 1.0 for r in RULES}
+            clean[rule] += int(empty and p.mean() <= 0.05)
+        m = np.asarray(row["mask"], bool)
+        per_image.append((row["confidence"], int((m & t).sum()), int((m | t).sum())))
+    out = {r: inter[r] / union[r] if union[r] else 1.0 for r in RULES}
+    if n_empty:
+        out.update({f"clean/{r}": clean[r] / n_empty for r in RULES})
+    per_image.sort(key=lambda x: x[0])
+    kept = per_image[len(per_image) // 10 :]
+    out["confident 90%"] = sum(i for _, i, _ in kept) / max(1, sum(u for _, _, u in kept))
+    out["all images"] = sum(i for _, i, _ in per_image) / max(1, sum(u for _, _, u in per_image))
+    return out
 
 
 def cluster(store: Path, out: Path, **overrides) -> dict:
@@ -77,11 +95,16 @@ def one_draw(job) -> dict:
     kind, draw, work, photo_base = job
     out = Path(work) / f"{kind}{draw}"
     shutil.rmtree(out, ignore_errors=True)
-    if kind == "random":
-        generate(out, random_spec(draw), mask_dir=MASKS)
+    if kind in ("random", "scenes"):
+        generate(out, random_spec(draw, scenes=kind == "scenes"), mask_dir=MASKS)
     else:
         generate_on_photos(
-            out, RunDir(photo_base), PHOTOS / "SegmentationClass", STRENGTHS[draw % len(STRENGTHS)], seed=draw
+            out,
+            RunDir(photo_base),
+            PHOTOS / "SegmentationClass",
+            STRENGTHS[draw % len(STRENGTHS)],
+            seed=draw,
+            empty_share=0.2 if kind == "photo-empty" else 0.0,
         )
     run_stages(out, Config(), ["cluster"])
     res = rule_ious(out)
@@ -96,12 +119,26 @@ def summarise(rows: list[dict], title: str) -> None:
         f"\n{title}: {len(rows)} draws; best single level chosen in advance (best mean): {advance} "
         f"{np.mean([r[advance] for r in rows]):.4f}; per-draw best single level, mean {best.mean():.4f}"
     )
-    print("| rule | mean fg IoU | mean regret vs per-draw best level | worst draw | beats every level |")
-    print("|---|---|---|---|---|")
+    scenes = all(f"clean/{RULES_LIST[0]}" in r for r in rows)
+    print(
+        "| rule | mean fg IoU | mean regret vs per-draw best level | worst draw | beats every level |"
+        + (" empty scenes kept clean |" if scenes else "")
+    )
+    print("|---|---|---|---|---|" + ("---|" if scenes else ""))
     for rule in RULES:
         v = np.array([r[rule] for r in rows])
         beats = np.mean(v > best + 1e-9)
-        print(f"| {rule} | {v.mean():.4f} | {np.mean(best - v):+.4f} | {v.min():.3f} | {beats:.0%} |")
+        line = f"| {rule} | {v.mean():.4f} | {np.mean(best - v):+.4f} | {v.min():.3f} | {beats:.0%} |"
+        if scenes:
+            line += f" {np.mean([r[f'clean/{rule}'] for r in rows]):.1%} |"
+        print(line)
+    drop = np.array([r["confident 90%"] - r["all images"] for r in rows])
+    print(
+        f"Confidence: without the least confident 10% of images the default's IoU is "
+        f"{np.mean([r['confident 90%'] for r in rows]):.4f} "
+        f"(all images {np.mean([r['all images'] for r in rows]):.4f}); "
+        f"higher on {np.mean(drop > 0):.0%} of draws, lower on {np.mean(drop < 0):.0%}"
+    )
 
 
 def photo_base(work: Path) -> Path:
@@ -121,7 +158,10 @@ def main():
     ap.add_argument("--store", type=Path, action="append", help="store folder(s) with gt.parquet")
     ap.add_argument("--n-images", type=int, default=1449, help="images of the fixed easy and hard sets")
     ap.add_argument("--draws", type=int, default=100, help="randomized planted draws")
-    ap.add_argument("--photo-draws", type=int, default=20, help="draws on the real VOC photos")
+    ap.add_argument("--scene-draws", type=int, default=50, help="randomized draws with empty scenes and close-ups")
+    ap.add_argument(
+        "--photo-draws", type=int, default=20, help="draws on the real VOC photos (and as many with empty scenes)"
+    )
     ap.add_argument("--skip-fixed", action="store_true")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--processes", type=int, default=2)
@@ -145,18 +185,23 @@ def main():
                     f"| {store.name} | {consistency} | " + " | ".join(f"{res[k]:.3f}" for k in RULES) + " |", flush=True
                 )
     jobs = [("random", d, str(work), None) for d in range(args.draws)]
+    jobs += [("scenes", d, str(work), None) for d in range(args.scene_draws)]
     if args.photo_draws:
         base = photo_base(work)
-        jobs += [("photo", d, str(work), str(base)) for d in range(args.photo_draws)]
+        jobs += [(kind, d, str(work), str(base)) for kind in ("photo", "photo-empty") for d in range(args.photo_draws)]
     with mp.get_context("spawn").Pool(args.processes) as pool:
         rows = pool.map(one_draw, jobs, chunksize=1)
-    random_rows = [r for r in rows if r["draw"].startswith("random")]
-    photo_rows = [r for r in rows if r["draw"].startswith("photo")]
-    if random_rows:
-        summarise(random_rows, "randomized planted family")
-    if photo_rows:
-        summarise(photo_rows, "planted on real VOC photos (random-weight ViT-S/8 keys)")
-    if random_rows and photo_rows:
+    families = {
+        "random": "randomized planted family",
+        "scenes": "randomized planted family with empty scenes (5-30%) and close-ups (0-15%)",
+        "photo": "planted on real VOC photos (random-weight ViT-S/8 keys)",
+        "photo-empty": "planted on real VOC photos, 20% of them empty scenes",
+    }
+    for kind, title in families.items():
+        fam = [r for r in rows if r["draw"].rstrip("0123456789") == kind]
+        if fam:
+            summarise(fam, title)
+    if len({r["draw"].rstrip("0123456789") for r in rows}) > 1:
         summarise(rows, "all draws")
     print(f"\n{time.perf_counter() - t0:.0f}s")
     if args.work is None:

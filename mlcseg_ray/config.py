@@ -57,6 +57,13 @@ class Config(BaseModel):
     consistency: Literal["relative", "majority"] = "relative"
     combine: Literal["weighted", "vote", "intersection", "union", "dataset", "category", "image"] = "weighted"
     vote: int = Field(2, ge=1, le=3)
+    min_gap: float = Field(
+        0.4,
+        ge=0,
+        description="the gap test of combine=weighted: a level's split has a say in an image only if its two sides "
+        "lie at least this share of the dataset's own foreground-background gap apart along the dataset's "
+        "foreground direction (0: off)",
+    )
     kmeans_iters: int = Field(25, ge=1)
     kmeans_tol: float = Field(1e-4, ge=0)
     kmeans_sample: int = Field(
@@ -94,6 +101,13 @@ class Config(BaseModel):
     )
     region_descriptor: Literal["crop_cls", "masked_mean"] = "crop_cls"
     crop_size: int = Field(160, ge=16, description="region crops are resized to this square for crop_cls")
+    min_confidence: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="images whose pseudo-mask's confidence is below this get no class regions in masks/ and the "
+        "COCO JSON (status flag 'doubtful'); 0 keeps every image",
+    )
 
     # --- storage ---
     s3_endpoint_url: str | None = Field(

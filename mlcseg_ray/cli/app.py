@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -202,11 +203,14 @@ def _report(pipe: Any, summary: list[dict], as_json: bool) -> None:
     evaluated = any(r["stage"] == "evaluate" for r in summary)
     metrics = json.loads(run.metrics.read_text()) if run.metrics.exists() and evaluated else None
     rec = run.read_record()
+    status = run.read_status()
+    flags = dict(sorted(Counter(r["flag"] for r in status if r["flag"]).items()))
     if as_json:
         payload = {
             "run": str(run.root),
             "stages": summary,
-            "images": len(run.read_status()),
+            "images": len(status),
+            "flagged": flags,
             "failed": failed,
             "random_weights": bool(rec.get("backbone", {}).get("random_weights")),
         }
@@ -217,6 +221,8 @@ def _report(pipe: Any, summary: list[dict], as_json: bool) -> None:
         summary_table(f"mlcseg: {run.root}", summary)
         if metrics:
             print_metrics(metrics)
+        if flags:  # kept, but worth a look: empty scenes, whole-image masks, doubtful pseudo-labels
+            stdout.print(f"flagged: {', '.join(f'{n} {f}' for f, n in flags.items())}", highlight=False)
         stdout.print(f"outputs in {run.root}", highlight=False, soft_wrap=True)
     if failed:
         console.print(f"[yellow]{failed} image(s) failed: mlcseg errors {run.root}[/]", soft_wrap=True)
@@ -287,6 +293,7 @@ def errors(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
     status = run.read_status()
     failed = [r for r in status if r["status"] != "ok"]
     flagged = [r for r in status if r["flag"]]
+    flag_counts = dict(sorted(Counter(r["flag"] for r in flagged).items()))
     skipped = rec.get("skipped_files", {})
     stages = {
         name: {k: v for k, v in s.items() if k in ("images", "errors", "seconds", "shards_done", "shards_skipped")}
@@ -301,6 +308,7 @@ def errors(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
                     "stages": stages,
                     "failed": failed,
                     "flagged": flagged,
+                    "flag_counts": flag_counts,
                     "skipped_files": skipped,
                 }
             )
@@ -313,8 +321,8 @@ def errors(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
         t.add_row(name, str(s.get("images", "-")), str(s.get("errors", 0)), str(s.get("seconds", "-")))
     stdout.print(t)
     stdout.print(
-        f"{len(status)} images: {len(status) - len(failed)} ok, {len(failed)} failed, {len(flagged)} "
-        f"flagged (empty or full pseudo-mask)",
+        f"{len(status)} images: {len(status) - len(failed)} ok, {len(failed)} failed, {len(flagged)} flagged"
+        + (f" ({', '.join(f'{n} {f}' for f, n in flag_counts.items())})" if flagged else ""),
         highlight=False,
     )
     if failed:

@@ -42,13 +42,34 @@ def print_metrics(metrics: dict) -> None:
 def print_ablation(result: dict, protocol: str) -> None:
     """``mlcseg ablate``'s table: foreground IoU of every rule, at patch resolution and after the CRF."""
     t = Table(title=f"foreground IoU on {result['images']} images ({protocol})")
-    for col in ("rule", "patch resolution", "after CRF"):
+    empty = result.get("empty_images", 0)
+    cols = ("rule", "patch resolution", "after CRF") + (("empty kept clean",) if empty else ())
+    for col in cols:
         t.add_column(col, justify="left" if col == "rule" else "right")
     for r in result["rules"]:
         mark = " (configured)" if r["rule"] == result["configured"] else ""
         refined = "-" if r["refined_iou"] is None else f"{r['refined_iou']:.3f}"
-        t.add_row(r["rule"] + mark, f"{r['patch_iou']:.3f}", refined)
+        clean = (f"{r['empty_kept_clean']:.0%}",) if empty else ()
+        t.add_row(r["rule"] + mark, f"{r['patch_iou']:.3f}", refined, *clean)
     out.print(t)
+    if empty:
+        out.print(
+            f"{empty} empty scenes in the ground truth: 'empty kept clean' is the share of them a rule calls "
+            "at most 5% foreground",
+            highlight=False,
+            soft_wrap=True,
+        )
+    curve = [c for c in result.get("confidence_curve", []) if c["precision"] is not None]
+    if curve:
+        out.print(
+            "confidence >= t as a test of a good pseudo-mask (IoU >= 0.5, or an empty scene kept clean): "
+            + ", ".join(
+                f"t {c['threshold']:.1f}: precision {c['precision']:.2f} recall {c['recall'] or 0:.2f}"
+                for c in curve[::3]
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
     out.print(
         f"best: {result['best']}; best single level: {result['best_single_level']}; "
         f"notes: {'; '.join(result['notes']) or 'none'}",

@@ -400,7 +400,8 @@ class Executor:
 
     # ------------------------------------------------------------------ each image's status
     def _write_status(self) -> None:
-        """``status.parquet``: every image once, ok or the first stage's error, and its flag (empty/full mask)."""
+        """``status.parquet``: every image once, ok or the first stage's error, its flag (empty/full mask, or below
+        ``min_confidence``) and its confidence: what the stages' markers say (a later stage's flag wins)."""
         if self.run.manifest.exists():
             base = read_table(self.run.manifest, columns=["image_id", "uri", "status", "error"]).to_pylist()
         else:  # a brought-in store: its image tables list the images
@@ -409,7 +410,10 @@ class Executor:
                 for p in list_shards(self.run.image_tables)
                 for r in read_table(p, columns=["image_id", "uri", "status", "error"]).to_pylist()
             ]
-        rows = {r["image_id"]: {**r, "stage": "ingest" if r["status"] != "ok" else None, "flag": None} for r in base}
+        rows = {
+            r["image_id"]: {**r, "stage": "ingest" if r["status"] != "ok" else None, "flag": None, "confidence": None}
+            for r in base
+        }
         for name in self.order:
             state = self.run.state(name)
             rec = self._record(name)
@@ -423,10 +427,16 @@ class Executor:
                     r = rows.get(image_id)
                     if r is not None and r["status"] == "ok":
                         r.update(status="error", error=err, stage=name)
-                for image_id, flag in m.get("flags", {}).items():
-                    if image_id in rows:
-                        rows[image_id]["flag"] = flag
+                _note(rows, "flag", m.get("flags", {}))
+                _note(rows, "confidence", m.get("confidence", {}))
         self.run.write_status([rows[k] for k in sorted(rows)])
+
+
+def _note(rows: dict[str, dict], column: str, values: dict) -> None:
+    """A marker's per-image values (flags, confidence) into the status rows of the images it names."""
+    for image_id, value in values.items():
+        if image_id in rows:
+            rows[image_id][column] = value
 
 
 def _shard_task(shard: int, stage: Stage, ctx: StageContext, shared: Any, fp: str) -> dict:

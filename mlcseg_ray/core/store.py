@@ -124,6 +124,7 @@ STATUS_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("error", pa.string()),
         ("flag", pa.string()),
+        ("confidence", pa.float32()),  # the pseudo-mask's confidence (cluster), None where it has none
     ]
 )
 
@@ -261,7 +262,8 @@ class RunDir:
         atomic_write_table(self.status, pa.Table.from_pylist(rows, schema=STATUS_SCHEMA))
 
     def read_status(self) -> list[dict]:
-        """One row per image (image_id, uri, status ok/error, stage, error, flag); empty before ingest."""
+        """One row per image (image_id, uri, status ok/error, stage, error, flag, confidence); empty before
+        ingest."""
         return read_table(self.status).to_pylist() if self.status.exists() else []
 
     # --- the lock ---

@@ -92,3 +92,25 @@ def histogram(counts: list[int], edges: list[float], label: str, colour: str = "
         out.append(f"<text x='{pad + i * bin_w - 6}' y='{height + 30}' font-size='11'>{edges[i]:g}</text>")
     out.append("</svg>")
     return "".join(out)
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], label: str, x_label: str, y_label: str) -> str:
+    """Lines over the unit square (both axes 0 to 1), one colour per series with its name as a key."""
+    size, pad = 200, 36
+    colours = ("#2a7", "#c83", "#69c", "#96c")
+    out = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' class='chart' width='{size + 2 * pad + 90}' "
+        f"height='{size + 2 * pad}' role='img' aria-label='{esc(label)}'>"
+        f"<rect x='{pad}' y='{pad // 2}' width='{size}' height='{size}' fill='none' stroke='#999'/>"
+        f"<text x='{pad + size // 2 - 20}' y='{size + pad + 14}' font-size='11'>{esc(x_label)}</text>"
+        f"<text x='2' y='{pad // 2 + 10}' font-size='11'>{esc(y_label)}</text>"
+        f"<text x='{pad - 8}' y='{size + pad // 2 + 12}' font-size='10'>0</text>"
+        f"<text x='{pad + size - 4}' y='{size + pad // 2 + 12}' font-size='10'>1</text>"
+    ]
+    for k, (name, pts) in enumerate(series.items()):
+        colour = colours[k % len(colours)]
+        xy = " ".join(f"{pad + size * x:.1f},{pad // 2 + size * (1 - y):.1f}" for x, y in pts)
+        out.append(f"<polyline points='{xy}' fill='none' stroke='{colour}' stroke-width='2'/>")
+        out.append(f"<text x='{pad + size + 8}' y='{pad + 14 * k}' font-size='11' fill='{colour}'>{esc(name)}</text>")
+    out.append("</svg>")
+    return "".join(out)

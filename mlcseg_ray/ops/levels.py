@@ -84,6 +84,54 @@ def level_weights(x: np.ndarray, levels: np.ndarray, direction: np.ndarray | Non
     return np.array([separation(x64, lv.astype(bool), along) for lv in levels], np.float32)
 
 
+def gap_ratios(x: np.ndarray, splits: np.ndarray, direction: np.ndarray | None) -> np.ndarray:
+    """Each split's gap along the dataset's foreground direction ``direction`` (mean foreground minus mean
+    background of the dataset's sample), in units of the dataset's own gap: the mean projection of the split's
+    foreground minus that of its background, over |direction|^2, so that the dataset's foreground and background
+    means lie exactly 1 apart. About 1 where a split cuts an object from its background; near 0 where it cuts one
+    background mode (or texture) from another, or noise in two. A shift of the whole image moves both sides alike,
+    so it does not change the gap. 0 for a one-sided split (nothing to compare)."""
+    out = np.zeros(len(splits), np.float32)
+    d = np.asarray(direction, np.float64) if direction is not None else None
+    if d is None or not np.isfinite(d).all() or d @ d <= EPS:
+        return out
+    proj = x.astype(np.float64) @ d / (d @ d)
+    for k, split in enumerate(splits):
+        fg = np.asarray(split, bool)
+        if fg.any() and not fg.all():
+            out[k] = proj[fg].mean() - proj[~fg].mean()
+    return out
+
+
+def gated_weights(weights: np.ndarray, gaps: np.ndarray | None, min_gap: float) -> np.ndarray:
+    """The weights of the levels whose split passes the gap test (its gap at least ``min_gap``); a level that
+    split background from background has no say."""
+    w = np.asarray(weights, np.float64)
+    if gaps is None or min_gap <= 0:
+        return w
+    return np.where(np.asarray(gaps) >= min_gap, w, 0.0)
+
+
+def nothing_separable(levels: np.ndarray) -> np.ndarray:
+    """The share of the one-sided levels (all foreground or all background in this image) that call each patch
+    foreground, when no level's split passes the gap test: a close-up that the coarse levels call all object stays
+    full, an image they call all background (or disagree on) is empty."""
+    one_sided = np.array([lv.all() or not lv.any() for lv in levels])
+    if not one_sided.any():
+        return np.zeros(levels.shape[1], np.float64)
+    return levels[one_sided].mean(0)
+
+
+def confidence(mask: np.ndarray, gaps: np.ndarray, mask_gap: float) -> float:
+    """How much to trust one image's pseudo-mask, in [0, 1]: for a mask with both sides, its own gap (1: its
+    object stands as far from its background as the dataset's foreground does from its background); for an empty
+    or full mask, one minus the largest gap any level found (a level that did find something makes "nothing here"
+    doubtful)."""
+    if mask.any() and not mask.all():
+        return float(np.clip(mask_gap, 0.0, 1.0))
+    return float(np.clip(1.0 - max(float(np.max(gaps)) if len(gaps) else 0.0, 0.0), 0.0, 1.0))
+
+
 def weighted_share(levels: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     """Per patch, the weighted share of the levels that call it foreground (the plain share without weights)."""
     w = np.asarray(weights if weights is not None else np.ones(len(levels)), np.float64)
@@ -91,17 +139,30 @@ def weighted_share(levels: np.ndarray, weights: np.ndarray | None) -> np.ndarray
 
 
 def combine_votes(
-    levels: np.ndarray, attn: np.ndarray, rule: str, vote: int = 2, weights: np.ndarray | None = None
+    levels: np.ndarray,
+    attn: np.ndarray,
+    rule: str,
+    vote: int = 2,
+    weights: np.ndarray | None = None,
+    gaps: np.ndarray | None = None,
+    min_gap: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """levels: (3, n) 0/1 votes of dataset, category, image; weights: the levels' weights in this image
     (``weighted``). Returns (binary mask, soft score in [0, 1]).
 
     ``weighted``: each level votes with its weight, foreground where the weighted share is above one half (a level
     that splits the image's keys cleanly outvotes one whose split cuts through a cloud; without any weight, the
-    plain share). The soft score is a logistic of the margin to the rule's threshold, tie-broken by CLS attention,
-    and kept on the mask's side of 0.5: it is what the CRF refines."""
+    plain share). With ``gaps`` and ``min_gap`` (the default), a level whose split fails the gap test has no say,
+    and where none passes the image is empty unless its one-sided levels call it all object. The soft score is a
+    logistic of the margin to the rule's threshold, tie-broken by CLS attention, and kept on the mask's side of
+    0.5: it is what the CRF refines."""
     if rule == "weighted":
-        v, t, slope = weighted_share(levels, weights).astype(np.float32), 0.5, WEIGHTED_SLOPE
+        w = gated_weights(weights, gaps, min_gap) if weights is not None else None
+        if w is not None and gaps is not None and min_gap > 0 and w.sum() <= 0:
+            v = nothing_separable(levels).astype(np.float32)  # no level split object from background here
+        else:
+            v = weighted_share(levels, w).astype(np.float32)
+        t, slope = 0.5, WEIGHTED_SLOPE
     elif rule in LEVELS:
         v, t, slope = levels[LEVELS.index(rule)].astype(np.float32), 0.5, COUNT_SLOPE
     else:

@@ -53,7 +53,15 @@ from ..ops.kmeans import (
     sample_budgets,
     to_grid,
 )
-from ..ops.levels import combine_votes, consistent_flags, direction, fg_from_cues, level_weights
+from ..ops.levels import (
+    combine_votes,
+    confidence,
+    consistent_flags,
+    direction,
+    fg_from_cues,
+    gap_ratios,
+    level_weights,
+)
 
 log = logging.getLogger("mlcseg_ray")
 
@@ -69,11 +77,13 @@ PSEUDO_SCHEMA = pa.schema(
         ("category", pa.list_(pa.uint8())),
         ("image", pa.list_(pa.uint8())),
         ("weights", pa.list_(pa.float32())),  # each level's weight in this image (its separation)
+        ("gaps", pa.list_(pa.float32())),  # each level's split's gap along the dataset's fg direction (the gap test)
         ("attn", pa.list_(pa.float32())),  # per-image normalised CLS attention (the score's tie-break)
         ("flag", pa.string()),
+        ("confidence", pa.float32()),  # how much to trust the mask, in [0, 1] (ops.levels.confidence)
     ]
 )
-ARRAY_COLUMNS = ("mask", "score", "dataset", "category", "image", "weights", "attn")
+ARRAY_COLUMNS = ("mask", "score", "dataset", "category", "image", "weights", "gaps", "attn")
 
 
 class KeyLoader:
@@ -382,7 +392,9 @@ def cluster_shard(p: Patches, groups: np.ndarray, fits: LevelFits, cfg: Config, 
         s = p.slice(i)
         levels = np.stack([lvl_d[s], lvl_c[s], lvl_i[s]]).astype(np.uint8)
         weights = level_weights(p.keys[s], levels, fits.global_dir)
-        mask, score = combine_votes(levels, p.attn[s], cfg.combine, cfg.vote, weights)
+        gaps = gap_ratios(p.keys[s], levels, fits.global_dir)
+        mask, score = combine_votes(levels, p.attn[s], cfg.combine, cfg.vote, weights, gaps, cfg.min_gap)
+        conf = confidence(mask, gaps, float(gap_ratios(p.keys[s], mask[None], fits.global_dir)[0]))
         flag = "empty" if not mask.any() else "full" if mask.all() else None
         gh, gw = p.grid[i]
         rows.append(
@@ -397,8 +409,10 @@ def cluster_shard(p: Patches, groups: np.ndarray, fits: LevelFits, cfg: Config, 
                 "category": levels[1],
                 "image": levels[2],
                 "weights": weights,
+                "gaps": gaps,
                 "attn": p.attn[s],
                 "flag": flag,
+                "confidence": round(conf, 4),
             }
         )
     return rows
@@ -425,6 +439,7 @@ class ClusterStage(Stage):
         "consistency",
         "combine",
         "vote",
+        "min_gap",
         "kmeans_iters",
         "kmeans_tol",
         "kmeans_sample",
@@ -433,7 +448,8 @@ class ClusterStage(Stage):
     resources = Resources(cpus=1, gpus="share")
     # 2: sampling keyed by image and patch, exact sums (results independent of shard_size)
     # 3: global levels fitted on a sample drawn in one pass; the store is read twice in all (issue 14)
-    version = 4  # 4: per-image level weights and the weighted combine (issue 13)
+    # 4: per-image level weights and the weighted combine (issue 13)
+    version = 5  # 5: the gap test (an image may hold nothing) and a confidence per image (issue 22)
 
     def shards(self, ctx: StageContext) -> list[int]:
         shards = ctx.run.shards_of(ctx.run.features)
@@ -451,7 +467,11 @@ class ClusterStage(Stage):
         groups = fits.loader.groups(p.image_ids)[p.row_image]
         rows = cluster_shard(p, groups, fits, ctx.cfg, ctx.device)
         atomic_write_table(ctx.run.pseudo_part(shard), pseudo_table(rows))
-        return {"images": len(rows), "flags": {r["image_id"]: r["flag"] for r in rows if r["flag"]}}
+        return {
+            "images": len(rows),
+            "flags": {r["image_id"]: r["flag"] for r in rows if r["flag"]},
+            "confidence": {r["image_id"]: r["confidence"] for r in rows},
+        }
 
     def finish(self, ctx: StageContext, results: dict, map_fn: MapFn) -> dict:
         # Passes over the feature store made by this invocation: the fit's (when any shard was pending) plus the

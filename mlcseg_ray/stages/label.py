@@ -60,8 +60,10 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
     ):
         by_image.setdefault(image_id, {})[region] = (int(lab) + 1, float(sim))
     palette = voc_palette()
-    pseudo_ids = read_table(run.pseudo_part(n), columns=["image_id"]).column(0).to_pylist()
-    annotations, classes, images, masks = [], {}, 0, []
+    pseudo = read_table(run.pseudo_part(n), columns=["image_id", "confidence"]).to_pylist()
+    pseudo_ids = [r["image_id"] for r in pseudo]
+    confidence = {r["image_id"]: float(r["confidence"]) for r in pseudo}
+    annotations, classes, images, masks, doubtful = [], {}, 0, [], {}
     for image_id in pseudo_ids:
         if not run.binary_mask(image_id).exists():
             continue
@@ -72,6 +74,9 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
         if len(assigned) != len(regs):
             continue  # failed at describe: its error row is written
         lut = np.zeros(len(regs) + 1, np.uint8)
+        if confidence[image_id] < cfg.min_confidence:  # a doubtful pseudo-label: kept out of masks and COCO JSON
+            doubtful[image_id] = "doubtful"
+            regs = []
         for r in regs:
             lut[r["region"]] = assigned[r["region"]][0]
         masks.append((run.class_mask(image_id), png_bytes(lut[comp], palette)))
@@ -89,7 +94,8 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
                     "area": area,
                     "bbox": bbox,
                     "iscrowd": 0,
-                    "score": round(sim, 6),
+                    "score": round(confidence[image_id], 4),  # the pseudo-mask's confidence: what to threshold
+                    "class_score": round(sim, 6),  # the region's cosine similarity to its class centroid
                     "region": r["region"],
                 }
             )
@@ -98,8 +104,10 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
     atomic_write_json(run.coco_part(n), annotations)
     table = regions.drop_columns(["descriptor"]).append_column("class_id", pa.array((labels + 1).astype(np.int32)))
     table = table.append_column("score", pa.array(sims.astype(np.float32)))
+    ids = regions.column("image_id").to_pylist()
+    table = table.append_column("confidence", pa.array([confidence.get(i) for i in ids], pa.float32()))
     atomic_write_table(run.labelled_part(n), table)
-    return {"images": len(pseudo_ids), "annotations": len(annotations), "classes": classes}
+    return {"images": len(pseudo_ids), "annotations": len(annotations), "classes": classes, "flags": doubtful}
 
 
 def coco_image_ids(run: RunDir) -> dict[str, int]:
@@ -126,13 +134,15 @@ class LabelStage(Stage):
         "region",
         "min_region_area",
         "max_regions",
+        "min_confidence",
         "kmeans_iters",
         "kmeans_tol",
         "kmeans_sample",
         "seed",
     )
     resources = Resources(cpus=1)
-    version = 3  # 2: class k-means on a sample (issue 14); 3: COCO area and box from the RLE (joined parts)
+    # 2: class k-means on a sample (issue 14); 3: COCO area and box from the RLE (joined parts)
+    version = 4  # 4: the pseudo-mask's confidence as the annotation score, min_confidence (issue 22)
 
     def shards(self, ctx: StageContext) -> list[int]:
         return ctx.run.pseudo_shards()

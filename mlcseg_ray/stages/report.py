@@ -29,7 +29,7 @@ from ..core.storage import read_metadata, read_table
 from ..core.store import RunDir, atomic_write_text
 from ..formats.datasets import EvalError, load_ground_truth
 from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
-from ..formats.html import bar_chart, data_uri, esc, hex_colour, histogram, jpeg_uri, png_uri, swatch
+from ..formats.html import bar_chart, data_uri, esc, hex_colour, histogram, jpeg_uri, line_chart, png_uri, swatch
 from ..formats.images import load_rgb
 from ..formats.masks import read_mask, voc_palette
 from ..models.backbones import RANDOM_WEIGHTS_WARNING
@@ -55,7 +55,9 @@ def _disagreement(dataset: list, category: list, image: list) -> float:
     return float(1.0 - np.mean((d == c) & (c == i))) if d.size else 0.0
 
 
-def candidates(ids: list[str], flags: list, masks: list, levels: list[list], quota: int) -> dict:
+def candidates(
+    ids: list[str], flags: list, masks: list, levels: list[list], quota: int, confidence: list | None = None
+) -> dict:
     """A shard's share of the choice: the images whose levels disagree most, the flagged, the ones that come
     first in a stable hash order (the random pick), and the foreground-share histogram; all bounded by ``quota``,
     so the merged choice does not depend on how the images were cut into shards."""
@@ -66,6 +68,7 @@ def candidates(ids: list[str], flags: list, masks: list, levels: list[list], quo
         "disagree": sorted(((-float(d), i) for d, i in zip(disagree, ids, strict=True)))[:quota],
         "random": sorted((int(h), i) for h, i in zip(hashes, ids, strict=True))[:quota],
         "flagged": sorted((i, f) for i, f in zip(ids, flags, strict=True) if f)[:quota],
+        "doubtful": sorted((float(c), i) for c, i in zip(confidence or [], ids, strict=False) if c is not None)[:quota],
         "flag_counts": dict(Counter(f for f in flags if f)),
         "share_hist": np.histogram(share, bins=FG_BINS, range=(0, 1))[0].tolist(),
         "images": len(ids),
@@ -74,13 +77,14 @@ def candidates(ids: list[str], flags: list, masks: list, levels: list[list], quo
 
 def shard_candidates(shard: int, run_root: str, quota: int) -> dict:
     """:func:`candidates` of one pseudo shard (a task: the driver gets back only the bounded lists)."""
-    t = read_table(RunDir(run_root).pseudo_part(shard), columns=["image_id", "mask", "flag", *LEVELS])
+    t = read_table(RunDir(run_root).pseudo_part(shard), columns=["image_id", "mask", "flag", "confidence", *LEVELS])
     return candidates(
         t.column("image_id").to_pylist(),
         t.column("flag").to_pylist(),
         t.column("mask").to_pylist(),
         [t.column(lv).to_pylist() for lv in LEVELS],
         quota,
+        t.column("confidence").to_pylist(),
     )
 
 
@@ -96,8 +100,8 @@ class Choice:
 
 def choose_images(parts: list[dict], n: int, metrics: dict | None, masked: set[str]) -> Choice:
     """At most ``n`` images: on an evaluated run the worst and best by foreground IoU first, then the flagged,
-    the most disagreeing between levels, and the rest at random (a stable hash order: the same run shows the same
-    images)."""
+    the least confident, the most disagreeing between levels, and the rest at random (a stable hash order: the
+    same run shows the same images)."""
     ch = Choice()
     for p in parts:
         ch.share_hist = [a + b for a, b in zip(ch.share_hist, p["share_hist"], strict=True)]
@@ -109,7 +113,8 @@ def choose_images(parts: list[dict], n: int, metrics: dict | None, masked: set[s
         ("Worst by foreground IoU", [(i, f"foreground IoU {s:.2f}") for i, s in per_image.get("worst", [])], 5),
         ("Best by foreground IoU", [(i, f"foreground IoU {s:.2f}") for i, s in per_image.get("best", [])], 6),
         ("Flagged", [(i, f"flag: {f}") for i, f in sorted(x for p in parts for x in p["flagged"])], 6),
-        ("Levels disagree most", [(i, f"levels disagree on {-d:.0%} of patches") for d, i in disagree], 4),
+        ("Least confident", [(i, "least confident") for _, i in sorted(x for p in parts for x in p["doubtful"])], 6),
+        ("Levels disagree most", [(i, f"levels disagree on {-d:.0%} of patches") for d, i in disagree], 6),
         ("At random", [(i, "at random") for _, i in sorted(x for p in parts for x in p["random"])], 1),
     ]
     shown: set[str] = set()
@@ -247,7 +252,9 @@ def _image_panels(image_id: str, row: dict, geom: dict, why: str, inp: PanelInpu
             )
         )
     flag = row.get("flag")
-    caption = f"<b>{esc(image_id)}</b>: {esc(why)}" + (f" &middot; flag <b>{esc(flag)}</b>" if flag else "")
+    caption = f"<b>{esc(image_id)}</b>: {esc(why)} &middot; confidence {row['confidence']:.2f}" + (
+        f" &middot; flag <b>{esc(flag)}</b>" if flag else ""
+    )
     return (
         f"<div class='image' data-image='{esc(image_id)}'><p>{caption}</p>"
         f"<div class='panels'>{''.join(panels)}</div></div>"
@@ -258,7 +265,7 @@ def _read_chosen(run: RunDir, shards: list[int], chosen: set[str]) -> tuple[dict
     """The pseudo rows and geometry of the chosen images, read shard by shard (only their rows are kept)."""
     rows, geoms = {}, {}
     for s in shards:
-        columns = ["image_id", "grid_h", "grid_w", "mask", "weights", "flag", *LEVELS]
+        columns = ["image_id", "grid_h", "grid_w", "mask", "weights", "flag", "confidence", *LEVELS]
         t = read_table(run.pseudo_part(s), columns=columns).to_pylist()
         hits = [r for r in t if r["image_id"] in chosen]
         if not hits:
@@ -498,6 +505,7 @@ def ablation_section(a: dict) -> str:
             f"<rect x='{label_w}' y='{y + 3}' width='{w:.1f}' height='{row_h - 6}' fill='{colour}'/>"
             f"<text x='{label_w + w + 6:.1f}' y='{y + 15}' font-size='12'>{r['patch_iou']:.3f}"
             + (f" / CRF {r['refined_iou']:.3f}" if r["refined_iou"] is not None else "")
+            + (f" / empty clean {r['empty_kept_clean']:.0%}" if r.get("empty_kept_clean") is not None else "")
             + "</text>"
         )
     svg.append("</svg>")
@@ -506,7 +514,28 @@ def ablation_section(a: dict) -> str:
         f"<h2>Which level and rule (mlcseg ablate)</h2><p>Foreground IoU on {a['images']} labelled images at "
         f"patch resolution (and after the DenseCRF for the best rules). Best: <b>{esc(a['best'])}</b>; "
         f"configured: {esc(a['configured'])} (consistency {esc(a['consistency'])}); best single level: "
-        f"{esc(a['best_single_level'])}.{warn}</p>{''.join(svg)}"
+        f"{esc(a['best_single_level'])}.{warn}</p>{''.join(svg)}{_confidence_chart(a)}"
+    )
+
+
+def _confidence_chart(a: dict) -> str:
+    """Precision and recall of "confidence >= t" against the truth, as t goes from 0 to 0.9."""
+    curve = [c for c in a.get("confidence_curve", []) if c["precision"] is not None]
+    if not curve:
+        return ""
+    chart = line_chart(
+        {
+            "precision": [(c["threshold"], c["precision"]) for c in curve],
+            "recall": [(c["threshold"], c["recall"] or 0.0) for c in curve],
+        },
+        "confidence threshold: precision and recall",
+        "threshold",
+        "share",
+    )
+    return (
+        f"<h3>The confidence against the truth</h3><p>An image's pseudo-mask counts as good when its foreground IoU "
+        f"is at least 0.5, or, for one of the {a.get('empty_images', 0)} empty scenes, it is kept clean; keeping "
+        f"the images whose confidence is at least the threshold gives this precision and recall.</p>{chart}"
     )
 
 

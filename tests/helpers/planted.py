@@ -65,6 +65,9 @@ class PlantedSpec:
     misleading_share: float = 0.0  # share of images whose attention lights a background region instead
     bg_per_image: int = 2  # background modes in a normal image
     class_weights: tuple | None = None  # classes redrawn with these weights (imbalance); None: the masks' own
+    # Scenes (issue 22): images with no object at all (landscapes, walls), and close-ups that are nearly all object
+    empty_share: float = 0.0
+    closeup_share: float = 0.0
 
 
 def load_voc_grids(mask_dir: Path, cell: int, limit: int | None, first: int = 0) -> list[tuple[str, np.ndarray, int]]:
@@ -143,6 +146,12 @@ def generate(out: Path, spec: PlantedSpec, grids=None, mask_dir: Path | None = N
     group_vec = spec.group_shift * unit(rng2.normal(size=(max(spec.latent_groups, 1), D)) + u)
     group_code = unit(rng2.normal(size=(max(spec.latent_groups, 1), D)))
     misleading = rng2.random(n) < spec.misleading_share
+    # the scene knobs draw from a third stream: the sets without empty scenes stay as they were
+    rng3 = np.random.default_rng([spec.seed, 22])
+    scene = rng3.random(n)
+    empty = scene < spec.empty_share
+    closeup = (scene >= spec.empty_share) & (scene < spec.empty_share + spec.closeup_share)
+    closeup_band = rng3.uniform(0.05, 0.15, n)  # the share of background left at one edge of a close-up
     classes = (
         rng2.choice(len(spec.class_weights), n, p=np.asarray(spec.class_weights) / sum(spec.class_weights))
         if spec.class_weights
@@ -162,6 +171,11 @@ def generate(out: Path, spec: PlantedSpec, grids=None, mask_dir: Path | None = N
             gh, gw = fg.shape
             if fam in ("modes", "mixed"):
                 fg = _shrink(fg, rng, target=rng.uniform(*spec.small_object))
+            if empty[idx]:
+                fg = np.zeros_like(fg)
+            elif closeup[idx]:
+                fg = np.ones_like(fg)
+                fg[: max(1, int(round(closeup_band[idx] * gh)))] = False  # a strip of background at the top
             P = gh * gw
             yy, xx = np.divmod(np.arange(P), gw)
             fgf = fg.ravel()
@@ -217,7 +231,7 @@ def generate(out: Path, spec: PlantedSpec, grids=None, mask_dir: Path | None = N
                     "grid_w": gw,
                     "mask": fgf.astype(np.uint8).tolist(),
                     "cls": cls,
-                    "family": fam,
+                    "family": "empty" if empty[idx] else "closeup" if closeup[idx] else fam,
                 }
             )
         write_store_shard(run.root, s0 // spec.shard_size, records, D, meta)
@@ -250,8 +264,9 @@ def foreground_iou(run: RunDir, gt_path: Path | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def random_spec(draw: int, n_masks: int = 1449) -> PlantedSpec:
-    """One draw of the randomized family: every knob of the generator over a wide range."""
+def random_spec(draw: int, n_masks: int = 1449, scenes: bool = False) -> PlantedSpec:
+    """One draw of the randomized family: every knob of the generator over a wide range. ``scenes``: also 5% to
+    30% of the images with no object and up to 15% close-ups that are nearly all object."""
     r = np.random.default_rng([draw, 13])
     n_images = int(r.integers(100, 201))
     gap = r.uniform(0.05, 0.4)
@@ -282,6 +297,8 @@ def random_spec(draw: int, n_masks: int = 1449) -> PlantedSpec:
         misleading_share=r.uniform(0, 0.3),
         bg_per_image=int(r.integers(1, 4)),
         class_weights=tuple(r.dirichlet(np.full(20, r.uniform(0.2, 5.0)))),
+        empty_share=float(np.random.default_rng([draw, 22]).uniform(0.05, 0.3)) if scenes else 0.0,
+        closeup_share=float(np.random.default_rng([draw, 23]).uniform(0, 0.15)) if scenes else 0.0,
     )
 
 
@@ -302,11 +319,15 @@ def photo_grids(run: RunDir, mask_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def generate_on_photos(out: Path, base: RunDir, mask_dir: Path, strength: float, seed: int = 0) -> RunDir:
+def generate_on_photos(
+    out: Path, base: RunDir, mask_dir: Path, strength: float, seed: int = 0, empty_share: float = 0.0
+) -> RunDir:
     """A planted store on real photos: the keys of a (random-weight) ViT on the photo plus a planted semantic
     component of norm ``strength`` (foreground: one direction plus the photo's class; background: one of a few
     modes per band), so that real image statistics (texture, colour, spatial correlation) confound the levels.
-    The CLS attention mixes the network's own with a planted cue; the truth is the photo's VOC mask."""
+    The CLS attention mixes the network's own with a planted cue; the truth is the photo's VOC mask.
+    ``empty_share``: that share of the photos gets no planted object (background modes only): empty scenes whose
+    truth is empty, while the photo's own texture still varies as much as in the others."""
     import pyarrow.parquet as pq
 
     from mlcseg_ray.formats.feature_store import list_to_numpy, read_store_metadata
@@ -317,6 +338,7 @@ def generate_on_photos(out: Path, base: RunDir, mask_dir: Path, strength: float,
     unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
     f, bg, cls_vec = unit(rng.normal(size=D)), unit(rng.normal(size=(6, D))), unit(rng.normal(size=(21, D)))
     mix = rng.uniform(0.2, 0.8)  # share of the planted cue in the attention
+    rng_empty = np.random.default_rng([seed, 22])
     meta = {**read_store_metadata(sorted(base.features.glob("*.parquet"))[0]), "planted_on_photos": strength}
     gt_rows = []
     shards = sorted(base.features.glob("*.parquet"))
@@ -335,6 +357,9 @@ def generate_on_photos(out: Path, base: RunDir, mask_dir: Path, strength: float,
             rows = ids == image_id
             im = images[image_id]
             fg = truth[image_id].ravel()
+            is_empty = rng_empty.random() < empty_share
+            if is_empty:
+                fg = np.zeros_like(fg)
             gh, gw = im["grid_h"], im["grid_w"]
             cls = int(rng.integers(1, 21))
             yy = np.arange(gh * gw) // gw
@@ -361,7 +386,7 @@ def generate_on_photos(out: Path, base: RunDir, mask_dir: Path, strength: float,
                     "grid_w": gw,
                     "mask": fg.astype(np.uint8).tolist(),
                     "cls": cls,
-                    "family": "photo",
+                    "family": "empty" if is_empty else "photo",
                 }
             )
         write_store_shard(Path(out), n, records, D, meta)

@@ -85,6 +85,71 @@ def test_level_weight_follows_the_foreground_direction():
     assert w[0] > 100 * w[1] and w[2] == 0  # a one-sided split has no weight
 
 
+def test_gap_test_sees_an_object_and_not_two_backgrounds():
+    """A split of an object from its background is about one dataset gap apart along the foreground direction,
+    whatever the whole image's shift; a split of one background mode from another, or of noise, is near 0; where
+    no level passes, the image is empty unless its one-sided levels call it all object."""
+    from mlcseg_ray.ops.levels import confidence, gap_ratios
+
+    rng = np.random.default_rng(0)
+    d = np.array([1.0, 0, 0, 0])
+    x = rng.normal(size=(200, 4)) * 0.05
+    obj = np.arange(200) < 60
+    x[obj, 0] += 1.0
+    modes = np.arange(200) % 2 == 0
+    x[modes, 1] += 1.0  # two background modes, as clean a split as the object's
+    splits = np.stack([obj, modes, np.zeros(200, bool)])
+    g = gap_ratios(x.astype(np.float32), splits, d)
+    assert g[0] == pytest.approx(1.0, abs=0.05) and abs(g[1]) < 0.05 and g[2] == 0
+    shifted = gap_ratios((x + 3.0 * d).astype(np.float32), splits, d)
+    np.testing.assert_allclose(shifted, g, atol=1e-5)  # a shift moves both sides alike
+    assert confidence(obj, g, g[0]) == pytest.approx(1.0, abs=0.05)
+    assert confidence(np.zeros(200, bool), np.array([0.05, 0.1, 0.0]), 0.0) > 0.85  # nothing found: sure
+    attn = np.full(200, 0.5, np.float32)
+    empty_scene = np.stack([modes & (np.arange(200) < 10), np.zeros(200, bool), modes]).astype(np.uint8)
+    gaps = np.array([0.2, 0.0, 0.02], np.float32)
+    w = np.array([1.0, 0.0, 5.0])
+    assert combine_votes(empty_scene, attn, "weighted", weights=w)[0].any()  # without the test: a split believed
+    assert not combine_votes(empty_scene, attn, "weighted", weights=w, gaps=gaps, min_gap=0.4)[0].any()
+    closeup = np.stack([np.ones(200, bool), np.ones(200, bool), modes]).astype(np.uint8)  # coarse: all object
+    assert combine_votes(closeup, attn, "weighted", weights=w, gaps=np.array([0, 0, 0.02]), min_gap=0.4)[0].all()
+    real = np.stack([obj, obj, modes]).astype(np.uint8)
+    m = combine_votes(
+        real, attn, "weighted", weights=np.array([1.0, 1.0, 5.0]), gaps=np.array([1.0, 1.0, 0.0]), min_gap=0.4
+    )[0]
+    assert (m == obj).all()  # the level that split background from background has no say
+
+
+def test_empty_scenes_are_flagged_empty_and_counted(tmp_path):
+    """A planted store where a fifth of the images hold no object: the default keeps them clean (flag empty,
+    confidence high), `mlcseg errors` and the report count them; the images with objects keep theirs."""
+    from helpers import mlcseg
+    from mlcseg_ray.stages.report import write_report
+
+    masks = need(VOC_MASKS) / "SegmentationClass"
+    spec = PlantedSpec("hard", n_images=200, shard_size=50, empty_share=0.2, closeup_share=0.05, seed=3)
+    run = generate(tmp_path / "scenes", spec, mask_dir=masks)
+    run_stages(run.root, Config(), ["cluster"])
+    write_report(run, Config())  # a planted store has no photos to refine: the report of what cluster found
+    gt = {r["image_id"]: r for r in pq.read_table(run.root / "gt.parquet").to_pylist()}
+    rows = {r["image_id"]: r for r in read_pseudo(run).to_pylist()}
+    empty = [i for i, g in gt.items() if g["family"] == "empty"]
+    assert len(empty) >= 25
+    clean = [np.mean(rows[i]["mask"]) <= 0.05 for i in empty]
+    assert np.mean(clean) >= 0.9
+    assert np.mean([rows[i]["flag"] == "empty" for i in empty]) >= 0.8
+    others = [i for i, g in gt.items() if g["family"] not in ("empty", "closeup")]
+    assert np.mean([rows[i]["flag"] is None for i in others]) >= 0.95  # images with objects keep them
+    status = {r["image_id"]: r for r in run.read_status()}
+    assert all(0 <= status[i]["confidence"] <= 1 for i in rows)
+    n_empty = sum(r["flag"] == "empty" for r in rows.values())
+    res = mlcseg("errors", run.root, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["flag_counts"]["empty"] == n_empty
+    assert f"{n_empty} empty" in mlcseg("errors", run.root).stdout
+    assert f"{n_empty} empty" in run.report.read_text()
+
+
 # ----------------------------------------------------------------------------------------------- planted sets
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):

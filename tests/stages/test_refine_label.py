@@ -192,6 +192,37 @@ def test_empty_foreground_gives_background_and_no_region(e2e):
     Pipeline(run.root, pipe.cfg).run(["label"])  # restore for other tests
 
 
+def test_confidence_reaches_the_coco_json_and_min_confidence_drops_doubtful_images(e2e):
+    """Each image's confidence (cluster) is its annotations' COCO score and its regions' confidence; with
+    min_confidence, the images below it keep a mask (all background), lose their annotations and are flagged."""
+    pipe = e2e[0]
+    run = pipe.run_dir
+    conf = {r["image_id"]: r["confidence"] for r in run.read_status() if r["status"] == "ok"}
+    assert all(c is not None and 0 <= c <= 1 for c in conf.values())
+    coco = json.loads(run.coco.read_text())
+    ids = {im["id"]: im["mlcseg_image_id"] for im in coco["images"]}
+    annotated = {ids[a["image_id"]] for a in coco["annotations"]}
+    for a in coco["annotations"]:
+        assert a["score"] == pytest.approx(conf[ids[a["image_id"]]], abs=1e-4) and -1 <= a["class_score"] <= 1
+    for r in pq.read_table(run.regions).to_pylist():
+        assert r["confidence"] == pytest.approx(conf[r["image_id"]], abs=1e-4)
+    threshold = float(np.median([conf[i] for i in annotated])) + 1e-6
+    low = {i for i in annotated if conf[i] < threshold}
+    assert low and low != annotated
+    per_image = {i: sum(ids[a["image_id"]] == i for a in coco["annotations"]) for i in annotated}
+    try:
+        Pipeline(run.root, pipe.cfg.model_copy(update={"min_confidence": threshold})).run(["label"])
+        after = json.loads(run.coco.read_text())
+        kept = [ids[a["image_id"]] for a in after["annotations"]]
+        assert not set(kept) & low and len(after["images"]) == len(coco["images"])
+        assert all(kept.count(i) == per_image[i] for i in annotated - low)
+        status = {r["image_id"]: r for r in run.read_status()}
+        for i in low:
+            assert np.asarray(Image.open(run.class_mask(i))).max() == 0 and status[i]["flag"] == "doubtful"
+    finally:
+        Pipeline(run.root, pipe.cfg).run(["label"])  # restore for other tests
+
+
 def test_report_renders_in_headless_chromium(e2e, tmp_path):
     """The report as a user sees it, with the run's error rows: Debian's Chromium renders it headless."""
     from helpers.browser import probe, screenshot

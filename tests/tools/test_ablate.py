@@ -136,3 +136,29 @@ def test_rule_scores_reproduce_the_cluster_stage(tmp_path):
             for level in ("dataset", "category", "image"):
                 assert ((rule_score(row, level) > 0.5) == np.asarray(row[level], bool)).all()
     assert pq.read_schema(store.pseudo_part(0)).field("weights").type.value_type.bit_width == 32
+
+
+def test_ablate_scores_empty_scenes_and_the_confidence(voc_run, tmp_path):
+    """Ground truth with empty scenes (two images' objects removed): each rule's share of them kept clean, and the
+    precision and recall of the run's confidence as a test of a good mask, in the JSON and the report."""
+    seg = need(VOC_SUBSET) / "SegmentationClass"
+    gt = tmp_path / "binary"
+    gt.mkdir()
+    ids = read_pseudo(RunDir(voc_run), ["image_id"]).column(0).to_pylist()
+    for k, image_id in enumerate(ids):
+        a = np.asarray(Image.open(seg / f"{image_id}.png"))
+        fg = (a > 0) & (a != 255) & (k >= 2)  # the first two: nothing there
+        Image.fromarray((fg * 255).astype(np.uint8)).save(gt / f"{image_id}.png")
+    r = mlcseg("ablate", voc_run, gt, "--protocol", "binary", "--json", "--refine-top", 0)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["empty_images"] == 2
+    assert all(x["empty_kept_clean"] in (0.0, 0.5, 1.0) for x in res["rules"])
+    curve = res["confidence_curve"]
+    assert [c["threshold"] for c in curve] == [round(0.1 * k, 2) for k in range(10)]
+    assert curve[0]["kept"] == 5 and all(a["kept"] >= b["kept"] for a, b in zip(curve, curve[1:], strict=False))
+    recalls = [c["recall"] for c in curve if c["recall"] is not None]
+    assert all(a >= b for a, b in zip(recalls, recalls[1:], strict=False))
+    table = mlcseg("ablate", voc_run, gt, "--protocol", "binary", "--refine-top", 0)
+    assert "2 empty scenes in the ground truth" in table.stdout
+    assert "The confidence against the truth" in RunDir(voc_run).report.read_text()
