@@ -39,6 +39,11 @@ class Config(BaseModel):
     batch_size: int = Field(8, ge=1, description="images per forward pass")
     shard_size: int = Field(64, ge=1, description="images per feature shard")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="the backbone's forward pass (extraction and crop descriptors): bf16 autocast or float32; "
+        "auto: bf16 on CUDA, float32 on CPU",
+    )
     num_workers: int = Field(0, ge=0, description="extraction actors / parallel tasks; 0 = one per GPU, or 1 on CPU")
 
     # --- ingest ---

@@ -86,6 +86,7 @@ def store_metadata(info: dict, cfg: Config) -> dict:
         "upscale": cfg.upscale,
         "mean": list(info["mean"]),
         "std": list(info["std"]),
+        "precision": info.get("precision", "fp32"),  # the forward pass's (bf16 autocast or float32)
     }
     return {META_KEY: json.dumps(meta).encode()}
 

@@ -285,16 +285,28 @@ def build_backbone(name: str, weights: str | None = None) -> tuple[nn.Module, Ba
     return model, info
 
 
+def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The autocast dtype of the forward pass for ``precision`` on ``device`` (None: float32). ``auto`` is bf16
+    on CUDA, where float32 leaves most of the tensor cores' throughput unused, and float32 on CPU."""
+    if precision == "bf16" or (precision == "auto" and str(device).startswith("cuda")):
+        return torch.bfloat16
+    if precision in ("fp32", "auto"):
+        return None
+    raise ValueError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
+
+
 class FeatureExtractor(nn.Module):
     """Last-block attention keys (heads concatenated), CLS->patch attention (mean over heads), final CLS token.
 
     The keys come from a forward hook on the last block's ``attn.qkv``; prefix tokens (CLS, registers) are sliced
-    off with ``num_prefix_tokens`` so that row i of the output is patch i in raster order.
+    off with ``num_prefix_tokens`` so that row i of the output is patch i in raster order. ``dtype``: the forward
+    runs under autocast to it (bf16), the CLS row of the attention in float32.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
+        self.dtype = dtype
         self.attn = model.blocks[-1].attn
         self.npt = int(model.num_prefix_tokens)
         self._qkv = None
@@ -303,8 +315,16 @@ class FeatureExtractor(nn.Module):
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self._qkv = output
 
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
+
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.autocast(x.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = self.model.forward_features(x)  # (B, N, C), final norm applied
         qkv = self._qkv
         self._qkv = None
@@ -314,6 +334,7 @@ class FeatureExtractor(nn.Module):
         qkv = qkv.reshape(B, N, 3, H, self.attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.attn.q_norm(qkv[0]), self.attn.k_norm(qkv[1])  # (B, H, N, hd)
         keys = k.transpose(1, 2).reshape(B, N, C)[:, self.npt :]
-        attn = torch.softmax((q[:, :, :1] * self.attn.scale) @ k.transpose(-2, -1), dim=-1)  # (B, H, 1, N)
+        # the CLS row of the attention in float32 whatever the autocast: one row, and bf16 would round it coarsely
+        attn = torch.softmax((q[:, :, :1].float() * self.attn.scale) @ k.float().transpose(-2, -1), dim=-1)
         cls_attn = attn[:, :, 0, self.npt :].mean(1)
         return {"keys": keys, "cls_attn": cls_attn, "cls": tokens[:, 0]}

@@ -122,14 +122,17 @@ def nothing_separable(levels: np.ndarray) -> np.ndarray:
     return levels[one_sided].mean(0)
 
 
-def confidence(mask: np.ndarray, gaps: np.ndarray, mask_gap: float) -> float:
-    """How much to trust one image's pseudo-mask, in [0, 1]: for a mask with both sides, its own gap (1: its
-    object stands as far from its background as the dataset's foreground does from its background); for an empty
-    or full mask, one minus the largest gap any level found (a level that did find something makes "nothing here"
-    doubtful)."""
-    if mask.any() and not mask.all():
-        return float(np.clip(mask_gap, 0.0, 1.0))
-    return float(np.clip(1.0 - max(float(np.max(gaps)) if len(gaps) else 0.0, 0.0), 0.0, 1.0))
+def confidence(levels: np.ndarray, weights: np.ndarray, gaps: np.ndarray, min_gap: float, mask: np.ndarray) -> float:
+    """How much to trust one image's pseudo-mask, in [0, 1]: how unanimous the vote is (per patch |share - 1/2|
+    times 2, averaged; the share weighted by the levels that pass the gap test, the plain share when none does)
+    times how far the three levels agree with the mask (the mean share of patches on which a level says what the
+    mask says). 1: every level with a say called every patch the same way, and the others agree."""
+    lv = np.asarray(levels, np.float64)
+    w = gated_weights(weights, gaps, min_gap)
+    share = weighted_share(lv, w) if w.sum() > 0 else lv.mean(0)
+    unanimity = float(np.mean(np.abs(share - 0.5) * 2)) if share.size else 1.0
+    agreement = float(np.mean(lv.astype(bool) == np.asarray(mask, bool)[None])) if share.size else 1.0
+    return float(np.clip(unanimity * agreement, 0.0, 1.0))
 
 
 def weighted_share(levels: np.ndarray, weights: np.ndarray | None) -> np.ndarray:

@@ -394,7 +394,7 @@ def cluster_shard(p: Patches, groups: np.ndarray, fits: LevelFits, cfg: Config, 
         weights = level_weights(p.keys[s], levels, fits.global_dir)
         gaps = gap_ratios(p.keys[s], levels, fits.global_dir)
         mask, score = combine_votes(levels, p.attn[s], cfg.combine, cfg.vote, weights, gaps, cfg.min_gap)
-        conf = confidence(mask, gaps, float(gap_ratios(p.keys[s], mask[None], fits.global_dir)[0]))
+        conf = confidence(levels, weights, gaps, cfg.min_gap, mask)
         flag = "empty" if not mask.any() else "full" if mask.all() else None
         gh, gw = p.grid[i]
         rows.append(

@@ -22,7 +22,7 @@ from ..formats.feature_store import fixed_list, read_patches, read_store_metadat
 from ..formats.images import load_rgb
 from ..formats.manifest import expected_files
 from ..formats.masks import read_binary
-from ..models.backbones import FeatureExtractor, build_backbone, locate_weights
+from ..models.backbones import FeatureExtractor, autocast_dtype, build_backbone, locate_weights
 from ..ops.regions import crop_batch, find_regions, masked_mean_descriptors
 
 REGION_SCHEMA_FIELDS = [
@@ -83,7 +83,8 @@ class RegionEmbedder:
 
     def __init__(self, cfg: Config, device: str) -> None:
         model, _ = build_backbone(cfg.backbone, cfg.weights)
-        self.extractor, self.device, self.batch_size = FeatureExtractor(model.to(device)), device, cfg.batch_size
+        self.extractor = FeatureExtractor(model.to(device), autocast_dtype(cfg.precision, device))
+        self.device, self.batch_size = device, cfg.batch_size
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         out = []
@@ -109,6 +110,7 @@ class DescribeStage(Stage):
         "crop_size",
         "backbone",
         "weights",
+        "precision",
         "max_pixels",
         "verify_images",
     )

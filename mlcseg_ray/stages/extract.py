@@ -31,7 +31,13 @@ from ..formats.feature_store import (
 )
 from ..formats.images import load_rgb
 from ..formats.manifest import expected_file
-from ..models.backbones import RANDOM_WEIGHTS_WARNING, FeatureExtractor, build_backbone, locate_weights
+from ..models.backbones import (
+    RANDOM_WEIGHTS_WARNING,
+    FeatureExtractor,
+    autocast_dtype,
+    build_backbone,
+    locate_weights,
+)
 
 log = logging.getLogger("mlcseg_ray")
 # what identifies an image's file: a change in any of these redoes its shard
@@ -144,7 +150,7 @@ class ExtractStage(Stage):
     after = ("ingest",)
     reads = ("manifest",)
     writes = ("features", "image_tables")
-    config_keys = ("backbone", "weights", "facet", "max_side", "upscale", "max_pixels", "verify_images")
+    config_keys = ("backbone", "weights", "facet", "max_side", "upscale", "max_pixels", "verify_images", "precision")
     resources = Resources(cpus=0.5, gpus="one", actor=True)
     # an image's features depend on that image and the backbone alone: adding, changing or removing images
     # redoes only the shards they are in (ingest keeps every known image in its shard)
@@ -170,7 +176,8 @@ class ExtractStage(Stage):
 
     def setup(self, ctx: StageContext) -> tuple[FeatureExtractor, dict]:
         model, info = build_backbone(ctx.cfg.backbone, ctx.cfg.weights)
-        return FeatureExtractor(model.to(ctx.device)), info.to_dict()
+        extractor = FeatureExtractor(model.to(ctx.device), autocast_dtype(ctx.cfg.precision, ctx.device))
+        return extractor, {**info.to_dict(), "precision": extractor.precision}
 
     def process_shard(
         self, ctx: StageContext, shard: int, shared: object = None, worker: tuple[FeatureExtractor, dict] | None = None

@@ -178,3 +178,61 @@ def test_features_match_a_manual_attention_computation():
         att = att.softmax(-1)[..., npt:].mean(1)
     torch.testing.assert_close(out["keys"], k[:, npt:], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out["cls_attn"], att, rtol=1e-4, atol=1e-5)
+
+
+def test_precision_resolves_per_device():
+    from mlcseg_ray.models.backbones import autocast_dtype
+
+    assert autocast_dtype("auto", "cuda") is torch.bfloat16 and autocast_dtype("auto", "cuda:1") is torch.bfloat16
+    assert autocast_dtype("auto", "cpu") is None and autocast_dtype("fp32", "cuda") is None
+    assert autocast_dtype("bf16", "cpu") is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown precision"):
+        autocast_dtype("fp8", "cuda")
+
+
+def test_bf16_agrees_with_fp32_on_the_voc_photos(tmp_path):
+    """bf16 autocast (the default on CUDA) against float32, on CPU: keys and CLS tokens within cosine 0.999 of
+    float32 (measured: 0.99996 or closer), the CLS attention correlated at 0.95 or more (0.973 for the tiny random
+    ViT, whose attention is nearly uniform; 0.998 for ViT-S/8), and the pseudo-masks of 8 photos through
+    extract and cluster agreeing on 90% of patches or more."""
+    import numpy as np
+
+    from helpers import VOC_SUBSET, need
+    from mlcseg_ray.config import Config
+    from mlcseg_ray.core.inputs import RunInputs
+    from mlcseg_ray.core.store import RunDir
+    from mlcseg_ray.formats.feature_store import first_store_metadata
+    from mlcseg_ray.formats.images import load_rgb
+    from mlcseg_ray.pipeline import run_stages
+    from mlcseg_ray.stages.cluster import read_pseudo
+    from mlcseg_ray.stages.extract import geometry, preprocess
+
+    photos = sorted((need(VOC_SUBSET) / "JPEGImages").iterdir())[:8]
+    for name, side in (("random-vit-tiny", 160), ("random-vit-s8", 160)):
+        model, info = build_backbone(name, None)
+        f32, b16 = FeatureExtractor(model), FeatureExtractor(model, torch.bfloat16)
+        assert (f32.precision, b16.precision) == ("fp32", "bf16")
+        for p in photos[:3]:
+            rgb = load_rgb(str(p), 10**8)
+            g = geometry(rgb.shape[1], rgb.shape[0], info.patch_size, side, False)
+            x = torch.from_numpy(preprocess(rgb, g, info.mean, info.std))[None]
+            a, b = f32(x), b16(x)
+            assert b["keys"].dtype == torch.bfloat16  # autocast did run
+            cos = torch.nn.functional.cosine_similarity(a["keys"][0].float(), b["keys"][0].float(), dim=-1)
+            assert cos.min() > 0.999, (name, p.name)
+            assert torch.nn.functional.cosine_similarity(a["cls"][0], b["cls"][0].float(), dim=0) > 0.999
+            corr = np.corrcoef(a["cls_attn"][0].numpy(), b["cls_attn"][0].float().numpy())[0, 1]
+            assert corr > 0.95, (name, p.name, corr)
+    images = tmp_path / "photos"
+    images.mkdir()
+    for p in photos:
+        (images / p.name).write_bytes(p.read_bytes())
+    masks = {}
+    for precision in ("fp32", "bf16"):
+        cfg = Config(backbone="random-vit-tiny", max_side=128, num_categories=2, precision=precision)
+        out = tmp_path / precision
+        run_stages(out, cfg, ["ingest", "extract", "cluster"], inputs=RunInputs(images=str(images)), backend="local")
+        masks[precision] = {r["image_id"]: np.asarray(r["mask"]) for r in read_pseudo(RunDir(out)).to_pylist()}
+        assert first_store_metadata(RunDir(out))["precision"] == precision  # the store says how it was made
+    agree = np.mean([(masks["fp32"][i] == masks["bf16"][i]).mean() for i in masks["fp32"]])
+    assert agree >= 0.9, agree

@@ -103,8 +103,12 @@ def test_gap_test_sees_an_object_and_not_two_backgrounds():
     assert g[0] == pytest.approx(1.0, abs=0.05) and abs(g[1]) < 0.05 and g[2] == 0
     shifted = gap_ratios((x + 3.0 * d).astype(np.float32), splits, d)
     np.testing.assert_allclose(shifted, g, atol=1e-5)  # a shift moves both sides alike
-    assert confidence(obj, g, g[0]) == pytest.approx(1.0, abs=0.05)
-    assert confidence(np.zeros(200, bool), np.array([0.05, 0.1, 0.0]), 0.0) > 0.85  # nothing found: sure
+    agreed = np.stack([obj, obj, obj]).astype(np.uint8)
+    assert confidence(agreed, np.ones(3), np.ones(3), 0.4, obj) == 1.0  # every level, every patch: the same
+    split = np.stack([obj, obj, modes]).astype(np.uint8)  # the image level says something else
+    c = confidence(split, np.ones(3), np.array([1.0, 1.0, 0.0]), 0.4, obj)
+    assert 0.5 < c < 1.0  # the gated vote is unanimous, but one level disagrees with the mask
+    assert confidence(split, np.ones(3), np.ones(3), 0.0, obj) < c  # ungated, the vote is less unanimous
     attn = np.full(200, 0.5, np.float32)
     empty_scene = np.stack([modes & (np.arange(200) < 10), np.zeros(200, bool), modes]).astype(np.uint8)
     gaps = np.array([0.2, 0.0, 0.02], np.float32)
