@@ -75,17 +75,21 @@ def candidates(
     }
 
 
-def shard_candidates(shard: int, run_root: str, quota: int) -> dict:
-    """:func:`candidates` of one pseudo shard (a task: the driver gets back only the bounded lists)."""
+def shard_candidates(shard: int, run_root: str, quota: int, wanted: frozenset[str] = frozenset()) -> dict:
+    """:func:`candidates` of one pseudo shard (a task: the driver gets back only the bounded lists), with the
+    shard's number and which of ``wanted`` (the evaluation's worst and best) it holds: the second pass then reads
+    only the shards of the images shown."""
     t = read_table(RunDir(run_root).pseudo_part(shard), columns=["image_id", "mask", "flag", "confidence", *LEVELS])
-    return candidates(
-        t.column("image_id").to_pylist(),
+    ids = t.column("image_id").to_pylist()
+    out = candidates(
+        ids,
         t.column("flag").to_pylist(),
         t.column("mask").to_pylist(),
         [t.column(lv).to_pylist() for lv in LEVELS],
         quota,
         t.column("confidence").to_pylist(),
     )
+    return {**out, "shard": shard, "held": sorted(wanted.intersection(ids))}
 
 
 @dataclass
@@ -96,6 +100,7 @@ class Choice:
     why: dict[str, str] = field(default_factory=dict)  # image id -> caption of why it is shown
     share_hist: list[int] = field(default_factory=lambda: [0] * FG_BINS)
     flag_counts: dict[str, int] = field(default_factory=dict)
+    shard_of: dict[str, int] = field(default_factory=dict)  # image id -> its pseudo shard, where a task said it
 
 
 def choose_images(parts: list[dict], n: int, metrics: dict | None, masked: set[str]) -> Choice:
@@ -107,6 +112,9 @@ def choose_images(parts: list[dict], n: int, metrics: dict | None, masked: set[s
         ch.share_hist = [a + b for a, b in zip(ch.share_hist, p["share_hist"], strict=True)]
         for f, c in p["flag_counts"].items():
             ch.flag_counts[f] = ch.flag_counts.get(f, 0) + c
+        if "shard" in p:
+            listed = [x[1] for k in ("disagree", "random", "doubtful") for x in p[k]] + [i for i, _ in p["flagged"]]
+            ch.shard_of.update(dict.fromkeys(listed + p["held"], p["shard"]))
     per_image = (metrics or {}).get("per_image_foreground_iou") or {}
     disagree = sorted(x for p in parts for x in p["disagree"])  # (-share, id): the most disagreeing first
     sources = [
@@ -261,9 +269,12 @@ def _image_panels(image_id: str, row: dict, geom: dict, why: str, inp: PanelInpu
     )
 
 
-def _read_chosen(run: RunDir, shards: list[int], chosen: set[str]) -> tuple[dict, dict]:
-    """The pseudo rows and geometry of the chosen images, read shard by shard (only their rows are kept)."""
+def _read_chosen(run: RunDir, shards: list[int], chosen: set[str], shard_of: dict[str, int]) -> tuple[dict, dict]:
+    """The pseudo rows and geometry of the chosen images, from the shards that hold them (all shards for an image
+    whose shard no task named)."""
     rows, geoms = {}, {}
+    if chosen <= set(shard_of):
+        shards = sorted({shard_of[i] for i in chosen})
     for s in shards:
         columns = ["image_id", "grid_h", "grid_w", "mask", "weights", "flag", "confidence", *LEVELS]
         t = read_table(run.pseudo_part(s), columns=columns).to_pylist()
@@ -279,7 +290,7 @@ def _read_chosen(run: RunDir, shards: list[int], chosen: set[str]) -> tuple[dict
 
 def _panels_section(run: RunDir, cfg: Config, choice: Choice, inp: PanelInputs, shards: list[int]) -> str:
     chosen = {i for ids in choice.groups.values() for i in ids}
-    rows, geoms = _read_chosen(run, shards, chosen)
+    rows, geoms = _read_chosen(run, shards, chosen, choice.shard_of)
     key = "".join(swatch(MASK_COLOURS[k], f"{k} foreground") for k in (*LEVELS, "combined")) + swatch(
         MASK_BG, "background"
     )
@@ -445,7 +456,9 @@ def write_report(run: RunDir, cfg: Config, map_fn: MapFn | None = None) -> Path:
     status = run.read_status()
     metrics = json.loads(run.metrics.read_text()) if run.metrics.exists() else None
     shards = run.shards_of(run.pseudo, "part")
-    parts_ = (map_fn or serial_map)(shard_candidates, shards, str(run.root), max(cfg.report_samples, 1))
+    per_image = (metrics or {}).get("per_image_foreground_iou") or {}
+    wanted = frozenset(i for i, _ in per_image.get("worst", []) + per_image.get("best", []))
+    parts_ = (map_fn or serial_map)(shard_candidates, shards, str(run.root), max(cfg.report_samples, 1), wanted)
     masked = run.mask_ids(run.masks)
     choice = choose_images(parts_, cfg.report_samples, metrics, masked)
     inp = _panel_inputs(run, cfg, rec, metrics, palette)
