@@ -53,6 +53,24 @@ def cluster(run_dir: Path, cfg: Config) -> float:
     return time.perf_counter() - t0
 
 
+def refine_rate(n: int, device: str) -> float:
+    """Images/s of the torch refiner (``refine_masks``, batched on a GPU) on n generated 500 x 375 photos with a
+    blob-shaped ViT-S/8 patch score, after one untimed image (CUDA's start-up)."""
+    from mlcseg_ray.ops.crf import crf_inputs, refine_masks
+    from mlcseg_ray.stages.extract import geometry
+
+    rng = np.random.default_rng(0)
+    g = geometry(500, 375, 8, 512, False).__dict__
+    yy, xx = np.mgrid[: g["grid_h"], : g["grid_w"]]
+    score = (np.exp(-((yy - 24) ** 2 + (xx - 32) ** 2) / 200.0)).ravel().astype(np.float32)
+    rgb = [rng.integers(0, 255, (375, 500, 3), np.uint8) for _ in range(n)]
+    inputs = [crf_inputs(im, score, g, 8, Config()) for im in rgb]
+    refine_masks(inputs[:1], [(375, 500)], Config(), device)
+    t0 = time.perf_counter()
+    refine_masks(inputs, [(375, 500)] * n, Config(), device)
+    return n / (time.perf_counter() - t0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=300)
@@ -99,6 +117,12 @@ def main():
         f"clustering: {cpu_cluster:.1f}s on CPUs, {auto_cluster:.1f}s with device=auto "
         f"(speed-up {cpu_cluster / auto_cluster:.2f}x)"
     )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print(f"refinement (torch refiner, crf_max_side 384): {refine_rate(8, 'cpu'):.1f} images/s on one CPU thread")
+    torch.set_num_threads(threads)
+    if torch.cuda.is_available():
+        print(f"refinement on the GPU, batched: {refine_rate(256, 'cuda'):.1f} images/s", flush=True)
     if mem.peak is not None:
         total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0
         print(f"GPU memory peak (nvidia-smi, all GPUs): {mem.peak} MiB; device 0 total {total:.0f} GiB")

@@ -81,12 +81,21 @@ class Config(BaseModel):
 
     # --- refinement (DESIGN §2 "Refinement") ---
     crf: bool = True
+    crf_backend: Literal["auto", "densecrf", "torch"] = Field(
+        "auto",
+        description="densecrf: pydensecrf's full dense CRF on the CPU; torch: a local-window mean-field CRF on the "
+        "run's torch device, batched over a shard's images; auto: torch (bench/refine_quality.py)",
+    )
     crf_iters: int = Field(10, ge=0)
     crf_gauss_sxy: float = Field(3.0, gt=0)
     crf_gauss_compat: float = Field(3.0, ge=0)
     crf_bilateral_sxy: float = Field(67.0, gt=0, description="at a 500 px image; scaled with image size")
     crf_bilateral_srgb: float = Field(3.0, gt=0)
     crf_bilateral_compat: float = Field(4.0, ge=0)
+    crf_local_srgb: float = Field(
+        20.0, gt=0, description="the torch refiner's bilateral colour width (its kernels are local windows)"
+    )
+    crf_local_compat: float = Field(8.0, ge=0, description="the torch refiner's bilateral weight")
     crf_max_side: int = Field(
         384,
         ge=0,

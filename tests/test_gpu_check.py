@@ -34,3 +34,6 @@ def test_gpu_check_falls_back_to_cpu():
     if not torch.cuda.is_available():
         assert "CPU path only" in res.stdout and "CPU extraction:" in res.stdout
     assert re.search(r"clustering: [0-9.]+s on CPUs, [0-9.]+s with device=auto", res.stdout), res.stdout[-2000:]
+    assert re.search(r"refinement \(torch refiner, crf_max_side 384\): [0-9.]+ images/s", res.stdout), res.stdout[
+        -2000:
+    ]

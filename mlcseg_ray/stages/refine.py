@@ -1,9 +1,10 @@
 """Stage ``refine``: patch soft scores -> full-resolution binary masks.
 
 The score grid is upsampled bilinearly onto the padded, resized canvas the model saw (patch centres), cropped to
-the resized image (padding undone), resized to the original, EXIF-oriented size; then a two-label DenseCRF on the
-RGB image. Masks are written as ``binary/<image_id>.png`` (0 background, 255 foreground); one CPU task per
-pseudo-mask shard.
+the resized image (padding undone), resized to the original, EXIF-oriented size (at most ``crf_max_side``); then a
+two-label CRF on the RGB image (``crf_backend``: the torch refiner, batched over the shard's images on a GPU, or
+pydensecrf's DenseCRF). Masks are written as ``binary/<image_id>.png`` (0 background, 255 foreground); one task
+per pseudo-mask shard (with a share of a GPU where the run has them).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
 from ..formats.images import load_rgb
 from ..formats.manifest import expected_files
 from ..formats.masks import png_bytes
-from ..ops.crf import refine_image
+from ..ops.crf import crf_inputs, refine_masks
 
 
 class RefineStage(Stage):
@@ -27,17 +28,20 @@ class RefineStage(Stage):
     writes = ("binary",)
     config_keys = (
         "crf",
+        "crf_backend",
         "crf_iters",
         "crf_gauss_sxy",
         "crf_gauss_compat",
         "crf_bilateral_sxy",
         "crf_bilateral_srgb",
         "crf_bilateral_compat",
+        "crf_local_srgb",
+        "crf_local_compat",
         "crf_max_side",
         "max_pixels",
         "verify_images",
     )
-    resources = Resources(cpus=1)
+    resources = Resources(cpus=1, gpus="share")
 
     def shards(self, ctx: StageContext) -> list[int]:
         return ctx.run.pseudo_shards()
@@ -51,15 +55,16 @@ class RefineStage(Stage):
         pseudo = read_table(run.pseudo_part(shard), columns=["image_id", "score"]).to_pylist()
         geoms = {r["image_id"]: r for r in read_table(run.image_table(shard), columns=GEOMETRY_COLUMNS).to_pylist()}
         expect = expected_files(run, shard, cfg)
-        masks = []
 
-        def refine_one(r: dict) -> None:
+        def prepare(r: dict) -> tuple:
             g = geoms[r["image_id"]]
             rgb = load_rgb(g["uri"], cfg.max_pixels, expect=expect.get(r["image_id"]))
-            mask = refine_image(rgb, np.asarray(r["score"], np.float32), g, patch, cfg)
-            masks.append((run.binary_mask(r["image_id"]), png_bytes(mask.astype(np.uint8) * 255)))
+            return crf_inputs(rgb, np.asarray(r["score"], np.float32), g, patch, cfg), rgb.shape[:2]
 
-        _, errors = for_each_image(self.name, [(r["image_id"], r) for r in pseudo], refine_one)
+        prepared, errors = for_each_image(self.name, [(r["image_id"], r) for r in pseudo], prepare)
+        ids = list(prepared)
+        fg = refine_masks([prepared[i][0] for i in ids], [prepared[i][1] for i in ids], cfg, ctx.device)
+        masks = [(run.binary_mask(i), png_bytes(m.astype(np.uint8) * 255)) for i, m in zip(ids, fg, strict=True)]
         atomic_write_many(masks)  # the shard's masks together: to a bucket, concurrently
         for image_id in errors:  # no mask of an earlier attempt stands beside an error row
             run.binary_mask(image_id).unlink(missing_ok=True)

@@ -10,7 +10,7 @@ from helpers import copy_voc_images
 from helpers.badinputs import make_corpus
 from mlcseg_ray.config import Config
 from mlcseg_ray.formats.masks import voc_palette
-from mlcseg_ray.ops.crf import crf_refine, upsample_score
+from mlcseg_ray.ops.crf import crf_refine, local_crf_batch, upsample_score
 from mlcseg_ray.ops.regions import find_regions
 from mlcseg_ray.pipeline import Pipeline
 
@@ -27,7 +27,8 @@ def test_upsample_undoes_padding_and_resize():
     assert prob.shape == (48, 64) and np.allclose(prob, 1)
 
 
-def test_crf_raises_boundary_agreement():
+@pytest.mark.parametrize("refiner", ["densecrf", "torch"])
+def test_crf_raises_boundary_agreement(refiner):
     rng = np.random.default_rng(0)
     H, W = 120, 160
     yy, xx = np.mgrid[:H, :W]
@@ -38,7 +39,10 @@ def test_crf_raises_boundary_agreement():
     coarse = Image.fromarray((np.roll(truth, 6, axis=1) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(10))
     prob = np.asarray(coarse, np.float32) / 255 * 0.7 + 0.15
     before = prob > 0.5
-    after = crf_refine(rgb, prob, Config())
+    if refiner == "densecrf":
+        after = crf_refine(rgb, prob, Config())
+    else:
+        after = local_crf_batch([(rgb, prob)], Config(), "cpu")[0]
 
     def iou(a):
         return (a & truth).sum() / (a | truth).sum()
