@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, BinaryIO, TypeAlias
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -123,6 +123,24 @@ def put_bytes(path: Location, data: bytes) -> None:
         _atomic_local(path, write)
     else:
         path.fs.pipe_file(path.path, data)  # one PUT, or a multipart upload completed last
+
+
+def put_stream(path: Location, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file too large to hold in memory, atomically: ``write(f)`` fills a temporary file (beside it, or
+    local for a bucket) that is then renamed into place (or uploaded: the object appears when complete)."""
+    path = as_location(path)
+    if is_local(path):
+
+        def fill(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                write(f)
+
+        _atomic_local(path, fill)
+        return
+    with tempfile.NamedTemporaryFile(prefix=".tmp-") as f:
+        write(f)
+        f.flush()
+        path.fs.put_file(f.name, path.path)
 
 
 def put_many(items: Iterable[tuple[Location, bytes]]) -> None:

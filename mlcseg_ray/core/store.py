@@ -18,9 +18,9 @@ import os
 import socket
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 
@@ -87,6 +87,13 @@ def atomic_write_many(items: list[tuple[Location, bytes]]) -> None:
     storage.put_many(items)
     for p, d in items:
         _note_write(p, d)
+
+
+def atomic_write_stream(path: Location, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` streamed into ``path`` atomically (a merged output that should never be one object in memory)."""
+    path = as_location(path)
+    storage.put_stream(path, write)
+    _note_write(path)
 
 
 def atomic_write_text(path: Location, text: str) -> None:

@@ -10,17 +10,27 @@ other tools read.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from ..config import Config
 from ..core.stage import MapFn, Resources, Stage, StageContext
-from ..core.storage import read_metadata, read_table
-from ..core.store import RunDir, atomic_write_json, atomic_write_many, atomic_write_table, list_shards
+from ..core.storage import read_metadata, read_schema, read_table
+from ..core.store import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_many,
+    atomic_write_stream,
+    atomic_write_table,
+    list_shards,
+)
 from ..formats.feature_store import list_to_numpy
 from ..formats.manifest import read_manifest
 from ..formats.masks import png_bytes, read_binary, voc_palette
@@ -63,7 +73,11 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
     pseudo = read_table(run.pseudo_part(n), columns=["image_id", "confidence"]).to_pylist()
     pseudo_ids = [r["image_id"] for r in pseudo]
     confidence = {r["image_id"]: float(r["confidence"]) for r in pseudo}
-    annotations, classes, images, masks, doubtful = [], {}, 0, [], {}
+    geoms = {
+        r["image_id"]: r
+        for r in read_table(run.image_table(n), columns=["image_id", "uri", "width", "height"]).to_pylist()
+    }
+    annotations, classes, images, masks, doubtful = [], {}, [], [], {}
     for image_id in pseudo_ids:
         if not run.binary_mask(image_id).exists():
             continue
@@ -80,7 +94,16 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
         for r in regs:
             lut[r["region"]] = assigned[r["region"]][0]
         masks.append((run.class_mask(image_id), png_bytes(lut[comp], palette)))
-        images += 1
+        g = geoms[image_id]
+        images.append(
+            {
+                "id": fit.coco_ids[image_id],
+                "file_name": g["uri"],
+                "width": g["width"],
+                "height": g["height"],
+                "mlcseg_image_id": image_id,
+            }
+        )
         for r in regs:
             cat, sim = assigned[r["region"]]
             rle = mask_utils.encode(np.asfortranarray((comp == r["region"]).astype(np.uint8)))
@@ -101,7 +124,8 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
             )
             classes[cat] = classes.get(cat, 0) + 1
     atomic_write_many(masks)  # the shard's masks together: to a bucket, concurrently
-    atomic_write_json(run.coco_part(n), annotations)
+    # the shard's part of the COCO file: finish streams the parts into one, never holding it whole
+    atomic_write_json(run.coco_part(n), {"images": sorted(images, key=lambda x: x["id"]), "annotations": annotations})
     table = regions.drop_columns(["descriptor"]).append_column("class_id", pa.array((labels + 1).astype(np.int32)))
     table = table.append_column("score", pa.array(sims.astype(np.float32)))
     ids = regions.column("image_id").to_pylist()
@@ -142,7 +166,8 @@ class LabelStage(Stage):
     )
     resources = Resources(cpus=1)
     # 2: class k-means on a sample (issue 14); 3: COCO area and box from the RLE (joined parts)
-    version = 4  # 4: the pseudo-mask's confidence as the annotation score, min_confidence (issue 22)
+    # 4: the pseudo-mask's confidence as the annotation score, min_confidence (issue 22)
+    version = 5  # 5: COCO fragments carry their images; the merged files are streamed (issue 25)
 
     def shards(self, ctx: StageContext) -> list[int]:
         return ctx.run.pseudo_shards()
@@ -177,7 +202,7 @@ class LabelStage(Stage):
         run = ctx.run
         shards = sorted(results)
         k = max([r.get("k", 1) for r in results.values()] or [1])
-        _merge_outputs(run, shards, k, coco_image_ids(run))
+        _merge_outputs(run, shards, k)
         classes: dict = {}
         for r in results.values():
             for c, v in r.get("classes", {}).items():
@@ -190,37 +215,40 @@ class LabelStage(Stage):
         }
 
 
-def _merge_outputs(run: RunDir, shards: list[int], k: int, coco_ids: dict) -> None:
-    """Per-shard fragments -> one COCO JSON and one regions table (atomic writes)."""
-    images, masked = [], run.mask_ids(run.masks)
-    for p in list_shards(run.image_tables):
-        for r in read_table(p, columns=["image_id", "uri", "width", "height", "status"]).to_pylist():
-            if r["status"] == "ok" and r["image_id"] in masked:
-                images.append(
-                    {
-                        "id": coco_ids[r["image_id"]],
-                        "file_name": r["uri"],
-                        "width": r["width"],
-                        "height": r["height"],
-                        "mlcseg_image_id": r["image_id"],
-                    }
-                )
-    annotations = []
-    for n in shards:
-        annotations += json.loads(run.coco_part(n).read_text())
-    for i, a in enumerate(annotations):
-        a["id"] = i + 1
+def _merge_outputs(run: RunDir, shards: list[int], k: int) -> None:
+    """Per-shard fragments -> one COCO JSON and one regions table, each streamed part by part into its file (atomic
+    writes): the driver holds one shard's fragment at a time, whatever the number of images. The COCO file's images
+    come shard by shard (by id within a shard), its annotations numbered 1.. in shard order."""
     rec = run.read_record()
-    coco = {
-        "info": {
-            "description": "mlcseg_ray pseudo-labels",
-            "backbone": rec.get("backbone", {}).get("backbone"),
-            "random_weights": rec.get("backbone", {}).get("random_weights"),
-        },
-        "images": sorted(images, key=lambda x: x["id"]),
-        "annotations": annotations,
-        "categories": [{"id": c, "name": f"cluster_{c}", "supercategory": "object"} for c in range(1, k + 1)],
+    info = {
+        "description": "mlcseg_ray pseudo-labels",
+        "backbone": rec.get("backbone", {}).get("backbone"),
+        "random_weights": rec.get("backbone", {}).get("random_weights"),
     }
-    atomic_write_json(run.coco, coco)
-    tables = [read_table(run.labelled_part(n)) for n in shards]
-    atomic_write_table(run.regions, pa.concat_tables(tables) if tables else pa.table({}))
+    categories = [{"id": c, "name": f"cluster_{c}", "supercategory": "object"} for c in range(1, k + 1)]
+
+    def write_coco(f: BinaryIO) -> None:
+        def items(key: str) -> Iterator[dict]:
+            for n in shards:
+                yield from json.loads(run.coco_part(n).read_text())[key]
+
+        f.write(b'{"info": %s,\n"images": [' % json.dumps(info).encode())
+        for i, image in enumerate(items("images")):
+            f.write(b"%s\n%s" % (b"," if i else b"", json.dumps(image).encode()))
+        f.write(b'],\n"annotations": [')
+        for i, a in enumerate(items("annotations")):
+            f.write(b"%s\n%s" % (b"," if i else b"", json.dumps({**a, "id": i + 1}).encode()))
+        f.write(b'],\n"categories": %s}\n' % json.dumps(categories).encode())
+
+    atomic_write_stream(run.coco, write_coco)
+    parts = [run.labelled_part(n) for n in shards]
+
+    def write_regions(f: BinaryIO) -> None:
+        with pq.ParquetWriter(f, read_schema(parts[0])) as writer:
+            for p in parts:
+                writer.write_table(read_table(p))
+
+    if parts:
+        atomic_write_stream(run.regions, write_regions)
+    else:
+        atomic_write_table(run.regions, pa.table({}))

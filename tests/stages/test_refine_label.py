@@ -2,6 +2,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFilter
@@ -171,6 +172,38 @@ def test_coco_json_round_trips_to_the_masks(e2e):
         np.testing.assert_array_equal(rebuilt, cls)
     regions = pq.read_table(run.regions).to_pylist()
     assert len(regions) == len(coco.dataset["annotations"])
+
+
+def test_coco_json_and_regions_streamed_from_fragments_equal_the_ones_built_in_memory(e2e):
+    """finish streams the shards' fragments into one file: the result is the COCO dict an in-memory merge makes
+    (every ok image with a class mask, ids as the manifest gives them, annotations numbered in shard order), and
+    the regions table is the parts concatenated."""
+    from mlcseg_ray.stages.label import coco_image_ids
+
+    run = e2e[0].run_dir
+    ids, masked = coco_image_ids(run), run.mask_ids(run.masks)
+    shards = run.pseudo_shards()
+    assert len(shards) > 2  # several fragments: the stream crosses parts
+    images, annotations = [], []
+    for n in shards:
+        for r in pq.read_table(run.image_table(n)).to_pylist():
+            if r["status"] == "ok" and r["image_id"] in masked:
+                images.append(
+                    {
+                        "id": ids[r["image_id"]],
+                        "file_name": r["uri"],
+                        "width": r["width"],
+                        "height": r["height"],
+                        "mlcseg_image_id": r["image_id"],
+                    }
+                )
+        annotations += json.loads(run.coco_part(n).read_text())["annotations"]
+    streamed = json.loads(run.coco.read_text())
+    assert streamed["images"] == sorted(images, key=lambda x: x["id"])
+    assert streamed["annotations"] == [{**a, "id": i + 1} for i, a in enumerate(annotations)]
+    assert [c["id"] for c in streamed["categories"]] == [1, 2, 3, 4] and streamed["info"]["random_weights"] is True
+    parts = pa.concat_tables([pq.read_table(run.labelled_part(n)) for n in shards])
+    assert pq.read_table(run.regions).equals(parts)
 
 
 def test_report_renders_with_its_images(e2e):
