@@ -1,11 +1,12 @@
-"""Refinement (upsampling + DenseCRF) milliseconds per megapixel, its speed-up from 1 to 2 Ray workers, and what
-the CRF's bounded resolution (``crf_max_side``) saves and changes.
+"""Refinement (upsampling + the CRF of ``--backend``: pydensecrf's DenseCRF by default, as this bench has always
+measured; ``bench/refine_quality.py`` compares the refiners) milliseconds per megapixel, its speed-up from 1 to 2
+Ray workers, and what the CRF's bounded resolution (``crf_max_side``) saves and changes.
 
 Real VOC and COCO photos with a synthetic patch score (a centred ellipse, as a pseudo-mask looks), measured
 through the same plain function the refine stage calls: as Ray tasks on a Ray started with 1 CPU and then with 2;
 then in this process at full resolution and at each ``crf_max_side``, counting the pixels whose label differs.
 
-    python bench/refine_bench.py [--n 32] [--sides 512 384]
+    python bench/refine_bench.py [--n 32] [--sides 512 384] [--backend densecrf|torch]
 """
 
 import argparse
@@ -44,13 +45,13 @@ def refine_chunk(paths, cfg_dict):
     return px
 
 
-def bounded(paths, sides):
+def bounded(paths, sides, backend):
     """Seconds and the share of pixels that change, full resolution vs each crf_max_side, in this process."""
     images = [(rgb, *ellipse_score(rgb)) for rgb in (load_rgb(p, Config().max_pixels) for p in paths)]
     out = {}
     masks = {}
     for side in [0, *sides]:
-        cfg = Config(crf_max_side=side)
+        cfg = Config(crf_max_side=side, crf_backend=backend)
         t0 = time.perf_counter()
         masks[side] = [refine_image(rgb, score, g, 8, cfg) for rgb, score, g in images]
         seconds = time.perf_counter() - t0
@@ -59,16 +60,17 @@ def bounded(paths, sides):
     return out
 
 
-def run(paths, cpus, chunk=4):
+def run(paths, cpus, backend, chunk=4):
     import ray
 
     ray.init(
         address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR"
     )
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-    ray_map(refine_chunk, [paths[:1]] * cpus, Config().model_dump())  # one task per CPU at once: every worker warm
+    cfg = Config(crf_backend=backend).model_dump()
+    ray_map(refine_chunk, [paths[:1]] * cpus, cfg)  # one task per CPU at once: every worker warm
     t0 = time.perf_counter()
-    px = sum(ray_map(refine_chunk, chunks, Config().model_dump()))
+    px = sum(ray_map(refine_chunk, chunks, cfg))
     seconds = time.perf_counter() - t0
     ray.shutdown()
     return seconds, px
@@ -78,12 +80,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--sides", type=int, nargs="+", default=[512, 384])
+    ap.add_argument("--backend", choices=["densecrf", "torch"], default="densecrf")
     args = ap.parse_args()
     paths = [str(p) for p in sorted(VOC_IMAGES.glob("*.jpg"))[: args.n]]
-    t1, px = run(paths, 1)
-    t2, _ = run(paths, 2)
+    t1, px = run(paths, 1, args.backend)
+    t2, _ = run(paths, 2, args.backend)
     print(f"machine: {machine()}")
-    print(f"{len(paths)} VOC photos, {px / 1e6:.1f} MP, CRF 10 iterations")
+    print(f"{len(paths)} VOC photos, {px / 1e6:.1f} MP, {args.backend} CRF, 10 iterations")
     print(f"1 worker : {t1:.1f}s = {t1 * 1000 / (px / 1e6):.0f} ms/MP")
     print(f"2 workers: {t2:.1f}s = {t2 * 1000 / (px / 1e6):.0f} ms/MP")
     print(f"speed-up 1 -> 2 workers: {t1 / t2:.2f}x")
@@ -91,7 +94,7 @@ def main():
     print("| photos | crf_max_side | seconds | speed-up | pixels changed vs full resolution |")
     print("|---|---|---|---|---|")
     for name, group in (("VOC", paths), ("COCO", coco)):
-        res = bounded(group, args.sides)
+        res = bounded(group, args.sides, args.backend)
         for side, (seconds, changed) in res.items():
             print(
                 f"| {name} ({len(group)}) | {side or 'full'} | {seconds:.1f} | {res[0][0] / seconds:.2f}x | "

@@ -156,7 +156,6 @@ class RunDir:
     level_fit = property(lambda self: self.levels / "fit.json")  # sample sizes, iterations, store passes
     level_dataset = property(lambda self: self.levels / "dataset.parquet")  # dataset-level centroids, fg flags
     level_categories = property(lambda self: self.levels / "categories.parquet")  # per CLS group
-    level_groups = property(lambda self: self.levels / "groups.parquet")  # image -> CLS group
     pseudo = property(lambda self: self.root / "pseudo")
     binary = property(lambda self: self.root / "binary")
     masks = property(lambda self: self.root / "masks")

@@ -31,8 +31,16 @@ import pyarrow.compute as pc
 from ..config import Config
 from ..core.mapping import serial_map
 from ..core.stage import MapFn, Resources, Stage, StageContext
-from ..core.storage import read_table
-from ..core.store import RunDir, atomic_write_json, atomic_write_table, list_shards, read_json, read_tables
+from ..core.storage import read_metadata, read_table
+from ..core.store import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_table,
+    list_shards,
+    read_json,
+    read_tables,
+    shard_index,
+)
 from ..formats.feature_store import Patches, image_runs, list_to_numpy, read_patches, unit_keys
 from ..ops.kmeans import (
     EPS,
@@ -52,6 +60,7 @@ from ..ops.kmeans import (
     row_keys,
     sample_budgets,
     to_grid,
+    uniforms,
 )
 from ..ops.levels import (
     combine_votes,
@@ -87,27 +96,29 @@ ARRAY_COLUMNS = ("mask", "score", "dataset", "category", "image", "weights", "ga
 
 
 class KeyLoader:
-    """``load(shard) -> (unit keys, group id per patch, row keys)`` for the k-means passes; groups from an
-    image -> group map, row keys from the image id and the patch's place in its image (never from the shard)."""
+    """``load(shard) -> (unit keys, group id per patch, row keys)`` for the k-means passes; each image's CLS group
+    assigned here, in the task, from its shard's image table and the groups' centroids (nothing per image travels
+    from the driver); row keys from the image id and the patch's place in its image (never from the shard)."""
 
-    def __init__(self, group_images: list[str] | None = None, group_of: np.ndarray | None = None) -> None:
-        self.value_set = pa.array(group_images) if group_images is not None else None
-        self.group_of = group_of
+    def __init__(self, run: RunDir | None = None, centroids: np.ndarray | None = None) -> None:
+        self.run, self.centroids = run, centroids
 
-    def groups(self, image_ids: list[str] | pa.Array) -> np.ndarray:
-        """Group of each of ``image_ids``."""
-        if self.value_set is None:
-            return np.zeros(len(image_ids), np.int64)
-        ids = pa.array(image_ids, pa.string()) if isinstance(image_ids, list) else image_ids
-        idx = pc.index_in(ids, value_set=self.value_set).to_numpy(zero_copy_only=False)
-        return self.group_of[idx.astype(np.int64)]
+    def groups(self, shard: int, image_ids: list[str] | pa.Array) -> np.ndarray:
+        """CLS group of each of ``image_ids`` (images of feature shard ``shard``)."""
+        ids = image_ids.to_pylist() if isinstance(image_ids, pa.Array) else list(image_ids)
+        if self.centroids is None:
+            return np.zeros(len(ids), np.int64)
+        own, x, _ = shard_cls_tokens(self.run.image_table(shard))
+        labels, _ = assign(x, self.centroids)
+        group_of = dict(zip(own, labels.tolist(), strict=True))
+        return np.asarray([group_of[i] for i in ids], np.int64)
 
     def __call__(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         t = read_table(path, columns=["image_id", "key"])
         image_ids, starts, row_image = image_runs(path, t.column("image_id"))
         x = unit_keys(path, t, image_ids, row_image)
         keys = row_keys(id_hash(image_ids)[row_image], np.arange(len(x)) - starts[row_image])
-        return x, self.groups(image_ids)[row_image], keys
+        return x, self.groups(shard_index(path), image_ids)[row_image], keys
 
 
 class PatchRows:
@@ -120,7 +131,7 @@ class PatchRows:
     def __call__(self, path: Path) -> tuple[np.ndarray, ...]:
         p = read_patches(path)
         keys = row_keys(id_hash(p.image_ids)[p.row_image], np.arange(len(p.keys)) - p.starts[p.row_image])
-        return p.keys, self.loader.groups(p.image_ids)[p.row_image], keys, p.attn, p.border
+        return p.keys, self.loader.groups(shard_index(path), p.image_ids)[p.row_image], keys, p.attn, p.border
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,50 +153,57 @@ class LevelFits:
 
 @dataclass
 class CLSGroups:
-    """The images' CLS tokens grouped into ``num_categories`` groups, and how many patches each image has."""
+    """The ``num_categories`` CLS groups: their centroids, fitted on a bounded sample of the images' CLS tokens,
+    and the store's size as the one pass over the image tables saw it."""
 
-    image_ids: list[str]
-    group_of: np.ndarray  # group per image
+    centroids: np.ndarray | None  # (G, D); None: one group
     n_groups: int
-    patches: np.ndarray  # patches per image
+    images: int  # extracted images
+    patches: int  # their patches
+    group_patches: np.ndarray  # (G,) patches per group: exact where the sample holds every image, else estimated
 
 
-def _read_cls_tokens(run: RunDir) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(image ids, unit CLS tokens on the grid, patches per image) of every extracted image. The N x D tokens are
-    the one thing in the driver that grows with N, so they are held once: filled shard by shard, normalised in
-    place."""
-    shards = list_shards(run.image_tables)
-    read = [read_table(p, columns=["image_id", "status", "grid_h", "grid_w"]) for p in shards]
-    oks = [pc.equal(t.column("status"), "ok") for t in read]
-    tables = [t.filter(ok) for t, ok in zip(read, oks, strict=True)]
-    n = sum(t.num_rows for t in tables)
-    if not n:
-        raise ValueError(f"{run.image_tables}: no extracted images to cluster")
-    ids, x, pos = [], None, 0
-    for path, t, ok in zip(shards, tables, oks, strict=True):
-        if not t.num_rows:
-            continue
-        ids += t.column("image_id").to_pylist()
-        cls = list_to_numpy(read_table(path, columns=["cls_token"]).filter(ok).column("cls_token"))
-        x = np.empty((n, cls.shape[1]), np.float32) if x is None else x
-        x[pos : pos + len(cls)] = cls
-        pos += len(cls)
-    patches = np.concatenate(
-        [t.column("grid_h").to_numpy().astype(np.int64) * t.column("grid_w").to_numpy() for t in tables]
-    )
-    check_finite(x, "CLS tokens")
+def shard_cls_tokens(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image ids, unit CLS tokens on the grid, patches per image) of one image table's extracted images."""
+    t = read_table(path, columns=["image_id", "status", "grid_h", "grid_w", "cls_token"])
+    t = t.filter(pc.equal(t.column("status"), "ok"))
+    if not t.num_rows:
+        return [], np.zeros((0, 1), np.float32), np.zeros(0, np.int64)
+    x = np.array(list_to_numpy(t.column("cls_token")), np.float32)
+    check_finite(x, f"{path}: CLS tokens")
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
-    to_grid(x)
-    return ids, x, patches
+    patches = t.column("grid_h").to_numpy().astype(np.int64) * t.column("grid_w").to_numpy()
+    return t.column("image_id").to_pylist(), to_grid(x), patches
 
 
-def cls_groups(run: RunDir, cfg: Config) -> CLSGroups:
-    """Images' CLS tokens -> ``num_categories`` groups (the same k-means, in memory: N x D is small)."""
-    ids, x, patches = _read_cls_tokens(run)
-    n_groups = min(cfg.num_categories, len(ids))
+def _draw_cls_task(path: Path, prob: float, seed: int) -> tuple:
+    """One image table's CLS tokens kept by their images' uniform numbers, and what the table holds in all."""
+    ids, x, patches = shard_cls_tokens(path)
+    keys = id_hash(ids)
+    u = uniforms(keys, seed)
+    keep = u < prob
+    return x[keep], patches[keep], keys[keep], u[keep], len(ids), int(patches.sum())
+
+
+def cls_groups(run: RunDir, cfg: Config, map_fn: MapFn = serial_map) -> CLSGroups:
+    """Images' CLS tokens -> ``num_categories`` groups, fitted on at most ``kmeans_sample`` images' tokens drawn
+    in one pass over the image tables (a task per table); each image is assigned to its group later, inside the
+    shard tasks (:class:`KeyLoader`). The sample keeps the tables' order, so a store that fits in the sample gives
+    the k-means over every token."""
+    tables = list_shards(run.image_tables)
+    rows = sum(read_metadata(p).num_rows for p in tables)
+    prob = float(keep_probs([rows], [min(cfg.kmeans_sample, rows)])[0])
+    parts = map_fn(_draw_cls_task, tables, prob, cfg.seed)
+    images, patches = sum(p[4] for p in parts), sum(p[5] for p in parts)
+    if not images:
+        raise ValueError(f"{run.image_tables}: no extracted images to cluster")
+    x, sizes, keys, u = (np.concatenate([p[j] for p in parts if len(p[2])]) for j in range(4))
+    pick = np.sort(bottom_k(u, np.zeros(len(u), np.int64), keys, np.array([cfg.kmeans_sample])))
+    x, sizes = x[pick], sizes[pick]
+    n_groups = min(cfg.num_categories, images)
     if n_groups == 1:
-        return CLSGroups(ids, np.zeros(len(ids), np.int64), 1, patches)
-    # in-process (seconds even for COCO; Ray would add object-store copies)
+        return CLSGroups(None, 1, images, patches, np.array([patches], np.int64))
+    # in-process: the sample is bounded (seconds); Ray would add object-store copies
     res = kmeans_arrays(
         x,
         n_groups,
@@ -198,7 +216,8 @@ def cls_groups(run: RunDir, cfg: Config) -> CLSGroups:
         map_fn=serial_map,
     )
     labels, _ = assign(x, res.centroids[0])
-    return CLSGroups(ids, labels, n_groups, patches)
+    share = np.bincount(labels, weights=sizes, minlength=n_groups) * (patches / max(int(sizes.sum()), 1))
+    return CLSGroups(res.centroids[0], n_groups, images, patches, np.rint(share).astype(np.int64))
 
 
 @dataclass
@@ -257,7 +276,7 @@ def _sample_rows(
     """One pass over the store: the rows of both samples, and the two samples' indices into them (dataset level:
     the ``kmeans_sample`` patches with the smallest hash; category level: as many again shared by the groups, at
     least 50 per centroid in each)."""
-    sizes = np.bincount(groups.group_of, weights=groups.patches, minlength=groups.n_groups).astype(np.int64)
+    sizes = groups.group_patches
     total = int(sizes.sum())
     d_budget = min(cfg.kmeans_sample, total)
     g_budgets = sample_budgets(sizes, cfg.kmeans_sample, cfg.k_category)
@@ -276,8 +295,8 @@ def fit_levels(run: RunDir, cfg: Config, map_fn: MapFn = serial_map) -> LevelFit
     if not list_shards(run.features):
         raise FileNotFoundError(f"no feature shards in {run.features}: run extract first (or bring a store)")
     t0 = time.perf_counter()
-    groups = cls_groups(run, cfg)  # the image tables: N x D, not the store
-    loader = KeyLoader(groups.image_ids, groups.group_of)  # image -> CLS group, for the sample and every shard
+    groups = cls_groups(run, cfg, map_fn)  # a pass over the image tables, not the store
+    loader = KeyLoader(run, groups.centroids)  # each image's CLS group, assigned in the sample's and every shard's task
     rows, d, c = _sample_rows(run, cfg, groups, loader, map_fn)
     x, g, _, _, attn, border = rows
     rng = np.random.default_rng(cfg.seed)
@@ -298,12 +317,13 @@ def fit_levels(run: RunDir, cfg: Config, map_fn: MapFn = serial_map) -> LevelFit
         c_iters,
         time.perf_counter() - t0,
     )
-    _write_levels(run, dataset, cat_centroids, cat_fg, cat_counts, groups)
+    _write_levels(run, dataset, cat_centroids, cat_fg, cat_counts)
     atomic_write_json(
         run.level_fit,
         {
             "store_passes": 1,
-            "patches": int(groups.patches.sum()),
+            "patches": groups.patches,
+            "cls_sample": int(min(cfg.kmeans_sample, groups.images)),
             "dataset_sample": int(len(d)),
             "category_sample": int(len(c)),
             "dataset_iterations": dataset.iterations,
@@ -320,7 +340,6 @@ def _write_levels(
     cat_centroids: np.ndarray,
     cat_fg: np.ndarray,
     cat_counts: np.ndarray,
-    groups: CLSGroups,
 ) -> None:
     """Level files, for inspection and for the report; counts are the sample's."""
     k, D = dataset.centroids.shape
@@ -349,7 +368,6 @@ def _write_levels(
             }
         ),
     )
-    atomic_write_table(run.level_groups, pa.table({"image_id": groups.image_ids, "group": groups.group_of}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,7 +467,8 @@ class ClusterStage(Stage):
     # 2: sampling keyed by image and patch, exact sums (results independent of shard_size)
     # 3: global levels fitted on a sample drawn in one pass; the store is read twice in all (issue 14)
     # 4: per-image level weights and the weighted combine (issue 13)
-    version = 5  # 5: the gap test (an image may hold nothing) and a confidence per image (issue 22)
+    # 5: the gap test (an image may hold nothing) and a confidence per image (issue 22)
+    version = 6  # 6: CLS groups fitted on a bounded sample, each image assigned in its shard's task (issue 25)
 
     def shards(self, ctx: StageContext) -> list[int]:
         shards = ctx.run.shards_of(ctx.run.features)
@@ -464,7 +483,7 @@ class ClusterStage(Stage):
 
     def process_shard(self, ctx: StageContext, shard: int, fits: LevelFits, worker: object = None) -> dict:
         p = read_patches(ctx.run.feature_shard(shard))
-        groups = fits.loader.groups(p.image_ids)[p.row_image]
+        groups = fits.loader.groups(shard, p.image_ids)[p.row_image]
         rows = cluster_shard(p, groups, fits, ctx.cfg, ctx.device)
         atomic_write_table(ctx.run.pseudo_part(shard), pseudo_table(rows))
         return {
