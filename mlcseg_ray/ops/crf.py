@@ -162,6 +162,8 @@ def refine_masks(
 ) -> list[np.ndarray]:
     """Binary masks at ``sizes`` (H, W) from ``crf_inputs``' pairs: each refined by the configured CRF (the torch
     one batched on a GPU), then brought back to full size."""
+    if not inputs:  # a shard whose every image failed earlier
+        return []
     if not uses_crf(cfg):
         fg = [prob > 0.5 for _, prob in inputs]
     elif backend(cfg) == "densecrf":

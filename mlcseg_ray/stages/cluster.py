@@ -106,7 +106,7 @@ class KeyLoader:
     def groups(self, shard: int, image_ids: list[str] | pa.Array) -> np.ndarray:
         """CLS group of each of ``image_ids`` (images of feature shard ``shard``)."""
         ids = image_ids.to_pylist() if isinstance(image_ids, pa.Array) else list(image_ids)
-        if self.centroids is None:
+        if self.centroids is None or not ids:  # one group, or a shard whose every image failed
             return np.zeros(len(ids), np.int64)
         own, x, _ = shard_cls_tokens(self.run.image_table(shard))
         labels, _ = assign(x, self.centroids)

@@ -63,6 +63,7 @@ def test_a_batch_gives_each_image_what_it_gets_alone(scored):
     assert all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(alone, together, strict=True))
     sizes = [rgb.shape[:2] for rgb, *_ in scored] + [(100, 150)]
     assert [m.shape for m in refine_masks(inputs, sizes, Config())] == sizes
+    assert refine_masks([], [], Config()) == []  # a shard whose every image failed earlier
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_check.sh runs it there)")
