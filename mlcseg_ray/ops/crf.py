@@ -54,8 +54,9 @@ def crf_refine(rgb: np.ndarray, prob: np.ndarray, cfg: Config) -> np.ndarray:
 # and weight (``crf_local_srgb``, ``crf_local_compat``), on bench/refine_quality.py.
 WINDOWS = ((3, 1), (3, 3), (3, 9))
 # On a GPU a batch of a shard's images is refined at once, padded to one size; at most this many pixels a batch
-# (its kernels take about 100 bytes a pixel). On the CPU one image at a time: padding would only cost.
-GPU_BATCH_PIXELS = 1 << 23
+# (about 36 images at 384 px; the kernels peak at about 200 bytes a pixel, 0.8 GB, and a GPU is shared by one
+# refine task per CPU). On the CPU one image at a time: padding would only cost.
+GPU_BATCH_PIXELS = 1 << 22
 
 
 def _offsets() -> list[tuple[int, int]]:
