@@ -143,6 +143,17 @@ def put_stream(path: Location, write: Callable[[BinaryIO], object]) -> None:
         path.fs.put_file(f.name, path.path)
 
 
+def put_concatenated(path: Location, parts: list[Location]) -> None:
+    """The Parquet tables at ``parts`` (one schema) concatenated into ``path``, streamed a part at a time."""
+
+    def write(f: BinaryIO) -> None:
+        with pq.ParquetWriter(f, read_schema(parts[0])) as writer:
+            for p in parts:
+                writer.write_table(read_table(p))
+
+    put_stream(path, write)
+
+
 def put_many(items: Iterable[tuple[Location, bytes]]) -> None:
     """Many small atomic writes (a shard's masks); to a bucket they go out concurrently."""
     items = list(items)

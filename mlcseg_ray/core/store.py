@@ -96,6 +96,16 @@ def atomic_write_stream(path: Location, write: Callable[[BinaryIO], object]) -> 
     _note_write(path)
 
 
+def atomic_concat_tables(path: Location, parts: list[Location]) -> None:
+    """Shard parts -> one table at ``path``, atomically, never all of it in memory (an empty table without parts)."""
+    path = as_location(path)
+    if not parts:
+        atomic_write_table(path, pa.table({}))
+        return
+    storage.put_concatenated(path, parts)
+    _note_write(path)
+
+
 def atomic_write_text(path: Location, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

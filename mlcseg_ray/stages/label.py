@@ -17,14 +17,14 @@ from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from ..config import Config
 from ..core.stage import MapFn, Resources, Stage, StageContext
-from ..core.storage import read_metadata, read_schema, read_table
+from ..core.storage import read_metadata, read_table
 from ..core.store import (
     RunDir,
+    atomic_concat_tables,
     atomic_write_json,
     atomic_write_many,
     atomic_write_stream,
@@ -241,14 +241,4 @@ def _merge_outputs(run: RunDir, shards: list[int], k: int) -> None:
         f.write(b'],\n"categories": %s}\n' % json.dumps(categories).encode())
 
     atomic_write_stream(run.coco, write_coco)
-    parts = [run.labelled_part(n) for n in shards]
-
-    def write_regions(f: BinaryIO) -> None:
-        with pq.ParquetWriter(f, read_schema(parts[0])) as writer:
-            for p in parts:
-                writer.write_table(read_table(p))
-
-    if parts:
-        atomic_write_stream(run.regions, write_regions)
-    else:
-        atomic_write_table(run.regions, pa.table({}))
+    atomic_concat_tables(run.regions, [run.labelled_part(n) for n in shards])
