@@ -10,7 +10,8 @@ other tools read.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -228,17 +229,24 @@ def _merge_outputs(run: RunDir, shards: list[int], k: int) -> None:
     categories = [{"id": c, "name": f"cluster_{c}", "supercategory": "object"} for c in range(1, k + 1)]
 
     def write_coco(f: BinaryIO) -> None:
-        def items(key: str) -> Iterator[dict]:
+        # one read of each fragment: its images go straight out, its annotations to a spool appended after them
+        with tempfile.TemporaryFile() as spool:
+            f.write(b'{"info": %s,\n"images": [' % json.dumps(info).encode())
+            images = annotations = 0
             for n in shards:
-                yield from json.loads(run.coco_part(n).read_text())[key]
-
-        f.write(b'{"info": %s,\n"images": [' % json.dumps(info).encode())
-        for i, image in enumerate(items("images")):
-            f.write(b"%s\n%s" % (b"," if i else b"", json.dumps(image).encode()))
-        f.write(b'],\n"annotations": [')
-        for i, a in enumerate(items("annotations")):
-            f.write(b"%s\n%s" % (b"," if i else b"", json.dumps({**a, "id": i + 1}).encode()))
-        f.write(b'],\n"categories": %s}\n' % json.dumps(categories).encode())
+                part = json.loads(run.coco_part(n).read_text())
+                for image in part["images"]:
+                    f.write(b"%s\n%s" % (b"," if images else b"", json.dumps(image).encode()))
+                    images += 1
+                for a in part["annotations"]:
+                    annotations += 1
+                    spool.write(
+                        b"%s\n%s" % (b"," if annotations > 1 else b"", json.dumps({**a, "id": annotations}).encode())
+                    )
+            f.write(b'],\n"annotations": [')
+            spool.seek(0)
+            shutil.copyfileobj(spool, f)
+            f.write(b'],\n"categories": %s}\n' % json.dumps(categories).encode())
 
     atomic_write_stream(run.coco, write_coco)
     atomic_concat_tables(run.regions, [run.labelled_part(n) for n in shards])
