@@ -92,6 +92,32 @@ def _store_unreachable(e: BaseException) -> str | None:
     return None
 
 
+def _probe_unreachable(out: object) -> str | None:
+    """Where the run folder's object store does not answer now, if it does not. A read cut off by an outage does not
+    always say so: s3fs makes a failed listing a bare FileNotFoundError, so any failure of a run in a bucket asks
+    the store once (one attempt, a short timeout: the answer is wanted now, not after the client's retries)."""
+    from ..core.storage import as_location, is_local, is_remote
+
+    if out is None or not is_remote(out):
+        return None
+    location = as_location(out)
+    if is_local(location):
+        return None
+    fs = location.fs
+    if location.protocol in ("s3", "s3a"):
+        import s3fs
+
+        fs = s3fs.S3FileSystem(
+            **{**fs.storage_options, "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 5}},
+            skip_instance_cache=True,
+        )
+    try:
+        fs.info(location.path)
+    except Exception as probe:  # any other answer means the store is there
+        return _store_unreachable(probe)
+    return None
+
+
 def exit_code(e: BaseException, out: object = None) -> int:
     """Report ``e`` in one line and return its exit code (:data:`EXIT_CODES`). ``out``: the run folder the command
     was given, named where an error does not name a path."""
@@ -122,7 +148,7 @@ def exit_code(e: BaseException, out: object = None) -> int:
 def _storage_error(e: BaseException, raised: BaseException, cause: BaseException, stage: str | None, out: object):
     """The line for a run folder that cannot be written (exit 5), or None: a store that does not answer, a bucket
     that refuses the credentials or the write, a full or read-only disk."""
-    endpoint = _store_unreachable(raised)  # before the FileNotFoundError s3fs may have made of it
+    endpoint = _store_unreachable(raised) or _probe_unreachable(out)
     if endpoint:
         where = f" while {stage} ran" if stage else ""
         return f"cannot reach the object store at {endpoint}{where}; rerun once it answers to resume"

@@ -174,6 +174,36 @@ def test_the_store_going_away_mid_refine_is_one_line_and_a_rerun_resumes(s3, ima
     assert _comparable(s3.objects("runs", "outage")) == _comparable(_local_files(local_run.parent / "outage_ref"))
 
 
+def test_a_failure_while_the_store_is_down_is_named_so_whatever_the_client_made_of_it(s3, monkeypatch, capfd):
+    """s3fs makes a listing cut off by an outage a bare FileNotFoundError (the CI run that met it exited 2):
+    the store is asked once more before the one line is chosen."""
+    from mlcseg_ray.cli.errors import exit_code
+    from mlcseg_ray.core.errors import StageFailed
+
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+
+    def failed() -> StageFailed:
+        cause = FileNotFoundError("runs/probe/images/shard-00002.parquet")
+        e = StageFailed("refine", cause)
+        e.__cause__ = cause
+        return e
+
+    assert exit_code(failed(), "s3://runs/probe") == 2  # the store answers: a missing input, as it says
+    assert "error: refine: runs/probe/images/shard-00002.parquet" in capfd.readouterr().err
+    s3.stop()
+    try:
+        started = time.time()
+        assert exit_code(failed(), "s3://runs/probe") == 5
+        took = time.time() - started
+    finally:
+        s3.start()
+    errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and s3.url in errors[0] and "cannot reach the object store" in errors[0], errors
+    assert "while refine ran" in errors[0] and took < 10  # one attempt, not the client's retries
+    assert exit_code(failed(), "/tmp/not-a-bucket") == 2  # a local folder is not probed
+
+
 def test_a_killed_driver_resumes_in_the_bucket_with_the_same_bytes(s3, images, local_run):
     out = "s3://runs/killed"
     env = {**os.environ, **s3.env}
