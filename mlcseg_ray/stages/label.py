@@ -33,7 +33,6 @@ from ..core.store import (
     list_shards,
 )
 from ..formats.feature_store import list_to_numpy
-from ..formats.manifest import read_manifest
 from ..formats.masks import png_bytes, read_binary, voc_palette
 from ..ops.kmeans import assign, id_hash, row_keys, sampled_kmeans, unit_vectors
 from ..ops.regions import find_regions
@@ -51,11 +50,10 @@ class RegionLoader:
 
 @dataclass
 class ClassFit:
-    """What every label shard needs: the class centroids and the COCO image ids."""
+    """What every label shard needs: the class centroids (each shard finds its own COCO image ids)."""
 
     centroids: np.ndarray  # (K, D)
     k: int
-    coco_ids: dict[str, int]
 
 
 def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
@@ -78,6 +76,7 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
         r["image_id"]: r
         for r in read_table(run.image_table(n), columns=["image_id", "uri", "width", "height"]).to_pylist()
     }
+    coco_ids = coco_image_ids(run, n)
     annotations, classes, images, masks, doubtful = [], {}, [], [], {}
     for image_id in pseudo_ids:
         if not run.binary_mask(image_id).exists():
@@ -98,7 +97,7 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
         g = geoms[image_id]
         images.append(
             {
-                "id": fit.coco_ids[image_id],
+                "id": coco_ids[image_id],
                 "file_name": g["uri"],
                 "width": g["width"],
                 "height": g["height"],
@@ -112,7 +111,7 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
             rle["counts"] = rle["counts"].decode("ascii")
             annotations.append(
                 {
-                    "image_id": fit.coco_ids[image_id],
+                    "image_id": coco_ids[image_id],
                     "category_id": cat,
                     "segmentation": rle,
                     "area": area,
@@ -135,15 +134,26 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
     return {"images": len(pseudo_ids), "annotations": len(annotations), "classes": classes, "flags": doubtful}
 
 
-def coco_image_ids(run: RunDir) -> dict[str, int]:
-    """COCO ids: the input's own where it had them, else 1-based positions in the sorted manifest."""
+def coco_image_ids(run: RunDir, shard: int) -> dict[str, int]:
+    """One shard's COCO image ids: the input's own where it had them, else 1-based positions in the sorted manifest.
+    Each task reads them from the manifest's narrow columns itself: no map of every image travels to every task."""
     if run.manifest.exists():
-        rows = read_manifest(run.manifest).to_pylist()
-        return {r["image_id"]: int(r["coco_id"]) if r.get("coco_id") is not None else i + 1 for i, r in enumerate(rows)}
-    ids = sorted(
-        i for p in list_shards(run.image_tables) for i in read_table(p, columns=["image_id"]).column(0).to_pylist()
+        table = read_table(run.manifest, columns=["image_id", "coco_id", "shard"])
+        rows = np.flatnonzero(table.column("shard").to_numpy(zero_copy_only=False) == shard)
+        ids = table.column("image_id").take(rows).to_pylist()
+        own = table.column("coco_id").take(rows).to_pylist()
+        return {i: int(c) if c is not None else int(r) + 1 for i, c, r in zip(ids, own, rows, strict=True)}
+    # a brought-in store: positions among the sorted ids of all its image tables
+    ids = np.sort(
+        np.concatenate(
+            [
+                read_table(p, columns=["image_id"]).column(0).to_numpy(zero_copy_only=False)
+                for p in list_shards(run.image_tables)
+            ]
+        )
     )
-    return {image_id: i + 1 for i, image_id in enumerate(ids)}
+    mine = read_table(run.image_table(shard), columns=["image_id"]).column(0).to_pylist()
+    return {i: int(np.searchsorted(ids, i)) + 1 for i in mine}
 
 
 class LabelStage(Stage):
@@ -194,7 +204,7 @@ class LabelStage(Stage):
                 map_fn=map_fn,
             )
             centroids = km.centroids[0]
-        return ClassFit(centroids, k, coco_image_ids(run))
+        return ClassFit(centroids, k)
 
     def process_shard(self, ctx: StageContext, shard: int, fit: ClassFit, worker: object = None) -> dict:
         return {**write_shard_labels(ctx.run, shard, fit, ctx.cfg), "k": fit.k}

@@ -174,14 +174,41 @@ def test_coco_json_round_trips_to_the_masks(e2e):
     assert len(regions) == len(coco.dataset["annotations"])
 
 
+def test_each_label_shard_finds_its_own_coco_ids(e2e, tmp_path):
+    """A label task reads its images' COCO ids itself (no map of every image shipped to every task): together the
+    shards give each image its position in the sorted manifest; a brought-in store, its position among its ids."""
+    from mlcseg_ray.core.store import RunDir
+    from mlcseg_ray.stages.label import coco_image_ids
+
+    run = e2e[0].run_dir
+    manifest = pq.read_table(run.manifest).to_pylist()
+    assert [r["image_id"] for r in manifest] == sorted(r["image_id"] for r in manifest)
+    got = {}
+    for n in run.pseudo_shards():
+        part = coco_image_ids(run, n)
+        assert set(part) == {r["image_id"] for r in manifest if r["shard"] == n}
+        got.update(part)
+    assert got == {r["image_id"]: i + 1 for i, r in enumerate(manifest) if r["image_id"] in got}
+
+    brought = RunDir(tmp_path / "brought")  # image tables alone, as a store made elsewhere
+    shutil.copytree(run.image_tables, brought.image_tables)
+    ids = sorted(
+        i for p in sorted(brought.image_tables.iterdir()) for i in pq.read_table(p).column("image_id").to_pylist()
+    )
+    got = {}
+    for n in run.pseudo_shards():
+        got.update(coco_image_ids(brought, n))
+    assert got == {i: k + 1 for k, i in enumerate(ids)}
+
+
 def test_coco_json_and_regions_streamed_from_fragments_equal_the_ones_built_in_memory(e2e):
     """finish streams the shards' fragments into one file: the result is the COCO dict an in-memory merge makes
     (every ok image with a class mask, ids as the manifest gives them, annotations numbered in shard order), and
     the regions table is the parts concatenated."""
-    from mlcseg_ray.stages.label import coco_image_ids
-
     run = e2e[0].run_dir
-    ids, masked = coco_image_ids(run), run.mask_ids(run.masks)
+    manifest = pq.read_table(run.manifest).to_pylist()  # sorted by id: positions are the ids where none is given
+    ids = {r["image_id"]: r["coco_id"] if r["coco_id"] is not None else i + 1 for i, r in enumerate(manifest)}
+    masked = run.mask_ids(run.masks)
     shards = run.pseudo_shards()
     assert len(shards) > 2  # several fragments: the stream crosses parts
     images, annotations = [], []
