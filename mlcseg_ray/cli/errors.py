@@ -94,27 +94,16 @@ def _store_unreachable(e: BaseException) -> str | None:
 
 def _probe_unreachable(out: object) -> str | None:
     """Where the run folder's object store does not answer now, if it does not. A read cut off by an outage does not
-    always say so: s3fs makes a failed listing a bare FileNotFoundError, so any failure of a run in a bucket asks
-    the store once (one attempt, a short timeout: the answer is wanted now, not after the client's retries)."""
-    from ..core.storage import as_location, is_local, is_remote
+    always say so (s3fs makes a failed listing a bare FileNotFoundError), so any failure of a run in a bucket asks
+    the store once."""
+    from ..core.storage import probe
 
-    if out is None or not is_remote(out):
+    if out is None:
         return None
-    location = as_location(out)
-    if is_local(location):
-        return None
-    fs = location.fs
-    if location.protocol in ("s3", "s3a"):
-        import s3fs
-
-        fs = s3fs.S3FileSystem(
-            **{**fs.storage_options, "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 5}},
-            skip_instance_cache=True,
-        )
     try:
-        fs.info(location.path)
-    except Exception as probe:  # any other answer means the store is there
-        return _store_unreachable(probe)
+        probe(out)
+    except Exception as answer:  # any other answer means the store is there
+        return _store_unreachable(answer)
     return None
 
 

@@ -211,6 +211,21 @@ def remove(path: Location) -> None:
         path.fs.rm(path.path, recursive=True)
 
 
+def probe(path: Location) -> None:
+    """Ask ``path``'s store once whether it answers, raising what the client raises (nothing for a local path):
+    one attempt and a short connect timeout, a fresh client, so the answer is about now, not after the retries."""
+    path = as_location(path)
+    if is_local(path):
+        return
+    fs = path.fs
+    if path.protocol in ("s3", "s3a"):
+        import s3fs
+
+        quick = {"retries": {"max_attempts": 1}, "connect_timeout": 5}
+        fs = s3fs.S3FileSystem(**{**fs.storage_options, "config_kwargs": quick}, skip_instance_cache=True)
+    fs.info(path.path)
+
+
 # --- reads ---
 def _pa_args(path: Location) -> tuple[Any, dict]:
     path = as_location(path)
