@@ -102,7 +102,7 @@ class Pipeline:
         return summary
 
     def failed_images(self) -> int:
-        return sum(1 for r in self.run_dir.read_status() if r["status"] != "ok")
+        return self.run_dir.status_summary().failed
 
 
 def _say(message: str) -> None:

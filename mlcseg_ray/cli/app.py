@@ -199,17 +199,17 @@ def _report(pipe: Any, summary: list[dict], as_json: bool) -> None:
     from .console import print_metrics
 
     run = pipe.run_dir
-    failed = pipe.failed_images()
     evaluated = any(r["stage"] == "evaluate" for r in summary)
     metrics = json.loads(run.metrics.read_text()) if run.metrics.exists() and evaluated else None
     rec = run.read_record()
-    status = run.read_status()
-    flags = dict(sorted(Counter(r["flag"] for r in status if r["flag"]).items()))
+    status = run.status_summary()
+    flags = dict(sorted(status.flags.items()))
+    failed = status.failed
     if as_json:
         payload = {
             "run": str(run.root),
             "stages": summary,
-            "images": len(status),
+            "images": status.images,
             "flagged": flags,
             "failed": failed,
             "random_weights": bool(rec.get("backbone", {}).get("random_weights")),
@@ -290,9 +290,10 @@ def errors(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
         error(f"{run_dir} is not a run folder (no run.json)")
         raise typer.Exit(2)
     rec = run.read_record()
-    status = run.read_status()
-    failed = [r for r in status if r["status"] != "ok"]
-    flagged = [r for r in status if r["flag"]]
+    images = run.status_summary().images
+    problems = run.read_status(problems_only=True)  # the failed and the flagged: what this command lists
+    failed = [r for r in problems if r["status"] != "ok"]
+    flagged = [r for r in problems if r["flag"]]
     flag_counts = dict(sorted(Counter(r["flag"] for r in flagged).items()))
     skipped = rec.get("skipped_files", {})
     stages = {
@@ -304,7 +305,7 @@ def errors(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
             json.dumps(
                 {
                     "run": str(run.root),
-                    "images": len(status),
+                    "images": images,
                     "stages": stages,
                     "failed": failed,
                     "flagged": flagged,
@@ -321,7 +322,7 @@ def errors(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
         t.add_row(name, str(s.get("images", "-")), str(s.get("errors", 0)), str(s.get("seconds", "-")))
     stdout.print(t)
     stdout.print(
-        f"{len(status)} images: {len(status) - len(failed)} ok, {len(failed)} failed, {len(flagged)} flagged"
+        f"{images} images: {images - len(failed)} ok, {len(failed)} failed, {len(flagged)} flagged"
         + (f" ({', '.join(f'{n} {f}' for f, n in flag_counts.items())})" if flagged else ""),
         highlight=False,
     )

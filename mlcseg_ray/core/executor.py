@@ -20,9 +20,11 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
 
 from ..config import Config
 from .errors import NoUsableImages, StageFailed, StageOrderError
@@ -31,8 +33,9 @@ from .inputs import RunInputs
 from .integrity import declared_outputs, stage_damage
 from .progress import progress_bar
 from .stage import MapFn, Stage, StageContext
-from .storage import read_table, walk_files
+from .storage import iter_batches, read_table, walk_files
 from .store import (
+    STATUS_SCHEMA,
     RunDir,
     atomic_write_json,
     list_shards,
@@ -40,6 +43,7 @@ from .store import (
     read_json,
     recording_writes,
     remove_stale_temp_files,
+    shard_index,
 )
 
 if TYPE_CHECKING:
@@ -401,42 +405,56 @@ class Executor:
     # ------------------------------------------------------------------ each image's status
     def _write_status(self) -> None:
         """``status.parquet``: every image once, ok or the first stage's error, its flag (empty/full mask, or below
-        ``min_confidence``) and its confidence: what the stages' markers say (a later stage's flag wins)."""
-        if self.run.manifest.exists():
-            base = read_table(self.run.manifest, columns=["image_id", "uri", "status", "error"]).to_pylist()
-        else:  # a brought-in store: its image tables list the images
-            base = [
-                r
-                for p in list_shards(self.run.image_tables)
-                for r in read_table(p, columns=["image_id", "uri", "status", "error"]).to_pylist()
-            ]
-        rows = {
-            r["image_id"]: {**r, "stage": "ingest" if r["status"] != "ok" else None, "flag": None, "confidence": None}
-            for r in base
-        }
+        ``min_confidence``) and its confidence: what the stages' markers say (a later stage's flag wins). Built a
+        batch of the manifest at a time (its order: by image id), each shard's markers read once while its images
+        come (a few shards at a time: the driver never holds every row)."""
+        stages = []
         for name in self.order:
-            state = self.run.state(name)
             rec = self._record(name)
-            if rec is None or not state.is_dir():
-                continue
-            for marker in markers(state):
-                m = read_json(marker) or {}
-                if m.get("fingerprint") != rec.get("marker_fingerprint", rec.get("fingerprint")):
-                    continue
-                for image_id, err in m.get("errors", {}).items():
-                    r = rows.get(image_id)
-                    if r is not None and r["status"] == "ok":
-                        r.update(status="error", error=err, stage=name)
-                _note(rows, "flag", m.get("flags", {}))
-                _note(rows, "confidence", m.get("confidence", {}))
-        self.run.write_status([rows[k] for k in sorted(rows)])
+            if rec is not None and self.run.state(name).is_dir():
+                stages.append((name, rec.get("marker_fingerprint", rec.get("fingerprint"))))
+        verdicts = functools.lru_cache(maxsize=256)(functools.partial(shard_verdicts, self.run, stages))
+        self.run.write_status(status_rows(batch, verdicts) for batch in image_batches(self.run))
 
 
-def _note(rows: dict[str, dict], column: str, values: dict) -> None:
-    """A marker's per-image values (flags, confidence) into the status rows of the images it names."""
-    for image_id, value in values.items():
-        if image_id in rows:
-            rows[image_id][column] = value
+def image_batches(run: RunDir) -> Iterator[list[dict]]:
+    """Every image's (image_id, uri, status, error, shard) as ingest saw it, a batch at a time: the manifest's
+    batches, or for a brought-in store its image tables shard by shard."""
+    columns = ["image_id", "uri", "status", "error", "shard"]
+    if run.manifest.exists():
+        yield from (b.to_pylist() for b in iter_batches(run.manifest, columns=columns))
+        return
+    for p in list_shards(run.image_tables):
+        rows = read_table(p, columns=columns[:-1]).to_pylist()
+        yield sorted(({**r, "shard": shard_index(p)} for r in rows), key=lambda r: r["image_id"])
+
+
+def shard_verdicts(run: RunDir, stages: list[tuple[str, str]], shard: int) -> dict[str, dict]:
+    """Per image of a shard, what the current markers of ``stages`` (name, fingerprint; in stage order) say of it:
+    the first stage that failed it, the last flag and confidence given."""
+    out: dict[str, dict] = {}
+    for name, fp in stages:
+        m = read_json(run.marker(name, shard)) or {}
+        if m.get("fingerprint") != fp:
+            continue
+        for image_id, err in m.get("errors", {}).items():
+            out.setdefault(image_id, {}).setdefault("failed", (name, err))
+        for image_id, flag in m.get("flags", {}).items():
+            out.setdefault(image_id, {})["flag"] = flag
+        for image_id, confidence in m.get("confidence", {}).items():
+            out.setdefault(image_id, {})["confidence"] = confidence
+    return out
+
+
+def status_rows(batch: list[dict], verdicts: Callable[[int], dict[str, dict]]) -> pa.Table:
+    """Ingest's rows of some images, with what the stages said of each: ``status.parquet``'s rows."""
+    for r in batch:
+        said = verdicts(r.pop("shard")).get(r["image_id"], {})
+        r.update(stage="ingest" if r["status"] != "ok" else None, flag=said.get("flag"))
+        r["confidence"] = said.get("confidence")
+        if r["status"] == "ok" and "failed" in said:
+            r.update(status="error", stage=said["failed"][0], error=said["failed"][1])
+    return pa.Table.from_pylist(batch, schema=STATUS_SCHEMA)
 
 
 def _shard_task(shard: int, stage: Stage, ctx: StageContext, shared: Any, fp: str) -> dict:

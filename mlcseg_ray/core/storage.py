@@ -17,10 +17,11 @@ Credentials and endpoints come the standard way (AWS variables and profiles, ``A
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeAlias
 
@@ -145,11 +146,31 @@ def put_stream(path: Location, write: Callable[[BinaryIO], object]) -> None:
 
 def put_concatenated(path: Location, parts: list[Location]) -> None:
     """The Parquet tables at ``parts`` (one schema) concatenated into ``path``, streamed a part at a time."""
+    put_tables(path, read_schema(parts[0]), (read_table(p) for p in parts))
+
+
+def put_tables(path: Location, schema: pa.Schema, tables: Iterable[pa.Table], group_rows: int | None = None) -> None:
+    """A stream of tables (one ``schema``) written as one Parquet file, atomically, never all of it in memory. With
+    ``group_rows``, row groups of exactly that many rows (the last one shorter), so the file's bytes depend on the
+    rows alone, not on how the stream was cut; without it, a row group per table."""
 
     def write(f: BinaryIO) -> None:
-        with pq.ParquetWriter(f, read_schema(parts[0])) as writer:
-            for p in parts:
-                writer.write_table(read_table(p))
+        with pq.ParquetWriter(f, schema) as writer:
+            if group_rows is None:
+                for table in tables:
+                    writer.write_table(table)
+                return
+            pending, held = [], 0
+            for table in tables:
+                pending.append(table)
+                held += table.num_rows
+                if held >= group_rows:
+                    rows = pa.concat_tables(pending)
+                    cut = held - held % group_rows
+                    writer.write_table(rows.slice(0, cut), row_group_size=group_rows)
+                    pending, held = [rows.slice(cut)], held - cut
+            if held:
+                writer.write_table(pa.concat_tables(pending), row_group_size=group_rows)
 
     put_stream(path, write)
 
@@ -235,6 +256,16 @@ def _pa_args(path: Location) -> tuple[Any, dict]:
 def read_table(path: Location, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
     where, fs = _pa_args(path)
     return pq.read_table(where, columns=columns, filters=filters, **fs)
+
+
+def iter_batches(
+    path: Location, columns: list[str] | None = None, batch_size: int = 65_536
+) -> Iterator[pa.RecordBatch]:
+    """A Parquet file's rows a batch at a time, in file order (a bucket's object read in ranges, never whole)."""
+    path = as_location(path)
+    with contextlib.ExitStack() as stack:
+        source = path if is_local(path) else stack.enter_context(path.fs.open(path.path, "rb"))
+        yield from pq.ParquetFile(source).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def _read_footer(path: Location, read: Callable) -> Any:

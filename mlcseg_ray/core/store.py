@@ -18,11 +18,14 @@ import os
 import socket
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import storage
 from .errors import RunLocked
@@ -89,6 +92,14 @@ def atomic_write_many(items: list[tuple[Location, bytes]]) -> None:
         _note_write(p, d)
 
 
+def atomic_write_tables(path: Location, schema: pa.Schema, tables: Iterable[pa.Table], group_rows: int) -> None:
+    """A stream of tables into one Parquet file at ``path``, atomically, in row groups of ``group_rows`` rows (the
+    bytes do not depend on how the stream was cut)."""
+    path = as_location(path)
+    storage.put_tables(path, schema, tables, group_rows)
+    _note_write(path)
+
+
 def atomic_write_stream(path: Location, write: Callable[[BinaryIO], object]) -> None:
     """``write(f)`` streamed into ``path`` atomically (a merged output that should never be one object in memory)."""
     path = as_location(path)
@@ -144,6 +155,20 @@ STATUS_SCHEMA = pa.schema(
         ("confidence", pa.float32()),  # the pseudo-mask's confidence (cluster), None where it has none
     ]
 )
+
+
+STATUS_GROUP_ROWS = 65_536  # rows per row group of status.parquet
+
+
+@dataclass
+class StatusSummary:
+    """What ``status.parquet`` says in numbers (a run of any size), and its first failed rows."""
+
+    images: int = 0
+    failed: int = 0
+    flags: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)  # (stage, reason) -> images
+    failed_rows: list[dict] = field(default_factory=list)
 
 
 class RunDir:
@@ -274,13 +299,33 @@ class RunDir:
         return rec
 
     # --- each image's status ---
-    def write_status(self, rows: list[dict]) -> None:
-        atomic_write_table(self.status, pa.Table.from_pylist(rows, schema=STATUS_SCHEMA))
+    def write_status(self, tables: Iterable[pa.Table]) -> None:
+        """``status.parquet`` from a stream of tables of its rows (never every row in memory at once)."""
+        atomic_write_tables(self.status, STATUS_SCHEMA, tables, STATUS_GROUP_ROWS)
 
-    def read_status(self) -> list[dict]:
+    def read_status(self, problems_only: bool = False) -> list[dict]:
         """One row per image (image_id, uri, status ok/error, stage, error, flag, confidence); empty before
-        ingest."""
-        return read_table(self.status).to_pylist() if self.status.exists() else []
+        ingest. ``problems_only``: only the failed and the flagged images' rows."""
+        if not self.status.exists():
+            return []
+        where = (pc.field("status") != "ok") | pc.field("flag").is_valid() if problems_only else None
+        return read_table(self.status, filters=where).to_pylist()
+
+    def status_summary(self, examples: int = 0) -> StatusSummary:
+        """Counts of ``status.parquet`` (images, failed, flags, failures by stage and reason) and the first
+        ``examples`` failed rows, read a batch at a time."""
+        out = StatusSummary()
+        if not self.status.exists():
+            return out
+        for batch in storage.iter_batches(self.status, columns=["image_id", "stage", "status", "error", "flag"]):
+            out.images += batch.num_rows
+            flags = batch.column("flag").drop_null().to_pylist()
+            out.flags.update(flags)
+            failed = batch.filter(pc.not_equal(batch.column("status"), "ok")).to_pylist()
+            out.failed += len(failed)
+            out.reasons.update((r["stage"], (r["error"] or "").split(":")[0][:80]) for r in failed)
+            out.failed_rows += failed[: max(0, examples - len(out.failed_rows))]
+        return out
 
     # --- the lock ---
     @contextlib.contextmanager

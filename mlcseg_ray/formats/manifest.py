@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pyarrow as pa
 
 from ..config import Config
-from ..core.fingerprint import digest
-from ..core.storage import as_location, read_table
+from ..core.storage import as_location, iter_batches, read_table
 from ..core.store import RunDir, atomic_write_table
 
 MANIFEST_SCHEMA = pa.schema(
@@ -39,8 +40,22 @@ def read_manifest(path: Path) -> pa.Table:
 
 
 def manifest_fingerprint(path: Path) -> str:
-    """A hash of the manifest's content: the identity of the data every later stage works on."""
-    return digest(read_manifest(path).select(MANIFEST_SCHEMA.names).to_pydict())
+    """A hash of the manifest's content: the identity of the data every later stage works on. It is
+    ``digest(table.to_pydict())`` of the manifest's columns, computed a column and a batch at a time (the same
+    JSON text fed to the hash in pieces), so a manifest of any size is never in memory as Python objects."""
+    if not as_location(path).exists():
+        raise FileNotFoundError(f"{path} not found: run ingest/extract first")
+    h = hashlib.sha256(b"{")
+    for n, column in enumerate(sorted(MANIFEST_SCHEMA.names)):
+        h.update(f"{', ' if n else ''}{json.dumps(column)}: [".encode())
+        first = True
+        for batch in iter_batches(path, columns=[column]):
+            if batch.num_rows:
+                h.update(((", " if not first else "") + json.dumps(batch.column(0).to_pylist())[1:-1]).encode())
+                first = False
+        h.update(b"]")
+    h.update(b"}")
+    return h.hexdigest()[:16]
 
 
 def expected_file(row: dict, cfg: Config) -> dict:

@@ -25,8 +25,8 @@ from ..config import Config
 from ..core.errors import BadImage
 from ..core.mapping import MapFn, serial_map
 from ..core.stage import Stage, StageContext
-from ..core.storage import read_metadata, read_table
-from ..core.store import RunDir, atomic_write_text
+from ..core.storage import iter_batches, read_metadata, read_table
+from ..core.store import RunDir, StatusSummary, atomic_write_text
 from ..formats.datasets import EvalError, load_ground_truth
 from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
 from ..formats.html import bar_chart, data_uri, esc, hex_colour, histogram, jpeg_uri, line_chart, png_uri, swatch
@@ -332,8 +332,8 @@ def _header(run: RunDir, rec: dict) -> list[str]:
     return parts
 
 
-def _summary_section(rec: dict, status: list[dict], choice: Choice) -> str:
-    n_err = sum(1 for r in status if r["status"] != "ok")
+def _summary_section(rec: dict, status: StatusSummary, choice: Choice) -> str:
+    n_err = status.failed
     skipped = rec.get("skipped_files", {}).get("count", 0)
     flags = ", ".join(f"{c} {f}" for f, c in sorted(choice.flag_counts.items())) or "none"
     stages = rec.get("stages", {})
@@ -344,7 +344,7 @@ def _summary_section(rec: dict, status: list[dict], choice: Choice) -> str:
     n_hist = sum(choice.share_hist)
     edges = [i / FG_BINS for i in range(FG_BINS + 1)]
     return (
-        f"<h2>Summary</h2><p class='big'>{len(status)} images &middot; {len(status) - n_err} with masks &middot; "
+        f"<h2>Summary</h2><p class='big'>{status.images} images &middot; {status.images - n_err} with masks &middot; "
         f"{n_err} errors &middot; flagged: {esc(flags)} &middot; {skipped} files skipped</p>"
         f"<div class='row'><div><h3>Time per stage</h3>{bars}</div>"
         f"<div><h3>Foreground share of the patch masks ({n_hist} images)</h3>"
@@ -373,54 +373,70 @@ def _metrics_section(run: RunDir, metrics: dict) -> str:
     )
 
 
-def _gallery_section(run: RunDir, uris: dict[str, str], cfg: Config, palette: list[int]) -> str:
+def largest_regions(run: RunDir, num_classes: int, k: int) -> tuple[dict[int, int], dict[int, int], dict[int, list]]:
+    """Per class, its regions' count, their total area, and its ``k`` largest regions (largest first, ties in table
+    order) as (image id, box): read a batch of the regions table at a time."""
+    counts, totals = dict.fromkeys(range(1, num_classes + 1), 0), dict.fromkeys(range(1, num_classes + 1), 0)
+    top: dict[int, list] = {c: [] for c in counts}  # (-area, row, image id, box)
+    row = 0
+    columns = ["image_id", "class_id", "area", "x0", "y0", "x1", "y1"]
+    for batch in iter_batches(run.regions, columns=columns):
+        cls, area = batch.column("class_id").to_numpy(), batch.column("area").to_numpy()
+        for c in counts:
+            members = np.flatnonzero(cls == c)
+            counts[c] += len(members)
+            totals[c] += int(area[members].sum())
+            for j in members[np.argsort(-area[members], kind="stable")][:k]:
+                box = tuple(int(batch.column(n)[j].as_py()) for n in ("x0", "y0", "x1", "y1"))
+                top[c].append((-int(area[j]), row + int(j), batch.column("image_id")[j].as_py(), box))
+            top[c] = sorted(top[c])[:k]
+        row += batch.num_rows
+    return counts, totals, {c: [(i, box) for _, _, i, box in v] for c, v in top.items()}
+
+
+def _gallery_section(run: RunDir, cfg: Config, palette: list[int]) -> str:
     """The largest regions of each class, classes by their total area, empty classes said so."""
-    t = read_table(run.regions, columns=["image_id", "class_id", "area", "x0", "y0", "x1", "y1"])
-    cls = np.asarray(t.column("class_id"))
-    area = np.asarray(t.column("area"))
-    ids = t.column("image_id").to_pylist()
-    totals = {c: int(area[cls == c].sum()) for c in range(1, cfg.num_classes + 1)}
+    counts, totals, top = largest_regions(run, cfg.num_classes, GALLERY_SIZE)
+    shown = sorted({i for regions in top.values() for i, _ in regions})
+    found = read_table(run.status, columns=["image_id", "uri"], filters=[("image_id", "in", shown)])
+    uris = dict(zip(found.column("image_id").to_pylist(), found.column("uri").to_pylist(), strict=True))
     rows = []
     for c in sorted(totals, key=lambda c: (-totals[c], c)):
-        members = np.flatnonzero(cls == c)
         colour = hex_colour(palette, c)
-        head = f"<h3>{swatch(colour, f'class {c}', c)} {len(members)} regions, {totals[c]:,} px</h3>"
-        if not len(members):
+        head = f"<h3>{swatch(colour, f'class {c}', c)} {counts[c]} regions, {totals[c]:,} px</h3>"
+        if not counts[c]:
             rows.append(f"<div class='cls'>{head.replace(' 0 regions, 0 px', ' no region')}</div>")
             continue
         figs = []
-        for j in members[np.argsort(-area[members], kind="stable")][:GALLERY_SIZE]:
-            uri = uris.get(ids[j])
+        for image_id, box in top[c]:
             try:
-                rgb = load_rgb(uri, cfg.max_pixels)
+                rgb = load_rgb(uris.get(image_id), cfg.max_pixels)
             except (BadImage, OSError, TypeError):
                 continue
-            crop = Image.fromarray(rgb).crop(tuple(int(t.column(k)[j].as_py()) for k in ("x0", "y0", "x1", "y1")))
+            crop = Image.fromarray(rgb).crop(box)
             crop.thumbnail((CROP, CROP))
-            figs.append(f"<img data-panel='crop' src='{jpeg_uri(crop)}' alt='class {c}' title='{esc(ids[j])}'>")
+            figs.append(f"<img data-panel='crop' src='{jpeg_uri(crop)}' alt='class {c}' title='{esc(image_id)}'>")
         rows.append(f"<div class='cls'>{head}<div class='crops'>{''.join(figs)}</div></div>")
     return f"<h2>Class clusters, largest first</h2>{''.join(rows)}"
 
 
-def _problems_section(rec: dict, status: list[dict]) -> list[str]:
+def _problems_section(rec: dict, status: StatusSummary) -> list[str]:
     parts = []
-    failed = [r for r in status if r["status"] != "ok"]
-    if failed:
-        reasons = Counter((r["stage"], (r["error"] or "").split(":")[0][:80]) for r in failed)
+    if status.failed:
         counts = "".join(
-            f"<tr><td>{esc(s)}</td><td>{esc(e)}</td><td>{n}</td></tr>" for (s, e), n in reasons.most_common(10)
+            f"<tr><td>{esc(s)}</td><td>{esc(e)}</td><td>{n}</td></tr>" for (s, e), n in status.reasons.most_common(10)
         )
         errs = "".join(
             f"<tr><td>{esc(r['image_id'])}</td><td>{esc(r['stage'])}</td><td>{esc(r['error'])}</td></tr>"
-            for r in failed[:TABLE_ROWS]
+            for r in status.failed_rows[:TABLE_ROWS]
         )
         more = (
-            f"<p>and {len(failed) - TABLE_ROWS} more: <code>mlcseg errors RUN</code></p>"
-            if len(failed) > TABLE_ROWS
+            f"<p>and {status.failed - TABLE_ROWS} more: <code>mlcseg errors RUN</code></p>"
+            if status.failed > TABLE_ROWS
             else ""
         )
         parts.append(
-            f"<h2>Errors ({len(failed)})</h2><table><tr><th>stage</th><th>reason</th><th>images</th></tr>{counts}"
+            f"<h2>Errors ({status.failed})</h2><table><tr><th>stage</th><th>reason</th><th>images</th></tr>{counts}"
             f"</table><table><tr><th>image</th><th>stage</th><th>reason</th></tr>{errs}</table>{more}"
         )
     skipped = rec.get("skipped_files", {})
@@ -453,7 +469,7 @@ def write_report(run: RunDir, cfg: Config, map_fn: MapFn | None = None) -> Path:
     """``report.html``: the sections in order, one self-contained page."""
     rec = run.read_record()
     palette = voc_palette()
-    status = run.read_status()
+    status = run.status_summary(examples=TABLE_ROWS)
     metrics = json.loads(run.metrics.read_text()) if run.metrics.exists() else None
     shards = run.shards_of(run.pseudo, "part")
     per_image = (metrics or {}).get("per_image_foreground_iou") or {}
@@ -471,7 +487,7 @@ def write_report(run: RunDir, cfg: Config, map_fn: MapFn | None = None) -> Path:
     if shards and cfg.report_samples:
         parts.append(_panels_section(run, cfg, choice, inp, shards))
     if run.regions.exists() and read_metadata(run.regions).num_rows:
-        parts.append(_gallery_section(run, {r["image_id"]: r["uri"] for r in status}, cfg, palette))
+        parts.append(_gallery_section(run, cfg, palette))
     parts += _problems_section(rec, status)
     page = (
         f'<!doctype html><html><head><meta charset="utf-8"><title>mlcseg_ray report</title><style>\n{STYLE}'
