@@ -13,8 +13,10 @@ returns a bounded list of candidates), and every thumbnail is small.
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,7 @@ CROP = 96  # a gallery crop's longest side
 GALLERY_SIZE = 6  # crops per class: its largest regions
 TABLE_ROWS = 20  # error and flag rows listed (the counts by reason cover the rest)
 FG_BINS = 20
+REPORT_CHUNK = 1024  # pseudo shards whose candidates are gathered, then bounded, at a time
 LEVELS = ("dataset", "category", "image")
 # Patch masks: background dark, foreground one colour per kind (palette index 1)
 MASK_COLOURS = {"dataset": "#e8a33c", "category": "#4fb3d9", "image": "#9d6fd6", "combined": "#f0f0f0"}
@@ -92,6 +95,41 @@ def shard_candidates(shard: int, run_root: str, quota: int, wanted: frozenset[st
     return {**out, "shard": shard, "held": sorted(wanted.intersection(ids))}
 
 
+CANDIDATE_LISTS = ("disagree", "random", "flagged", "doubtful")
+
+
+def bounded(parts: list[dict], keep: int) -> list[dict]:
+    """Shards' candidates reduced to what a choice of at most ``keep // 4`` images can use: in each list the
+    ``keep`` best items over all the parts; the parts left holding none of them (and none of the evaluation's
+    images), folded into one part of totals (histogram, flag counts). The driver then holds O(keep) candidates
+    whatever the number of shards (exact while fewer than ``3 * keep // 4`` of the best lack a mask)."""
+    best = {k: set(heapq.nsmallest(keep, (x for p in parts for x in p[k]))) for k in CANDIDATE_LISTS}
+    totals = {k: [] for k in CANDIDATE_LISTS} | {"share_hist": [0] * FG_BINS, "flag_counts": Counter(), "images": 0}
+    kept = []
+    for p in parts:
+        q = {**p, **{k: [x for x in p[k] if x in best[k]] for k in CANDIDATE_LISTS}}
+        if any(q[k] for k in CANDIDATE_LISTS) or q.get("held"):
+            kept.append(q)
+            continue
+        totals["share_hist"] = [a + b for a, b in zip(totals["share_hist"], p["share_hist"], strict=True)]
+        totals["flag_counts"].update(p["flag_counts"])
+        totals["images"] += p["images"]
+    return [*kept, {**totals, "flag_counts": dict(totals["flag_counts"])}]
+
+
+class MaskFiles:
+    """``image_id in MaskFiles(run)``: whether the image has a class mask, asked of its one file (a choice looks at
+    a few dozen images; a listing of every mask would hold every image's id)."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run, self.seen = run, {}
+
+    def __contains__(self, image_id: object) -> bool:
+        if image_id not in self.seen:
+            self.seen[image_id] = (self.run.masks / f"{image_id}.png").exists()
+        return self.seen[image_id]
+
+
 @dataclass
 class Choice:
     """The images shown, each under the first heading that chose it, and the run-wide summaries."""
@@ -103,7 +141,7 @@ class Choice:
     shard_of: dict[str, int] = field(default_factory=dict)  # image id -> its pseudo shard, where a task said it
 
 
-def choose_images(parts: list[dict], n: int, metrics: dict | None, masked: set[str]) -> Choice:
+def choose_images(parts: list[dict], n: int, metrics: dict | None, masked: Container[str]) -> Choice:
     """At most ``n`` images: on an evaluated run the worst and best by foreground IoU first, then the flagged,
     the least confident, the most disagreeing between levels, and the rest at random (a stable hash order: the
     same run shows the same images)."""
@@ -474,9 +512,11 @@ def write_report(run: RunDir, cfg: Config, map_fn: MapFn | None = None) -> Path:
     shards = run.shards_of(run.pseudo, "part")
     per_image = (metrics or {}).get("per_image_foreground_iou") or {}
     wanted = frozenset(i for i, _ in per_image.get("worst", []) + per_image.get("best", []))
-    parts_ = (map_fn or serial_map)(shard_candidates, shards, str(run.root), max(cfg.report_samples, 1), wanted)
-    masked = run.mask_ids(run.masks)
-    choice = choose_images(parts_, cfg.report_samples, metrics, masked)
+    quota, keep, found = max(cfg.report_samples, 1), 4 * max(cfg.report_samples, 1) + 16, []
+    for start in range(0, len(shards), REPORT_CHUNK):  # the candidates stay bounded however many shards come
+        chunk = shards[start : start + REPORT_CHUNK]
+        found = bounded(found + (map_fn or serial_map)(shard_candidates, chunk, str(run.root), quota, wanted), keep)
+    choice = choose_images(found, cfg.report_samples, metrics, MaskFiles(run))
     inp = _panel_inputs(run, cfg, rec, metrics, palette)
     parts = _header(run, rec)
     parts.append(_summary_section(rec, status, choice))

@@ -16,7 +16,7 @@ from helpers.browser import probe, screenshot
 from mlcseg_ray.config import Config
 from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.pipeline import Pipeline
-from mlcseg_ray.stages.report import CROP, GALLERY_SIZE, PANEL, candidates, choose_images
+from mlcseg_ray.stages.report import CROP, GALLERY_SIZE, PANEL, bounded, candidates, choose_images
 
 PANELS = {"photo", "level-dataset", "level-category", "level-image", "combined", "refined", "classes"}
 TRUTH_PANELS = {"matched", "truth"}
@@ -173,3 +173,22 @@ def test_images_chosen_do_not_depend_on_the_sharding():
     # an image without a mask (it failed after clustering) is never shown
     c = choose_images(parts(64), 24, metrics, ids - {"im005"})
     assert "im005" not in {i for g in c.groups.values() for i in g}
+
+
+def test_candidates_bounded_as_they_come_choose_the_same_images():
+    """The report gathers shards' candidates a chunk at a time and keeps only what a choice can use: with every
+    image its own shard, the driver ends with a few hundred candidates of 2,000 images, and the same choice."""
+    rows = _rows(2000, seed=1)
+    parts = [candidates([r[0]], [r[1]], [r[2]], [[r[3][lv]] for lv in range(3)], quota=24) for r in rows]
+    everyone = {r[0] for r in rows}
+    victim = next(iter(choose_images(parts, 24, None, everyone).groups.values()))[0]
+    ids = everyone - {victim}  # a chosen image loses its mask: another takes its place
+    keep = 4 * 24 + 16
+    few: list[dict] = []
+    for start in range(0, len(parts), 300):
+        few = bounded(few + parts[start : start + 300], keep)
+    assert len(few) <= 4 * keep + 1
+    a, b = choose_images(parts, 24, None, ids), choose_images(few, 24, None, ids)
+    assert a.groups == b.groups and a.share_hist == b.share_hist and a.flag_counts == b.flag_counts
+    assert sum(b.share_hist) == 2000 and sum(len(g) for g in b.groups.values()) == 24
+    assert victim not in {i for g in b.groups.values() for i in g}
