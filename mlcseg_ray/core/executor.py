@@ -379,11 +379,11 @@ class Executor:
         if todo:
             shared = stage.prepare(ctx, self.map_fn(stage))
             self._run_shards(stage, ctx, todo, shared, fp)
-        results = {n: read_json(self.run.marker(stage.name, n)) for n in shards}
-        errors = {k: v for r in results.values() for k, v in r.get("errors", {}).items()}
+        # each marker read once, kept without its per-image and per-file parts: finish needs the shards' counts
+        results = {n: _summary_of(read_json(self.run.marker(stage.name, n))) for n in shards}
         out = {
             "images": sum(r.get("images", 0) for r in results.values()),
-            "errors": len(errors),
+            "errors": sum(len(r.get("errors", {})) for r in results.values()),
             "shards_done": len(todo),
             "shards_skipped": len(done),
         }
@@ -455,6 +455,14 @@ def status_rows(batch: list[dict], verdicts: Callable[[int], dict[str, dict]]) -
         if r["status"] == "ok" and "failed" in said:
             r.update(status="error", stage=said["failed"][0], error=said["failed"][1])
     return pa.Table.from_pylist(batch, schema=STATUS_SCHEMA)
+
+
+PER_IMAGE_KEYS = ("outputs", "inputs", "confidence")  # a marker's parts that grow with its images and files
+
+
+def _summary_of(marker: dict) -> dict:
+    """A shard marker without its per-image and per-file parts (the driver keeps one per shard)."""
+    return {k: v for k, v in marker.items() if k not in PER_IMAGE_KEYS}
 
 
 def _shard_task(shard: int, stage: Stage, ctx: StageContext, shared: Any, fp: str) -> dict:

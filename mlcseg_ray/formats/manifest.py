@@ -29,8 +29,14 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+# Rows per row group: a shard's rows (what extract, refine and describe each read, and the executor checks on a
+# rerun) come from the few groups whose statistics hold the shard, so that read stays ~5 ms at any size (a single
+# group made it grow with the manifest: 16 ms at 32k images, 66 ms at 320k).
+MANIFEST_GROUP_ROWS = 4096
+
+
 def write_manifest(path: Path, table: pa.Table) -> None:
-    atomic_write_table(path, table.cast(MANIFEST_SCHEMA))
+    atomic_write_table(path, table.cast(MANIFEST_SCHEMA), row_group_size=MANIFEST_GROUP_ROWS)
 
 
 def read_manifest(path: Path) -> pa.Table:

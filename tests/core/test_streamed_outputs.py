@@ -14,7 +14,7 @@ from mlcseg_ray.config import Config
 from mlcseg_ray.core import executor, storage, store
 from mlcseg_ray.core.fingerprint import digest
 from mlcseg_ray.core.store import STATUS_SCHEMA, RunDir
-from mlcseg_ray.formats.manifest import MANIFEST_SCHEMA, manifest_fingerprint
+from mlcseg_ray.formats.manifest import MANIFEST_SCHEMA, manifest_fingerprint, write_manifest
 from mlcseg_ray.pipeline import Pipeline
 
 
@@ -126,6 +126,11 @@ def test_the_manifests_fingerprint_streamed_equals_the_in_memory_digest(tmp_path
     )
     pq.write_table(table, tmp_path / "manifest.parquet")
     assert manifest_fingerprint(tmp_path / "manifest.parquet") == digest(table.to_pydict())
+    # ingest's layout (row groups of 4,096 rows, so a shard's read touches one or two) is not part of its identity
+    write_manifest(tmp_path / "grouped.parquet", table)
+    groups = pq.ParquetFile(tmp_path / "grouped.parquet").metadata
+    assert [groups.row_group(i).num_rows for i in range(groups.num_row_groups)] == [4096] * 17 + [70_000 - 17 * 4096]
+    assert manifest_fingerprint(tmp_path / "grouped.parquet") == manifest_fingerprint(tmp_path / "manifest.parquet")
     changed = table.set_column(2, "width", pa.array([1] * n, pa.int32()))
     pq.write_table(changed, tmp_path / "changed.parquet")
     assert manifest_fingerprint(tmp_path / "changed.parquet") != manifest_fingerprint(tmp_path / "manifest.parquet")
