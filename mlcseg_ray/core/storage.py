@@ -268,6 +268,32 @@ def iter_batches(
         yield from pq.ParquetFile(source).iter_batches(batch_size=batch_size, columns=columns)
 
 
+def rows_where(
+    path: Location, column: str, value: object, columns: list[str] | None = None
+) -> tuple[pa.Table, list[int]]:
+    """The rows of a Parquet file whose ``column`` equals ``value`` (``columns`` of them, or all), and their
+    positions in the file: only the row groups whose statistics can hold ``value`` are read (a shard's rows of a
+    manifest of any size)."""
+    path = as_location(path)
+    with contextlib.ExitStack() as stack:
+        source = path if is_local(path) else stack.enter_context(path.fs.open(path.path, "rb"))
+        pf = pq.ParquetFile(source)
+        meta, where = pf.metadata, pf.schema_arrow.get_field_index(column)
+        columns = columns or pf.schema_arrow.names
+        found, positions, start = [], [], 0
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            stats = group.column(where).statistics
+            if stats is None or not stats.has_min_max or stats.min <= value <= stats.max:
+                table = pf.read_row_group(g, columns=sorted({*columns, column}))
+                hits = [i for i, v in enumerate(table.column(column).to_pylist()) if v == value]
+                found.append(table.take(hits).select(columns))
+                positions += [start + i for i in hits]
+            start += group.num_rows
+    schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
+    return (pa.concat_tables(found) if found else schema.empty_table()), positions
+
+
 def _read_footer(path: Location, read: Callable) -> Any:
     path = as_location(path)
     if is_local(path):

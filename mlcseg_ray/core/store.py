@@ -256,7 +256,7 @@ class RunDir:
 
     def manifest_rows(self, shard: int) -> list[dict]:
         """The manifest's rows of one shard (what extract reads, and what later stages check images against)."""
-        return read_table(self.manifest, filters=[("shard", "=", shard)]).to_pylist()
+        return storage.rows_where(self.manifest, "shard", shard)[0].to_pylist()
 
     # --- stage state: markers and the stage record ---
     def state(self, stage: str) -> Location:

@@ -22,7 +22,7 @@ from pycocotools import mask as mask_utils
 
 from ..config import Config
 from ..core.stage import MapFn, Resources, Stage, StageContext
-from ..core.storage import read_metadata, read_table
+from ..core.storage import read_metadata, read_table, rows_where
 from ..core.store import (
     RunDir,
     atomic_concat_tables,
@@ -138,11 +138,9 @@ def coco_image_ids(run: RunDir, shard: int) -> dict[str, int]:
     """One shard's COCO image ids: the input's own where it had them, else 1-based positions in the sorted manifest.
     Each task reads them from the manifest's narrow columns itself: no map of every image travels to every task."""
     if run.manifest.exists():
-        table = read_table(run.manifest, columns=["image_id", "coco_id", "shard"])
-        rows = np.flatnonzero(table.column("shard").to_numpy(zero_copy_only=False) == shard)
-        ids = table.column("image_id").take(rows).to_pylist()
-        own = table.column("coco_id").take(rows).to_pylist()
-        return {i: int(c) if c is not None else int(r) + 1 for i, c, r in zip(ids, own, rows, strict=True)}
+        table, rows = rows_where(run.manifest, "shard", shard, ["image_id", "coco_id"])
+        ids, own = table.column("image_id").to_pylist(), table.column("coco_id").to_pylist()
+        return {i: int(c) if c is not None else r + 1 for i, c, r in zip(ids, own, rows, strict=True)}
     # a brought-in store: positions among the sorted ids of all its image tables
     ids = np.sort(
         np.concatenate(
