@@ -101,9 +101,6 @@ class Pipeline:
             console.print(f"[bold red]{RANDOM_WEIGHTS_WARNING}[/]", soft_wrap=True)
         return summary
 
-    def failed_images(self) -> int:
-        return self.run_dir.status_summary().failed
-
 
 def _say(message: str) -> None:
     console.print(f"[dim]{message}[/]")

@@ -258,13 +258,22 @@ def read_table(path: Location, columns: list[str] | None = None, filters: list |
     return pq.read_table(where, columns=columns, filters=filters, **fs)
 
 
+@contextlib.contextmanager
+def _opened(path: Location) -> Iterator[Any]:
+    """What pyarrow reads a file from: a local path as it is, an object as a file opened for ranged reads."""
+    path = as_location(path)
+    if is_local(path):
+        yield path
+        return
+    with path.fs.open(path.path, "rb") as f:
+        yield f
+
+
 def iter_batches(
     path: Location, columns: list[str] | None = None, batch_size: int = 65_536
 ) -> Iterator[pa.RecordBatch]:
     """A Parquet file's rows a batch at a time, in file order (a bucket's object read in ranges, never whole)."""
-    path = as_location(path)
-    with contextlib.ExitStack() as stack:
-        source = path if is_local(path) else stack.enter_context(path.fs.open(path.path, "rb"))
+    with _opened(path) as source:
         yield from pq.ParquetFile(source).iter_batches(batch_size=batch_size, columns=columns)
 
 
@@ -274,9 +283,7 @@ def rows_where(
     """The rows of a Parquet file whose ``column`` equals ``value`` (``columns`` of them, or all), and their
     positions in the file: only the row groups whose statistics can hold ``value`` are read (a shard's rows of a
     manifest of any size)."""
-    path = as_location(path)
-    with contextlib.ExitStack() as stack:
-        source = path if is_local(path) else stack.enter_context(path.fs.open(path.path, "rb"))
+    with _opened(path) as source:
         pf = pq.ParquetFile(source)
         meta, where = pf.metadata, pf.schema_arrow.get_field_index(column)
         columns = columns or pf.schema_arrow.names
@@ -295,11 +302,8 @@ def rows_where(
 
 
 def _read_footer(path: Location, read: Callable) -> Any:
-    path = as_location(path)
-    if is_local(path):
-        return read(path)
-    with path.fs.open(path.path, "rb") as f:  # one ranged read of the footer, not the whole object
-        return read(f)
+    with _opened(path) as source:  # in a bucket, one ranged read of the footer, not the whole object
+        return read(source)
 
 
 def read_metadata(path: Location) -> pq.FileMetaData:
