@@ -283,6 +283,18 @@ def rows_where(
     """The rows of a Parquet file whose ``column`` equals ``value`` (``columns`` of them, or all), and their
     positions in the file: only the row groups whose statistics can hold ``value`` are read (a shard's rows of a
     manifest of any size)."""
+    return _rows_in(path, column, value, value, columns)
+
+
+def rows_between(path: Location, column: str, low: object, high: object, columns: list[str] | None = None) -> pa.Table:
+    """The rows whose ``column`` lies in ``[low, high]``, read from the row groups whose statistics overlap that
+    range (the previous manifest's rows of one ingest task's id range)."""
+    return _rows_in(path, column, low, high, columns)[0]
+
+
+def _rows_in(
+    path: Location, column: str, low: object, high: object, columns: list[str] | None
+) -> tuple[pa.Table, list[int]]:
     with _opened(path) as source:
         pf = pq.ParquetFile(source)
         meta, where = pf.metadata, pf.schema_arrow.get_field_index(column)
@@ -291,14 +303,24 @@ def rows_where(
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             stats = group.column(where).statistics
-            if stats is None or not stats.has_min_max or stats.min <= value <= stats.max:
+            if stats is None or not stats.has_min_max or (stats.min <= high and low <= stats.max):
                 table = pf.read_row_group(g, columns=sorted({*columns, column}))
-                hits = [i for i, v in enumerate(table.column(column).to_pylist()) if v == value]
-                found.append(table.take(hits).select(columns))
+                hits = [i for i, v in enumerate(table.column(column).to_pylist()) if v is not None and low <= v <= high]
+                found.append(table.take(pa.array(hits, pa.int64())).select(columns))
                 positions += [start + i for i in hits]
             start += group.num_rows
     schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
     return (pa.concat_tables(found) if found else schema.empty_table()), positions
+
+
+def move(source: Location, target: Location) -> None:
+    """``source`` put in ``target``'s place: locally a rename (atomic); in a bucket a server-side copy (the object
+    appears whole) and the source's removal."""
+    source, target = as_location(source), as_location(target)
+    if is_local(source):
+        os.replace(source, target)
+    else:
+        source.fs.mv(source.path, target.path)
 
 
 def _read_footer(path: Location, read: Callable) -> Any:

@@ -56,6 +56,16 @@ def recording_writes() -> Iterator[dict[str, tuple[int, int | None]]]:
         _WRITTEN.reset(token)
 
 
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Writes inside the block are no stage's outputs: scratch files merged into one and removed (ingest's parts)."""
+    token = _WRITTEN.set(None)
+    try:
+        yield
+    finally:
+        _WRITTEN.reset(token)
+
+
 def file_crc(path: Location) -> int:
     return zlib.crc32(as_location(path).read_bytes())
 
@@ -105,6 +115,12 @@ def atomic_write_stream(path: Location, write: Callable[[BinaryIO], object]) -> 
     path = as_location(path)
     storage.put_stream(path, write)
     _note_write(path)
+
+
+def atomic_replace(source: Location, target: Location) -> None:
+    """A file written elsewhere (complete) put in ``target``'s place."""
+    storage.move(source, target)
+    _note_write(as_location(target))
 
 
 def atomic_concat_tables(path: Location, parts: list[Location]) -> None:
@@ -181,6 +197,7 @@ class RunDir:
 
     # --- files and folders ---
     manifest = property(lambda self: self.root / "manifest.parquet")  # ingest's listing; never rewritten
+    manifest_parts = property(lambda self: self.root / "manifest_parts")  # ingest's tasks' parts, while it runs
     status = property(lambda self: self.root / "status.parquet")  # each image's outcome, from every stage
     config = property(lambda self: self.root / "config.yaml")
     run_record = property(lambda self: self.root / "run.json")

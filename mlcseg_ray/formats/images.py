@@ -12,6 +12,7 @@ import io
 import os
 import warnings
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -180,25 +181,22 @@ def list_files(root: Path) -> list[Path]:
     return sorted(out)
 
 
-def list_folder(root: str) -> list[tuple[PurePosixPath, str]]:
+def list_folder(root: str, below: str | None = None) -> list[tuple[PurePosixPath, str]]:
     """Every file below a local folder or an object-store prefix (``s3://bucket/photos/``, ``gs://...``),
-    recursive, sorted, hidden ones skipped: ``(path relative to root, uri)``. Credentials and endpoints come the
-    standard way (AWS variables and profiles, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``, roles)."""
+    recursive, sorted, hidden ones skipped: ``(path relative to root, uri)``; with ``below``, only those in that
+    subfolder of ``root`` (one ingest task's part of the listing). Credentials and endpoints come the standard way
+    (AWS variables and profiles, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``, roles)."""
     if not is_remote(root):
         local = Path(root[len("file://") :] if root.startswith("file://") else root)
         if not local.is_dir():
             raise FileNotFoundError(f"--images: no such folder: {root}")
-        return [(PurePosixPath(p.relative_to(local).as_posix()), str(p)) for p in list_files(local)]
-    import fsspec
-
+        return [
+            (PurePosixPath(p.relative_to(local).as_posix()), str(p))
+            for p in list_files(local / below if below else local)
+        ]
+    fs, path = _remote_folder(root)
     try:
-        fs, path = fsspec.core.url_to_fs(root)
-        path = path.rstrip("/")
-        if not fs.isdir(path):
-            raise FileNotFoundError(f"--images: no such folder or prefix: {root}")
-        found = sorted(fs.find(path))
-    except FileNotFoundError:
-        raise
+        found = sorted(fs.find(f"{path}/{below}" if below else path))
     except Exception as e:  # credentials, permissions, an endpoint that does not answer: one line
         raise ValueError(f"--images: cannot list {root} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     scheme = root.split("://", 1)[0]
@@ -208,3 +206,46 @@ def list_folder(root: str) -> list[tuple[PurePosixPath, str]]:
         if not any(part.startswith(".") for part in rel.parts):
             out.append((rel, f"{scheme}://{f}"))
     return out
+
+
+def folder_top(root: str) -> tuple[list[str], list[tuple[PurePosixPath, str]]]:
+    """A folder's (or prefix's) subfolders, by name, sorted, and its own files as ``list_folder`` gives them: what
+    ingest lists in one task per subfolder, and on the driver."""
+    if not is_remote(root):
+        local = Path(root[len("file://") :] if root.startswith("file://") else root)
+        if not local.is_dir():
+            raise FileNotFoundError(f"--images: no such folder: {root}")
+        entries = [e for e in os.scandir(local) if not e.name.startswith(".")]
+        # as os.walk (list_files) has it: a link to a folder is not walked, a broken link is a file
+        folders = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+        files = sorted((PurePosixPath(e.name), str(local / e.name)) for e in entries if not e.is_dir())
+        return folders, files
+    fs, path = _remote_folder(root)
+    try:
+        entries = fs.ls(path, detail=True)
+    except Exception as e:
+        raise ValueError(f"--images: cannot list {root} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    scheme = root.split("://", 1)[0]
+    names = [(PurePosixPath(e["name"].rstrip("/")).name, e) for e in entries]
+    folders = sorted(n for n, e in names if e["type"] == "directory" and not n.startswith("."))
+    files = sorted(
+        (PurePosixPath(n), f"{scheme}://{path}/{n}")
+        for n, e in names
+        if e["type"] != "directory" and not n.startswith(".")
+    )
+    return folders, files
+
+
+def _remote_folder(root: str) -> tuple[Any, str]:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(root)
+        path = path.rstrip("/")
+        if not fs.isdir(path):
+            raise FileNotFoundError(f"--images: no such folder or prefix: {root}")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # credentials, permissions, an endpoint that does not answer: one line
+        raise ValueError(f"--images: cannot list {root} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return fs, path

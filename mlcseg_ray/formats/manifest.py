@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..config import Config
-from ..core.storage import as_location, iter_batches, read_table
-from ..core.store import RunDir, atomic_write_table
+from ..core.storage import as_location, iter_batches, read_table, rows_between
+from ..core.store import RunDir, atomic_write_tables
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -36,7 +38,25 @@ MANIFEST_GROUP_ROWS = 4096
 
 
 def write_manifest(path: Path, table: pa.Table) -> None:
-    atomic_write_table(path, table.cast(MANIFEST_SCHEMA), row_group_size=MANIFEST_GROUP_ROWS)
+    write_manifest_tables(path, [table])
+
+
+def write_manifest_tables(path: Path, tables: Iterable[pa.Table]) -> None:
+    """A manifest from its parts in id order, a part at a time (the same bytes as ``write_manifest`` of them all)."""
+    atomic_write_tables(path, MANIFEST_SCHEMA, (t.cast(MANIFEST_SCHEMA) for t in tables), MANIFEST_GROUP_ROWS)
+
+
+def manifest_rows_between(path: Path, first_id: str, last_id: str) -> pa.Table:
+    """The manifest's rows with ``first_id <= image_id <= last_id`` (from the row groups that can hold them)."""
+    return rows_between(path, "image_id", first_id, last_id)
+
+
+def last_shard(path: str | Path | None) -> int:
+    """The highest shard number of a manifest (-1 for none): where a rerun's new images start their shards."""
+    if path is None:
+        return -1
+    highest = pc.max(read_table(path, columns=["shard"]).column("shard")).as_py()
+    return -1 if highest is None else int(highest)
 
 
 def read_manifest(path: Path) -> pa.Table:

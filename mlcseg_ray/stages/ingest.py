@@ -13,30 +13,43 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from ..core import storage
 from ..core.errors import BadImage
 from ..core.inputs import InputSpec
+from ..core.mapping import serial_map
 from ..core.stage import MapFn, Stage, StageContext
-from ..core.storage import Location, as_location, is_local, is_remote, read_table
-from ..core.store import RunDir
+from ..core.storage import Location, as_location, is_local, is_remote, read_schema, read_table
+from ..core.store import RunDir, atomic_replace, shard_name, unrecorded
 from ..formats.datasets import find_voc_root
 from ..formats.images import (
     IMAGE_EXTENSIONS,
     content_hash,
     file_stat,
+    folder_top,
     list_folder,
     probe,
     read_bytes,
 )
-from ..formats.manifest import MANIFEST_SCHEMA, manifest_fingerprint, read_manifest, write_manifest
+from ..formats.manifest import (
+    MANIFEST_SCHEMA,
+    last_shard,
+    manifest_fingerprint,
+    manifest_rows_between,
+    read_manifest,
+    write_manifest,
+    write_manifest_tables,
+)
 from ..models.backbones import available_backbones, patch_size_of
 
 log = logging.getLogger("mlcseg_ray")
@@ -46,41 +59,82 @@ log = logging.getLogger("mlcseg_ray")
 SUPPORTED_SCHEMES = {"file", "s3", "gs", "gcs"}
 
 
-def list_inputs(spec: InputSpec) -> list[dict]:
-    """Rows of (image_id, uri, coco_id) for the input, sorted by id, after ``--limit`` / ``--sample``; image ids
-    unique and stable."""
+# The listing's columns (what a probing task is given for each image).
+LISTING_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("coco_id", pa.int64())])
+
+# Images per probing task: about 2 s of stat, read, hash and header check (0.5 ms an image) and a manifest part of
+# a few hundred KB; the manifest does not depend on it.
+PROBE_CHUNK = 4096
+SKIPPED_LISTED = 1000  # skipped files named in the run record (all are counted)
+
+
+@dataclass
+class Listing:
+    """The input's images (``LISTING_SCHEMA``, sorted by id, after ``--limit`` / ``--sample``) and the files left
+    out of an image folder, not being images by their extension."""
+
+    table: pa.Table
+    skipped: dict = field(default_factory=lambda: {"count": 0, "by_extension": {}, "files": []})
+
+
+def list_images(spec: InputSpec, map_fn: MapFn = serial_map) -> Listing:
+    """The input's images, with stable, unique ids. An image folder is listed one task per subfolder (its top
+    level on the driver), so a bucket's prefixes are listed in parallel and the driver holds Arrow columns only."""
     spec.validate()
+    skipped = Listing(LISTING_SCHEMA.empty_table()).skipped
     if spec.images:
-        files = [(rel, uri) for rel, uri in list_folder(spec.images) if rel.suffix.lower() in IMAGE_EXTENSIONS]
-        rows = _ids_from_paths([Path(rel) for rel, _ in files], [uri for _, uri in files])
-    elif spec.voc:
-        rows = _voc_rows(as_location(spec.voc), spec.split)
-    elif spec.coco:  # the image root and the annotation file may each be local or in a bucket
-        rows = _coco_rows(as_location(spec.coco), as_location(spec.ann))
+        folders, top = folder_top(spec.images)
+        parts = [_folder_part(top), *map_fn(_list_subfolder, folders, spec.images)]
+        table = pa.concat_tables([t for t, _ in parts])
+        skipped = _merge_skipped([s for _, s in parts])
     else:
-        rows = _manifest_rows(spec.manifest)
-    rows = sorted(rows, key=lambda r: r["image_id"])
+        if spec.voc:
+            rows = _voc_rows(as_location(spec.voc), spec.split)
+        elif spec.coco:  # the image root and the annotation file may each be local or in a bucket
+            rows = _coco_rows(as_location(spec.coco), as_location(spec.ann))
+        else:
+            rows = _manifest_rows(spec.manifest)
+        table = pa.Table.from_pylist(rows, schema=LISTING_SCHEMA)
+    table = table.sort_by("image_id")  # byte order of UTF-8: the order of Python's sorted()
     if spec.limit:
-        rows = rows[: spec.limit]
-    if spec.sample and spec.sample < len(rows):
-        keep = np.sort(np.random.default_rng(spec.sample_seed).choice(len(rows), spec.sample, replace=False))
-        rows = [rows[i] for i in keep]
-    return rows
+        table = table.slice(0, spec.limit)
+    if spec.sample and spec.sample < table.num_rows:
+        keep = np.sort(np.random.default_rng(spec.sample_seed).choice(table.num_rows, spec.sample, replace=False))
+        table = table.take(keep)
+    return Listing(table, skipped)
 
 
-def skipped_files(spec: InputSpec, limit: int = 1000) -> dict:
-    """Files of an image folder that ingest leaves out, not being images by their extension: counted by extension
-    and listed (the first ``limit``)."""
-    if not spec.images:
-        return {"count": 0, "by_extension": {}, "files": []}
-    found = [rel for rel, _ in list_folder(spec.images) if rel.suffix.lower() not in IMAGE_EXTENSIONS]
-    by_ext: dict[str, int] = {}
-    for p in found:
-        by_ext[p.suffix.lower() or "(none)"] = by_ext.get(p.suffix.lower() or "(none)", 0) + 1
+def list_inputs(spec: InputSpec) -> list[dict]:
+    """Rows of (image_id, uri, coco_id) for the input, sorted by id, after ``--limit`` / ``--sample``."""
+    return list_images(spec).table.to_pylist()
+
+
+def _list_subfolder(folder: str, root: str) -> tuple[pa.Table, dict]:
+    return _folder_part(list_folder(root, below=folder))
+
+
+def _folder_part(files: list) -> tuple[pa.Table, dict]:
+    """A part of a folder's listing as the listing's rows and its skipped files (ids are unique within a part: two
+    files that differ only by extension sit in one folder)."""
+    images = [(rel, uri) for rel, uri in files if rel.suffix.lower() in IMAGE_EXTENSIONS]
+    rows = _ids_from_paths([Path(rel) for rel, _ in images], [uri for _, uri in images])
+    others = [str(rel) for rel, _ in files if rel.suffix.lower() not in IMAGE_EXTENSIONS]
+    by_ext = Counter(PurePosixPath(p).suffix.lower() or "(none)" for p in others)
+    return pa.Table.from_pylist(rows, schema=LISTING_SCHEMA), {
+        "count": len(others),
+        "by_extension": dict(by_ext),
+        "files": sorted(others)[:SKIPPED_LISTED],
+    }
+
+
+def _merge_skipped(parts: list[dict]) -> dict:
+    by_ext: Counter = Counter()
+    for p in parts:
+        by_ext.update(p["by_extension"])
     return {
-        "count": len(found),
+        "count": sum(p["count"] for p in parts),
         "by_extension": dict(sorted(by_ext.items())),
-        "files": [str(p) for p in found[:limit]],
+        "files": sorted(f for p in parts for f in p["files"])[:SKIPPED_LISTED],
     }
 
 
@@ -184,54 +238,111 @@ def probe_rows(
         return list(pool.map(one, rows))
 
 
+@dataclass(frozen=True)
+class ProbeSettings:
+    """What every probing task needs: the header checks' limits, and the previous manifest (its rows kept for files
+    whose size and mtime did not change; with ``keep_shards``, its images keep their shards)."""
+
+    max_pixels: int
+    min_side: int
+    rehash: bool = False
+    previous: str | None = None
+    keep_shards: bool = False
+    chunk: int = PROBE_CHUNK
+
+
 def build_manifest(
-    spec: InputSpec,
-    shard_size: int,
-    max_pixels: int,
-    min_side: int,
-    previous: pa.Table | None = None,
-    rehash: bool = False,
-    keep_shards: bool = False,
-) -> pa.Table:
-    """The manifest of ``spec``'s images. With ``keep_shards``, every image of ``previous`` stays in its shard (so
-    its features are kept) and new images fill new shards after the last one."""
-    rows = list_inputs(spec)
-    if not rows:
+    spec: InputSpec, run: RunDir, shard_size: int, settings: ProbeSettings, map_fn: MapFn = serial_map
+) -> dict:
+    """``run.manifest`` for ``spec``'s images: listed, then probed by tasks of ``settings.chunk`` images that each
+    write a sorted part; the parts merged in id order, a part at a time, with the new images' shards numbered from
+    the parts' counts. A manifest equal to the previous one keeps its file (and its mtime). With ``keep_shards``,
+    every image of the previous manifest stays in its shard (so its features are kept) and new images fill new
+    shards after the last one; otherwise shards are numbered from 0 in id order."""
+    listing = list_images(spec, map_fn)
+    if not listing.table.num_rows:
         raise FileNotFoundError(f"no images found in {spec.describe()}")
-    prev = (
-        {r["uri"]: r for r in previous.to_pylist()}
-        if previous is not None and "bytes" in previous.column_names
-        else None
-    )
-    rows = sorted(probe_rows(rows, max_pixels, min_side, prev, rehash), key=lambda r: r["image_id"])
-    known = {}
-    if keep_shards and previous is not None and "shard" in previous.column_names:
-        known = dict(zip(previous.column("image_id").to_pylist(), previous.column("shard").to_pylist(), strict=True))
-    assign_shards(rows, shard_size, known)
-    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    storage.remove(run.manifest_parts)  # a crashed ingest's parts
+    n_parts = -(-listing.table.num_rows // settings.chunk)
+    log.info("ingest: %d images, probed in %d task(s)", listing.table.num_rows, n_parts)
+    counts = map_fn(_probe_part, list(range(n_parts)), listing.table, settings, str(run.manifest_parts))
+    start = last_shard(settings.previous) + 1 if settings.keep_shards else 0
+    merged = run.manifest_parts / "manifest.parquet"
+    with unrecorded():  # the manifest is the output, once in its place
+        write_manifest_tables(merged, _numbered_parts(run, counts, start, shard_size))
+    changed = settings.previous is None or _fingerprint_or_none(run.manifest) != manifest_fingerprint(merged)
+    if changed:
+        atomic_replace(merged, run.manifest)
+    storage.remove(run.manifest_parts)
+    return {
+        "images": listing.table.num_rows,
+        "errors": sum(c["errors"] for c in counts),
+        "changed": changed,
+        "skipped": listing.skipped,
+    }
 
 
-def assign_shards(rows: list[dict], shard_size: int, known: dict[str, int]) -> None:
-    """Each row's ``shard``: a known image keeps its shard; the others, in id order, fill new shards of
-    ``shard_size`` after the last known one (all of them, numbered from 0, on a first ingest)."""
-    new = [r for r in rows if r["image_id"] not in known]
-    for r in rows:
-        if r["image_id"] in known:
-            r["shard"] = known[r["image_id"]]
-    start = max(known.values()) + 1 if known else 0
-    for i, r in enumerate(new):
-        r["shard"] = start + i // shard_size
+def _probe_part(n: int, listing: pa.Table, settings: ProbeSettings, parts: str) -> dict:
+    """Part ``n`` of the manifest: its images probed (the previous manifest's rows of its id range reused), each
+    with its known shard or none yet, written to ``parts``; returns its counts."""
+    rows = listing.slice(n * settings.chunk, settings.chunk).to_pylist()
+    previous = _previous_rows(settings.previous, rows[0]["image_id"], rows[-1]["image_id"])
+    probed = probe_rows(rows, settings.max_pixels, settings.min_side, {r["uri"]: r for r in previous}, settings.rehash)
+    known = {r["image_id"]: r["shard"] for r in previous} if settings.keep_shards else {}
+    for r in probed:
+        r["shard"] = known.get(r["image_id"])
+    with unrecorded():
+        write_manifest(as_location(parts) / shard_name(n, "part"), pa.Table.from_pylist(probed, schema=MANIFEST_SCHEMA))
+    return {
+        "images": len(probed),
+        "new": sum(r["shard"] is None for r in probed),
+        "errors": sum(r["status"] != "ok" for r in probed),
+    }
 
 
-def _readable_manifest(run: RunDir) -> pa.Table | None:
-    """The previous manifest, or None where there is none or it is damaged (it is rebuilt: every file is read)."""
+def _numbered_parts(run: RunDir, counts: list[dict], start: int, shard_size: int) -> Iterator[pa.Table]:
+    """The parts in id order, each new image given its shard: in id order, ``shard_size`` a shard from ``start``."""
+    new_before = 0
+    for n, count in enumerate(counts):
+        part = read_manifest(run.manifest_parts / shard_name(n, "part"))
+        shard = part.column("shard")
+        new = pc.is_null(shard).to_numpy(zero_copy_only=False)
+        order = new_before + np.cumsum(new) - 1  # each new image's place among all the new ones
+        numbered = np.where(new, start + order // shard_size, shard.fill_null(0).to_numpy())
+        yield part.set_column(part.schema.get_field_index("shard"), "shard", pa.array(numbered, pa.int32()))
+        new_before += count["new"]
+
+
+def _previous_rows(previous: str | None, first_id: str, last_id: str) -> list[dict]:
+    """The previous manifest's rows of an id range; none where there is none or it cannot be read (those files are
+    probed again)."""
+    if previous is None:
+        return []
+    try:
+        return manifest_rows_between(as_location(previous), first_id, last_id).to_pylist()
+    except (OSError, pa.ArrowInvalid) as e:
+        log.warning("ingest: previous manifest unreadable (%s); probing those files again", e)
+        return []
+
+
+def _fingerprint_or_none(path: Location) -> str | None:
+    try:
+        return manifest_fingerprint(path)
+    except (OSError, pa.ArrowInvalid, KeyError):
+        return None
+
+
+def _readable_manifest(run: RunDir) -> str | None:
+    """The previous manifest's path, or None where there is none, it is damaged or it lacks the file columns (it
+    is rebuilt: every file is read)."""
     if not run.manifest.exists():
         return None
     try:
-        return read_manifest(run.manifest)
+        names = read_schema(run.manifest).names
     except (OSError, pa.ArrowInvalid) as e:
         log.warning("ingest: %s is damaged (%s); rebuilding it from the input", run.manifest, e)
         return None
+    return str(run.manifest) if set(MANIFEST_SCHEMA.names) <= set(names) else None
 
 
 class IngestStage(Stage):
@@ -239,7 +350,7 @@ class IngestStage(Stage):
 
     name = "ingest"
     reads = ("run_record",)  # the inputs a rerun without any was made with
-    writes = ("manifest",)
+    writes = ("manifest", "manifest_parts")
     config_keys = ("shard_size", "max_pixels", "backbone", "verify_images")
     source = True
 
@@ -263,26 +374,17 @@ class IngestStage(Stage):
             )
         if cfg.backbone not in available_backbones():
             raise ValueError(f"unknown backbone {cfg.backbone!r}; available: {', '.join(available_backbones())}")
-        previous = _readable_manifest(run)
         # images keep their shards while shard_size stays (a new shard_size cuts every image afresh)
         same_cut = run.read_record().get("stages", {}).get("ingest", {}).get("shard_size") == cfg.shard_size
-        table = build_manifest(
-            spec,
-            cfg.shard_size,
-            cfg.max_pixels,
+        settings = ProbeSettings(
+            max_pixels=cfg.max_pixels,
             min_side=patch_size_of(cfg.backbone),
-            previous=previous,
             rehash=cfg.verify_images == "hash",
+            previous=_readable_manifest(run),
             keep_shards=same_cut,
         )
-        unchanged = (
-            previous is not None
-            and set(MANIFEST_SCHEMA.names) <= set(previous.column_names)
-            and previous.select(MANIFEST_SCHEMA.names).equals(table)
-        )
-        if not unchanged:  # an untouched manifest keeps its file (and its mtime)
-            write_manifest(run.manifest, table)
-        skipped = skipped_files(spec)
+        built = build_manifest(spec, run, cfg.shard_size, settings, map_fn)
+        skipped = built["skipped"]
         if skipped["count"]:
             log.warning(
                 "ingest: %d file(s) skipped, not images by their extension (%s); `mlcseg errors %s` lists them",
@@ -292,8 +394,8 @@ class IngestStage(Stage):
             )
         run.update_record(inputs=asdict(spec), input=spec.describe(), skipped_files=skipped)
         return {
-            "images": table.num_rows,
-            "errors": table.num_rows - pc.sum(pc.equal(table.column("status"), "ok")).as_py(),
+            "images": built["images"],
+            "errors": built["errors"],
             "shard_size": cfg.shard_size,
             "output": str(run.manifest),
         }

@@ -9,10 +9,18 @@ from PIL import Image
 from helpers import COCO_SUBSET, VOC_SUBSET, need
 from helpers.badinputs import make_corpus
 from mlcseg_ray.core.inputs import InputSpec
+from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.formats.images import BadImage, load_rgb, to_rgb
-from mlcseg_ray.stages.ingest import build_manifest, list_inputs
+from mlcseg_ray.formats.manifest import read_manifest
+from mlcseg_ray.stages.ingest import ProbeSettings, build_manifest, list_inputs
 
 MAX_PIXELS = 178_956_970
+
+
+def manifest_of(spec, folder, shard_size, **settings):
+    run = RunDir(folder)
+    build_manifest(spec, run, shard_size, ProbeSettings(MAX_PIXELS, 8, **settings))
+    return read_manifest(run.manifest)
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +29,9 @@ def corpus(tmp_path_factory):
     return root, make_corpus(root)
 
 
-def test_manifest_accounts_for_every_file(corpus):
+def test_manifest_accounts_for_every_file(corpus, tmp_path):
     root, expected = corpus
-    table = build_manifest(InputSpec(images=str(root)), shard_size=4, max_pixels=MAX_PIXELS, min_side=8)
+    table = manifest_of(InputSpec(images=str(root)), tmp_path, shard_size=4)
     rows = {r["image_id"]: r for r in table.to_pylist()}
     assert set(rows) == set(expected)
     for image_id, want in expected.items():
@@ -107,7 +115,7 @@ def test_coco_json_and_manifest_csv(tmp_path):
     pacsv.write_csv(pa.table({"uri": [str(coco / "images" / f) for f in files]}), csv)
     rows = list_inputs(InputSpec(manifest=str(csv)))
     assert [r["image_id"] for r in rows] == [f.rsplit(".", 1)[0] for f in files]
-    table = build_manifest(InputSpec(manifest=str(csv)), 64, MAX_PIXELS, 8)
+    table = manifest_of(InputSpec(manifest=str(csv)), tmp_path / "run", 64)
     assert table.column("status").to_pylist() == ["ok"] * 3 and min(table.column("width").to_pylist()) > 100
 
 
