@@ -63,7 +63,8 @@ def _unwrap(e: BaseException) -> BaseException:
     while type(e).__module__.startswith("ray.") and id(e) not in seen:
         seen.add(id(e))
         inner = e.__cause__ or getattr(e, "cause", None)
-        if not isinstance(inner, BaseException):
+        # Ray Data raises a failure "from SystemException()", a marker with no message: it says less than the error
+        if not isinstance(inner, BaseException) or not str(inner):
             break
         e = inner
     return e
@@ -128,8 +129,9 @@ def exit_code(e: BaseException, out: object = None) -> int:
         return _say_error(f"{stage}: {cause}" if stage and not str(cause).startswith(stage) else cause, 2)
     if os.environ.get("MLCSEG_DEBUG"):
         raise e
+    first = (str(cause).strip().splitlines() or [""])[0]  # a Ray error's text goes on with its task's traceback
     return _say_error(
-        f"{'in ' + stage + ': ' if stage else ''}{type(cause).__name__}: {cause} (MLCSEG_DEBUG=1 shows the traceback)",
+        f"{'in ' + stage + ': ' if stage else ''}{type(cause).__name__}: {first} (MLCSEG_DEBUG=1 shows the traceback)",
         1,
     )
 

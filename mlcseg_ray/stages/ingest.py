@@ -6,6 +6,12 @@ shard identically). Ingest runs on every ``mlcseg run``: files whose size and mo
 their row without being read again, so a rerun notices a changed image (the manifest, and so every fingerprint,
 changes) at the cost of a ``stat`` per file. The manifest is written by ingest alone; what later stages find out
 about an image goes to ``status.parquet``.
+
+The work fans out as tasks, so that neither its time nor the driver's memory grows with one process's share: an
+image folder (or bucket prefix) is listed one task per subfolder, and the sorted listing probed one task per
+``PROBE_CHUNK`` images, each writing its part of the manifest (``RUN/manifest_parts/``) with the previous
+manifest's rows of its id range. The driver holds the listing as Arrow columns, merges the parts a part at a time
+and numbers the new images' shards from the parts' counts; the manifest does not depend on how it was cut.
 """
 
 from __future__ import annotations

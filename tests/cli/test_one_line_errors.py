@@ -75,3 +75,22 @@ def test_manifest_paths_are_relative_to_the_manifest_and_http_is_refused(tmp_pat
     res = mlcseg("extract", "--manifest", web, "--out", tmp_path / "run", *TINY)
     _one_line(res, 2, "URIs of scheme http are not read")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_ray_data_failure_names_the_error_not_its_empty_marker(capfd):
+    # Ray Data raises a failure of its own machinery "from SystemException()": the line once read
+    # "error: in extract: SystemException: " and said nothing
+    from ray.data.exceptions import SystemException
+    from ray.exceptions import RaySystemError
+
+    from mlcseg_ray.cli.errors import exit_code
+    from mlcseg_ray.core.errors import StageFailed
+
+    inner = RaySystemError("the actor on 127.0.0.1 died\n  Traceback (most recent call last): ...")
+    inner.__cause__ = SystemException()
+    failed = StageFailed("extract", inner)
+    failed.__cause__ = inner
+    assert exit_code(failed) == 1
+    err = capfd.readouterr().err.strip()
+    assert "in extract: RaySystemError:" in err and "the actor on 127.0.0.1 died" in err
+    assert "SystemException" not in err and "Traceback" not in err and len(err.splitlines()) == 1
