@@ -47,6 +47,8 @@ class RayBackend:
         resources: Resources = Resources(),
         on_done: Callable[[], None] | None = None,
     ) -> list:
+        if not items:  # nothing to fan out (a folder without subfolders): no reason to start Ray
+            return []
         self._init()
         share = task_gpus(self.requested)
         gpus = {"none": 0.0, "share": share, "one": 1.0 if share else 0.0}[resources.gpus]
