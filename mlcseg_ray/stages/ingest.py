@@ -71,6 +71,7 @@ LISTING_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("c
 # Images per probing task: about 2 s of stat, read, hash and header check (0.5 ms an image) and a manifest part of
 # a few hundred KB; the manifest does not depend on it.
 PROBE_CHUNK = 4096
+LIST_TASKS = 256  # at most this many listing tasks (ImageNet's 1,000 class folders: 4 a task)
 SKIPPED_LISTED = 1000  # skipped files named in the run record (all are counted)
 
 
@@ -90,7 +91,9 @@ def list_images(spec: InputSpec, map_fn: MapFn = serial_map) -> Listing:
     skipped = Listing(LISTING_SCHEMA.empty_table()).skipped
     if spec.images:
         folders, top = folder_top(spec.images)
-        parts = [_folder_part(top), *map_fn(_list_subfolder, folders, spec.images)]
+        per_task = -(-len(folders) // LIST_TASKS)  # many small subfolders share a task
+        groups = [folders[i : i + per_task] for i in range(0, len(folders), per_task)]
+        parts = [_folder_part(top), *map_fn(_list_subfolders, groups, spec.images)]
         table = pa.concat_tables([t for t, _ in parts])
         skipped = _merge_skipped([s for _, s in parts])
     else:
@@ -115,8 +118,8 @@ def list_inputs(spec: InputSpec) -> list[dict]:
     return list_images(spec).table.to_pylist()
 
 
-def _list_subfolder(folder: str, root: str) -> tuple[pa.Table, dict]:
-    return _folder_part(list_folder(root, below=folder))
+def _list_subfolders(folders: list[str], root: str) -> tuple[pa.Table, dict]:
+    return _folder_part([f for folder in folders for f in list_folder(root, below=folder)])
 
 
 def _folder_part(files: list) -> tuple[pa.Table, dict]:

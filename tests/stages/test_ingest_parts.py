@@ -42,7 +42,9 @@ def build(spec, folder, shard_size=2, chunk=3, **settings):
     return run, built
 
 
-def test_the_listing_fanned_out_per_subfolder_is_the_whole_folders_sorted(folder):
+@pytest.mark.parametrize("tasks", [256, 2])  # a task per subfolder, or several subfolders a task
+def test_the_listing_fanned_out_per_subfolder_is_the_whole_folders_sorted(folder, tasks, monkeypatch):
+    monkeypatch.setattr(ingest, "LIST_TASKS", tasks)
     listing = list_images(InputSpec(images=str(folder)))
     ids = listing.table.column("image_id").to_pylist()
     assert ids == ["a-b", "a/x", "a/y/z", "a_c", "b/x_jpg", "b/x_png", "c/q", "d", "e/r"]
