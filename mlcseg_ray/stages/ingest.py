@@ -91,7 +91,7 @@ def list_images(spec: InputSpec, map_fn: MapFn = serial_map) -> Listing:
     skipped = Listing(LISTING_SCHEMA.empty_table()).skipped
     if spec.images:
         folders, top = folder_top(spec.images)
-        per_task = -(-len(folders) // LIST_TASKS)  # many small subfolders share a task
+        per_task = max(1, -(-len(folders) // LIST_TASKS))  # many small subfolders share a task
         groups = [folders[i : i + per_task] for i in range(0, len(folders), per_task)]
         parts = [_folder_part(top), *map_fn(_list_subfolders, groups, spec.images)]
         table = pa.concat_tables([t for t, _ in parts])

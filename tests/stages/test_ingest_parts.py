@@ -107,3 +107,10 @@ def test_rows_between_reads_the_range_from_the_groups_that_can_hold_it(tmp_path)
     assert got.column("n").to_pylist() == list(range(5, 14))
     assert storage.rows_between(path, "image_id", "0055", "0057").num_rows == 0
     assert storage.rows_where(path, "image_id", "007")[1] == [7]
+
+
+def test_a_folder_without_subfolders_is_listed_on_the_driver(tmp_path):
+    for i in range(3):
+        save(tmp_path, f"{i}.png")
+    listing = list_images(InputSpec(images=str(tmp_path)))
+    assert listing.table.column("image_id").to_pylist() == ["0", "1", "2"]
