@@ -7,10 +7,12 @@ turn it into an error row, never a crashed job.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -187,18 +189,14 @@ def list_folder(root: str, below: str | None = None) -> list[tuple[PurePosixPath
     subfolder of ``root`` (one ingest task's part of the listing). Credentials and endpoints come the standard way
     (AWS variables and profiles, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``, roles)."""
     if not is_remote(root):
-        local = Path(root[len("file://") :] if root.startswith("file://") else root)
-        if not local.is_dir():
-            raise FileNotFoundError(f"--images: no such folder: {root}")
+        local = _local_folder(root)
         return [
             (PurePosixPath(p.relative_to(local).as_posix()), str(p))
             for p in list_files(local / below if below else local)
         ]
     fs, path = _remote_folder(root)
-    try:
+    with _one_line_listing_errors(root):
         found = sorted(fs.find(f"{path}/{below}" if below else path))
-    except Exception as e:  # credentials, permissions, an endpoint that does not answer: one line
-        raise ValueError(f"--images: cannot list {root} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     scheme = root.split("://", 1)[0]
     out = []
     for f in found:
@@ -212,19 +210,15 @@ def folder_top(root: str) -> tuple[list[str], list[tuple[PurePosixPath, str]]]:
     """A folder's (or prefix's) subfolders, by name, sorted, and its own files as ``list_folder`` gives them: what
     ingest lists in one task per subfolder, and on the driver."""
     if not is_remote(root):
-        local = Path(root[len("file://") :] if root.startswith("file://") else root)
-        if not local.is_dir():
-            raise FileNotFoundError(f"--images: no such folder: {root}")
+        local = _local_folder(root)
         entries = [e for e in os.scandir(local) if not e.name.startswith(".")]
         # as os.walk (list_files) has it: a link to a folder is not walked, a broken link is a file
         folders = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
         files = sorted((PurePosixPath(e.name), str(local / e.name)) for e in entries if not e.is_dir())
         return folders, files
     fs, path = _remote_folder(root)
-    try:
+    with _one_line_listing_errors(root):
         entries = fs.ls(path, detail=True)
-    except Exception as e:
-        raise ValueError(f"--images: cannot list {root} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     scheme = root.split("://", 1)[0]
     names = [(PurePosixPath(e["name"].rstrip("/")).name, e) for e in entries]
     folders = sorted(n for n, e in names if e["type"] == "directory" and not n.startswith("."))
@@ -236,16 +230,29 @@ def folder_top(root: str) -> tuple[list[str], list[tuple[PurePosixPath, str]]]:
     return folders, files
 
 
+def _local_folder(root: str) -> Path:
+    local = Path(root[len("file://") :] if root.startswith("file://") else root)
+    if not local.is_dir():
+        raise FileNotFoundError(f"--images: no such folder: {root}")
+    return local
+
+
 def _remote_folder(root: str) -> tuple[Any, str]:
     import fsspec
 
-    try:
+    with _one_line_listing_errors(root):
         fs, path = fsspec.core.url_to_fs(root)
         path = path.rstrip("/")
-        if not fs.isdir(path):
-            raise FileNotFoundError(f"--images: no such folder or prefix: {root}")
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # credentials, permissions, an endpoint that does not answer: one line
-        raise ValueError(f"--images: cannot list {root} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        found = fs.isdir(path)
+    if not found:
+        raise FileNotFoundError(f"--images: no such folder or prefix: {root}")
     return fs, path
+
+
+@contextlib.contextmanager
+def _one_line_listing_errors(root: str) -> Iterator[None]:
+    """Credentials, permissions, an endpoint that does not answer: one line that names the folder."""
+    try:
+        yield
+    except Exception as e:
+        raise ValueError(f"--images: cannot list {root} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
