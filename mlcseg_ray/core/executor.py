@@ -85,6 +85,7 @@ class Executor:
         self.say = say or log.info
         self.summary: list[dict] = []
         self.marker_fps: dict[str, str] = {}  # the fingerprint each stage's shard markers carry
+        self.source_fps: dict[str, str] = {}  # what a source stage run now wrote (hashed once: it reads it all)
 
     # ------------------------------------------------------------------ scheduling
     def map_fn(self, stage: Stage) -> MapFn:
@@ -139,7 +140,9 @@ class Executor:
         for name in self.order:
             stage, rec = self.stages[name], self._record(name)
             if stage.source:  # the identity of what it wrote (the manifest), however it came to be there
-                fps[name] = stage.output_fingerprint(ctx) if self._outputs_exist(stage) else "absent"
+                fps[name] = self.source_fps.get(name) or (
+                    stage.output_fingerprint(ctx) if self._outputs_exist(stage) else "absent"
+                )
                 continue
             if rec is None and name not in planned and self._outputs_exist(stage):
                 fps[name] = self._external(stage)
@@ -199,6 +202,7 @@ class Executor:
     def run_stages(self, planned: list[str], command: str = "") -> list[dict]:
         """Run ``planned`` (in pipeline order) under the run folder's lock."""
         planned = [n for n in self.order if n in planned]
+        self.source_fps = {}  # a manifest hashed in an earlier call may have changed since
         with self.run.lock(command or " ".join(planned)):
             remove_stale_temp_files(self.run.root)  # a killed run's half-written run.json or status.parquet
             ctx = StageContext(self.run, self.cfg, self.inputs)
@@ -314,8 +318,9 @@ class Executor:
             else:
                 result = self._sharded(stage, ctx, shards, fp)
         outputs = {**previous.get("outputs", {}), **declared_outputs(stage.writes, self.run, written)}
-        if stage.source:
-            fp, before = stage.output_fingerprint(ctx), previous.get("fingerprint")
+        if stage.source:  # its result may carry the fingerprint of what it wrote, computed as it wrote it
+            fp, before = result.pop("fingerprint", None) or stage.output_fingerprint(ctx), previous.get("fingerprint")
+            self.source_fps[name] = fp
             self.say(
                 f"{name}: {result.get('images')} images"
                 + (

@@ -267,7 +267,8 @@ def build_manifest(
     write a sorted part; the parts merged in id order, a part at a time, with the new images' shards numbered from
     the parts' counts. A manifest equal to the previous one keeps its file (and its mtime). With ``keep_shards``,
     every image of the previous manifest stays in its shard (so its features are kept) and new images fill new
-    shards after the last one; otherwise shards are numbered from 0 in id order."""
+    shards after the last one; otherwise shards are numbered from 0 in id order. Returns the counts, whether the
+    manifest changed, the skipped files and the manifest's fingerprint."""
     listing = list_images(spec, map_fn)
     if not listing.table.num_rows:
         raise FileNotFoundError(f"no images found in {spec.describe()}")
@@ -279,7 +280,8 @@ def build_manifest(
     merged = run.manifest_parts / "manifest.parquet"
     with unrecorded():  # the manifest is the output, once in its place
         write_manifest_tables(merged, _numbered_parts(run, counts, start, shard_size))
-    changed = settings.previous is None or _fingerprint_or_none(run.manifest) != manifest_fingerprint(merged)
+    fingerprint = manifest_fingerprint(merged)
+    changed = settings.previous is None or _fingerprint_or_none(run.manifest) != fingerprint
     if changed:
         atomic_replace(merged, run.manifest)
     storage.remove(run.manifest_parts)
@@ -288,6 +290,7 @@ def build_manifest(
         "errors": sum(c["errors"] for c in counts),
         "changed": changed,
         "skipped": listing.skipped,
+        "fingerprint": fingerprint,
     }
 
 
@@ -407,4 +410,5 @@ class IngestStage(Stage):
             "errors": built["errors"],
             "shard_size": cfg.shard_size,
             "output": str(run.manifest),
+            "fingerprint": built["fingerprint"],  # the manifest's, as output_fingerprint would hash it again
         }

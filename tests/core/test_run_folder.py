@@ -18,6 +18,7 @@ from helpers import MLCSEG, TINY_CONFIG, copy_voc_images
 from mlcseg_ray.config import Config
 from mlcseg_ray.core.errors import RunLocked
 from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.formats.manifest import manifest_fingerprint
 from mlcseg_ray.pipeline import Pipeline, run_stages
 
 TINY = dict(TINY_CONFIG, shard_size=2)
@@ -70,6 +71,9 @@ def test_a_changed_key_recomputes_that_stage_and_what_follows(base_run, images, 
     stage = json.loads((out / "_state" / "cluster" / "stage.json").read_text())
     assert rec["fingerprints"]["cluster"] == rec["stages"]["cluster"]["fingerprint"] == stage["fingerprint"]
     assert stage["basis"]["config"]["k_image"] == 4
+    # the source's fingerprint, as ingest hashed it while writing, is the manifest's
+    manifest = manifest_fingerprint(out / "manifest.parquet")
+    assert rec["fingerprints"]["ingest"] == rec["stages"]["ingest"]["fingerprint"] == manifest
 
 
 def test_num_classes_recomputes_only_label_and_report(base_run, images, tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 from mlcseg_ray.core import storage
 from mlcseg_ray.core.inputs import InputSpec
 from mlcseg_ray.core.store import RunDir
-from mlcseg_ray.formats.manifest import read_manifest
+from mlcseg_ray.formats.manifest import manifest_fingerprint, read_manifest
 from mlcseg_ray.stages import ingest
 from mlcseg_ray.stages.ingest import ProbeSettings, build_manifest, list_images
 
@@ -59,6 +59,7 @@ def test_a_manifest_probed_in_parts_has_the_bytes_of_one_probed_whole(folder, tm
     whole, _ = build(spec, tmp_path / "whole", chunk=4096)
     assert small.manifest.read_bytes() == whole.manifest.read_bytes()
     assert built["images"] == 9 and built["errors"] == 0 and built["changed"]
+    assert built["fingerprint"] == manifest_fingerprint(small.manifest)
     table = read_manifest(small.manifest)
     assert table.column("shard").to_pylist() == [i // 2 for i in range(9)]
     assert table.column("width").to_pylist()[:2] == [16, 17]  # each image's own header
