@@ -10,6 +10,7 @@ image within 1.15x.
 
     python bench/pipeline_scale.py --sizes 20000 80000 320000          # the sizes
     python bench/pipeline_scale.py --sizes 2000 8000 32000 --work /tmp/scale
+    python bench/pipeline_scale.py --sizes 320000 --reference-digest 31d17cc9bd226fc6   # the other cut alone
 
 Images are 32x32 PNGs (a planted square on a noisy background) in folders of 1,000; the backbone is the random
 ``random-vit-tiny`` (patch 8: 16 patches an image), crops of 32 px: the per-image work is small, so what grows with
@@ -147,7 +148,15 @@ def main():
     ap.add_argument("--other-shard-size", type=int, default=48, help="the second cut, for the invariance check")
     ap.add_argument("--invariance", choices=["all", "smallest", "none"], default="all")
     ap.add_argument("--work", type=Path, default=None, help="where images and runs go (kept when given)")
+    ap.add_argument(
+        "--reference-digest",
+        default=None,
+        help="one size only: the digest a run in --shard-size shards gave before (BENCHMARKS.md); only the other cut "
+        "is run and compared with it (half the time of a full check at 320k)",
+    )
     args = ap.parse_args()
+    if args.reference_digest and len(args.sizes) != 1:
+        sys.exit("--reference-digest: give one size")
     work = args.work or Path(tempfile.mkdtemp(prefix="mlcseg-pipeline-scale-"))
     print(f"machine: {machine()}")
     print(f"images {SIDE}x{SIDE} px, {' '.join(CONFIG)}, shards of {args.shard_size}", flush=True)
@@ -159,6 +168,13 @@ def main():
         print(f"{n} images ready ({time.perf_counter() - t0:.0f} s)", flush=True)
         for sub in (f"run-{n}", f"run-{n}-other"):
             shutil.rmtree(work / sub, ignore_errors=True)
+        if args.reference_digest:  # the row is the other cut's run
+            r = run_once(images, work / f"run-{n}-other", args.other_shard_size)
+            r["same_as_other_cut"] = r["digest"] == args.reference_digest
+            shutil.rmtree(work / f"run-{n}-other", ignore_errors=True)
+            results[n] = r
+            print(json.dumps({"images": n, **r}), flush=True)
+            continue
         r = run_once(images, work / f"run-{n}", args.shard_size)
         assert r["images"] == n, r
         check = args.invariance == "all" or (args.invariance == "smallest" and n == args.sizes[0])
