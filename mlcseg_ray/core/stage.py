@@ -80,7 +80,8 @@ class Stage:
         return {}
 
     def output_fingerprint(self, ctx: StageContext) -> str:
-        """Source stages only: a hash of what they wrote."""
+        """Source stages only: a hash of what they wrote. A source stage that computes it while writing returns
+        it as its result's ``"fingerprint"``, and the executor then does not call this for that run."""
         raise NotImplementedError
 
     def preflight(self, ctx: StageContext) -> None:
