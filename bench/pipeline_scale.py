@@ -201,17 +201,20 @@ def main():
             f"{1000 * r['driver_cpu_s'] / n:.3f} | {r['worker_rss_mb']:.0f} | {r['ray_rss_mb']:.0f} | "
             f"{r['run_mb']:.0f} | {r.get('same_as_other_cut', '-')} |"
         )
-    small, large = results[args.sizes[0]], results[args.sizes[-1]]
     n0, n1 = args.sizes[0], args.sizes[-1]
-    rss = large["driver_rss_mb"] / small["driver_rss_mb"]
-    cpu = (large["driver_cpu_s"] / n1) / (small["driver_cpu_s"] / n0)
-    per_image = (large["seconds"] / n1) / (small["seconds"] / n0)
-    slope = (large["driver_rss_mb"] - small["driver_rss_mb"]) * 1024 / (n1 - n0)
-    print(f"\ndriver peak RSS {n1}/{n0}: {rss:.2f}x (target <= 1.25); growth {slope:.2f} KB per image")
-    print(f"driver CPU s/image {n1}/{n0}: {cpu:.2f}x (target <= 1.00)")
-    print(f"time per image {n1}/{n0}: {per_image:.2f}x (target <= 1.15)")
+    if n1 != n0:  # ratios need two sizes; --reference-digest runs one
+        small, large = results[n0], results[n1]
+        rss = large["driver_rss_mb"] / small["driver_rss_mb"]
+        cpu = (large["driver_cpu_s"] / n1) / (small["driver_cpu_s"] / n0)
+        per_image = (large["seconds"] / n1) / (small["seconds"] / n0)
+        slope = (large["driver_rss_mb"] - small["driver_rss_mb"]) * 1024 / (n1 - n0)
+        print(f"\ndriver peak RSS {n1}/{n0}: {rss:.2f}x (target <= 1.25); growth {slope:.2f} KB per image")
+        print(f"driver CPU s/image {n1}/{n0}: {cpu:.2f}x (target <= 1.00)")
+        print(f"time per image {n1}/{n0}: {per_image:.2f}x (target <= 1.15)")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
+    if any(r.get("same_as_other_cut") is False for r in results.values()):
+        sys.exit("the shard cuts gave different bytes")
 
 
 if __name__ == "__main__":
