@@ -14,7 +14,6 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn as nn
 
@@ -83,6 +82,10 @@ def patch_size_of(name: str) -> int:
 
 def _create(arch: str, **kwargs) -> nn.Module:
     # dynamic_img_size: any input whose sides are multiples of the patch size, position embeddings interpolated.
+    # timm is imported here, not at the top: it and the torchvision it imports cost ~2 s in every process that
+    # imports this module (every Ray worker, the CLI), and only the processes that build a model need them
+    import timm
+
     return timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
 
 
@@ -209,6 +212,8 @@ NO_WEIGHTS_OPTIONS = (
 
 
 def _hub_id(name: str) -> str | None:
+    import timm
+
     cfg = timm.models.get_pretrained_cfg(name)
     return getattr(cfg, "hf_hub_id", None) if cfg else None
 
@@ -298,17 +303,26 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
 class FeatureExtractor(nn.Module):
     """Last-block attention keys (heads concatenated), CLS->patch attention (mean over heads), final CLS token.
 
-    The keys come from a forward hook on the last block's ``attn.qkv``; prefix tokens (CLS, registers) are sliced
-    off with ``num_prefix_tokens`` so that row i of the output is patch i in raster order. ``dtype``: the forward
-    runs under autocast to it (bf16), the CLS row of the attention in float32.
+    Only the CLS row of the last block's output is used, so on a timm ``Block`` the last block runs its query,
+    projection and MLP for that row alone (7% of a ViT-S/8's forward at 512 px on CPU): the CLS row of the
+    attention, computed in float32 for ``cls_attn``, also weights the values. Other blocks fall back to the whole
+    ``forward_features`` and take the keys from a hook on the last ``attn.qkv``. Prefix tokens (CLS, registers)
+    are sliced off with ``num_prefix_tokens`` so that row i of ``keys`` is patch i in raster order. ``dtype``: the
+    forward runs under autocast to it (bf16), the CLS row of the attention in float32.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
-        self.attn = model.blocks[-1].attn
+        last = model.blocks[-1]
+        self.attn = last.attn
         self.npt = int(model.num_prefix_tokens)
+        # the CLS-only last block needs the layout of timm's own Block and Attention; anything else runs whole
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block
+
+        self.cls_only = type(last) is Block and type(last.attn) is Attention
         self._qkv = None
         self.attn.qkv.register_forward_hook(self._hook)
 
@@ -322,19 +336,37 @@ class FeatureExtractor(nn.Module):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.autocast(x.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            return self._forward(x)
+            return self._forward_cls_only(x) if self.cls_only else self._forward_whole(x)
 
-    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = self.model.forward_features(x)  # (B, N, C), final norm applied
-        qkv = self._qkv
-        self._qkv = None
+    def _attention_row(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The last block's keys (B, N - prefix, C), its CLS row of attention in float32 (B, H, N) and its values."""
         B, N, _ = qkv.shape
-        H = self.attn.num_heads
-        C = H * self.attn.head_dim
-        qkv = qkv.reshape(B, N, 3, H, self.attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.attn.q_norm(qkv[0]), self.attn.k_norm(qkv[1])  # (B, H, N, hd)
-        keys = k.transpose(1, 2).reshape(B, N, C)[:, self.npt :]
+        H, hd = self.attn.num_heads, self.attn.head_dim
+        q, k, v = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.attn.q_norm(q), self.attn.k_norm(k)  # (B, H, N, hd)
+        keys = k.transpose(1, 2).reshape(B, N, H * hd)[:, self.npt :]
         # the CLS row of the attention in float32 whatever the autocast: one row, and bf16 would round it coarsely
-        attn = torch.softmax((q[:, :, :1].float() * self.attn.scale) @ k.float().transpose(-2, -1), dim=-1)
-        cls_attn = attn[:, :, 0, self.npt :].mean(1)
-        return {"keys": keys, "cls_attn": cls_attn, "cls": tokens[:, 0]}
+        row = torch.softmax((q[:, :, :1].float() * self.attn.scale) @ k.float().transpose(-2, -1), dim=-1)
+        return keys, row[:, :, 0], v
+
+    def _forward_whole(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = self.model.forward_features(x)  # (B, N, C), final norm applied
+        qkv, self._qkv = self._qkv, None
+        keys, row, _ = self._attention_row(qkv)
+        return {"keys": keys, "cls_attn": row[:, :, self.npt :].mean(1), "cls": tokens[:, 0]}
+
+    def _forward_cls_only(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        m, last, attn = self.model, self.model.blocks[-1], self.attn
+        t = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # forward_features up to the blocks
+        t = m.blocks[:-1](t)
+        h = last.norm1(t)
+        keys, row, v = self._attention_row(attn.qkv(h))
+        self._qkv = None  # the hook kept it too
+        B = x.shape[0]
+        o = (row[:, :, None].to(v.dtype) @ v).transpose(1, 2).reshape(B, 1, -1)  # (B, 1, C): the CLS row only
+        o = attn.norm(o)
+        if getattr(attn, "gate", None) is not None:
+            o = o * attn.gate(h[:, :1]).sigmoid()
+        c = t[:, :1] + last.drop_path1(last.ls1(attn.proj_drop(attn.proj(o))))
+        c = c + last.drop_path2(last.ls2(last.mlp(last.norm2(c))))
+        return {"keys": keys, "cls_attn": row[:, :, self.npt :].mean(1), "cls": m.norm(c)[:, 0]}

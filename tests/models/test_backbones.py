@@ -180,6 +180,24 @@ def test_features_match_a_manual_attention_computation():
     torch.testing.assert_close(out["cls_attn"], att, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["dino", "dinov2", "dinov2_reg"])
+def test_cls_only_last_block_gives_the_whole_forwards_outputs(kind):
+    """The extractor runs the last block for the CLS row only: its CLS token is timm's own forward_features' CLS
+    (to float32 rounding), and its keys and CLS attention are those of the whole forward, bit for bit."""
+    m = tiny(kind, 4)
+    fast = FeatureExtractor(m)
+    assert fast.cls_only  # timm's Block and Attention: the fast path is the one that runs
+    patch = m.patch_embed.patch_size[0]
+    x = torch.randn(3, 3, 4 * patch, 3 * patch)
+    out = fast(x)
+    with torch.no_grad():
+        whole_cls = m.forward_features(x)[:, 0]
+        whole = fast._forward_whole(x)
+    torch.testing.assert_close(out["cls"], whole_cls, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["keys"], whole["keys"]) and torch.equal(out["cls_attn"], whole["cls_attn"])
+    assert out["keys"].shape == (3, 12, 48)
+
+
 def test_precision_resolves_per_device():
     from mlcseg_ray.models.backbones import autocast_dtype
 
