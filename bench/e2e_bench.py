@@ -20,6 +20,7 @@ from extract_throughput import bare
 
 from mlcseg_ray.backends.cluster import init_ray
 from mlcseg_ray.config import Config
+from mlcseg_ray.core.store import RunDir, markers, read_json
 from mlcseg_ray.pipeline import Pipeline
 
 
@@ -44,8 +45,10 @@ def main():
     n = len(paths)
     print(f"machine: {machine()}")
     print(f"{n} VOC photos, {args.backbone}, max_side {args.max_side}, region descriptor {args.descriptor}")
+    print("  stage    s/image   of which outside its shards (start-up, global passes)")
     for s, v in stages.items():
-        print(f"  {s:8s} {v['seconds'] / n:7.3f} s/image")
+        in_shards = sum(read_json(m).get("seconds", 0) for m in markers(RunDir(work / "run").state(s)))
+        print(f"  {s:8s} {v['seconds'] / n:7.3f}   {v['seconds'] - in_shards:6.1f} s")
     print(f"pipeline total : {total / n:.3f} s/image")
     print(f"bare forward   : {1 / bare_rate:.3f} s/image")
     print(f"ratio pipeline/bare forward: {total / n * bare_rate:.2f}x")
