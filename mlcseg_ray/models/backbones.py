@@ -364,7 +364,9 @@ class FeatureExtractor(nn.Module):
         self._qkv = None  # the hook kept it too
         B = x.shape[0]
         o = (row[:, :, None].to(v.dtype) @ v).transpose(1, 2).reshape(B, 1, -1)  # (B, 1, C): the CLS row only
-        o = attn.norm(o)
+        # the output norm and the gate are newer timm options (Identity and None where unused), absent in older ones
+        if getattr(attn, "norm", None) is not None:
+            o = attn.norm(o)
         if getattr(attn, "gate", None) is not None:
             o = o * attn.gate(h[:, :1]).sigmoid()
         c = t[:, :1] + last.drop_path1(last.ls1(attn.proj_drop(attn.proj(o))))
