@@ -338,37 +338,54 @@ class FeatureExtractor(nn.Module):
         with torch.autocast(x.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             return self._forward_cls_only(x) if self.cls_only else self._forward_whole(x)
 
-    def _attention_row(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The last block's keys (B, N - prefix, C), its CLS row of attention in float32 (B, H, N) and its values."""
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The last block's keys (B, N - prefix, C), and its q, k, v (B, H, N, hd)."""
         B, N, _ = qkv.shape
         H, hd = self.attn.num_heads, self.attn.head_dim
         q, k, v = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.attn.q_norm(q), self.attn.k_norm(k)  # (B, H, N, hd)
-        keys = k.transpose(1, 2).reshape(B, N, H * hd)[:, self.npt :]
-        # the CLS row of the attention in float32 whatever the autocast: one row, and bf16 would round it coarsely
-        row = torch.softmax((q[:, :, :1].float() * self.attn.scale) @ k.float().transpose(-2, -1), dim=-1)
-        return keys, row[:, :, 0], v
+        q, k = self.attn.q_norm(q), self.attn.k_norm(k)
+        return k.transpose(1, 2).reshape(B, N, H * hd)[:, self.npt :], q, k, v
+
+    def _cls_row(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The CLS row of the attention (B, H, N), in float32 whatever the autocast: one row, and bf16 would round
+        it coarsely."""
+        return torch.softmax((q[:, :, :1].float() * self.attn.scale) @ k.float().transpose(-2, -1), dim=-1)[:, :, 0]
 
     def _forward_whole(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = self.model.forward_features(x)  # (B, N, C), final norm applied
         qkv, self._qkv = self._qkv, None
-        keys, row, _ = self._attention_row(qkv)
-        return {"keys": keys, "cls_attn": row[:, :, self.npt :].mean(1), "cls": tokens[:, 0]}
+        keys, q, k, _ = self._heads(qkv)
+        return {"keys": keys, "cls_attn": self._cls_row(q, k)[:, :, self.npt :].mean(1), "cls": tokens[:, 0]}
 
     def _forward_cls_only(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        m, last, attn = self.model, self.model.blocks[-1], self.attn
+        m = self.model
         t = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # forward_features up to the blocks
         t = m.blocks[:-1](t)
-        h = last.norm1(t)
-        keys, row, v = self._attention_row(attn.qkv(h))
+        h = m.blocks[-1].norm1(t)
+        keys, q, k, v = self._heads(self.attn.qkv(h))
         self._qkv = None  # the hook kept it too
-        B = x.shape[0]
-        o = (row[:, :, None].to(v.dtype) @ v).transpose(1, 2).reshape(B, 1, -1)  # (B, 1, C): the CLS row only
+        # from the attention row on, one image at a time: a matrix product's rounding depends on how many rows and
+        # matrices it has, and an image's CLS token must not depend on which images share its batch (shard-size
+        # invariance); for one row per image this costs little
+        rows, cls = [], []
+        for i in range(len(t)):
+            rows.append(self._cls_row(q[i : i + 1], k[i : i + 1]))
+            cls.append(self._cls_tail(t[i : i + 1, :1], h[i : i + 1, :1], rows[-1], v[i : i + 1]))
+        return {
+            "keys": keys,
+            "cls_attn": torch.cat(rows)[:, :, self.npt :].mean(1),
+            "cls": m.norm(torch.cat(cls))[:, 0],
+        }
+
+    def _cls_tail(self, t: torch.Tensor, h: torch.Tensor, row: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The last block from its attention on, for one image's CLS row: ``t`` the block's input row and ``h`` it
+        normed (1, 1, C), ``row`` its attention (1, H, N), ``v`` the values (1, H, N, hd)."""
+        last, attn = self.model.blocks[-1], self.attn
+        o = (row[:, :, None].to(v.dtype) @ v).transpose(1, 2).flatten(2)  # (1, 1, C)
         # the output norm and the gate are newer timm options (Identity and None where unused), absent in older ones
         if getattr(attn, "norm", None) is not None:
             o = attn.norm(o)
         if getattr(attn, "gate", None) is not None:
-            o = o * attn.gate(h[:, :1]).sigmoid()
-        c = t[:, :1] + last.drop_path1(last.ls1(attn.proj_drop(attn.proj(o))))
-        c = c + last.drop_path2(last.ls2(last.mlp(last.norm2(c))))
-        return {"keys": keys, "cls_attn": row[:, :, self.npt :].mean(1), "cls": m.norm(c)[:, 0]}
+            o = o * attn.gate(h).sigmoid()
+        c = t + last.drop_path1(last.ls1(attn.proj_drop(attn.proj(o))))
+        return c + last.drop_path2(last.ls2(last.mlp(last.norm2(c))))

@@ -183,7 +183,8 @@ def test_features_match_a_manual_attention_computation():
 @pytest.mark.parametrize("kind", ["dino", "dinov2", "dinov2_reg"])
 def test_cls_only_last_block_gives_the_whole_forwards_outputs(kind):
     """The extractor runs the last block for the CLS row only: its CLS token is timm's own forward_features' CLS
-    (to float32 rounding), and its keys and CLS attention are those of the whole forward, bit for bit."""
+    and its CLS attention the whole forward's (to float32 rounding), its keys those of the whole forward bit for
+    bit."""
     m = tiny(kind, 4)
     fast = FeatureExtractor(m)
     assert fast.cls_only  # timm's Block and Attention: the fast path is the one that runs
@@ -194,8 +195,22 @@ def test_cls_only_last_block_gives_the_whole_forwards_outputs(kind):
         whole_cls = m.forward_features(x)[:, 0]
         whole = fast._forward_whole(x)
     torch.testing.assert_close(out["cls"], whole_cls, rtol=1e-5, atol=1e-5)
-    assert torch.equal(out["keys"], whole["keys"]) and torch.equal(out["cls_attn"], whole["cls_attn"])
+    torch.testing.assert_close(out["cls_attn"], whole["cls_attn"], rtol=1e-6, atol=1e-7)
+    assert torch.equal(out["keys"], whole["keys"])
     assert out["keys"].shape == (3, 12, 48)
+
+
+def test_an_images_features_do_not_depend_on_its_batch():
+    """Shard-size invariance starts here: an image's keys, CLS attention and CLS token are the same bits whether it
+    is forwarded alone or with others (a batched product over the CLS rows rounded differently for ViT-S/8)."""
+    model, _ = build_backbone("random-vit-s8")
+    fe = FeatureExtractor(model)
+    x = torch.randn(3, 3, 64, 48)
+    together = fe(x)
+    for i in range(3):
+        alone = fe(x[i : i + 1])
+        for key in ("keys", "cls_attn", "cls"):
+            assert torch.equal(alone[key][0], together[key][i]), (key, i)
 
 
 def test_precision_resolves_per_device():
