@@ -348,8 +348,10 @@ class FeatureExtractor(nn.Module):
 
     def _cls_row(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The CLS row of the attention (B, H, N), in float32 whatever the autocast: one row, and bf16 would round
-        it coarsely."""
-        return torch.softmax((q[:, :, :1].float() * self.attn.scale) @ k.float().transpose(-2, -1), dim=-1)[:, :, 0]
+        it coarsely (autocast would run even a product of float32 tensors in bf16, hence it is turned off here)."""
+        with torch.autocast(q.device.type, enabled=False):
+            scores = (q[:, :, :1].float() * self.attn.scale) @ k.float().transpose(-2, -1)
+        return torch.softmax(scores, dim=-1)[:, :, 0]
 
     def _forward_whole(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = self.model.forward_features(x)  # (B, N, C), final norm applied
