@@ -46,8 +46,9 @@ def main():
     print(f"machine: {machine()}")
     print(f"{n} VOC photos, {args.backbone}, max_side {args.max_side}, region descriptor {args.descriptor}")
     print("  stage    s/image   of which outside its shards (start-up, global passes)")
+    run = RunDir(work / "run")
     for s, v in stages.items():
-        in_shards = sum(read_json(m).get("seconds", 0) for m in markers(RunDir(work / "run").state(s)))
+        in_shards = sum(read_json(m).get("seconds", 0) for m in markers(run.state(s)))
         print(f"  {s:8s} {v['seconds'] / n:7.3f}   {v['seconds'] - in_shards:6.1f} s")
     print(f"pipeline total : {total / n:.3f} s/image")
     print(f"bare forward   : {1 / bare_rate:.3f} s/image")
