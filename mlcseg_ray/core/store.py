@@ -31,7 +31,7 @@ from . import storage
 from .errors import RunLocked
 from .storage import Location, as_location, is_local, read_table
 
-FEATURE_SCHEMA_VERSION = "1"
+FEATURE_SCHEMA_VERSION = "2"  # 2: key as fixed-size binary float16 (1: fixed_size_list, still read)
 log = logging.getLogger("mlcseg_ray")
 
 

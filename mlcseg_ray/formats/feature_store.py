@@ -3,8 +3,9 @@
 Feature store (readable with pyarrow alone, no Ray extension types):
 
 * ``features/shard-NNNNN.parquet``, one row per patch: ``image_id`` string, ``py``/``px`` int16 (patch row/col),
-  ``key`` fixed_size_list<float16, D> (last-block attention key), ``cls_attn`` float32 (CLS->patch attention, mean
-  over heads). The patches of one image are contiguous, in raster order, all in one shard.
+  ``key`` fixed_size_binary(2*D): D little-endian float16 (last-block attention key; :func:`key_matrix` reads
+  it, and the ``fixed_size_list<float16, D>`` of schema-1 stores), ``cls_attn`` float32 (CLS->patch attention,
+  mean over heads). The patches of one image are contiguous, in raster order, all in one shard.
 * ``images/shard-NNNNN.parquet``, one row per image (errors included): ``image_id``, ``uri``, ``width``/``height``
   (original, EXIF-oriented), ``grid_h``/``grid_w``, ``scale`` (resized = round(original * scale)), ``resized_h``/
   ``resized_w``, ``pad_h``/``pad_w`` (zero padding bottom/right, resized pixels), ``cls_token`` fixed_size_list
@@ -33,6 +34,10 @@ META_KEY = b"mlcseg"
 # Dictionary encoding and statistics on 384 float16 values per patch make reading 4x slower and buy nothing:
 # only the image ids are dictionary-encoded. Every pass of the clustering reads the keys again.
 FEATURE_WRITE_OPTIONS = dict(use_dictionary=["image_id"], write_statistics=["image_id", "py", "px"])
+# A patch's key is one fixed-size binary value, not a fixed_size_list: Parquet stores a list with a repetition and
+# a definition level per float, and encoding and decoding those made writing a shard ~50x and reading it ~10x
+# slower (BENCHMARKS.md, issue 23). The bytes are the float16 values, little-endian whatever the machine.
+KEY_DTYPE = np.dtype("<f2")
 
 
 # The image table's columns that place a patch grid on its image (what refinement and scoring upsample with).
@@ -45,7 +50,7 @@ def feature_schema(dim: int) -> pa.Schema:
             ("image_id", pa.string()),
             ("py", pa.int16()),
             ("px", pa.int16()),
-            ("key", pa.list_(pa.float16(), dim)),
+            ("key", key_type(dim)),
             ("cls_attn", pa.float32()),
         ]
     )
@@ -103,6 +108,30 @@ def fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=dtype), values.shape[1])
 
 
+def key_type(dim: int) -> pa.DataType:
+    return pa.binary(KEY_DTYPE.itemsize * dim)
+
+
+def key_column(keys: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """(n, D) keys -> the ``key`` column: each row's D float16 as one fixed-size binary value."""
+    k = np.ascontiguousarray(keys, KEY_DTYPE)
+    return pa.FixedSizeBinaryArray.from_buffers(key_type(k.shape[1]), len(k), [None, pa.py_buffer(k)])
+
+
+def key_matrix(col: pa.Array | pa.ChunkedArray, dtype: type = np.float32) -> np.ndarray:
+    """The ``key`` column -> (n, D) array: fixed-size binary float16 (this writer's), or a fixed_size_list (stores
+    of schema 1, and stores written by other tools)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if not pa.types.is_fixed_size_binary(col.type):
+        return list_to_numpy(col, dtype)
+    if col.null_count:
+        raise ValueError("the key column has null rows")
+    dim, width = col.type.byte_width // KEY_DTYPE.itemsize, col.type.byte_width
+    flat = np.frombuffer(col.buffers()[1], KEY_DTYPE, count=len(col) * dim, offset=col.offset * width)
+    return flat.reshape(len(col), dim).astype(dtype)  # a copy: writable, and not tied to the Arrow buffer
+
+
 def list_to_numpy(col: pa.Array | pa.ChunkedArray, dtype: type = np.float32) -> np.ndarray:
     """A fixed_size_list column (ChunkedArray or Array) -> 2-D numpy array, without Python loops."""
     if isinstance(col, pa.ChunkedArray):
@@ -128,7 +157,7 @@ def feature_table(images: list[tuple[str, np.ndarray, np.ndarray, int]], dim: in
             pa.array(np.concatenate(ids), pa.string()),
             pa.array(np.concatenate(pys)),
             pa.array(np.concatenate(pxs)),
-            fixed_list(np.concatenate([k.astype(np.float16) for _, k, _, _ in images]), pa.float16()),
+            key_column(np.concatenate([k.astype(KEY_DTYPE) for _, k, _, _ in images])),
             pa.array(np.concatenate([np.asarray(a, np.float32) for _, _, a, _ in images])),
         ],
         schema=feature_schema(dim),
@@ -241,11 +270,11 @@ def image_runs(path: str | Path, ids: pa.ChunkedArray) -> tuple[list[str], np.nd
 
 def unit_keys(path: str | Path, t: pa.Table, image_ids: list[str], row_image: np.ndarray) -> np.ndarray:
     """The ``key`` column as unit vectors on the k-means grid; NaN or Inf named by image."""
-    keys = list_to_numpy(t.column("key"))
+    keys = key_matrix(t.column("key"))
     if not np.isfinite(keys).all():
         bad = image_ids[row_image[np.flatnonzero(~np.isfinite(keys).all(1))[0]]]
         raise ValueError(f"{path}: image {bad!r} has NaN or Inf in its features")
-    return unit_vectors(keys)
+    return unit_vectors(keys, in_place=True)  # key_matrix's copy is ours
 
 
 def read_patches(path: str | Path) -> Patches:

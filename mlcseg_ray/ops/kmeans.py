@@ -58,9 +58,20 @@ def exact_weights(w: np.ndarray) -> np.ndarray:
     return np.rint(np.asarray(w, np.float64) * 2**24) / 2**24
 
 
-def unit_vectors(x: np.ndarray) -> np.ndarray:
-    """What every loader hands the k-means: L2-normalised float32 on the summation grid."""
-    return to_grid(l2_normalize(x))
+# Rows normalised at a time: a shard's keys are hundreds of MB, and whole-array temporaries of that size cost more
+# in fresh memory than the arithmetic (BENCHMARKS.md, issue 23). Each row's result does not depend on the blocks.
+ROWS_PER_BLOCK = 1 << 14
+
+
+def unit_vectors(x: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """What every loader hands the k-means: L2-normalised float32 (n, D) on the summation grid. ``in_place``
+    overwrites ``x`` when it is a writable float32 array the caller owns (a shard's keys)."""
+    out = np.asarray(x, np.float32) if in_place else np.array(x, np.float32)
+    for i in range(0, len(out), ROWS_PER_BLOCK):
+        block = out[i : i + ROWS_PER_BLOCK]
+        block /= np.maximum(np.linalg.norm(block, axis=-1, keepdims=True), EPS)
+        to_grid(block)
+    return out
 
 
 # --- deterministic randomness keyed by the data, not by the shard a row happens to be in ---

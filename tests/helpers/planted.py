@@ -330,7 +330,7 @@ def generate_on_photos(
     truth is empty, while the photo's own texture still varies as much as in the others."""
     import pyarrow.parquet as pq
 
-    from mlcseg_ray.formats.feature_store import list_to_numpy, read_store_metadata
+    from mlcseg_ray.formats.feature_store import key_matrix, read_store_metadata
 
     rng = np.random.default_rng([seed, 11])
     truth = photo_grids(base, mask_dir)
@@ -351,7 +351,7 @@ def generate_on_photos(
             ).to_pylist()
         }
         ids = np.asarray(t.column("image_id").to_pylist())
-        keys, attn = list_to_numpy(t.column("key")), t.column("cls_attn").to_numpy()
+        keys, attn = key_matrix(t.column("key")), t.column("cls_attn").to_numpy()
         records = []
         for image_id in dict.fromkeys(ids):
             rows = ids == image_id

@@ -263,6 +263,30 @@ def test_nan_in_a_brought_store_names_the_image(tmp_path):
     assert isinstance(failed.value.__cause__, ValueError)
 
 
+def test_a_store_with_list_keys_clusters_like_one_with_binary_keys(planted, tmp_path):
+    """Schema-1 stores, and stores written by other tools to the list layout, hold each key as a
+    fixed_size_list<float16, D>; this writer packs it into fixed-size binary. Both give the same masks."""
+    import pyarrow as pa
+
+    from mlcseg_ray.formats.feature_store import key_matrix
+
+    easy, outs = planted[0], {}
+    for layout in ("binary", "list"):
+        root = tmp_path / layout
+        shutil.copytree(easy.features, root / "features")
+        shutil.copytree(easy.image_tables, root / "images")
+        if layout == "list":
+            for path in (root / "features").glob("*.parquet"):
+                t = pq.read_table(path)
+                assert pa.types.is_fixed_size_binary(t.schema.field("key").type)
+                k = key_matrix(t.column("key"), np.float16)
+                as_list = pa.FixedSizeListArray.from_arrays(pa.array(k.ravel(), pa.float16()), k.shape[1])
+                pq.write_table(t.set_column(t.schema.get_field_index("key"), "key", as_list), path)
+        run_cluster(RunDir(root), Config())
+        outs[layout] = {p.name: p.read_bytes() for p in RunDir(root).pseudo.iterdir()}
+    assert outs["list"] == outs["binary"] and outs["list"]
+
+
 def test_cluster_on_ray_is_identical_and_resumes(ray_local, planted, tmp_path):
     easy = planted[0]
     out = tmp_path / "r"
@@ -289,10 +313,12 @@ def test_cluster_on_ray_is_identical_and_resumes(ray_local, planted, tmp_path):
 
 def test_cluster_results_do_not_depend_on_the_shard_size(planted, tmp_path):
     """The same images cut into other shards: every pseudo-mask, level mask and soft score is identical."""
-    from mlcseg_ray.formats.feature_store import read_store_metadata
+    from mlcseg_ray.formats.feature_store import key_matrix, read_store_metadata
 
     src = planted[1]
-    feats = pq.read_table(src.feature_shard(0)).to_pylist()
+    ft = pq.read_table(src.feature_shard(0))
+    ids, all_keys = np.asarray(ft.column("image_id").to_pylist()), key_matrix(ft.column("key"))
+    feats = ft.drop_columns(["key"]).to_pylist()
     images = pq.read_table(src.image_table(0)).to_pylist()
     meta = read_store_metadata(src.feature_shard(0))
     records = []
@@ -303,7 +329,7 @@ def test_cluster_results_do_not_depend_on_the_shard_size(planted, tmp_path):
                 "image_id": im["image_id"],
                 "grid_h": im["grid_h"],
                 "grid_w": im["grid_w"],
-                "keys": np.asarray([r["key"] for r in rows], np.float32),
+                "keys": all_keys[ids == im["image_id"]],
                 "cls_attn": np.asarray([r["cls_attn"] for r in rows]),
                 "cls_token": im["cls_token"],
             }

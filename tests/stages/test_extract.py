@@ -9,7 +9,7 @@ from helpers import copy_voc_images
 from helpers.badinputs import make_corpus
 from mlcseg_ray.config import Config
 from mlcseg_ray.core.store import list_shards
-from mlcseg_ray.formats.feature_store import list_to_numpy, read_store_metadata
+from mlcseg_ray.formats.feature_store import key_matrix, read_store_metadata
 from mlcseg_ray.pipeline import Pipeline
 from mlcseg_ray.stages.extract import geometry
 
@@ -36,8 +36,8 @@ def test_extract_store_format_and_resume(ray_local, tmp_path):
     assert meta["random_weights"] is True and meta["patch_size"] == 8 and meta["embed_dim"] == 48
     it = pq.read_table(imgs[0]).to_pylist()
     ft = pq.read_table(feats[0])
-    keys = list_to_numpy(ft.column("key"))
-    assert keys.shape[1] == 48 and ft.schema.field("key").type.value_type == "halffloat"
+    keys = key_matrix(ft.column("key"))
+    assert keys.shape[1] == 48 and ft.schema.field("key").type.byte_width == 2 * 48
     for row in it:
         n = int(np.sum(np.asarray(ft.column("image_id").to_pylist()) == row["image_id"]))
         assert n == row["grid_h"] * row["grid_w"]
