@@ -1,6 +1,7 @@
 """End-to-end seconds per image on the VOC photos: the whole ``mlcseg run`` command (interpreter, imports, Ray's
 start and shut-down included), by stage, against a bare timm forward of the same images at the same resolution,
-measured in the same run.
+measured in the same run: once before the command and once after, because this machine's speed drifts by 10-20%
+over minutes (BENCHMARKS.md, issue 23); the ratio is to their mean.
 
     python bench/e2e_bench.py [--n 59] [--backbone random-vit-s8] [--max-side 512]
 """
@@ -45,10 +46,12 @@ def main():
     args = ap.parse_args()
     paths = sorted(VOC_IMAGES.glob("*.jpg"))[: args.n]
     work = Path(tempfile.mkdtemp(prefix="mlcseg-e2e-"))
-    total = run_command(work / "run", args)
-    stages = json.loads((work / "run" / "run.json").read_text())["stages"]
     cfg = Config(backbone=args.backbone, max_side=args.max_side, region_descriptor=args.descriptor)
-    bare_rate = bare(paths, cfg, torch.get_num_threads())
+    before = 1 / bare(paths, cfg, torch.get_num_threads())
+    total = run_command(work / "run", args)
+    after = 1 / bare(paths, cfg, torch.get_num_threads())
+    stages = json.loads((work / "run" / "run.json").read_text())["stages"]
+    bare_rate = 2 / (before + after)
     n = len(paths)
     print(f"machine: {machine()}")
     print(f"{n} VOC photos, {args.backbone}, max_side {args.max_side}, region descriptor {args.descriptor}")
@@ -60,7 +63,7 @@ def main():
     outside = total - sum(v["seconds"] for v in stages.values())
     print(f"  outside the stages (interpreter, imports, Ray start and shut-down): {outside:.1f} s")
     print(f"mlcseg run     : {total / n:.3f} s/image ({total:.1f} s)")
-    print(f"bare forward   : {1 / bare_rate:.3f} s/image")
+    print(f"bare forward   : {1 / bare_rate:.3f} s/image (before the command {before:.3f}, after {after:.3f})")
     print(f"ratio mlcseg run/bare forward: {total / n * bare_rate:.2f}x")
     shutil.rmtree(work, ignore_errors=True)
 
