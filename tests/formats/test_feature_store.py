@@ -28,3 +28,19 @@ def test_a_fixed_size_list_key_column_reads_the_same():
     keys = np.arange(60, dtype=np.float16).reshape(5, 12)
     as_list = pa.FixedSizeListArray.from_arrays(pa.array(keys.ravel(), pa.float16()), 12)
     assert np.array_equal(key_matrix(as_list), key_matrix(key_column(keys)))
+
+
+def test_the_feature_table_rounds_float32_keys_as_numpy_does():
+    """The table converts on torch, for speed: its float16 must be numpy's, ties and overflow included."""
+    from mlcseg_ray.formats.feature_store import feature_table
+
+    rng = np.random.default_rng(1)
+    halves = np.arange(0x7BFF, dtype=np.uint16).view(np.float16).astype(np.float64)
+    ties = ((halves[:-1] + halves[1:]) / 2).astype(np.float32)  # exactly between two float16
+    keys = np.concatenate([ties, -ties, rng.standard_normal(600).astype(np.float32) * 1e5])
+    keys = np.resize(keys, (len(keys) // 16 * 16,)).reshape(-1, 16)
+    images = [("a", keys[:100], np.zeros(100), 10), ("b", keys[100:], np.zeros(len(keys) - 100), 7)]
+    with np.errstate(over="ignore"):
+        expected = keys.astype(np.float16)
+    got = key_matrix(feature_table(images, 16).column("key"), np.float16)
+    assert np.array_equal(got.view(np.uint16), expected.view(np.uint16))
