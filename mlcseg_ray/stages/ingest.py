@@ -274,12 +274,8 @@ def build_manifest(
         raise FileNotFoundError(f"no images found in {spec.describe()}")
     storage.remove(run.manifest_parts)  # a crashed ingest's parts
     n_parts = -(-listing.table.num_rows // settings.chunk)
-    # One part is probed here: a task would buy no parallelism, and its worker's start-up (Ray's own, on an
-    # embedded Ray) would delay extraction by seconds (BENCHMARKS.md, issue 23).
-    where = "in this process" if n_parts == 1 else f"in {n_parts} tasks"
-    log.info("ingest: %d images, probed %s", listing.table.num_rows, where)
-    probe_map = serial_map if n_parts == 1 else map_fn
-    counts = probe_map(_probe_part, list(range(n_parts)), listing.table, settings, str(run.manifest_parts))
+    log.info("ingest: %d images, probed in %d task(s)", listing.table.num_rows, n_parts)
+    counts = map_fn(_probe_part, list(range(n_parts)), listing.table, settings, str(run.manifest_parts))
     start = last_shard(settings.previous) + 1 if settings.keep_shards else 0
     merged = run.manifest_parts / "manifest.parquet"
     with unrecorded():  # the manifest is the output, once in its place

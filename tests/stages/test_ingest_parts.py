@@ -115,21 +115,3 @@ def test_a_folder_without_subfolders_is_listed_on_the_driver(tmp_path):
         save(tmp_path, f"{i}.png")
     listing = list_images(InputSpec(images=str(tmp_path)))
     assert listing.table.column("image_id").to_pylist() == ["0", "1", "2"]
-
-
-def test_one_parts_probing_stays_in_this_process_and_more_parts_go_to_the_map(folder, tmp_path):
-    """A task per part buys parallelism only where there are several parts: a single one is probed here, without
-    a worker's start-up in front of extraction; more go through the executor's map, one call per part."""
-    calls = []
-
-    def recording_map(fn, items, *shared):
-        calls.append((fn.__name__, list(items)))
-        return [fn(i, *shared) for i in items]
-
-    spec = InputSpec(images=str(folder))
-    for chunk, probed in ((4096, []), (4, [0, 1, 2])):
-        calls.clear()
-        run = RunDir(tmp_path / f"chunk{chunk}")
-        build_manifest(spec, run, 2, ProbeSettings(MAX_PIXELS, 8, chunk=chunk), recording_map)
-        assert [items for name, items in calls if name == "_probe_part"] == ([probed] if probed else [])
-        assert read_manifest(run.manifest).num_rows == 9
