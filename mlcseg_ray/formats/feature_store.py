@@ -155,9 +155,10 @@ def feature_table(images: list[tuple[str, np.ndarray, np.ndarray, int]], dim: in
         ids.append(np.full(len(k), image_id, dtype=object))
         pys.append(yy.astype(np.int16))
         pxs.append(xx.astype(np.int16))
-        # torch's float32 -> float16 rounds as numpy's does (the same bits), ~50x faster: this runs in the
-        # extraction actor, in series with its forward
-        torch.from_numpy(keys[pos : pos + len(k)]).copy_(torch.from_numpy(np.ascontiguousarray(k)))
+        if k.dtype == np.float32:  # what extraction hands over: on torch, ~50x faster, numpy's rounding bit for bit
+            torch.from_numpy(keys[pos : pos + len(k)]).copy_(torch.from_numpy(np.ascontiguousarray(k)))
+        else:  # a brought store's float64 rounds once, straight to float16, as before
+            keys[pos : pos + len(k)] = np.asarray(k).astype(KEY_DTYPE)
         pos += len(k)
     return pa.Table.from_arrays(
         [
