@@ -323,11 +323,6 @@ class FeatureExtractor(nn.Module):
         from timm.models.vision_transformer import Block
 
         self.cls_only = type(last) is Block and type(last.attn) is Attention
-        self._qkv = None
-        self.attn.qkv.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self._qkv = output
 
     @property
     def precision(self) -> str:
@@ -354,9 +349,13 @@ class FeatureExtractor(nn.Module):
         return torch.softmax(scores, dim=-1)[:, :, 0]
 
     def _forward_whole(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = self.model.forward_features(x)  # (B, N, C), final norm applied
-        qkv, self._qkv = self._qkv, None
-        keys, q, k, _ = self._heads(qkv)
+        qkv = []  # the last block's qkv output, caught by a hook for this call only
+        hook = self.attn.qkv.register_forward_hook(lambda module, inputs, output: qkv.append(output))
+        try:
+            tokens = self.model.forward_features(x)  # (B, N, C), final norm applied
+        finally:
+            hook.remove()
+        keys, q, k, _ = self._heads(qkv[-1])
         return {"keys": keys, "cls_attn": self._cls_row(q, k)[:, :, self.npt :].mean(1), "cls": tokens[:, 0]}
 
     def _forward_cls_only(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -365,7 +364,6 @@ class FeatureExtractor(nn.Module):
         t = m.blocks[:-1](t)
         h = m.blocks[-1].norm1(t)
         keys, q, k, v = self._heads(self.attn.qkv(h))
-        self._qkv = None  # the hook kept it too
         # from the attention row on, one image at a time: a matrix product's rounding depends on how many rows and
         # matrices it has, and an image's CLS token must not depend on which images share its batch (shard-size
         # invariance); for one row per image this costs little

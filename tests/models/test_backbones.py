@@ -198,6 +198,7 @@ def test_cls_only_last_block_gives_the_whole_forwards_outputs(kind):
     torch.testing.assert_close(out["cls_attn"], whole["cls_attn"], rtol=1e-6, atol=1e-7)
     assert torch.equal(out["keys"], whole["keys"])
     assert out["keys"].shape == (3, 12, 48)
+    assert not fast.attn.qkv._forward_hooks  # the whole path's hook lives for its own call only
 
 
 def test_an_images_features_do_not_depend_on_its_batch():
