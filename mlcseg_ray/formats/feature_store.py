@@ -36,8 +36,8 @@ META_KEY = b"mlcseg"
 # only the image ids are dictionary-encoded. Every pass of the clustering reads the keys again.
 FEATURE_WRITE_OPTIONS = dict(use_dictionary=["image_id"], write_statistics=["image_id", "py", "px"])
 # A patch's key is one fixed-size binary value, not a fixed_size_list: Parquet stores a list with a repetition and
-# a definition level per float, and encoding and decoding those made writing a shard ~50x and reading it ~10x
-# slower (BENCHMARKS.md, issue 23). The bytes are the float16 values, little-endian whatever the machine.
+# a definition level per float, and encoding and decoding those made writing a shard 4-30x and reading it ~15x
+# slower (``bench/store_format.py``). The bytes are the float16 values, little-endian whatever the machine.
 KEY_DTYPE = np.dtype("<f2")
 
 
