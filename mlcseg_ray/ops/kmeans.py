@@ -69,7 +69,7 @@ def unit_vectors(x: np.ndarray, in_place: bool = False) -> np.ndarray:
     out = np.asarray(x, np.float32) if in_place else np.array(x, np.float32)
     for i in range(0, len(out), ROWS_PER_BLOCK):
         block = out[i : i + ROWS_PER_BLOCK]
-        block /= np.maximum(np.linalg.norm(block, axis=-1, keepdims=True), EPS)
+        np.copyto(block, l2_normalize(block))
         to_grid(block)
     return out
 
