@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .core.storage import as_location
+from .core.storage import as_location, redacted, url_credentials
 from .core.store import atomic_write_text
 
 # Keys that decide how the work is cut and where it runs, never what comes out: no stage's fingerprint holds them
@@ -142,6 +142,16 @@ class Config(BaseModel):
             data.pop("kmeans_init_sample")
         return data
 
+    @field_validator("s3_endpoint_url", "weights")
+    @classmethod
+    def _no_credentials(cls, url: str | None) -> str | None:
+        if url_credentials(url):
+            raise ValueError(
+                "the URL holds a user name or password, which would be stored in the run folder; give credentials "
+                "through AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or a role instead"
+            )
+        return url
+
     @model_validator(mode="after")
     def _check(self) -> Config:
         if self.combine == "vote" and self.vote > 3:
@@ -192,7 +202,11 @@ def parse_overrides(overrides: list[str] | dict) -> dict:
         if key not in Config.model_fields:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(Config.model_fields)}")
         # YAML parsing gives numbers, booleans and null their types; pydantic checks the rest.
-        out[key] = yaml.safe_load(value) if value.strip() else None
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(f"override {key}: {value!r} is not a YAML value ({first})") from None
     return out
 
 
@@ -203,5 +217,5 @@ def _explain(e: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown config key {key!r}; known keys: {', '.join(Config.model_fields)}")
         else:
-            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{key}: {err['msg']} (got {redacted(repr(err.get('input')))})")
     return "invalid configuration: " + "; ".join(lines)

@@ -16,7 +16,7 @@ from .backends import make_backend
 from .config import Config
 from .core.executor import Executor
 from .core.inputs import RunInputs
-from .core.progress import console
+from .core.progress import console, shown
 from .core.stage import StageContext
 from .core.storage import use_endpoint
 from .core.store import RunDir
@@ -69,7 +69,8 @@ class Pipeline:
         self.cfg = config or Config()
         use_endpoint(self.cfg.s3_endpoint_url)  # before the run folder (maybe in that store) is touched
         self.run_dir = RunDir(out)
-        self.inputs = RunInputs(**inputs)  # an unknown field is a TypeError here, naming it
+        # an unknown field is a TypeError here, naming it; local paths recorded absolute (a rerun from anywhere)
+        self.inputs = RunInputs(**inputs).absolute()
         if self.inputs.voc and not self.inputs.gt:
             self.inputs = replace(self.inputs, gt=self.inputs.voc, protocol=self.inputs.protocol or "voc21")
         self.executor = Executor(
@@ -103,7 +104,7 @@ class Pipeline:
 
 
 def _say(message: str) -> None:
-    console.print(f"[dim]{message}[/]")
+    console.print(f"[dim]{shown(message)}[/]")
 
 
 def run_stages(

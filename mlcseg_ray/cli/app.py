@@ -26,8 +26,9 @@ import typer
 
 from ..config import Config, parse_overrides
 from ..core.inputs import INPUT_FIELDS, InputSpec
-from ..core.progress import console
+from ..core.progress import console, shown
 from ..core.progress import out as stdout
+from ..core.store import printable
 from .errors import EXIT_CODES, error, exit_code
 
 app = typer.Typer(
@@ -188,7 +189,7 @@ def _keep_log(log: Path, run: Any) -> None:
         if log.exists() and log.stat().st_size and run.root.is_dir():
             atomic_write_bytes(run.logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log", log.read_bytes())
     except Exception:  # a store that went away: the log stays behind, the run's own error is what the user sees
-        console.print(f"[yellow]Ray's log of this command: {log}[/]", soft_wrap=True, highlight=False)
+        console.print(f"[yellow]Ray's log of this command: {shown(log)}[/]", soft_wrap=True, highlight=False)
         return
     log.unlink(missing_ok=True)
 
@@ -223,9 +224,9 @@ def _report(pipe: Any, summary: list[dict], as_json: bool) -> None:
             print_metrics(metrics)
         if flags:  # kept, but worth a look: empty scenes, whole-image masks, doubtful pseudo-labels
             stdout.print(f"flagged: {', '.join(f'{n} {f}' for f, n in flags.items())}", highlight=False)
-        stdout.print(f"outputs in {run.root}", highlight=False, soft_wrap=True)
+        stdout.print(f"outputs in {printable(str(run.root))}", highlight=False, soft_wrap=True)
     if failed:
-        console.print(f"[yellow]{failed} image(s) failed: mlcseg errors {run.root}[/]", soft_wrap=True)
+        console.print(f"[yellow]{failed} image(s) failed: mlcseg errors {shown(run.root)}[/]", soft_wrap=True)
         raise typer.Exit(3)
 
 
@@ -315,7 +316,7 @@ def errors(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
             )
         )
         return
-    t = Table(title=f"stages of {run.root}")
+    t = Table(title=f"stages of {printable(str(run.root))}")
     for col in ("stage", "images", "errors", "seconds"):
         t.add_column(col)
     for name, s in stages.items():
@@ -331,13 +332,13 @@ def errors(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
         for col in ("image", "stage", "reason"):
             t.add_column(col)
         for r in failed:
-            t.add_row(r["image_id"], r["stage"] or "-", r["error"] or "")
+            t.add_row(printable(r["image_id"]), r["stage"] or "-", printable(r["error"] or ""))
         stdout.print(t)
     if skipped.get("count"):
         stdout.print(
             f"ingest skipped {skipped['count']} file(s) that are not images by extension "
             f"({', '.join(f'{k}: {v}' for k, v in skipped.get('by_extension', {}).items())}): "
-            f"{', '.join(skipped.get('files', [])[:20])}",
+            f"{printable(', '.join(skipped.get('files', [])[:20]))}",
             highlight=False,
             soft_wrap=True,
         )
@@ -362,12 +363,13 @@ def verify(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
         for stage, problems in report.items():
             stdout.print(f"{stage}: {'ok' if not problems else f'{len(problems)} problem(s)'}", highlight=False)
             for p in problems[:20]:
-                stdout.print(f"  {p}", highlight=False, soft_wrap=True)
+                stdout.print(f"  {printable(p)}", highlight=False, soft_wrap=True)
             if len(problems) > 20:
                 stdout.print(f"  ... and {len(problems) - 20} more", highlight=False)
     if damaged:
         console.print(
-            f"[yellow]damaged: rerun `mlcseg run --out {run.root}` to recompute what is listed[/]", soft_wrap=True
+            f"[yellow]damaged: rerun `mlcseg run --out {shown(run.root)}` to recompute what is listed[/]",
+            soft_wrap=True,
         )
         raise typer.Exit(8)
 
@@ -616,7 +618,16 @@ def _weights_status(name: str) -> str:
         return f"unknown ({type(e).__name__})"
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines carry names from the data: their control characters are shown as escapes, never sent raw."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
 def main() -> None:  # pragma: no cover
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("mlcseg_ray").setLevel(logging.INFO)
     app()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..core.progress import out
+from ..core.store import printable
 
 
 def print_metrics(metrics: dict) -> None:
@@ -31,12 +32,12 @@ def print_metrics(metrics: dict) -> None:
     if metrics["missing_predictions"]:
         out.print(
             f"{len(metrics['missing_predictions'])} image(s) had no prediction (counted as background): "
-            f"{', '.join(metrics['missing_predictions'][:10])}",
+            f"{printable(', '.join(metrics['missing_predictions'][:10]))}",
             highlight=False,
             soft_wrap=True,
         )
     if metrics.get("written_to"):
-        out.print(f"metrics written to {metrics['written_to']}", highlight=False, soft_wrap=True)
+        out.print(f"metrics written to {printable(str(metrics['written_to']))}", highlight=False, soft_wrap=True)
 
 
 def print_ablation(result: dict, protocol: str) -> None:
@@ -78,7 +79,7 @@ def print_ablation(result: dict, protocol: str) -> None:
     )
     if result["skipped"]:
         out.print(
-            f"{len(result['skipped'])} image(s) skipped: {'; '.join(result['skipped'][:5])}",
+            f"{len(result['skipped'])} image(s) skipped: {printable('; '.join(result['skipped'][:5]))}",
             highlight=False,
             soft_wrap=True,
         )

@@ -6,11 +6,9 @@ import errno
 import os
 import re
 
-from rich.markup import escape
-
 from ..config import ConfigError
 from ..core.errors import ClusterAuthError, ClusterUnreachable, NoUsableImages, RunLocked, StageFailed, StageOrderError
-from ..core.progress import console
+from ..core.progress import console, shown
 
 EXIT_CODES = {
     0: "done: every image has its outputs",
@@ -29,7 +27,7 @@ EXIT_CODES = {
 
 def error(e: object) -> None:
     """One line on stderr, never wrapped (scripts and log readers grep it)."""
-    console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
+    console.print(f"[bold red]error:[/] {shown(e)}", soft_wrap=True, highlight=False)
 
 
 def _os_error(e: BaseException) -> OSError | None:

@@ -7,6 +7,10 @@ class BadImage(Exception):
     """An input image that cannot be used; the message is the reason shown in its error row."""
 
 
+class UnsafeImageId(BadImage):
+    """An image id that cannot name an output file inside the run folder: that image's error row."""
+
+
 class RunLocked(RuntimeError):
     """Another live run holds the run folder."""
 

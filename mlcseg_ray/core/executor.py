@@ -33,7 +33,7 @@ from .inputs import RunInputs
 from .integrity import declared_outputs, stage_damage
 from .progress import progress_bar
 from .stage import MapFn, Stage, StageContext
-from .storage import iter_batches, read_table, walk_files
+from .storage import confined_to, iter_batches, read_table, walk_files
 from .store import (
     STATUS_SCHEMA,
     RunDir,
@@ -55,15 +55,23 @@ log = logging.getLogger("mlcseg_ray")
 def run_shard(stage: Stage, ctx: StageContext, shard: int, shared: Any, fingerprint: str, worker: Any = None) -> dict:
     """One shard of a stage, then its marker: the outputs are in place before the marker says so."""
     t0 = time.perf_counter()
-    with recording_writes() as written:
+    with recording_writes() as written, confined_to(ctx.run.root):
         result = stage.process_shard(ctx, shard, shared, worker) or {}
     result["seconds"] = round(time.perf_counter() - t0, 4)
     outputs = declared_outputs(stage.writes, ctx.run, written)  # what a rerun checks is still there
     inputs = {"inputs": stage.shard_inputs(ctx, shard)} if stage.per_shard_inputs else {}
-    atomic_write_json(
-        ctx.run.marker(stage.name, shard), {"fingerprint": fingerprint, **result, **inputs, "outputs": outputs}
-    )
+    with confined_to(ctx.run.root):
+        atomic_write_json(
+            ctx.run.marker(stage.name, shard), {"fingerprint": fingerprint, **result, **inputs, "outputs": outputs}
+        )
     return result
+
+
+def confined_task(item: Any, root: str, fn: Callable, *shared: Any) -> Any:
+    """``fn(item, *shared)`` with its writes confined to the run folder ``root``: a task of a stage's global part,
+    in any worker."""
+    with confined_to(root):
+        return fn(item, *shared)
 
 
 class Executor:
@@ -92,7 +100,8 @@ class Executor:
         """The map a stage's global part (k-means passes, evaluation chunks) fans out with, as tasks that ask for
         what the stage declared."""
         res = stage.map_resources(self.cfg)
-        return lambda fn, items, *shared: self.backend.map(fn, items, *shared, resources=res)
+        root = str(self.run.root)
+        return lambda fn, items, *shared: self.backend.map(confined_task, items, root, fn, *shared, resources=res)
 
     def _run_shards(self, stage: Stage, ctx: StageContext, todo: list[int], shared: Any, fp: str) -> None:
         res = stage.resources_for(self.cfg)
@@ -203,20 +212,20 @@ class Executor:
         """Run ``planned`` (in pipeline order) under the run folder's lock."""
         planned = [n for n in self.order if n in planned]
         self.source_fps = {}  # a manifest hashed in an earlier call may have changed since
+        ctx = StageContext(self.run, self.cfg, self.inputs)
+        for name in planned:  # before the run folder is made or Ray started: a bad weights file creates nothing
+            try:
+                self.stages[name].preflight(ctx)
+            except Exception as e:
+                raise StageFailed(name, e, self.run.root) from e
         with self.run.lock(command or " ".join(planned)):
             remove_stale_temp_files(self.run.root)  # a killed run's half-written run.json or status.parquet
-            ctx = StageContext(self.run, self.cfg, self.inputs)
             for name in planned:
                 if self.stages[name].source:  # the manifest's fingerprint feeds every other stage's
                     self._run_guarded(name, ctx, planned, None)
                     self._check_usable(name, planned)
             fps, bases = self.fingerprints(ctx, planned)
             self._check_order(planned, fps, bases, ctx)
-            for name in planned:
-                try:
-                    self.stages[name].preflight(ctx)
-                except Exception as e:
-                    raise StageFailed(name, e, self.run.root) from e
             for name in self.order:
                 rec = self._record(name)
                 changed = (rec or {}).get("marker_fingerprint", (rec or {}).get("fingerprint")) != self.marker_fps.get(

@@ -6,8 +6,14 @@ Jobs entrypoint all take them from :data:`INPUT_FIELDS`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+
+from .storage import url_credentials
+
+# The fields that name a file or folder (a local path or a bucket URI).
+LOCATION_FIELDS = ("images", "voc", "coco", "ann", "manifest", "gt")
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,16 @@ class InputSpec:
             what += f", sample of {self.sample} (seed {self.sample_seed})"
         return what
 
+    def absolute(self) -> InputSpec:
+        """The same input with every local path made absolute (a URI stays as it is): what a run records, so that
+        a rerun from any directory reads the same files."""
+        local = {
+            f.name: os.path.abspath(os.path.expanduser(v))
+            for f in fields(self)
+            if f.name in LOCATION_FIELDS and isinstance(v := getattr(self, f.name), str) and "://" not in v
+        }
+        return replace(self, **local)
+
     def sources(self) -> list[str]:
         return [x for x in (self.images, self.voc, self.coco, self.manifest) if x]
 
@@ -51,6 +67,12 @@ class InputSpec:
             raise ValueError("--coco needs --ann INSTANCES_JSON")
         if self.limit and self.sample:
             raise ValueError("give --limit or --sample, not both")
+        for name in LOCATION_FIELDS:
+            if url_credentials(getattr(self, name, None)):
+                raise ValueError(
+                    f"--{name}: the URL holds a user name or password, which would be stored in the run folder; "
+                    "give credentials through the standard variables or profiles instead"
+                )
 
     def check(self) -> None:
         """Valid, and the local paths it names exist: before a run folder is made for it."""

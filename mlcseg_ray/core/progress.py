@@ -12,11 +12,20 @@ import time
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=True)  # logs, progress, errors
-out = Console()  # results
+from .store import printable
+
+console = Console(stderr=True)  # logs, progress, errors: markup for colour, so data goes in through shown()
+out = Console(markup=False)  # results: data alone, never read as markup (an image named "[/bad].jpg")
+
+
+def shown(text: object) -> str:
+    """Text from the data (a file name, an image id, a path, an error) as it may go into a line of ``console``:
+    control characters written as escapes (a name never drives the terminal) and Rich markup escaped."""
+    return escape(printable(str(text)))
 
 
 def progress_interval() -> float:
@@ -94,7 +103,7 @@ def progress_bar(description: str, total: int, unit: str = "items") -> Iterator[
 
 def summary_table(title: str, rows: list[dict], to: Console | None = None) -> None:
     """The end-of-run table: one row per stage (the executor's summary)."""
-    t = Table(title=title, show_header=True, header_style="bold")
+    t = Table(title=printable(title) if to in (None, out) else shown(title), show_header=True, header_style="bold")
     for col in ("stage", "images", "errors", "seconds", "images/s", "output"):
         t.add_column(col)
     for r in rows:
@@ -106,6 +115,6 @@ def summary_table(title: str, rows: list[dict], to: Console | None = None) -> No
             str(r.get("errors", 0)),
             "skipped" if r.get("skipped") else f"{sec:.1f}",
             rate,
-            str(r.get("output", "")),
+            printable(str(r.get("output", ""))),
         )
     (to or out).print(t)

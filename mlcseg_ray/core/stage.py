@@ -85,7 +85,8 @@ class Stage:
         raise NotImplementedError
 
     def preflight(self, ctx: StageContext) -> None:
-        """Cheap checks (the weights can be found), run for every planned stage before anything is removed."""
+        """Checks of the configuration (the weights can be found and load into the backbone), run for every planned
+        stage in the driver before the run folder is made or touched and before Ray starts."""
 
     def wanted(self, ctx: StageContext) -> bool:
         """Whether a full run includes this stage (evaluate only with ground truth)."""

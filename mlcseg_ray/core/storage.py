@@ -18,6 +18,7 @@ Credentials and endpoints come the standard way (AWS variables and profiles, ``A
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
 import tempfile
@@ -65,6 +66,26 @@ def endpoint_env() -> dict[str, str]:
     return {k: os.environ[k] for k in ENDPOINT_VARS if os.environ.get(k)}
 
 
+def url_credentials(url: object) -> bool:
+    """Whether a URL carries a user name or password (``http://user:pass@host/``): they would be stored with the run
+    (``config.yaml``, ``run.json``) and shown in its logs; credentials go in the standard variables or profiles."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(url, str) or "://" not in url:
+        return False
+    try:
+        return "@" in urlsplit(url).netloc
+    except ValueError:
+        return False
+
+
+def redacted(text: str) -> str:
+    """``text`` with the user name and password of any URL in it replaced by ``***``."""
+    import re
+
+    return re.sub(r"(\w+://)[^/\s@]+@", r"\1***@", text)
+
+
 def is_local(path: Location) -> bool:
     return isinstance(path, Path)
 
@@ -98,8 +119,53 @@ def make_folder(path: Location) -> None:
         path.mkdir(parents=True, exist_ok=True)
 
 
+# --- confinement: nothing is written outside the run folder ---
+# The folder every write of this context must stay inside (set by the run folder's lock in the driver, and by the
+# executor around each worker's shard and task): a path is checked where it is written, so that no output, present
+# or future, can be sent elsewhere by a name taken from the input (an image id, a COCO file_name) or by a link.
+_CONFINED_TO: contextvars.ContextVar[Location | None] = contextvars.ContextVar("confined_to", default=None)
+
+
+class OutsideRunFolder(ValueError):
+    """A write that would land outside the run folder (a link among its folders, or a name that climbs out)."""
+
+
+@contextlib.contextmanager
+def confined_to(root: str | os.PathLike | None) -> Iterator[None]:
+    """Every write made inside the block (this thread) must resolve inside ``root`` (None: no confinement)."""
+    token = _CONFINED_TO.set(None if root is None else as_location(root))
+    try:
+        yield
+    finally:
+        _CONFINED_TO.reset(token)
+
+
+def contains(root: Location, path: Location) -> bool:
+    """Whether ``path`` lies strictly inside ``root``. Locally both are resolved (every link followed, also in the
+    part that does not exist yet), so a folder of the run that is a link to elsewhere is outside; in a bucket the
+    key must start with the root's and hold no empty, ``.`` or ``..`` segment below it."""
+    root, path = as_location(root), as_location(path)
+    if is_local(root) != is_local(path):
+        return False
+    if is_local(path):
+        return root.resolve() in path.resolve().parents
+    top, key = str(root).rstrip("/") + "/", str(path)
+    return key.startswith(top) and all(seg not in ("", ".", "..") for seg in key[len(top) :].split("/"))
+
+
+def check_write(path: Location) -> None:
+    """Raise :class:`OutsideRunFolder` where ``path`` is not inside the folder this context is confined to."""
+    root = _CONFINED_TO.get()
+    if root is not None and not contains(root, path):
+        raise OutsideRunFolder(
+            f"refusing to write {path}: it is not inside the run folder {root} (a link among the run's folders, "
+            "or a name that leads out of it)"
+        )
+
+
 # --- writes ---
 def _atomic_local(path: Path, write: Callable[[str], object]) -> None:
+    check_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     os.close(fd)
@@ -124,6 +190,7 @@ def put_bytes(path: Location, data: bytes) -> None:
 
         _atomic_local(path, write)
     else:
+        check_write(path)
         path.fs.pipe_file(path.path, data)  # one PUT, or a multipart upload completed last
 
 
@@ -139,6 +206,7 @@ def put_stream(path: Location, write: Callable[[BinaryIO], object]) -> None:
 
         _atomic_local(path, fill)
         return
+    check_write(path)
     with tempfile.NamedTemporaryFile(prefix=".tmp-") as f:
         write(f)
         f.flush()
@@ -180,6 +248,8 @@ def put_many(items: Iterable[tuple[Location, bytes]]) -> None:
     """Many small atomic writes (a shard's masks); to a bucket they go out concurrently."""
     items = list(items)
     remote = [(p, d) for p, d in items if not is_local(p)]
+    for p, _ in remote:
+        check_write(p)
     for p, d in items:
         if is_local(p):
             put_bytes(p, d)
@@ -205,6 +275,7 @@ def create_exclusive(path: Location, data: bytes) -> bool:
     """Create ``path`` holding ``data`` only if nothing is there; False when something is. On object storage this
     is a conditional PUT (S3 ``If-None-Match``, GCS ``ifGenerationMatch=0``): exclusive where the store enforces it."""
     path = as_location(path)
+    check_write(path)
     if is_local(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -224,6 +295,7 @@ def create_exclusive(path: Location, data: bytes) -> bool:
 def remove(path: Location) -> None:
     """Remove a file or a whole folder (prefix); nothing there is fine."""
     path = as_location(path)
+    check_write(path)
     if is_local(path):
         if path.is_dir():
             shutil.rmtree(path)
@@ -319,6 +391,7 @@ def move(source: Location, target: Location) -> None:
     """``source`` put in ``target``'s place: locally a rename (atomic); in a bucket a server-side copy (the object
     appears whole) and the source's removal."""
     source, target = as_location(source), as_location(target)
+    check_write(target)
     if is_local(source):
         os.replace(source, target)
     else:

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+import unicodedata
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -28,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import storage
-from .errors import RunLocked
+from .errors import RunLocked, UnsafeImageId
 from .storage import Location, as_location, is_local, read_table
 
 FEATURE_SCHEMA_VERSION = "2"  # 2: key as fixed-size binary float16 (1: fixed_size_list, still read)
@@ -160,6 +161,44 @@ def read_json(path: Location, default: Any = None) -> Any:
         return default
 
 
+# An image id names its outputs (``masks/<id>.png``), so it must be a relative path of plain segments. Longer ones
+# would not fit a file name (255 bytes, ".png" and a temp prefix included) or a path.
+MAX_SEGMENT_BYTES = 240
+MAX_ID_BYTES = 1024
+
+
+def id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot name an output file, or None where it can: a relative path of ``/``-separated
+    segments, none empty, ``.`` or ``..``, without a backslash, a control character or an undecodable byte, and not
+    too long. Anything else (spaces, a leading ``-``, brackets, any script) is kept as it is."""
+    if not image_id:
+        return "the image id is empty"
+    if image_id.startswith("/"):
+        return "the image id is an absolute path"
+    if "\\" in image_id:
+        return "the image id holds a backslash (ids are '/'-separated paths)"
+    bad = next((c for c in image_id if unicodedata.category(c) in ("Cc", "Cs")), None)
+    if bad is not None:
+        return f"the image id holds a control character or an undecodable byte ({ascii(bad)})"
+    segments = image_id.split("/")
+    if any(seg in ("", ".", "..") for seg in segments):
+        return "the image id holds an empty, '.' or '..' segment (it must stay inside the output folder)"
+    if len(image_id.encode()) > MAX_ID_BYTES or any(len(seg.encode()) > MAX_SEGMENT_BYTES for seg in segments):
+        return (
+            f"the image id is too long for a file name (a segment over {MAX_SEGMENT_BYTES} bytes, or the whole "
+            f"over {MAX_ID_BYTES})"
+        )
+    return None
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters and undecodable bytes written as escapes (``\\x1b``), so that a name never
+    drives the terminal or fails to encode; everything else as it is."""
+    if all(unicodedata.category(c) not in ("Cc", "Cs") for c in text):
+        return text
+    return "".join(ascii(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cs") else c for c in text)
+
+
 STATUS_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
@@ -241,10 +280,42 @@ class RunDir:
         return self.coco_parts / shard_name(n, "part", ".json")
 
     def binary_mask(self, image_id: str) -> Location:
-        return self.binary / f"{image_id}.png"
+        return self.image_file(self.binary, image_id)
 
     def class_mask(self, image_id: str) -> Location:
-        return self.masks / f"{image_id}.png"
+        return self.image_file(self.masks, image_id)
+
+    def has_binary_mask(self, image_id: str) -> bool:
+        """Whether refine wrote the image's binary mask (never for an id that cannot name a file)."""
+        return id_problem(image_id) is None and self.binary_mask(image_id).exists()
+
+    def image_file(self, folder: Location, image_id: str, suffix: str = ".png") -> Location:
+        """An image's file in one of the run's per-image folders. An id that cannot name a file there (it would
+        climb out, or is no file name) is that image's error (:class:`UnsafeImageId`), never a path elsewhere."""
+        problem = id_problem(image_id)
+        if problem:
+            raise UnsafeImageId(problem)
+        return folder / f"{image_id}{suffix}"
+
+    # The run's own folders and files: none may be a link (a write through it would land elsewhere).
+    OWN_ENTRIES = (
+        "manifest", "status", "config", "run_record", "features", "image_tables", "levels", "pseudo", "binary",
+        "masks", "region_parts", "regions", "coco_parts", "coco", "metrics", "confusion", "ablation", "report",
+        "logs",
+    )  # fmt: skip
+
+    def check_own_folders(self) -> None:
+        """Refuse a run folder whose own folders (or files) are links, or hold a link below them on the way to its
+        outputs: a rerun would write through it, outside the run folder."""
+        if self.remote:
+            return
+        for name in (*self.OWN_ENTRIES, "_state"):
+            p = self.root / name if name == "_state" else getattr(self, name)
+            if p.is_symlink():
+                raise storage.OutsideRunFolder(
+                    f"{p} is a link (to {os.readlink(p)}): a run never writes through a link; replace it with a "
+                    "folder (or remove it) and rerun"
+                )
 
     def mask_ids(self, folder: Location) -> set[str]:
         """The image ids with a mask in ``folder`` (``binary``, ``masks``), from one listing: in a bucket a LIST
@@ -290,9 +361,7 @@ class RunDir:
         return str(path)[len(str(self.root).rstrip("/")) + 1 :]
 
     def inside(self, path: Location) -> bool:
-        if self.remote:
-            return str(path).startswith(str(self.root).rstrip("/") + "/")
-        return self.root.resolve() in Path(path).resolve().parents
+        return storage.contains(self.root, path)
 
     def remove(self, path: Location) -> None:
         """Remove a file or folder of this run (a stage's stale outputs)."""
@@ -350,6 +419,7 @@ class RunDir:
         """Hold the run folder for this process. A live holder is a clear error naming it; a dead holder's lock
         (same host, process gone) is taken over, and said so. Check-and-take is atomic: locally under a guard
         ``flock``, in a bucket by a conditional create of the lock object."""
+        self.check_own_folders()  # before anything is written
         created = not self.root.exists()
         storage.make_folder(self.root)
         me = {
@@ -361,7 +431,8 @@ class RunDir:
         }
         self._take_lock(me)
         try:
-            yield me
+            with storage.confined_to(self.root):  # whatever this command writes stays in the run folder
+                yield me
         finally:
             try:
                 with self._lock_guard():

@@ -212,9 +212,10 @@ def folder_top(root: str) -> tuple[list[str], list[tuple[PurePosixPath, str]]]:
     if not is_remote(root):
         local = _local_folder(root)
         entries = [e for e in os.scandir(local) if not e.name.startswith(".")]
-        # as os.walk (list_files) has it: a link to a folder is not walked, a broken link is a file
+        # as os.walk (list_files) has it: a link to a folder is not walked, a broken link (or a loop of links) is a
+        # file, which is not an image by its extension or fails as one
         folders = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
-        files = sorted((PurePosixPath(e.name), str(local / e.name)) for e in entries if not e.is_dir())
+        files = sorted((PurePosixPath(e.name), str(local / e.name)) for e in entries if not _is_dir(e))
         return folders, files
     fs, path = _remote_folder(root)
     with _one_line_listing_errors(root):
@@ -228,6 +229,13 @@ def folder_top(root: str) -> tuple[list[str], list[tuple[PurePosixPath, str]]]:
         if e["type"] != "directory" and not n.startswith(".")
     )
     return folders, files
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a loop of links
+        return False
 
 
 def _local_folder(root: str) -> Path:

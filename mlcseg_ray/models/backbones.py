@@ -8,6 +8,7 @@ the demo; everything made with them says so.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -114,9 +115,20 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load, load_file
 
-        return load_file(str(path)) if is_local(path) else load(path.read_bytes())
+        try:
+            return load_file(str(path)) if is_local(path) else load(path.read_bytes())
+        except Exception as e:  # a damaged or foreign file
+            raise ValueError(f"--weights {path}: not a safetensors file ({type(e).__name__}: {e})") from None
     source = str(path) if is_local(path) else io.BytesIO(path.read_bytes())
-    sd = torch.load(source, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(source, map_location="cpu", weights_only=True)  # tensors only: no code in it runs
+    except Exception as e:  # not a checkpoint, a pickle of other objects, a truncated file
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"--weights {path}: not a checkpoint torch can load safely ({type(e).__name__}: {first})"
+        ) from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"--weights {path}: not a checkpoint (holds a {type(sd).__name__}, not a dict of tensors)")
     # Full DINO training checkpoints hold {"teacher": ..., "student": ...}; others wrap in "model"/"state_dict".
     for key in ("teacher", "model", "state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
@@ -189,7 +201,10 @@ def to_timm_state_dict(sd: dict, model: nn.Module) -> dict:
 def load_weights(model: nn.Module, path: str | Path) -> str:
     """Load a checkpoint in any supported layout into a timm ViT; returns the detected layout."""
     raw = read_checkpoint(path)
-    layout = detect_layout(raw)
+    try:
+        layout = detect_layout(raw)
+    except ValueError as e:
+        raise ValueError(f"--weights {path}: {e}") from None
     try:
         sd = to_timm_state_dict(raw, model)
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -254,10 +269,20 @@ def locate_weights(name: str, weights: str | None = None) -> str | None:
     if weights is not None:
         if not as_location(weights).is_file():
             raise FileNotFoundError(f"--weights: no such file: {weights}")
+        where = as_location(weights)
+        st = where.stat()
+        _check_weights(name, str(weights), st.st_size, getattr(st, "st_mtime_ns", None))
         return str(weights)
     if name in RANDOM_BACKBONES:
         return None
     return hub_weights(name)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_weights(name: str, weights: str, size: int, mtime_ns: int | None) -> None:
+    """The checkpoint loads (tensors only: nothing in it is executed) into ``name``'s architecture, or a ValueError
+    naming the file and the cause: in the driver, before any worker or actor tries (once per file version)."""
+    load_weights(create_architecture(name), weights)
 
 
 def build_backbone(name: str, weights: str | None = None) -> tuple[nn.Module, BackboneInfo]:

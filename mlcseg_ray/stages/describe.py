@@ -66,7 +66,7 @@ def describe_shard(
         )
 
     # images without a binary mask failed at refine: their error row is already written
-    done, errors = for_each_image("label", [(i, i) for i in pseudo_ids if run.binary_mask(i).exists()], describe)
+    done, errors = for_each_image("label", [(i, i) for i in pseudo_ids if run.has_binary_mask(i)], describe)
     rows = [{"image_id": image_id, **r} for image_id, (regions, _) in done.items() for r in regions]
     descs = [d for _, d in done.values() if d is not None]
     if cfg.region_descriptor == "crop_cls" and descs:

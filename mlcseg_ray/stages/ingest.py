@@ -36,7 +36,7 @@ from ..core.inputs import InputSpec
 from ..core.mapping import serial_map
 from ..core.stage import MapFn, Stage, StageContext
 from ..core.storage import Location, as_location, is_local, is_remote, read_schema, read_table
-from ..core.store import RunDir, atomic_replace, shard_name, unrecorded
+from ..core.store import RunDir, atomic_replace, id_problem, printable, shard_name, unrecorded
 from ..formats.datasets import find_voc_root
 from ..formats.images import (
     IMAGE_EXTENSIONS,
@@ -66,7 +66,11 @@ SUPPORTED_SCHEMES = {"file", "s3", "gs", "gcs"}
 
 
 # The listing's columns (what a probing task is given for each image).
-LISTING_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("coco_id", pa.int64())])
+# ``error``: why an image cannot be used, known from its name alone (an id that cannot name an output file, a COCO
+# file_name outside the image root): it becomes that image's error row, and its file is never read.
+LISTING_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("uri", pa.string()), ("coco_id", pa.int64()), ("error", pa.string())]
+)
 
 # Images per probing task: about 2 s of stat, read, hash and header check (0.5 ms an image) and a manifest part of
 # a few hundred KB; the manifest does not depend on it.
@@ -157,8 +161,18 @@ def _ids_from_paths(rel_paths: list[Path], uris: list[str]) -> list[dict]:
     rows = []
     for p, s, uri in zip(rel_paths, stems, uris, strict=True):
         image_id = s if counts[s] == 1 else f"{s}_{p.suffix.lstrip('.').lower()}"
-        rows.append({"image_id": image_id, "uri": uri, "coco_id": None})
+        rows.append(_listed(image_id, uri))
     return rows
+
+
+def _listed(image_id: str, uri: str, coco_id: int | None = None, error: str | None = None) -> dict:
+    """A listing row. An id that cannot name an output file makes the image an error row (ids are never rewritten:
+    the id a user gave is the one every table and message shows); text that cannot be stored as UTF-8 (a file name
+    of undecodable bytes) is kept as escapes."""
+    problem = error or id_problem(image_id)
+    if problem:
+        image_id, uri = printable(image_id), printable(uri)
+    return {"image_id": image_id, "uri": uri, "coco_id": coco_id, "error": problem}
 
 
 def _voc_rows(root: Location, split: str) -> list[dict]:
@@ -167,17 +181,26 @@ def _voc_rows(root: Location, split: str) -> list[dict]:
     if not split_file.is_file():
         raise FileNotFoundError(f"--voc: split file not found: {split_file}")
     ids = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
-    return [{"image_id": i, "uri": str(voc / "JPEGImages" / f"{i}.jpg"), "coco_id": None} for i in ids]
+    return [_listed(i, str(voc / "JPEGImages" / f"{i}.jpg")) for i in ids]
 
 
 def _coco_rows(images: Location, ann: Location) -> list[dict]:
     if not ann.is_file():
         raise FileNotFoundError(f"--ann: no such file: {ann}")
-    data = json.loads(ann.read_text())
+    try:
+        data = json.loads(ann.read_text())
+        listed = [(str(im["file_name"]), int(im["id"])) for im in data.get("images", [])]
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"--ann {ann}: not a COCO instances file ({type(e).__name__}: {e})") from None
     rows = []
-    for im in data.get("images", []):
-        rel = Path(im["file_name"])
-        rows.append({"image_id": rel.with_suffix("").as_posix(), "uri": str(images / rel), "coco_id": int(im["id"])})
+    for file_name, coco_id in listed:
+        image_id = posixpath.splitext(file_name)[0]
+        # a file_name is a path under the image root: one that leads out of it (absolute, '..') is never read
+        if id_problem(image_id):
+            why = f"the COCO file_name {printable(file_name)!r} is not a path under the image root"
+            rows.append(_listed(image_id, f"{str(images).rstrip('/')}/{file_name}", coco_id, why))
+        else:
+            rows.append(_listed(image_id, str(images / file_name), coco_id))
     return rows
 
 
@@ -205,7 +228,7 @@ def _manifest_rows(path: str) -> list[dict]:
         ids = [str(i) for i in table.column("image_id").to_pylist()]
         if len(set(ids)) != len(ids):
             raise ValueError(f"--manifest {path}: image_id values are not unique")
-        return [{"image_id": i, "uri": u, "coco_id": None} for i, u in zip(ids, uris, strict=True)]
+        return [_listed(i, u) for i, u in zip(ids, uris, strict=True)]
     # Ids from the URIs' paths below their longest common folder.
     paths = [u.split("://", 1)[-1] if is_remote(u) else str(Path(u).resolve()) for u in uris]
     common = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0]) if paths else ""
@@ -227,6 +250,9 @@ def probe_rows(
     previous = previous or {}
 
     def one(row: dict) -> dict:
+        if row.get("error"):  # known bad from its name: never read
+            return {**row, "width": None, "height": None, "bytes": None, "mtime_ns": None, "content_hash": None,
+                    "status": "error"}  # fmt: skip
         size, mtime = file_stat(row["uri"])
         old = previous.get(row["uri"])
         if old and not rehash and size is not None and (old["bytes"], old["mtime_ns"]) == (size, mtime):
@@ -378,8 +404,10 @@ class IngestStage(Stage):
                 raise ValueError(
                     f"{run.root} holds no run yet: give the images with --images, --voc, --coco or --manifest"
                 )
-            spec = InputSpec(**recorded)  # a rerun from the run folder alone: the inputs it was made with
-        elif recorded and InputSpec(**recorded).describe() != spec.describe():
+            # a rerun from the run folder alone: the inputs it was made with (a folder made before paths were
+            # recorded absolute: relative to this directory, as then)
+            spec = InputSpec(**recorded).absolute()
+        elif recorded and InputSpec(**recorded).absolute().describe() != spec.describe():
             raise ValueError(
                 f"{run.root} already holds a run over {InputSpec(**recorded).describe()!r}; use a new "
                 f"--out for {spec.describe()!r}"

@@ -79,7 +79,7 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
     coco_ids = coco_image_ids(run, n)
     annotations, classes, images, masks, doubtful = [], {}, [], [], {}
     for image_id in pseudo_ids:
-        if not run.binary_mask(image_id).exists():
+        if not run.has_binary_mask(image_id):
             continue
         comp, regs = find_regions(
             read_binary(run.binary_mask(image_id)), cfg.region, cfg.min_region_area, cfg.max_regions

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core import storage
 from ..core.stage import MapFn, Resources, Stage, StageContext, for_each_image
 from ..core.storage import read_table
-from ..core.store import atomic_write_many
+from ..core.store import atomic_write_many, id_problem
 from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
 from ..formats.images import load_rgb
 from ..formats.manifest import expected_files
@@ -57,6 +58,7 @@ class RefineStage(Stage):
         expect = expected_files(run, shard, cfg)
 
         def prepare(r: dict) -> tuple:
+            run.binary_mask(r["image_id"])  # an id that cannot name a file is this image's error row
             g = geoms[r["image_id"]]
             rgb = load_rgb(g["uri"], cfg.max_pixels, expect=expect.get(r["image_id"]))
             return crf_inputs(rgb, np.asarray(r["score"], np.float32), g, patch, cfg), rgb.shape[:2]
@@ -67,7 +69,8 @@ class RefineStage(Stage):
         masks = [(run.binary_mask(i), png_bytes(m.astype(np.uint8) * 255)) for i, m in zip(ids, fg, strict=True)]
         atomic_write_many(masks)  # the shard's masks together: to a bucket, concurrently
         for image_id in errors:  # no mask of an earlier attempt stands beside an error row
-            run.binary_mask(image_id).unlink(missing_ok=True)
+            if id_problem(image_id) is None:
+                storage.remove(run.binary_mask(image_id))
         return {"images": len(pseudo), "errors": errors}
 
     def finish(self, ctx: StageContext, results: dict, map_fn: MapFn) -> dict:
