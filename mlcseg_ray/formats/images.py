@@ -12,7 +12,7 @@ import hashlib
 import io
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -23,6 +23,10 @@ from ..core.errors import BadImage
 from ..core.storage import is_remote
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+# Above this many pixels an image is decoded by libvips at the size the caller needs (shrink-on-load, streamed), not
+# whole by PIL: a 12000 x 12000 PNG costs ~0.1 GB, not ~1.5 GB (BENCHMARKS.md, "Decoding huge images"). Below it
+# the decoding is PIL's, so the pixels of every ordinary photo are as they always were.
+LARGE_PIXELS = 25_000_000
 # EXIF orientations 5-8 swap width and height.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 
@@ -62,6 +66,8 @@ def _open(data: bytes) -> Image.Image:
 
 def _oriented_size(img: Image.Image) -> tuple[int, int]:
     w, h = img.size
+    if w * h > LARGE_PIXELS and img.format == "PNG" and "exif" not in img.info:
+        return w, h  # PIL would decode the whole image to look for an EXIF chunk after the pixels
     try:
         orientation = img.getexif().get(0x0112, 1)
     except Exception:  # a broken EXIF block is not a broken image
@@ -134,11 +140,14 @@ def check_unchanged(uri: str, data: bytes, expect: dict) -> None:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB. 16-bit and float images are scaled by their own range, not clipped."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        if a.max() > 255:  # 16-bit range: scale, do not clip
-            a = a / 65535.0 * 255.0
-        a = np.clip(a, 0, 255)
-        img = Image.fromarray(a.astype(np.uint8), "L")
+        a = np.asarray(img)
+        scale = a.max() > 255  # 16-bit range: scale, do not clip
+        out = np.empty(a.shape, np.uint8)
+        rows = max(1, (1 << 20) // max(1, a.shape[1]))  # in bands of ~1M pixels: no whole-image float64 copy
+        for y in range(0, a.shape[0], rows):
+            band = a[y : y + rows].astype(np.float64)
+            out[y : y + rows] = np.clip(band / 65535.0 * 255.0 if scale else band, 0, 255).astype(np.uint8)
+        img = Image.fromarray(out, "L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -158,6 +167,11 @@ def load_rgb(uri: str, max_pixels: int, min_side: int = 1, expect: dict | None =
     img = _open(data)
     w, h = _oriented_size(img)
     _check_size(w, h, max_pixels, min_side)
+    return _decoded(img)
+
+
+def _decoded(img: Image.Image) -> np.ndarray:
+    """The whole image as HxWx3 uint8, EXIF orientation applied; a decoding failure is a BadImage."""
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -172,6 +186,47 @@ def load_rgb(uri: str, max_pixels: int, min_side: int = 1, expect: dict | None =
     except (ValueError, SyntaxError) as e:
         raise BadImage(f"cannot decode image: {e}") from None
     return np.array(img, dtype=np.uint8)  # writable: pydensecrf needs that
+
+
+def load_rgb_sized(
+    uri: str,
+    max_pixels: int,
+    size_for: Callable[[int, int], tuple[int, int]],
+    min_side: int = 1,
+    expect: dict | None = None,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image and its EXIF-oriented size ``(w, h)``, for a caller that resizes it to ``size_for(w, h)``. A huge
+    image comes already at that size (its memory is what the size needs, not what the file holds); any other comes
+    whole, as :func:`load_rgb` gives it."""
+    data = read_bytes(uri)
+    if expect:
+        check_unchanged(uri, data, expect)
+    img = _open(data)
+    w, h = _oriented_size(img)
+    _check_size(w, h, max_pixels, min_side)
+    if w * h <= LARGE_PIXELS:
+        return _decoded(img), (w, h)
+    return _vips_sized(data, *size_for(w, h)), (w, h)
+
+
+def _vips_sized(data: bytes, width: int, height: int) -> np.ndarray:
+    """``data`` decoded by libvips straight to ``width`` x ``height`` 8-bit RGB (EXIF orientation applied,
+    transparency on white, 16-bit scaled by the full range)."""
+    import pyvips
+
+    try:
+        im = pyvips.Image.thumbnail_buffer(data, width, height=height, size="force")
+        if im.hasalpha():
+            im = im.flatten(background=[255] * (im.bands - 1))
+        im = im.colourspace("srgb")
+        if im.bands > 3:
+            im = im.extract_band(0, n=3)
+        if im.format != "uchar":
+            im = im.cast("uchar")
+        return np.ndarray(buffer=im.write_to_memory(), dtype=np.uint8, shape=(im.height, im.width, 3)).copy()
+    except pyvips.Error as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadImage(f"cannot decode image: {msg}") from None
 
 
 def list_files(root: Path) -> list[Path]:

@@ -29,7 +29,7 @@ from ..formats.feature_store import (
     read_store_metadata,
     store_metadata,
 )
-from ..formats.images import load_rgb
+from ..formats.images import load_rgb_sized
 from ..formats.manifest import expected_file
 from ..models.backbones import (
     RANDOM_WEIGHTS_WARNING,
@@ -66,6 +66,12 @@ def geometry(width: int, height: int, patch: int, max_side: int, upscale: bool) 
     return Geometry(width, height, scale, rh, rw, gh, gw, gh * patch - rh, gw * patch - rw)
 
 
+def resized_size(width: int, height: int, patch: int, cfg: Config) -> tuple[int, int]:
+    """The (w, h) an image of ``width`` x ``height`` is brought to before the network sees it."""
+    g = geometry(width, height, patch, cfg.max_side, cfg.upscale)
+    return g.resized_w, g.resized_h
+
+
 def preprocess(rgb: np.ndarray, g: Geometry, mean: list[float], std: list[float]) -> np.ndarray:
     """HxWx3 uint8 -> normalised CxH'xW' float32, resized then zero-padded (zero = the mean colour) bottom/right."""
     img = Image.fromarray(rgb)
@@ -90,8 +96,10 @@ def prepare_images(rows: list[dict], info: dict, cfg: Config) -> tuple[list[Prep
             image_rows[row["image_id"]] = {**base, "status": "error", "error": row.get("error") or "failed at ingest"}
             continue
         try:
-            rgb = load_rgb(row["uri"], cfg.max_pixels, min_side=patch, expect=expected_file(row, cfg))
-            g = geometry(rgb.shape[1], rgb.shape[0], patch, cfg.max_side, cfg.upscale)
+            rgb, (w, h) = load_rgb_sized(
+                row["uri"], cfg.max_pixels, lambda w, h: resized_size(w, h, patch, cfg), patch, expected_file(row, cfg)
+            )
+            g = geometry(w, h, patch, cfg.max_side, cfg.upscale)
             prepared.append((row["image_id"], g, preprocess(rgb, g, info["mean"], info["std"])))
         except BadImage as e:
             image_rows[row["image_id"]] = {**base, "status": "error", "error": str(e)}

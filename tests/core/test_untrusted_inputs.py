@@ -373,3 +373,20 @@ def test_the_write_check_follows_links_and_names(tmp_path):
     assert storage.contains(storage.as_location("s3://b/run"), storage.as_location("s3://b/run/masks/a.png"))
     assert not storage.contains(storage.as_location("s3://b/run"), storage.as_location("s3://b/run/../x.png"))
     assert not storage.contains(storage.as_location("s3://b/run"), storage.as_location("s3://b/run2/x.png"))
+
+
+def test_a_huge_image_is_decoded_at_the_size_extraction_needs(tmp_path):
+    """Item 9 (its memory: bench/decode_memory.py, BENCHMARKS.md): above LARGE_PIXELS the decoder is asked for the
+    resized size; below, the pixels are PIL's as before."""
+    from mlcseg_ray.formats.images import LARGE_PIXELS, load_rgb, load_rgb_sized
+
+    big = np.zeros((5000, 6000), np.uint16)  # 30 MP, 16-bit
+    big[:, 3000:] = 65535
+    Image.fromarray(big).save(tmp_path / "big16.png")
+    assert 5000 * 6000 > LARGE_PIXELS
+    rgb, size = load_rgb_sized(str(tmp_path / "big16.png"), 10**9, lambda w, h: (w // 20, h // 20))
+    assert size == (6000, 5000) and rgb.shape == (250, 300, 3) and rgb.dtype == np.uint8
+    assert rgb[:, :140].max() == 0 and rgb[:, 160:].min() == 255  # dark left, white right: the range scaled
+    photo(tmp_path / "small.png", 64, 48)
+    small, size = load_rgb_sized(str(tmp_path / "small.png"), 10**9, lambda w, h: (8, 6))
+    assert size == (64, 48) and np.array_equal(small, load_rgb(str(tmp_path / "small.png"), 10**9))
