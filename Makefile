@@ -29,7 +29,7 @@ browser:
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25  # the 25 slowest tests and the wall time, on every run (CI too)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
