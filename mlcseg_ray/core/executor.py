@@ -31,6 +31,7 @@ from .errors import NoUsableImages, StageFailed, StageOrderError
 from .fingerprint import digest
 from .inputs import RunInputs
 from .integrity import declared_outputs, stage_damage
+from .mapping import serial_map
 from .progress import progress_bar
 from .stage import MapFn, Stage, StageContext
 from .storage import confined_to, iter_batches, read_table, walk_files
@@ -50,6 +51,9 @@ if TYPE_CHECKING:
     from ..backends.base import Backend
 
 log = logging.getLogger("mlcseg_ray")
+# A command with nothing else to compute maps at most this many items in the driver (the report's few shards of a
+# finished run): starting a cluster for them would cost far more than they do.
+IN_PROCESS_ITEMS = 8
 
 
 def run_shard(stage: Stage, ctx: StageContext, shard: int, shared: Any, fingerprint: str, worker: Any = None) -> dict:
@@ -94,14 +98,33 @@ class Executor:
         self.summary: list[dict] = []
         self.marker_fps: dict[str, str] = {}  # the fingerprint each stage's shard markers carry
         self.source_fps: dict[str, str] = {}  # what a source stage run now wrote (hashed once: it reads it all)
+        self.worked = False  # whether a stage after the source had work to do in this command
+        self.gpu_run = False  # whether a planned stage can use a GPU (the device is then asked of the backend)
+        self.device: str | None = None
 
     # ------------------------------------------------------------------ scheduling
     def map_fn(self, stage: Stage) -> MapFn:
         """The map a stage's global part (k-means passes, evaluation chunks) fans out with, as tasks that ask for
-        what the stage declared."""
+        what the stage declared. A command that has had nothing to compute so far (a rerun of a finished folder:
+        only the report is written again) maps a few items in this process: no cluster is started for them."""
         res = stage.map_resources(self.cfg)
         root = str(self.run.root)
-        return lambda fn, items, *shared: self.backend.map(confined_task, items, root, fn, *shared, resources=res)
+
+        def map_fn(fn: Callable, items: Sequence, *shared: Any) -> list:
+            if not self.worked and len(items) <= IN_PROCESS_ITEMS:
+                return serial_map(confined_task, items, root, fn, *shared)
+            return self.backend.map(confined_task, items, root, fn, *shared, resources=res)
+
+        return map_fn
+
+    def _with_device(self, ctx: StageContext) -> StageContext:
+        """``ctx`` with the run's torch device, asked of the backend once, when the first stage with work to do
+        runs (a GPU run's device needs the cluster; a rerun with nothing to do never asks)."""
+        if not self.gpu_run:  # no planned stage uses a GPU: stay on the CPU (no cluster asked)
+            return ctx
+        if self.device is None:
+            self.device = self.backend.device()
+        return replace(ctx, device=self.device)
 
     def _run_shards(self, stage: Stage, ctx: StageContext, todo: list[int], shared: Any, fp: str) -> None:
         res = stage.resources_for(self.cfg)
@@ -220,6 +243,8 @@ class Executor:
                 raise StageFailed(name, e, self.run.root) from e
         with self.run.lock(command or " ".join(planned)):
             remove_stale_temp_files(self.run.root)  # a killed run's half-written run.json or status.parquet
+            # a new folder has work ahead: its source's tasks start the cluster (and warm its workers) at once
+            self.worked, self.device = not self.run.manifest.exists(), None
             for name in planned:
                 if self.stages[name].source:  # the manifest's fingerprint feeds every other stage's
                     self._run_guarded(name, ctx, planned, None)
@@ -237,12 +262,12 @@ class Executor:
             self.run.update_record(
                 config_fingerprint=digest(self.cfg.model_dump()), fingerprints={n: fps[n] for n in self.order}
             )
-            if any(self.stages[n].resources_for(self.cfg).gpus != "none" for n in planned):
-                ctx = replace(ctx, device=self.backend.device())  # where the run's models and GPU tasks run
+            self.gpu_run = any(self.stages[n].resources_for(self.cfg).gpus != "none" for n in planned)
             for name in planned:
                 if not self.stages[name].source:
                     self._run_guarded(name, ctx, planned, fps[name], bases.get(name))
-            self.run.update_record(backend=self.backend.describe())
+            rec = self.run.read_record()  # replaced, not merged: this command's cluster (or none), not an older one's
+            atomic_write_json(self.run.run_record, {**rec, "backend": self.backend.describe()})
         return self.summary
 
     def _run_guarded(
@@ -314,6 +339,10 @@ class Executor:
             self.say(f"{name}: up to date, skipped")
             self._summarise(name, self.run.read_record().get("stages", {}).get(name, {}), 0.0, skipped=True)
             return
+        if not stage.source and not stage.always_run:
+            self.worked = True
+        if stage.resources_for(self.cfg).gpus != "none":
+            ctx = self._with_device(ctx)  # where the run's models and GPU tasks run
         previous = self._record(name) or {}
         marker_fp = {} if stage.source else {"marker_fingerprint": self.marker_fps.get(name, fp)}
         atomic_write_json(

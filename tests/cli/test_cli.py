@@ -225,6 +225,9 @@ def test_a_rerun_starts_from_the_folders_config_and_missing_weights_remove_nothi
     res = mlcseg("run", "--out", out, "--json")  # no input, no overrides: the folder's own config and input
     assert res.returncode == 3, res.stderr[-2000:]  # the same two images still fail
     assert all(s["skipped"] for s in json.loads(res.stdout)["stages"] if s["stage"] not in ("ingest", "report"))
+    # nothing to compute: no Ray started (its record names no cluster address, and no Ray log was kept)
+    assert json.loads((out / "run.json").read_text())["backend"] == {"name": "ray", "embedded": True}
+    assert len(list((out / "logs").glob("*.log"))) == 1
     features = sorted(p.name for p in (out / "features").iterdir())
     config = (out / "config.yaml").read_text()
     res = mlcseg("run", "--out", out, "--backbone", "vit_small_patch16_224.dino", env={"HF_HUB_OFFLINE": "1"})
