@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= demo_run
 
-.PHONY: demo test lint install bench clean-demo browser
+.PHONY: demo test test-fast lint install bench clean-demo browser
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q --durations=25  # the 25 slowest tests and the wall time, on every run (CI too)
+
+# Between edits: every test but the tiers marked slow, cluster, s3 and browser (pyproject.toml); `make test` runs all.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow and not cluster and not s3 and not browser" --durations=10
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

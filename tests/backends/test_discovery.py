@@ -7,8 +7,12 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import TINY, copy_voc_images, mlcseg
 from helpers.ray_head import ray_head
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 QUICK = [*TINY, "max_side=64", "shard_size=2"]
 

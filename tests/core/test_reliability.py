@@ -11,9 +11,12 @@ from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
+import pytest
 
 from helpers import MLCSEG, TINY, copy_voc_images
 from helpers.ray_head import end, kill_driver, started_under
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 

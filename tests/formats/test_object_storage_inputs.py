@@ -9,6 +9,8 @@ import pytest
 from helpers import TINY, copy_voc_images, mlcseg
 from helpers.s3 import S3Server
 
+pytestmark = pytest.mark.s3
+
 
 @pytest.fixture(scope="module")
 def s3():

@@ -20,6 +20,8 @@ from helpers import MLCSEG, TINY, VOC_MASKS, copy_voc_images, mlcseg, need
 from helpers.ray_head import end, kill_driver, started_under
 from helpers.s3 import S3Server
 
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
+
 N_IMAGES = 4
 CONFIG = [*TINY, "shard_size=1"]
 # Files a run writes whose bytes hold no path: a bucket run and a local run must agree on every one of them.

@@ -287,6 +287,7 @@ def test_confidence_reaches_the_coco_json_and_min_confidence_drops_doubtful_imag
         Pipeline(run.root, pipe.cfg).run(["label"])  # restore for other tests
 
 
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium(e2e, tmp_path):
     """The report as a user sees it, with the run's error rows: Debian's Chromium renders it headless."""
     from helpers.browser import probe, screenshot

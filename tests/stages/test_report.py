@@ -62,6 +62,7 @@ def _rgb(palette: list[int], c: int) -> str:
     return "rgb({}, {}, {})".format(*palette[3 * c : 3 * c + 3])
 
 
+@pytest.mark.browser
 def test_evaluated_report_in_chromium(voc_run, tmp_path):
     run, cfg = voc_run
     seen = probe(run.report, tmp_path)
@@ -109,6 +110,7 @@ def test_evaluated_report_in_chromium(voc_run, tmp_path):
     assert all(c["width"] > 100 for c in charts.values())
 
 
+@pytest.mark.browser
 def test_report_screenshot_is_a_page_of_pictures(voc_run, tmp_path):
     run, _ = voc_run
     img = np.asarray(Image.open(screenshot(run.report, tmp_path / "shot.png", (1400, 3000))).convert("RGB"))
