@@ -161,13 +161,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def load_rgb(uri: str, max_pixels: int, min_side: int = 1, expect: dict | None = None) -> np.ndarray:
     """Decode one image to an HxWx3 uint8 array, EXIF orientation applied. ``expect`` (from the manifest:
     ``bytes``, ``mtime_ns``, optionally ``content_hash``): fail if the file changed since ingest."""
+    return _decoded(_checked(uri, max_pixels, min_side, expect)[1])
+
+
+def _checked(uri: str, max_pixels: int, min_side: int, expect: dict | None) -> tuple[bytes, Image.Image, tuple]:
+    """The file's bytes, the image opened from its header, and its oriented size, once every check passed."""
     data = read_bytes(uri)
     if expect:
         check_unchanged(uri, data, expect)
     img = _open(data)
     w, h = _oriented_size(img)
     _check_size(w, h, max_pixels, min_side)
-    return _decoded(img)
+    return data, img, (w, h)
 
 
 def _decoded(img: Image.Image) -> np.ndarray:
@@ -198,12 +203,7 @@ def load_rgb_sized(
     """An image and its EXIF-oriented size ``(w, h)``, for a caller that resizes it to ``size_for(w, h)``. A huge
     image comes already at that size (its memory is what the size needs, not what the file holds); any other comes
     whole, as :func:`load_rgb` gives it."""
-    data = read_bytes(uri)
-    if expect:
-        check_unchanged(uri, data, expect)
-    img = _open(data)
-    w, h = _oriented_size(img)
-    _check_size(w, h, max_pixels, min_side)
+    data, img, (w, h) = _checked(uri, max_pixels, min_side, expect)
     if w * h <= LARGE_PIXELS:
         return _decoded(img), (w, h)
     return _vips_sized(data, *size_for(w, h)), (w, h)
