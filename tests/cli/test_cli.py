@@ -148,6 +148,7 @@ def messy_run(tmp_path_factory):
     return images, out, res, corpus
 
 
+@pytest.mark.slow
 def test_run_prints_json_and_progress_lines_without_a_terminal(messy_run):
     images, out, res, _ = messy_run
     assert res.returncode == 3, res.stderr[-3000:]  # some images failed
@@ -165,6 +166,7 @@ def test_run_prints_json_and_progress_lines_without_a_terminal(messy_run):
     assert len(logs) == 1 and logs[0].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_errors_lists_failures_and_skipped_files(messy_run):
     images, out, _, _ = messy_run
     res = mlcseg("errors", out, "--json")
@@ -179,6 +181,7 @@ def test_errors_lists_failures_and_skipped_files(messy_run):
     assert "truncated" in table.stdout and "notes.txt" in table.stdout
 
 
+@pytest.mark.slow
 def test_limit_and_sample_take_a_subset(messy_run, tmp_path):
     from mlcseg_ray.core.inputs import InputSpec
     from mlcseg_ray.stages.ingest import list_inputs
@@ -197,12 +200,14 @@ def test_limit_and_sample_take_a_subset(messy_run, tmp_path):
     assert pq.read_table(out / "manifest.parquet").num_rows == 2
 
 
+@pytest.mark.slow
 def test_report_is_one_file_naming_failed_images(messy_run):
     page = (messy_run[1] / "report.html").read_text()
     assert "data:image/jpeg;base64," in page and "report_assets" not in page
     assert "truncated" in page and "zero" in page
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_stage(tmp_path):
     images = copy_voc_images(tmp_path / "imgs", 6)
     mnt = tmp_path / "small"
@@ -219,6 +224,7 @@ def test_a_full_disk_is_one_line_naming_the_stage(tmp_path):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_a_rerun_starts_from_the_folders_config_and_missing_weights_remove_nothing(messy_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(messy_run[1], out)

@@ -7,6 +7,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from helpers import MLCSEG, TINY, copy_voc_images, mlcseg
 from mlcseg_ray.core.inputs import InputSpec
@@ -39,6 +40,7 @@ def test_every_image_failing_at_ingest_stops_before_extraction(tmp_path):
     assert [r["status"] for r in status] == ["error", "error"] and all("empty file" in r["error"] for r in status)
 
 
+@pytest.mark.slow
 def test_a_new_limit_needs_the_input_again(tmp_path):
     images = copy_voc_images(tmp_path / "images", 2)
     assert mlcseg("extract", "--images", images, "--out", tmp_path / "run", *TINY).returncode == 0

@@ -209,6 +209,7 @@ def test_a_content_hash_catches_a_change_that_keeps_size_and_mtime(images, tmp_p
     assert "content differs" in status[victim.stem]["error"]
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(images, tmp_path):
     out = tmp_path / "run"
     args = [

@@ -197,6 +197,7 @@ def hostile_run(tmp_path_factory):
     return sandbox, run, before, res, ids
 
 
+@pytest.mark.slow
 def test_a_manifest_id_never_writes_outside_the_run_folder(hostile_run):
     sandbox, run, before, res, ids = hostile_run
     assert res.returncode == 3, res.stderr[-3000:]  # the hostile ids are error rows; the others have masks
@@ -211,6 +212,7 @@ def test_a_manifest_id_never_writes_outside_the_run_folder(hostile_run):
     assert "\x1b[2J" not in res.stderr
 
 
+@pytest.mark.slow
 def test_errors_and_verify_show_every_name_escaped(hostile_run):
     sandbox, run, *_ = hostile_run
     errors = mlcseg("errors", run)
@@ -222,6 +224,7 @@ def test_errors_and_verify_show_every_name_escaped(hostile_run):
     assert verify.returncode == 0 and "Traceback" not in verify.stderr, verify.stderr
 
 
+@pytest.mark.slow
 def test_a_damaged_mask_of_a_markup_name_is_repaired_from_any_directory(hostile_run, tmp_path):
     sandbox, run, *_ = hostile_run
     (run / "masks" / "[/bad].png").unlink()
@@ -235,6 +238,7 @@ def test_a_damaged_mask_of_a_markup_name_is_repaired_from_any_directory(hostile_
     assert mlcseg("verify", run).returncode == 0
 
 
+@pytest.mark.slow
 def test_a_linked_output_folder_is_refused_not_written_through(hostile_run, tmp_path):
     sandbox, run, *_ = hostile_run
     elsewhere = tmp_path / "elsewhere"

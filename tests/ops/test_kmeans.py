@@ -243,6 +243,7 @@ print(json.dumps({"seen": seen, "same": bool(np.array_equal(a, b))}))
 """
 
 
+@pytest.mark.slow
 def test_gpu_cluster_gives_tasks_a_gpu_share_and_falls_back_without_cuda(tmp_path):
     """A cluster that declares a GPU (here a made-up one): shard tasks ask for a share and are given the GPU's id;
     where CUDA is not usable in the process, the assignment falls back to the CPU with the same result."""

@@ -244,6 +244,7 @@ def test_report_renders_with_its_images(e2e):
     assert not (run.root / "report_assets").exists()
 
 
+@pytest.mark.slow
 def test_empty_foreground_gives_background_and_no_region(e2e):
     pipe = e2e[0]
     run = pipe.run_dir
@@ -306,6 +307,7 @@ def test_report_renders_in_headless_chromium(e2e, tmp_path):
     assert "zero" in page and "truncated" in page  # the failed images, with their reasons
 
 
+@pytest.mark.slow
 def test_max_regions_bounds_the_work_and_labels_all_foreground(e2e):
     """At most one described region per image; the other components still get a class, and the COCO file still
     rebuilds every class mask."""

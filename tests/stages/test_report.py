@@ -120,6 +120,7 @@ def test_report_screenshot_is_a_page_of_pictures(voc_run, tmp_path):
     assert colourful[1000:].mean() > 0.05  # panels below the charts, not text alone
 
 
+@pytest.mark.slow
 def test_report_of_a_few_hundred_images_stays_small(big_run, tmp_path):
     run, cfg = big_run
     page = run.report.read_text()

@@ -29,6 +29,7 @@ def voc_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_ablate_on_voc_photos(voc_run):
     r = mlcseg("ablate", voc_run, need(VOC_SUBSET), "--json", "--refine-top", 1)
     assert r.returncode == 0, r.stderr
@@ -55,6 +56,7 @@ def test_ablate_on_voc_photos(voc_run):
     assert table.returncode == 0 and "vote 2 of 3" in table.stdout and "best single level" in table.stdout
 
 
+@pytest.mark.slow
 def test_ablate_refines_the_best_rules_with_the_crf(voc_run):
     run = RunDir(voc_run)
     truth = load_ground_truth(need(VOC_SUBSET), "voc21")
@@ -65,6 +67,7 @@ def test_ablate_refines_the_best_rules_with_the_crf(voc_run):
     assert all(0 <= x["refined_iou"] <= 1 for x in refined)
 
 
+@pytest.mark.slow
 def test_ablate_binary_ground_truth_agrees_with_voc(voc_run, tmp_path):
     """The same truth as plain 0/255 PNGs (protocol binary) gives the same table as the VOC protocol."""
     seg = need(VOC_SUBSET) / "SegmentationClass"
@@ -80,6 +83,7 @@ def test_ablate_binary_ground_truth_agrees_with_voc(voc_run, tmp_path):
         assert a["rule"] == b["rule"] and abs(a["patch_iou"] - b["patch_iou"]) < 0.1
 
 
+@pytest.mark.slow
 def test_ablate_on_coco_photos(tmp_path):
     coco = need(COCO_SUBSET)
     images = tmp_path / "images"
