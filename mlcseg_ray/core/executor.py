@@ -59,12 +59,12 @@ IN_PROCESS_ITEMS = 8
 def run_shard(stage: Stage, ctx: StageContext, shard: int, shared: Any, fingerprint: str, worker: Any = None) -> dict:
     """One shard of a stage, then its marker: the outputs are in place before the marker says so."""
     t0 = time.perf_counter()
-    with recording_writes() as written, confined_to(ctx.run.root):
-        result = stage.process_shard(ctx, shard, shared, worker) or {}
-    result["seconds"] = round(time.perf_counter() - t0, 4)
-    outputs = declared_outputs(stage.writes, ctx.run, written)  # what a rerun checks is still there
-    inputs = {"inputs": stage.shard_inputs(ctx, shard)} if stage.per_shard_inputs else {}
-    with confined_to(ctx.run.root):
+    with confined_to(ctx.run.root):  # the shard's outputs and its marker stay in the run folder
+        with recording_writes() as written:
+            result = stage.process_shard(ctx, shard, shared, worker) or {}
+        result["seconds"] = round(time.perf_counter() - t0, 4)
+        outputs = declared_outputs(stage.writes, ctx.run, written)  # what a rerun checks is still there
+        inputs = {"inputs": stage.shard_inputs(ctx, shard)} if stage.per_shard_inputs else {}
         atomic_write_json(
             ctx.run.marker(stage.name, shard), {"fingerprint": fingerprint, **result, **inputs, "outputs": outputs}
         )

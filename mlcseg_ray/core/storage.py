@@ -133,7 +133,10 @@ class OutsideRunFolder(ValueError):
 @contextlib.contextmanager
 def confined_to(root: str | os.PathLike | None) -> Iterator[None]:
     """Every write made inside the block (this thread) must resolve inside ``root`` (None: no confinement)."""
-    token = _CONFINED_TO.set(None if root is None else as_location(root))
+    where = None if root is None else as_location(root)
+    if where is not None and is_local(where):
+        where = where.resolve()  # once, not at every write
+    token = _CONFINED_TO.set(where)
     try:
         yield
     finally:
@@ -148,15 +151,23 @@ def contains(root: Location, path: Location) -> bool:
     if is_local(root) != is_local(path):
         return False
     if is_local(path):
-        return root.resolve() in path.resolve().parents
+        return _resolved_inside(root.resolve(), path)
     top, key = str(root).rstrip("/") + "/", str(path)
     return key.startswith(top) and all(seg not in ("", ".", "..") for seg in key[len(top) :].split("/"))
+
+
+def _resolved_inside(real_root: Path, path: Path) -> bool:
+    return real_root in path.resolve().parents
 
 
 def check_write(path: Location) -> None:
     """Raise :class:`OutsideRunFolder` where ``path`` is not inside the folder this context is confined to."""
     root = _CONFINED_TO.get()
-    if root is not None and not contains(root, path):
+    if root is None:
+        return
+    path = as_location(path)
+    inside = _resolved_inside(root, path) if is_local(root) and is_local(path) else contains(root, path)
+    if not inside:
         raise OutsideRunFolder(
             f"refusing to write {path}: it is not inside the run folder {root} (a link among the run's folders, "
             "or a name that leads out of it)"
