@@ -8,9 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a model hu
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+# ---------------------------------------------------------------- the session's one world (tests/helpers/world.py)
 @pytest.fixture(scope="session")
 def ray_local():
-    """One embedded Ray for the whole session, on loopback only."""
+    """One embedded Ray in this process for the whole session, on loopback only."""
     import ray
 
     from mlcseg_ray.backends.cluster import init_ray
@@ -18,3 +19,57 @@ def ray_local():
     if not ray.is_initialized():
         init_ray(num_cpus=2)
     yield ray
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """One ``ray start --head`` for the session, with Ray's default settings (token authentication on)."""
+    from helpers.ray_head import ray_head
+
+    with ray_head() as head:
+        yield head
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """One loopback S3 API server for the session (moto's server mode), the photos in ``s3://photos/set/``."""
+    from helpers.s3 import S3Server
+
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    from helpers.world import make_photos
+
+    return make_photos(tmp_path_factory.mktemp("world") / "photos")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(photos, cluster, tmp_path_factory):
+    """The tiny run of ``photos``, joined to the session's Ray head. Read-only: copy it to change it."""
+    from helpers.world import make_run
+
+    return make_run(
+        photos, tmp_path_factory.mktemp("world") / "tiny_run", "--address", cluster.address, env=cluster.env
+    )
+
+
+@pytest.fixture(scope="session")
+def bucket_photos(s3, photos):
+    from helpers.world import BUCKET_PHOTOS
+
+    s3.upload(photos, "photos", "set")
+    s3.client.create_bucket(Bucket="runs")
+    return BUCKET_PHOTOS
+
+
+@pytest.fixture(scope="session")
+def bucket_run(s3, bucket_photos):
+    """The same run as ``tiny_run`` with its images and its run folder in the bucket, on an embedded Ray."""
+    from helpers.world import BUCKET_RUN, make_run
+
+    return make_run(bucket_photos, BUCKET_RUN, env=s3.env)

@@ -1,6 +1,7 @@
 """Failures a user meets in passing, each one line and its exit code, with nothing left behind."""
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -41,10 +42,11 @@ def test_every_image_failing_at_ingest_stops_before_extraction(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_new_limit_needs_the_input_again(tmp_path):
-    images = copy_voc_images(tmp_path / "images", 2)
-    assert mlcseg("extract", "--images", images, "--out", tmp_path / "run", *TINY).returncode == 0
-    _one_line(mlcseg("run", "--out", tmp_path / "run", "--limit", "1"), 2, "give the input again")
+def test_a_new_limit_needs_the_input_again(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run.out, tmp_path / "run")
+    status = (run / "status.parquet").read_bytes()
+    _one_line(mlcseg("run", "--out", run, "--limit", "1"), 2, "give the input again")
+    assert (run / "status.parquet").read_bytes() == status  # refused before anything was written
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):

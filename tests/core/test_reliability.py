@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import MLCSEG, TINY, copy_voc_images
+from helpers.node_loss_run import NODE_LOSS_CONFIG
 from helpers.ray_head import end, kill_driver, started_under
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -36,11 +37,21 @@ def _run_cmd(images, out, *extra):
     return MLCSEG + ["run", "--images", str(images), "--out", str(out), *TINY, "shard_size=1", "max_side=320", *extra]
 
 
-def test_driver_killed_then_resumed_gives_identical_outputs(tmp_path):
+def _reference_run(images, out, *overrides) -> Path:
+    """The run that was never interrupted: the same config, in this process on the session's embedded Ray (the
+    bytes do not depend on the backend)."""
+    from mlcseg_ray.config import Config
+    from mlcseg_ray.pipeline import Pipeline
+
+    cfg = Config.load(None, [*TINY, "shard_size=1", *overrides])
+    Pipeline(out, cfg, images=str(images)).run(print_summary=False)
+    return out
+
+
+def test_driver_killed_then_resumed_gives_identical_outputs(ray_local, tmp_path):
     images = _images(tmp_path, 6)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    ref = tmp_path / "reference"
-    subprocess.run(_run_cmd(images, ref), check=True, env=env, capture_output=True, timeout=600)
+    ref = _reference_run(images, tmp_path / "reference", "max_side=320")
 
     out = tmp_path / "killed"
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
@@ -100,27 +111,25 @@ def test_failure_on_one_image_becomes_an_error_row(ray_local, tmp_path):
     assert victim.stem not in {im["mlcseg_image_id"] for im in coco["images"]} and len(coco["images"]) == 5
 
 
-def test_worker_nodes_lost_mid_extraction_and_mid_refinement(tmp_path):
+def test_worker_nodes_lost_mid_extraction_and_mid_refinement(ray_local, tmp_path):
     images = _images(tmp_path, 6)
     script = Path(__file__).parents[1] / "helpers" / "node_loss_run.py"
-    results = {}
-    for mode in ("keep", "remove"):
-        ray_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
-        try:
-            res = subprocess.run(
-                [sys.executable, str(script), str(images), str(tmp_path / mode), mode],
-                capture_output=True,
-                text=True,
-                timeout=600,
-                env={**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"},
-            )
-        finally:
-            end(started_under(ray_tmp))
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        results[mode] = res.stdout
-    assert "removed a node during extract" in results["remove"]
-    assert "removed a node during refine" in results["remove"]
-    assert _outputs(tmp_path / "remove") == _outputs(tmp_path / "keep")
+    ray_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
+    try:
+        res = subprocess.run(
+            [sys.executable, str(script), str(images), str(tmp_path / "remove"), "remove"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"},
+        )
+    finally:
+        end(started_under(ray_tmp))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "removed a node during extract" in res.stdout
+    assert "removed a node during refine" in res.stdout
+    reference = _reference_run(images, tmp_path / "reference", *NODE_LOSS_CONFIG)
+    assert _outputs(tmp_path / "remove") == _outputs(reference)
 
 
 def test_no_ray_process_outlives_a_killed_driver(tmp_path):

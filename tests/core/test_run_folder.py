@@ -225,7 +225,8 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(images,
         "min_region_area=16",
         "crop_size=32",
     ]
-    first = subprocess.Popen(MLCSEG + ["run"] + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the first holds the folder while it extracts (the lock is the same for every command that writes)
+    first = subprocess.Popen(MLCSEG + ["extract"] + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not (out / ".lock").exists():

@@ -168,8 +168,9 @@ EXPLOITS = {  # manifest image_id -> what it tried (issue 38, item 1)
 
 
 @pytest.fixture(scope="module")
-def hostile_run(tmp_path_factory):
-    """One ``mlcseg run --manifest`` from the sandbox's directory, with the issue's ids and names."""
+def hostile_run(cluster, tmp_path_factory):
+    """One ``mlcseg run --manifest`` from the sandbox's directory, with the issue's ids and names, joined to the
+    session's Ray head (whose workers run elsewhere: nothing may rest on the driver's directory)."""
     voc = need(VOC_SUBSET) / "JPEGImages"
     sandbox = tmp_path_factory.mktemp("hostile")
     (sandbox / "outside").mkdir()
@@ -188,11 +189,12 @@ def hostile_run(tmp_path_factory):
     before = tree(sandbox)
     # relative input paths, from the sandbox: the rerun below comes from another directory
     res = subprocess.run(
-        [*MLCSEG, "run", "--manifest", "m.csv", "--out", "a/b/run", *TINY],
+        [*MLCSEG, "run", "--manifest", "m.csv", "--out", "a/b/run", *TINY, "--address", cluster.address],
         cwd=sandbox,
         capture_output=True,
         text=True,
         timeout=600,
+        env=cluster.env,
     )
     return sandbox, run, before, res, ids
 
@@ -225,13 +227,20 @@ def test_errors_and_verify_show_every_name_escaped(hostile_run):
 
 
 @pytest.mark.slow
-def test_a_damaged_mask_of_a_markup_name_is_repaired_from_any_directory(hostile_run, tmp_path):
+def test_a_damaged_mask_of_a_markup_name_is_repaired_from_any_directory(hostile_run, cluster, tmp_path):
     sandbox, run, *_ = hostile_run
     (run / "masks" / "[/bad].png").unlink()
     verify = mlcseg("verify", run)
     assert verify.returncode == 8 and "[/bad].png" in verify.stdout, verify.stdout + verify.stderr
     # from another directory, without the input: the run recorded it as an absolute location
-    res = subprocess.run([*MLCSEG, "run", "--out", str(run)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [*MLCSEG, "run", "--out", str(run), "--address", cluster.address],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=cluster.env,
+    )
     assert res.returncode == 3, res.stderr[-3000:]
     assert "[/bad].png" in res.stderr and "MarkupError" not in res.stderr
     assert (run / "masks" / "[/bad].png").is_file()

@@ -4,55 +4,44 @@ against): a folder prefix lists like a folder, a manifest of s3:// URIs works, a
 import json
 import os
 
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import TINY, copy_voc_images, mlcseg
-from helpers.s3 import S3Server
+from helpers.world import BUCKET_PHOTOS, BUCKET_RUN, N_PHOTOS, local_files
 
 pytestmark = pytest.mark.s3
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """A loopback S3 server (client, environment a client reaches it with: the standard variables)."""
-    server = S3Server()
-    server.start()
-    yield server.client, server.env
-    server.stop()
+def test_a_bucket_prefix_is_an_image_folder(s3, bucket_run, tiny_run, tmp_path):
+    """The session's bucket run read its images from a prefix: the note beside them skipped, as in a folder, and
+    the masks those of the same images in a local folder (``tiny_run``)."""
+    assert "1 file(s) skipped" in bucket_run.result.stderr
+    masks = {
+        k: v for k, v in s3.objects("runs", BUCKET_RUN.removeprefix("s3://runs/")).items() if k.startswith("masks/")
+    }
+    local = {k: v for k, v in local_files(tiny_run.out).items() if k.startswith("masks/")}
+    assert len(masks) == N_PHOTOS and masks == local
 
-
-def test_a_bucket_prefix_is_an_image_folder(s3, tmp_path):
-    client, env = s3
-    images = copy_voc_images(tmp_path / "images", 3)
-    (images / "notes.txt").write_text("not an image")
-    client.create_bucket(Bucket="photos")
-    for p in sorted(images.iterdir()):
-        client.upload_file(str(p), "photos", f"set/{p.name}")
-    remote = mlcseg("run", "--images", "s3://photos/set/", "--out", tmp_path / "remote", *TINY, env=env)
-    assert remote.returncode == 0, remote.stderr[-3000:]
-    assert "1 file(s) skipped" in remote.stderr
-    local = mlcseg("run", "--images", images, "--out", tmp_path / "local", *TINY)
-    assert local.returncode == 0, local.stderr[-3000:]
-    masks = sorted(p.name for p in (tmp_path / "local" / "masks").glob("*.png"))
-    assert len(masks) == 3 and masks == sorted(p.name for p in (tmp_path / "remote" / "masks").glob("*.png"))
-    for name in masks:
-        assert (tmp_path / "remote" / "masks" / name).read_bytes() == (tmp_path / "local" / "masks" / name).read_bytes()
-
-    manifest = tmp_path / "list.csv"  # a manifest of object URIs
-    manifest.write_text("uri\n" + "".join(f"s3://photos/set/{n.replace('.png', '.jpg')}\n" for n in masks[:2]))
-    res = mlcseg("extract", "--manifest", manifest, "--out", tmp_path / "from_manifest", *TINY, env=env)
+    manifest = tmp_path / "list.csv"  # a manifest of object URIs, and a local run folder
+    names = sorted(k.removeprefix("masks/").replace(".png", ".jpg") for k in masks)[:2]
+    manifest.write_text("uri\n" + "".join(f"{BUCKET_PHOTOS}{n}\n" for n in names))
+    out = tmp_path / "from_manifest"
+    res = mlcseg("extract", "--manifest", manifest, "--out", out, *TINY, env=s3.env)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert pq.read_table(out / "manifest.parquet").column("image_id").to_pylist() == [n[:-4] for n in names]
+    assert len(list((out / "features").glob("shard-*.parquet"))) == 1
 
 
-def test_a_missing_bucket_or_prefix_is_one_line_and_creates_nothing(s3, tmp_path):
-    _, env = s3
+def test_a_missing_bucket_or_prefix_is_one_line_and_creates_nothing(s3, bucket_photos, tmp_path):
+    env = s3.env
     for uri in ("s3://no-such-bucket/x/", "s3://photos/no-such-prefix/"):
         res = mlcseg("run", "--images", uri, "--out", tmp_path / "run", *TINY, env=env)
         errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
         assert res.returncode == 2 and len(errors) == 1 and uri in errors[0], res.stderr[-2000:]
         assert not (tmp_path / "run").exists()
     unreachable = {**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_MAX_ATTEMPTS": "1"}
-    res = mlcseg("run", "--images", "s3://photos/set/", "--out", tmp_path / "run", *TINY, env=unreachable, timeout=120)
+    res = mlcseg("run", "--images", bucket_photos, "--out", tmp_path / "run", *TINY, env=unreachable, timeout=120)
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert res.returncode == 5 and len(errors) == 1, res.stderr[-2000:]
     assert "cannot reach the object store at http://127.0.0.1:1/photos" in errors[0], errors
@@ -63,7 +52,7 @@ def test_a_remote_manifest_and_a_remote_coco_root_and_annotations(s3, tmp_path, 
     from mlcseg_ray.core.inputs import InputSpec
     from mlcseg_ray.stages.ingest import list_inputs
 
-    client, env = s3
+    client, env = s3.client, s3.env
     client.create_bucket(Bucket="lists")
     client.put_object(Bucket="lists", Key="m/images.csv", Body=b"uri\ns3://photos/set/a.jpg\nb.jpg\n")
     ann = {"images": [{"id": 7, "file_name": "x/cat.jpg"}, {"id": 9, "file_name": "dog.jpg"}], "annotations": []}
@@ -84,7 +73,7 @@ def test_the_endpoint_config_key_reaches_the_store_without_the_variables(s3, tmp
     from mlcseg_ray.config import Config
     from mlcseg_ray.pipeline import Pipeline
 
-    client, env = s3
+    client, env = s3.client, s3.env
     images = copy_voc_images(tmp_path / "images", 2)
     client.create_bucket(Bucket="keyed")
     for p in sorted(images.iterdir()):

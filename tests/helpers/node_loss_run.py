@@ -1,6 +1,6 @@
 """Run the pipeline on a several-node ``ray.cluster_utils.Cluster``, removing a worker node in the middle of
-extraction and another in the middle of refinement (or none, for the reference). Run as a script by
-test_reliability.py, so that its Ray is its own.
+extraction and another in the middle of refinement (or none). Run as a script by test_reliability.py, so that its
+Ray is its own.
 
     python node_loss_run.py IMAGES OUT {remove|keep}
 """
@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from helpers import TINY
 from mlcseg_ray.config import Config
 from mlcseg_ray.pipeline import Pipeline
+
+NODE_LOSS_CONFIG = ["region_descriptor=masked_mean"]  # beside the tiny config, one image a shard
 
 
 def remove_when(cluster, node, folder: Path, stage: str, log: list):
@@ -38,10 +40,7 @@ def main():
     nodes = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(3)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
-    cfg = Config.load(
-        None,
-        [*TINY, "shard_size=1", "region_descriptor=masked_mean"],
-    )
+    cfg = Config.load(None, [*TINY, "shard_size=1", *NODE_LOSS_CONFIG])
     log = []
     if mode == "remove":
         remove_when(cluster, nodes[0], out, "extract", log)

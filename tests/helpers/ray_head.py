@@ -58,12 +58,12 @@ class Head:
         return f"http://127.0.0.1:{self.dashboard}"
 
     def stop(self) -> None:
-        self.process.terminate()  # `ray start --block` ends the processes it started
+        self.process.terminate()  # `ray start --block` ends the processes it started, given time (up to ~30 s)
         try:
-            self.process.wait(timeout=60)
+            self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.process.kill()
-        end(started_under(self.env["RAY_TMPDIR"]))
+        end(started_under(self.env["RAY_TMPDIR"]))  # what is left of it: every process of its own folder
 
 
 def kill_driver(proc: subprocess.Popen, ray_tmp: str) -> None:

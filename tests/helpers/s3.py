@@ -65,6 +65,13 @@ class S3Server:
                 ].read()
         return out
 
+    def copy(self, bucket: str, prefix: str, to: str) -> None:
+        """Every object under ``prefix/`` copied under ``to/`` (server-side): a run folder copied in the bucket."""
+        for key in self.keys(bucket, prefix + "/"):
+            self.client.copy_object(
+                Bucket=bucket, Key=to + key[len(prefix) :], CopySource={"Bucket": bucket, "Key": key}
+            )
+
     def read(self, bucket: str, key: str) -> bytes:
         return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
@@ -89,6 +96,7 @@ class FlakyProxy:
 
         counter, proxy = itertools.count(1), self
         self.refused = 0
+        self.requests = 0  # every request that reached the proxy, refused or passed on
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -109,7 +117,8 @@ class FlakyProxy:
 
             def _any(self) -> None:
                 body = self._body()
-                if next(counter) % every == 0:
+                proxy.requests = n = next(counter)
+                if n % every == 0:
                     proxy.refused += 1
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")

@@ -125,6 +125,12 @@ def e2e(tmp_path_factory, ray_local):
     return pipe, images, corpus
 
 
+def _copy(e2e, tmp_path, **changes) -> Pipeline:
+    """A pipeline over a copy of the fixture's run, its config changed by ``changes``: the fixture stays as made."""
+    root = shutil.copytree(e2e[0].run_dir.root, tmp_path / "run")
+    return Pipeline(root, e2e[0].cfg.model_copy(update=changes))
+
+
 def test_end_to_end_outputs(e2e):
     pipe, images, _ = e2e
     run = pipe.run_dir
@@ -245,19 +251,17 @@ def test_report_renders_with_its_images(e2e):
 
 
 @pytest.mark.slow
-def test_empty_foreground_gives_background_and_no_region(e2e):
-    pipe = e2e[0]
+def test_empty_foreground_gives_background_and_no_region(e2e, tmp_path):
+    pipe = _copy(e2e, tmp_path, min_region_area=10**9)
     run = pipe.run_dir
-    cfg = pipe.cfg.model_copy(update={"min_region_area": 10**9})
-    Pipeline(run.root, cfg).run(["label"])
+    pipe.run(["label"])
     coco = json.loads(run.coco.read_text())
     assert coco["annotations"] == [] and len(coco["images"]) == 10
     for p in run.masks.glob("*.png"):
         assert np.asarray(Image.open(p)).max() == 0
-    Pipeline(run.root, pipe.cfg).run(["label"])  # restore for other tests
 
 
-def test_confidence_reaches_the_coco_json_and_min_confidence_drops_doubtful_images(e2e):
+def test_confidence_reaches_the_coco_json_and_min_confidence_drops_doubtful_images(e2e, tmp_path):
     """Each image's confidence (cluster) is its annotations' COCO score and its regions' confidence; with
     min_confidence, the images below it keep a mask (all background), lose their annotations and are flagged."""
     pipe = e2e[0]
@@ -275,17 +279,16 @@ def test_confidence_reaches_the_coco_json_and_min_confidence_drops_doubtful_imag
     low = {i for i in annotated if conf[i] < threshold}
     assert low and low != annotated
     per_image = {i: sum(ids[a["image_id"]] == i for a in coco["annotations"]) for i in annotated}
-    try:
-        Pipeline(run.root, pipe.cfg.model_copy(update={"min_confidence": threshold})).run(["label"])
-        after = json.loads(run.coco.read_text())
-        kept = [ids[a["image_id"]] for a in after["annotations"]]
-        assert not set(kept) & low and len(after["images"]) == len(coco["images"])
-        assert all(kept.count(i) == per_image[i] for i in annotated - low)
-        status = {r["image_id"]: r for r in run.read_status()}
-        for i in low:
-            assert np.asarray(Image.open(run.class_mask(i))).max() == 0 and status[i]["flag"] == "doubtful"
-    finally:
-        Pipeline(run.root, pipe.cfg).run(["label"])  # restore for other tests
+    changed = _copy(e2e, tmp_path, min_confidence=threshold)
+    changed.run(["label"])
+    run = changed.run_dir
+    after = json.loads(run.coco.read_text())
+    kept = [ids[a["image_id"]] for a in after["annotations"]]
+    assert not set(kept) & low and len(after["images"]) == len(coco["images"])
+    assert all(kept.count(i) == per_image[i] for i in annotated - low)
+    status = {r["image_id"]: r for r in run.read_status()}
+    for i in low:
+        assert np.asarray(Image.open(run.class_mask(i))).max() == 0 and status[i]["flag"] == "doubtful"
 
 
 @pytest.mark.browser
@@ -308,14 +311,14 @@ def test_report_renders_in_headless_chromium(e2e, tmp_path):
 
 
 @pytest.mark.slow
-def test_max_regions_bounds_the_work_and_labels_all_foreground(e2e):
+def test_max_regions_bounds_the_work_and_labels_all_foreground(e2e, tmp_path):
     """At most one described region per image; the other components still get a class, and the COCO file still
     rebuilds every class mask."""
     from scipy import ndimage
 
-    pipe = e2e[0]
+    pipe = _copy(e2e, tmp_path, max_regions=1)
     run = pipe.run_dir
-    Pipeline(run.root, pipe.cfg.model_copy(update={"max_regions": 1})).run(["label"])
+    pipe.run(["label"])
     regions = pq.read_table(run.regions).to_pylist()
     per_image = {}
     for r in regions:
@@ -327,8 +330,7 @@ def test_max_regions_bounds_the_work_and_labels_all_foreground(e2e):
         big = np.isin(comp, [c for c in range(1, n + 1) if (comp == c).sum() >= pipe.cfg.min_region_area])
         classes = np.asarray(Image.open(run.masks / f"{image_id}.png"))
         assert ((classes > 0) == big).all()  # every component above min_region_area is labelled
-    test_coco_json_round_trips_to_the_masks(e2e)
-    Pipeline(run.root, pipe.cfg).run(["label"])  # back to the fixture's config for the other tests
+    test_coco_json_round_trips_to_the_masks((pipe,))
 
 
 def test_crops_are_the_configured_size():

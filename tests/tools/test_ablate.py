@@ -18,15 +18,19 @@ from mlcseg_ray.stages.cluster import read_pseudo
 from mlcseg_ray.tools.ablate import RULES, ablate, rule_score
 
 
-@pytest.fixture(scope="module")
-def voc_run(tmp_path_factory):
-    """Five VOC photos through the whole pipeline, random weights, without the CRF (so that the refine stage's
-    masks are the configured rule's score upsampled: what ablate scores at patch resolution)."""
-    voc = need(VOC_SUBSET)
-    out = tmp_path_factory.mktemp("ablate") / "run"
-    r = mlcseg("run", "--voc", voc, "--limit", 5, "--out", out, *TINY, "crf=false", timeout=600)
-    assert r.returncode == 0, r.stderr
+def _run(out, **inputs):
+    """A whole run in this process, on the session's embedded Ray: random weights, without the CRF (so that the
+    refine stage's masks are the configured rule's score upsampled: what ablate scores at patch resolution)."""
+    from mlcseg_ray.pipeline import Pipeline
+
+    Pipeline(out, Config.load(None, [*TINY, "crf=false"]), **inputs).run(print_summary=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def voc_run(ray_local, tmp_path_factory):
+    """Five VOC photos through the whole pipeline."""
+    return _run(tmp_path_factory.mktemp("ablate") / "run", voc=str(need(VOC_SUBSET)), limit=5)
 
 
 @pytest.mark.slow
@@ -84,15 +88,13 @@ def test_ablate_binary_ground_truth_agrees_with_voc(voc_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_ablate_on_coco_photos(tmp_path):
+def test_ablate_on_coco_photos(ray_local, tmp_path):
     coco = need(COCO_SUBSET)
     images = tmp_path / "images"
     images.mkdir()
     for p in sorted((coco / "images").iterdir())[:4]:
         shutil.copy(p, images / p.name)
-    out = tmp_path / "run"
-    r = mlcseg("run", "--images", images, "--out", out, *TINY, "crf=false", timeout=600)
-    assert r.returncode == 0, r.stderr
+    out = _run(tmp_path / "run", images=str(images))
     r = mlcseg("ablate", out, coco / "masks", "--protocol", "coco81", "--json", "--refine-top", 0)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["images"] == 4
