@@ -6,6 +6,7 @@ type on the command line. Unknown keys and bad values fail before any work start
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -151,6 +152,12 @@ class Config(BaseModel):
                 "through AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or a role instead"
             )
         return url
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_absolute(cls, path: str | None) -> str | None:
+        # actors load it on any node, in their own working directory: a local path is anchored where it was given
+        return path if path is None or "://" in path else os.path.abspath(os.path.expanduser(path))
 
     @model_validator(mode="after")
     def _check(self) -> Config:

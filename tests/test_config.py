@@ -46,3 +46,15 @@ def test_a_run_folder_from_before_the_sampled_fits_still_loads(tmp_path):
     (tmp_path / "config.yaml").write_text("kmeans_init_sample: 5000\nk_image: 4\n")
     cfg = Config.load(tmp_path / "config.yaml")
     assert cfg.kmeans_sample == 5000 and cfg.k_image == 4 and "kmeans_init_sample" not in cfg.model_dump()
+
+
+def test_paths_workers_read_are_absolute(tmp_path, monkeypatch):
+    """A joined cluster's workers run in their own directory: the weights file and the run folder given relative
+    to this one are anchored here (a bucket URI stays as it is)."""
+    from mlcseg_ray.core.store import RunDir
+
+    monkeypatch.chdir(tmp_path)
+    assert Config.load(None, ["weights=w/dino.pth"]).weights == str(tmp_path / "w" / "dino.pth")
+    assert Config.load(None, ["weights=s3://b/dino.pth"]).weights == "s3://b/dino.pth"
+    assert RunDir("a/run").root == tmp_path / "a" / "run"
+    assert str(RunDir("s3://b/run").root) == "s3://b/run"

@@ -111,6 +111,13 @@ def as_location(location: str | os.PathLike) -> Location:
     return UPath(s, **_remote_options(s.split("://", 1)[0]))
 
 
+def anchored(location: str | os.PathLike) -> Location:
+    """:func:`as_location` with a local path made absolute: what is handed to Ray workers, whose working directory
+    (on a joined cluster, the node's) is not the driver's."""
+    path = as_location(location)
+    return path.absolute() if is_local(path) else path
+
+
 def make_folder(path: Location) -> None:
     """A local folder and its parents; in a bucket nothing (its folders are key prefixes, and a bucket is never
     created by this tool: a missing one is an error at the first write)."""

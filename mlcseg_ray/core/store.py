@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 
 from . import storage
 from .errors import RunLocked, UnsafeImageId
-from .storage import Location, as_location, is_local, read_table
+from .storage import Location, anchored, as_location, is_local, read_table
 
 FEATURE_SCHEMA_VERSION = "2"  # 2: key as fixed-size binary float16 (1: fixed_size_list, still read)
 log = logging.getLogger("mlcseg_ray")
@@ -231,7 +231,7 @@ class RunDir:
     else builds a path under ``root``."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = as_location(root)  # a local Path, or a UPath in a bucket
+        self.root = anchored(root)  # a local Path (absolute: workers have their own directory), or a UPath
         self.remote = not is_local(self.root)
 
     # --- files and folders ---

@@ -371,7 +371,7 @@ def _check_range(a: np.ndarray, n: int, ignore: int, where: str) -> np.ndarray:
 
 def load_ground_truth(gt: Path, protocol: str, split: str = "val", ignore: int | None = None) -> GroundTruth:
     """``ignore``: a label value to leave out (``folder`` and ``binary``; VOC and COCO always ignore 255)."""
-    gt = Path(gt)
+    gt = Path(gt).absolute()  # read by tasks in workers, whose working directory is not this one
     if protocol not in PROTOCOLS:
         raise EvalError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if not gt.exists():

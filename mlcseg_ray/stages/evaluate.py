@@ -19,7 +19,7 @@ import numpy as np
 
 from ..core.mapping import serial_map
 from ..core.stage import MapFn, Stage, StageContext
-from ..core.storage import as_location, make_folder
+from ..core.storage import anchored, as_location, make_folder
 from ..core.store import RunDir, atomic_write_bytes, atomic_write_json
 from ..formats.datasets import (
     MASK_EXTENSIONS,
@@ -149,7 +149,7 @@ def evaluate_folder(
     map_fn: MapFn | None = None,
 ) -> dict:
     """``mlcseg eval``: PRED is a run folder (its masks/ or, for binary, binary/) or a folder of label PNGs."""
-    pred = as_location(pred)
+    pred = anchored(pred)
     if not pred.exists():
         raise FileNotFoundError(f"predictions not found: {pred}")
     run = RunDir(pred)
