@@ -73,3 +73,20 @@ def bucket_run(s3, bucket_photos):
     from helpers.world import BUCKET_RUN, make_run
 
     return make_run(bucket_photos, BUCKET_RUN, env=s3.env)
+
+
+# ---------------------------------------------------------------- two workers (make test: pytest -n 2)
+WORLD = {"cluster", "s3", "photos", "tiny_run", "bucket_photos", "bucket_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``--dist loadgroup`` a module runs in one worker (its fixtures are made once), and
+    every module that uses the shared world runs in the same worker (the world is made once)."""
+    modules: dict[str, bool] = {}
+    for item in items:
+        modules[item.module.__name__] = modules.get(item.module.__name__, False) or bool(
+            WORLD & set(getattr(item, "fixturenames", ()))
+        )
+    for item in items:
+        name = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("world" if modules[name] else name))
