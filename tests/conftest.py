@@ -79,6 +79,7 @@ def bucket_run(s3, bucket_photos):
 WORLD = {"cluster", "s3", "photos", "tiny_run", "bucket_photos", "bucket_run"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist's ``--dist loadgroup`` a module runs in one worker (its fixtures are made once), and
     every module that uses the shared world runs in the same worker (the world is made once)."""

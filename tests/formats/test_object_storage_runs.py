@@ -39,6 +39,10 @@ def _stages(stdout: str) -> dict[str, bool]:
 
 
 def test_a_run_in_a_bucket_equals_a_local_run_and_reruns_like_one(s3, bucket_run, tiny_run, tmp_path):
+    def work(made) -> list:
+        return [(s["stage"], s.get("images"), s.get("errors"), s["skipped"]) for s in made.summary["stages"]]
+
+    assert work(bucket_run) == work(tiny_run)  # the same stages did the same work
     remote, local = s3.objects("runs", BUCKET_OUT), local_files(tiny_run.out)
     assert comparable(remote) == comparable(local) and len(comparable(remote)) > 4 * N_PHOTOS
     assert _coco(remote["pseudo_labels.json"]) == _coco(local["pseudo_labels.json"])

@@ -23,14 +23,17 @@ def _run(out, **inputs):
     refine stage's masks are the configured rule's score upsampled: what ablate scores at patch resolution)."""
     from mlcseg_ray.pipeline import Pipeline
 
-    Pipeline(out, Config.load(None, [*TINY, "crf=false"]), **inputs).run(print_summary=False)
+    summary = Pipeline(out, Config.load(None, [*TINY, "crf=false"]), **inputs).run(print_summary=False)
+    assert [s["stage"] for s in summary][-1] == "evaluate" if "voc" in inputs else "report"
     return out
 
 
 @pytest.fixture(scope="module")
 def voc_run(ray_local, tmp_path_factory):
     """Five VOC photos through the whole pipeline."""
-    return _run(tmp_path_factory.mktemp("ablate") / "run", voc=str(need(VOC_SUBSET)), limit=5)
+    out = _run(tmp_path_factory.mktemp("ablate") / "run", voc=str(need(VOC_SUBSET)), limit=5)
+    assert json.loads(RunDir(out).metrics.read_text())["n_images"] == 5  # a --voc run scores itself
+    return out
 
 
 @pytest.mark.slow
