@@ -29,12 +29,12 @@ browser:
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25  # two workers; the 25 slowest tests and the wall time
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=25  # two workers; the 25 slowest tests and the wall time
 
 # Between edits: every test but the tiers marked slow, cluster, s3 and browser (pyproject.toml); `make test` runs all.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not cluster and not s3 and not browser" --durations=10
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not slow and not cluster and not s3 and not browser" --durations=10
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

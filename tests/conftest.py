@@ -75,19 +75,26 @@ def bucket_run(s3, bucket_photos):
     return make_run(bucket_photos, BUCKET_RUN, env=s3.env)
 
 
-# ---------------------------------------------------------------- two workers (make test: pytest -n 2)
-WORLD = {"cluster", "s3", "photos", "tiny_run", "bucket_photos", "bucket_run"}
+# ---------------------------------------------------------------- two workers (make test: pytest -n 2 --dist loadscope)
+# A module runs in one worker, so its module fixtures are made once; each worker makes the parts of the session's
+# world that its tests ask for. The two bucket modules share the bucket run (a minute to make): one scope.
+SHARED_SCOPES = {
+    "tests/formats/test_object_storage_inputs.py": "bucket",
+    "tests/formats/test_object_storage_runs.py": "bucket",
+}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist's ``--dist loadgroup`` a module runs in one worker (its fixtures are made once), and
-    every module that uses the shared world runs in the same worker (the world is made once)."""
-    modules: dict[str, bool] = {}
-    for item in items:
-        modules[item.module.__name__] = modules.get(item.module.__name__, False) or bool(
-            WORLD & set(getattr(item, "fixturenames", ()))
-        )
-    for item in items:
-        name = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("world" if modules[name] else name))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    # pytest-xdist's own --dist loadgroup marks groups by rewriting a private node id that pytest 9.2 no longer
+    # reads, so the scopes are given to the scheduler here instead.
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SHARED_SCOPES.get(module, module)
+
+    return ByModule(config, log)
