@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import posixpath
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -116,6 +117,40 @@ def anchored(location: str | os.PathLike) -> Location:
     (on a joined cluster, the node's) is not the driver's."""
     path = as_location(location)
     return path.absolute() if is_local(path) else path
+
+
+def _lexical(location: str) -> tuple[str, str]:
+    """(scheme, '/'-separated path) of a location, a local path made absolute; nothing on disk is read."""
+    if is_remote(location):
+        scheme, rest = location.split("://", 1)
+        return scheme, rest
+    path = location[len("file://") :] if location.startswith("file://") else location
+    return "", Path(os.path.abspath(path)).as_posix()
+
+
+def common_folder(locations: Iterable[str]) -> str | None:
+    """The deepest folder (or bucket prefix) that holds every location, or None where they share none (two
+    buckets, local files beside objects)."""
+    split = {_lexical(str(loc)) for loc in locations}
+    schemes = {scheme for scheme, _ in split}
+    if len(schemes) != 1:
+        return None
+    scheme = schemes.pop()
+    folder = posixpath.commonpath([posixpath.dirname(path) for _, path in split])
+    if scheme:
+        return f"{scheme}://{folder}" if folder else None
+    return folder
+
+
+def path_under(root: str, location: str) -> str | None:
+    """``location`` as a '/'-separated path below ``root`` (a folder or a bucket prefix), by their text alone, or
+    None where it is not below it."""
+    (root_scheme, top), (scheme, path) = _lexical(str(root)), _lexical(str(location))
+    top = top.rstrip("/") + "/"
+    if scheme != root_scheme or not path.startswith(top):
+        return None
+    below = path[len(top) :]
+    return below if below and all(seg not in ("", ".", "..") for seg in below.split("/")) else None
 
 
 def make_folder(path: Location) -> None:

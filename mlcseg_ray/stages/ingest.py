@@ -35,7 +35,16 @@ from ..core.errors import BadImage
 from ..core.inputs import InputSpec
 from ..core.mapping import serial_map
 from ..core.stage import MapFn, Stage, StageContext
-from ..core.storage import Location, as_location, is_local, is_remote, read_schema, read_table
+from ..core.storage import (
+    Location,
+    anchored,
+    as_location,
+    common_folder,
+    is_local,
+    is_remote,
+    read_schema,
+    read_table,
+)
 from ..core.store import RunDir, atomic_replace, id_problem, printable, shard_name, unrecorded
 from ..formats.datasets import find_voc_root
 from ..formats.images import (
@@ -115,6 +124,16 @@ def list_images(spec: InputSpec, map_fn: MapFn = serial_map) -> Listing:
         keep = np.sort(np.random.default_rng(spec.sample_seed).choice(table.num_rows, spec.sample, replace=False))
         table = table.take(keep)
     return Listing(table, skipped)
+
+
+def image_root(spec: InputSpec, listing: pa.Table) -> str | None:
+    """The folder the images are named under in the COCO file (detectron2's ``image_root``, Datumaro's base): the
+    image folder or bucket prefix, the VOC ``JPEGImages``, the COCO image root, a manifest's common folder."""
+    if spec.images or spec.coco:
+        return str(anchored(spec.images or spec.coco))
+    if spec.voc:
+        return str(find_voc_root(anchored(spec.voc)) / "JPEGImages")
+    return common_folder(listing.column("uri").to_pylist())
 
 
 def list_inputs(spec: InputSpec) -> list[dict]:
@@ -317,6 +336,7 @@ def build_manifest(
         "changed": changed,
         "skipped": listing.skipped,
         "fingerprint": fingerprint,
+        "image_root": image_root(spec, listing.table),
     }
 
 
@@ -432,7 +452,9 @@ class IngestStage(Stage):
                 ", ".join(f"{k} {v}" for k, v in skipped["by_extension"].items()),
                 run.root,
             )
-        run.update_record(inputs=asdict(spec), input=spec.describe(), skipped_files=skipped)
+        run.update_record(
+            inputs=asdict(spec), input=spec.describe(), skipped_files=skipped, image_root=built["image_root"]
+        )
         return {
             "images": built["images"],
             "errors": built["errors"],

@@ -22,7 +22,7 @@ from pycocotools import mask as mask_utils
 
 from ..config import Config
 from ..core.stage import MapFn, Resources, Stage, StageContext
-from ..core.storage import read_metadata, read_table, rows_where
+from ..core.storage import path_under, read_metadata, read_table, rows_where
 from ..core.store import (
     RunDir,
     atomic_concat_tables,
@@ -176,7 +176,8 @@ class LabelStage(Stage):
     resources = Resources(cpus=1)
     # 2: class k-means on a sample (issue 14); 3: COCO area and box from the RLE (joined parts)
     # 4: the pseudo-mask's confidence as the annotation score, min_confidence (issue 22)
-    version = 5  # 5: COCO fragments carry their images; the merged files are streamed (issue 25)
+    # 5: COCO fragments carry their images; the merged files are streamed (issue 25)
+    version = 6  # 6: file_name relative to the image root, the root in info (issue 41)
 
     def shards(self, ctx: StageContext) -> list[int]:
         return ctx.run.pseudo_shards()
@@ -229,11 +230,18 @@ def _merge_outputs(run: RunDir, shards: list[int], k: int) -> None:
     writes): the driver holds one shard's fragment at a time, whatever the number of images. The COCO file's images
     come shard by shard (by id within a shard), its annotations numbered 1.. in shard order."""
     rec = run.read_record()
+    root = rec.get("image_root")
     info = {
         "description": "mlcseg_ray pseudo-labels",
         "backbone": rec.get("backbone", {}).get("backbone"),
         "random_weights": rec.get("backbone", {}).get("random_weights"),
+        "image_root": root,  # file_names are below it, as COCO readers expect (detectron2's image_root)
     }
+
+    def named(image: dict) -> dict:
+        # a fragment names its image by its URI; an image outside the root (a run without one) keeps it
+        return {**image, "file_name": (root and path_under(root, image["file_name"])) or image["file_name"]}
+
     categories = [{"id": c, "name": f"cluster_{c}", "supercategory": "object"} for c in range(1, k + 1)]
 
     def write_coco(f: BinaryIO) -> None:
@@ -244,7 +252,7 @@ def _merge_outputs(run: RunDir, shards: list[int], k: int) -> None:
             for n in shards:
                 part = json.loads(run.coco_part(n).read_text())
                 for image in part["images"]:
-                    f.write(b"%s\n%s" % (b"," if images else b"", json.dumps(image).encode()))
+                    f.write(b"%s\n%s" % (b"," if images else b"", json.dumps(named(image)).encode()))
                     images += 1
                 for a in part["annotations"]:
                     annotations += 1

@@ -27,10 +27,9 @@ BUCKET_OUT = BUCKET_RUN.removeprefix("s3://runs/")
 
 
 def _coco(data: bytes) -> dict:
-    """The COCO JSON with each image's file name reduced to its base name (the one thing that names the store)."""
+    """The COCO JSON without its image root (the one thing that names the store: file names are below it)."""
     coco = json.loads(data)
-    for im in coco["images"]:
-        im["file_name"] = im["file_name"].rsplit("/", 1)[-1]
+    coco["info"].pop("image_root")
     return coco
 
 
@@ -38,7 +37,7 @@ def _stages(stdout: str) -> dict[str, bool]:
     return {s["stage"]: s["skipped"] for s in json.loads(stdout)["stages"]}
 
 
-def test_a_run_in_a_bucket_equals_a_local_run_and_reruns_like_one(s3, bucket_run, tiny_run, tmp_path):
+def test_a_run_in_a_bucket_equals_a_local_run_and_reruns_like_one(s3, bucket_photos, bucket_run, tiny_run, tmp_path):
     def work(made) -> list:
         return [(s["stage"], s.get("images"), s.get("errors"), s["skipped"]) for s in made.summary["stages"]]
 
@@ -46,6 +45,7 @@ def test_a_run_in_a_bucket_equals_a_local_run_and_reruns_like_one(s3, bucket_run
     remote, local = s3.objects("runs", BUCKET_OUT), local_files(tiny_run.out)
     assert comparable(remote) == comparable(local) and len(comparable(remote)) > 4 * N_PHOTOS
     assert _coco(remote["pseudo_labels.json"]) == _coco(local["pseudo_labels.json"])
+    assert json.loads(remote["pseudo_labels.json"])["info"]["image_root"] == bucket_photos.rstrip("/")
     for name in ("config.yaml", "run.json", "status.parquet", "manifest.parquet", "report.html"):
         assert name in remote
     assert not [k for k in remote if ".tmp-" in k or k == ".lock"]  # nothing partial, the lock released

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -210,8 +211,8 @@ def test_each_label_shard_finds_its_own_coco_ids(e2e, tmp_path):
 def test_coco_json_and_regions_streamed_from_fragments_equal_the_ones_built_in_memory(e2e):
     """finish streams the shards' fragments into one file: the result is the COCO dict an in-memory merge makes
     (every ok image with a class mask, ids as the manifest gives them, annotations numbered in shard order), and
-    the regions table is the parts concatenated."""
-    run = e2e[0].run_dir
+    the regions table is the parts concatenated. Images are named below the image folder, as COCO readers expect."""
+    run, folder = e2e[0].run_dir, e2e[1]
     manifest = pq.read_table(run.manifest).to_pylist()  # sorted by id: positions are the ids where none is given
     ids = {r["image_id"]: r["coco_id"] if r["coco_id"] is not None else i + 1 for i, r in enumerate(manifest)}
     masked = run.mask_ids(run.masks)
@@ -224,7 +225,7 @@ def test_coco_json_and_regions_streamed_from_fragments_equal_the_ones_built_in_m
                 images.append(
                     {
                         "id": ids[r["image_id"]],
-                        "file_name": r["uri"],
+                        "file_name": Path(r["uri"]).relative_to(folder).as_posix(),
                         "width": r["width"],
                         "height": r["height"],
                         "mlcseg_image_id": r["image_id"],
@@ -235,6 +236,8 @@ def test_coco_json_and_regions_streamed_from_fragments_equal_the_ones_built_in_m
     assert streamed["images"] == sorted(images, key=lambda x: x["id"])
     assert streamed["annotations"] == [{**a, "id": i + 1} for i, a in enumerate(annotations)]
     assert [c["id"] for c in streamed["categories"]] == [1, 2, 3, 4] and streamed["info"]["random_weights"] is True
+    assert streamed["info"]["image_root"] == str(folder.absolute())
+    assert all((folder / im["file_name"]).is_file() for im in streamed["images"])  # what detectron2 would open
     parts = pa.concat_tables([pq.read_table(run.labelled_part(n)) for n in shards])
     assert pq.read_table(run.regions).equals(parts)
 
