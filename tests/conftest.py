@@ -14,7 +14,7 @@ def ray_local():
     """One embedded Ray in this process for the whole session, on loopback only."""
     import ray
 
-    from mlcseg_ray.backends.cluster import init_ray
+    from mlcseg_ray.backends.ray_runtime import init_ray
 
     if not ray.is_initialized():
         init_ray(num_cpus=2)
@@ -82,6 +82,22 @@ SHARED_SCOPES = {
     "tests/formats/test_object_storage_inputs.py": "bucket",
     "tests/formats/test_object_storage_runs.py": "bucket",
 }
+# The longest scopes start first, so that neither worker is left with a long one at the end (their times:
+# BENCHMARKS.md, "The test suite's time"); the others follow in collection order.
+LONGEST_FIRST = [
+    *SHARED_SCOPES,
+    "tests/core/test_reliability.py",
+    "tests/backends/test_discovery.py",
+    "tests/core/test_untrusted_inputs.py",
+    "tests/cli/test_cli.py",
+    "tests/cli/test_one_line_errors.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("dist", "no") == "loadscope":  # the scheduler takes the scopes in collection order
+        rank = {module: n for n, module in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -91,6 +107,8 @@ def pytest_xdist_make_scheduler(config, log):
     if config.getoption("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # by the order above, not by each scope's number of tests
 
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:

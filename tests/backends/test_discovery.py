@@ -30,20 +30,22 @@ def _backend(run) -> dict:
 
 
 def test_embedded_and_joined_runs_find_the_right_ray(cluster, tmp_path):
+    """Which Ray a command finds, told by an extraction (the first stage that starts Ray); a whole run joined to the
+    head is the session's ``tiny_run``."""
     images = copy_voc_images(tmp_path / "images", 2)
     env = cluster.env
     assert Path(env["RAY_TMPDIR"], "ray", "ray_current_cluster").read_text().strip() == cluster.address
 
     # no --address beside a running head: a Ray of its own, on loopback
-    res, _ = _run(images, tmp_path / "embedded", env)
+    res, _ = _run(images, tmp_path / "embedded", env, command="extract")
     assert res.returncode == 0, res.stderr[-3000:]
     ray_info = _backend(tmp_path / "embedded")
     assert ray_info["embedded"] and ray_info["address"] != cluster.address, ray_info
 
-    # --address auto and HOST:PORT join that head (a whole run, and an extraction)
-    for address, command in (("auto", "run"), (cluster.address, "extract")):
+    # --address auto and HOST:PORT join that head
+    for address in ("auto", cluster.address):
         out = tmp_path / f"joined-{address.replace(':', '_')}"
-        res, _ = _run(images, out, env, "--address", address, command=command)
+        res, _ = _run(images, out, env, "--address", address, command="extract")
         assert res.returncode == 0, (address, res.stderr[-3000:])
         assert _backend(out)["address"] == cluster.address and not _backend(out)["embedded"], _backend(out)
 
