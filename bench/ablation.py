@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the planted-store generators (tests/h
 from common import machine  # noqa: E402
 
 from helpers.planted import PlantedSpec, generate, generate_on_photos, random_spec  # noqa: E402
-from mlcseg_ray.config import Config  # noqa: E402
+from mlcseg_ray.core.config import Config  # noqa: E402
 from mlcseg_ray.core.inputs import RunInputs  # noqa: E402
 from mlcseg_ray.core.store import RunDir  # noqa: E402
 from mlcseg_ray.pipeline import run_stages  # noqa: E402

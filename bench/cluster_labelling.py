@@ -19,7 +19,7 @@ from common import machine  # noqa: E402
 
 from helpers import VOC_MASKS  # noqa: E402
 from helpers.planted import PlantedSpec, generate  # noqa: E402
-from mlcseg_ray.config import Config  # noqa: E402
+from mlcseg_ray.core.config import Config  # noqa: E402
 from mlcseg_ray.core.stage import StageContext  # noqa: E402
 from mlcseg_ray.stages.cluster import ClusterStage, fit_levels  # noqa: E402
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import VOC_IMAGES, machine
 
-from mlcseg_ray.config import Config
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.feature_store import FEATURE_WRITE_OPTIONS, feature_table
 from mlcseg_ray.formats.images import load_rgb
 from mlcseg_ray.formats.masks import png_bytes

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def one(path: str, max_side: int) -> dict:
     sys.path.insert(0, str(ROOT))
-    from mlcseg_ray.config import Config
+    from mlcseg_ray.core.config import Config
     from mlcseg_ray.models.backbones import FeatureExtractor, build_backbone
     from mlcseg_ray.stages.extract import extract_shard
 

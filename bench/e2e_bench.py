@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import ROOT, VOC_IMAGES, machine
 from extract_throughput import bare
 
-from mlcseg_ray.config import Config
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.store import RunDir, markers, read_json
 
 

@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import VOC_IMAGES, machine
 
-from mlcseg_ray.backends.cluster import init_ray
-from mlcseg_ray.config import Config
+from mlcseg_ray.backends.ray_runtime import init_ray
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.images import load_rgb
 from mlcseg_ray.models.backbones import FeatureExtractor, build_backbone
 from mlcseg_ray.pipeline import Pipeline

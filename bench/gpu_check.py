@@ -19,8 +19,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import GpuMemoryPeak, machine
 
-from mlcseg_ray.backends.cluster import cluster_gpus, init_ray
-from mlcseg_ray.config import Config
+from mlcseg_ray.backends.ray_runtime import cluster_gpus, init_ray
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.pipeline import Pipeline
 

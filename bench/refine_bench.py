@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import SHARED, VOC_IMAGES, machine
 
 from mlcseg_ray.backends.ray import ray_map
-from mlcseg_ray.config import Config
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.images import load_rgb
 from mlcseg_ray.ops.crf import refine_image
 from mlcseg_ray.stages.extract import geometry

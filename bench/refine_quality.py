@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the real-edge helpers (tests/helpers/
 from common import machine  # noqa: E402
 
 from helpers.edges import PATCH, STRENGTHS, boundary_f, patch_score, photos, truth  # noqa: E402
-from mlcseg_ray.config import Config  # noqa: E402
+from mlcseg_ray.core.config import Config  # noqa: E402
 from mlcseg_ray.formats.images import load_rgb  # noqa: E402
 from mlcseg_ray.ops.crf import refine_image  # noqa: E402
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the pl
 from common import MemoryCap, PeakRSS, machine
 
 from helpers.planted import PlantedSpec, foreground_iou, generate, random_grids
-from mlcseg_ray.backends.cluster import init_ray
-from mlcseg_ray.config import Config
+from mlcseg_ray.backends.ray_runtime import init_ray
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.pipeline import run_stages
 

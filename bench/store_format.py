@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import VOC_IMAGES, machine
 
-from mlcseg_ray.config import Config
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.feature_store import FEATURE_WRITE_OPTIONS, feature_table, key_matrix
 from mlcseg_ray.stages.extract import prepare_images
 

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from .config import Config
+from .core.config import Config
 
 __version__ = "0.1.0"
 __all__ = ["Config", "Pipeline", "__version__", "write_store_shard"]

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .backends import make_backend
-from .config import Config
+from .core.config import Config
 from .core.executor import Executor
 from .core.inputs import RunInputs
 from .core.progress import console, shown

@@ -1,6 +1,6 @@
 import pytest
 
-from mlcseg_ray.config import Config, ConfigError
+from mlcseg_ray.core.config import Config, ConfigError
 
 
 def test_defaults_match_design():

@@ -66,7 +66,7 @@ def test_the_bucket_rayjob_needs_no_shared_volume_and_its_command_parses():
     command = typer.main.get_command(app).commands["run"]
     ctx = command.make_context("run", list(args))
     assert ctx.params["out"] == args[args.index("--out") + 1]
-    from mlcseg_ray.config import Config
+    from mlcseg_ray.core.config import Config
 
     Config.load(None, ctx.params["overrides"])
 

@@ -10,14 +10,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlcseg_ray"
 
 # layer -> the layers (top-level names under mlcseg_ray) its modules may import
 ALLOWED = {
-    "core": {"core", "config"},
-    "ops": {"ops", "core.mapping", "core.errors", "config"},
-    "formats": {"formats", "ops", "core", "config"},
-    "models": {"models", "core", "config"},
-    "stages": {"core", "formats", "ops", "models", "config"},
-    "backends": {"backends", "core", "config"},
-    "tools": {"tools", "core", "formats", "ops", "models", "stages", "backends", "config"},
-    "cli": {"cli", "core", "formats", "ops", "models", "stages", "backends", "tools", "config", "pipeline", ""},
+    "core": {"core"},  # the ground floor: the config, the run folder, the executor and the backend protocol
+    "ops": {"ops", "core.fanout", "core.errors", "core.config"},
+    "formats": {"formats", "ops", "core"},
+    "models": {"models", "core"},
+    "stages": {"core", "formats", "ops", "models"},
+    "backends": {"backends", "core"},
+    "tools": {"tools", "core", "formats", "ops", "models", "stages", "backends"},
+    "cli": {"cli", "core", "formats", "ops", "models", "stages", "backends", "tools", "pipeline", ""},
 }
 RAY_ALLOWED = {"backends", "tools/jobs.py"}
 
@@ -52,18 +52,18 @@ def _imports(path: Path, root: Path = PACKAGE.parent) -> list[tuple[str, int]]:
 
 
 def _layer_of(module: str) -> str:
-    """``mlcseg_ray.ops.kmeans`` -> ``ops``; ``mlcseg_ray.core.mapping`` -> ``core.mapping``; the package -> ``""``."""
+    """``mlcseg_ray.ops.kmeans`` -> ``ops``; ``mlcseg_ray.core.fanout`` -> ``core.fanout``; the package -> ``""``."""
     parts = module.split(".")[1:]
     if parts[:1] == ["core"] and len(parts) > 1:
         return ".".join(parts[:2])
-    return parts[0] if parts and (PACKAGE / parts[0]).is_dir() or parts[:1] in (["config"], ["pipeline"]) else ""
+    return parts[0] if parts and (PACKAGE / parts[0]).is_dir() or parts[:1] == ["pipeline"] else ""
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_each_layer_imports_only_the_layers_below_it(path):
     layer = path.relative_to(PACKAGE).parts[0] if len(path.relative_to(PACKAGE).parts) > 1 else None
     if layer not in ALLOWED:
-        return  # top-level modules (config, pipeline, the package itself) put the layers together
+        return  # top-level modules (pipeline, the package itself) put the layers together
     bad = []
     for module, line in _imports(path):
         if not module.startswith("mlcseg_ray"):
@@ -97,11 +97,11 @@ def test_the_checker_sees_forbidden_imports(tmp_path):
     bad.parent.mkdir(parents=True)
     bad.write_text(
         "from typing import TYPE_CHECKING\nfrom .cluster import read_pseudo\nfrom ..ops import levels\nimport ray\n"
-        "if TYPE_CHECKING:\n    from ..backends.base import Backend\n"
+        "if TYPE_CHECKING:\n    from ..core.backend import Backend\n"
     )
     found = [m for m, _ in _imports(bad, tmp_path)]
     assert found == ["typing", "mlcseg_ray.stages.cluster", "mlcseg_ray.ops", "ray"]
-    assert _layer_of("mlcseg_ray.stages.cluster") == "stages" and _layer_of("mlcseg_ray.core.mapping") == "core.mapping"
+    assert _layer_of("mlcseg_ray.stages.cluster") == "stages" and _layer_of("mlcseg_ray.core.fanout") == "core.fanout"
 
 
 def _direct_io(path: Path) -> list[str]:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .base import Backend
+from ..core.backend import Backend
 
 BACKENDS = ("ray", "local")
 

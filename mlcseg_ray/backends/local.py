@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..core.mapping import serial_map
+from ..core.fanout import serial_map
 from ..core.stage import Resources
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..core.stage import Resources
-from .cluster import cluster_cpus, cluster_gpus, gcs_address, init_ray, task_gpus, use_gpus
+from .ray_runtime import cluster_cpus, cluster_gpus, gcs_address, init_ray, task_gpus, use_gpus
 
 # Tasks in flight per CPU: enough to hide a task's start-up, few enough that the results waiting in the driver
 # stay small.

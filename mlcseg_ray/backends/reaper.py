@@ -1,7 +1,7 @@
 """Ends an embedded Ray's processes when the driver that started it dies without ``ray.shutdown`` (``kill -9``,
 OOM): Ray's dashboard and runtime-env agents, and workers that finish their task, would otherwise outlive it.
 
-Started by :func:`mlcseg_ray.backends.cluster.init_ray` as ``python -m mlcseg_ray.backends.reaper DRIVER_PID
+Started by :func:`mlcseg_ray.backends.ray_runtime.init_ray` as ``python -m mlcseg_ray.backends.reaper DRIVER_PID
 SESSION_DIR`` in its own process session (so a signal to the driver's group does not reach it). While the driver
 runs it keeps a list of the session's processes (those naming the session folder, and their descendants: workers
 retitle themselves, so they are found as children); once the driver is gone it ends them, SIGTERM first, then

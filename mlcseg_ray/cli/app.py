@@ -24,7 +24,7 @@ from typing import Any
 
 import typer
 
-from ..config import Config, parse_overrides
+from ..core.config import Config, parse_overrides
 from ..core.inputs import INPUT_FIELDS, InputSpec
 from ..core.progress import console, shown
 from ..core.progress import out as stdout
@@ -150,7 +150,7 @@ def _run_stages(
     as_json: bool = False,
     inputs: InputSpec = InputSpec(),
 ) -> None:
-    from ..backends.cluster import init_ray, ray_output_to_log
+    from ..backends.ray_runtime import init_ray, ray_output_to_log
     from ..core.storage import use_endpoint
     from ..core.store import RunDir
     from ..pipeline import Pipeline
@@ -274,7 +274,11 @@ def _stage_command(stage: str, doc: str) -> None:
 
 
 _stage_command("cluster", "Multilevel clustering of a feature store into patch pseudo-masks (RUN/pseudo).")
-_stage_command("refine", "Upsampling + DenseCRF of the pseudo-masks into full-resolution binary masks (RUN/binary).")
+_stage_command(
+    "refine",
+    "Upsampling + dense CRF (crf_backend: torch on a GPU share, or DenseCRF) of the pseudo-masks into "
+    "full-resolution binary masks (RUN/binary).",
+)
 _stage_command("label", "Regions, descriptors and K classes: class masks, regions.parquet, COCO JSON.")
 _stage_command("report", "Write RUN/report.html: one self-contained file (images inlined).")
 
@@ -402,7 +406,7 @@ def eval_cmd(
     match predicted ids to classes with the Hungarian algorithm over the whole split.
     """
     from ..backends import make_backend
-    from ..backends.cluster import check_address
+    from ..backends.ray_runtime import check_address
     from ..stages.evaluate import evaluate_folder
     from .console import print_metrics
 
@@ -433,14 +437,14 @@ def ablate(
     ),
     split: str = Split,
     ignore: int | None = typer.Option(None, "--ignore", help="a label value to leave out (folder, binary)"),
-    refine_top: int = typer.Option(2, "--refine-top", min=0, help="refine this many best rules with the DenseCRF"),
+    refine_top: int = typer.Option(2, "--refine-top", min=0, help="refine this many best rules with the run's CRF"),
     as_json: bool = Json,
 ) -> None:
     """Foreground IoU of every clustering level and combine rule on a labelled subset, from one cluster run.
 
     Nothing is extracted or clustered again: the run's pseudo-masks hold the three level masks and each level's
     weight per image. Each rule is scored at patch resolution (upsampled as the refine stage does), and the best
-    --refine-top rules also after the DenseCRF. Writes RUN/ablation.json and adds a section to RUN/report.html.
+    --refine-top rules also after the run's CRF. Writes RUN/ablation.json and adds a section to RUN/report.html.
     Pick the winner for your data with combine=RULE (e.g. mlcseg cluster --out RUN combine=image).
     """
     from ..core.progress import progress_bar
@@ -495,7 +499,7 @@ def submit(
     inputs: InputSpec = InputSpec(),
 ) -> None:
     """Send a whole run to a Ray cluster through the Ray Jobs API; prints the job id."""
-    from ..backends.cluster import check_address
+    from ..backends.ray_runtime import check_address
     from ..tools.jobs import follow_logs, submit_run
 
     try:
@@ -567,7 +571,7 @@ def info(address: str | None = Address, as_json: bool = Json) -> None:
         cuda = False
     cluster = None
     if address:
-        from ..backends.cluster import cluster_resources, init_ray
+        from ..backends.ray_runtime import cluster_resources, init_ray
 
         try:
             init_ray(address)

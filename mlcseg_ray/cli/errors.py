@@ -6,7 +6,7 @@ import errno
 import os
 import re
 
-from ..config import ConfigError
+from ..core.config import ConfigError
 from ..core.errors import ClusterAuthError, ClusterUnreachable, NoUsableImages, RunLocked, StageFailed, StageOrderError
 from ..core.progress import console, shown
 

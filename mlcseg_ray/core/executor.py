@@ -22,16 +22,17 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
-from ..config import Config
+from .backend import Backend
+from .config import Config
 from .errors import NoUsableImages, StageFailed, StageOrderError
+from .fanout import serial_map
 from .fingerprint import digest
 from .inputs import RunInputs
 from .integrity import declared_outputs, stage_damage
-from .mapping import serial_map
 from .progress import progress_bar
 from .stage import MapFn, Stage, StageContext
 from .storage import confined_to, iter_batches, read_table, walk_files
@@ -46,9 +47,6 @@ from .store import (
     remove_stale_temp_files,
     shard_index,
 )
-
-if TYPE_CHECKING:
-    from ..backends.base import Backend
 
 log = logging.getLogger("mlcseg_ray")
 # A command with nothing else to compute maps at most this many items in the driver (the report's few shards of a

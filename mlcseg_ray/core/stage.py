@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..config import Config
+from .config import Config
 from .errors import BadImage
+from .fanout import MapFn
 from .inputs import RunInputs
-from .mapping import MapFn
 from .store import RunDir
 
 

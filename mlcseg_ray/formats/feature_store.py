@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..config import Config
+from ..core.config import Config
 from ..core.storage import read_schema, read_table
 from ..core.store import FEATURE_SCHEMA_VERSION, RunDir, atomic_write_table, list_shards
 from ..ops.kmeans import EPS, check_finite, unit_vectors

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import Config
+from ..core.config import Config
 from ..core.storage import as_location, iter_batches, read_table, rows_between
 from ..core.store import RunDir, atomic_write_tables
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pydensecrf.utils import unary_from_softmax
 
-from ..config import Config
+from ..core.config import Config
 from ..core.errors import BadImage
 
 # The bilateral kernel's sxy is given for an image whose longer side is this many pixels, and scaled with it.

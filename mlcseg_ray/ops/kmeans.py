@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.mapping import serial_map
+from ..core.fanout import serial_map
 
 # ``load(shard) -> (unit vectors on the grid, group ids, row keys, *extra)``: how a k-means reads one shard
 Loader = Callable[[Any], tuple]

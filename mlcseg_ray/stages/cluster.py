@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import Config
-from ..core.mapping import serial_map
+from ..core.config import Config
+from ..core.fanout import serial_map
 from ..core.stage import MapFn, Resources, Stage, StageContext
 from ..core.storage import read_metadata, read_table
 from ..core.store import (

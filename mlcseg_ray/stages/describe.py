@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..config import Config
+from ..core.config import Config
 from ..core.fingerprint import weights_identity
 from ..core.stage import MapFn, Resources, Stage, StageContext, for_each_image
 from ..core.storage import read_table

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.mapping import serial_map
+from ..core.fanout import serial_map
 from ..core.stage import MapFn, Stage, StageContext
 from ..core.storage import anchored, as_location, make_folder
 from ..core.store import RunDir, atomic_write_bytes, atomic_write_json

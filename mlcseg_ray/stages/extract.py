@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from ..config import Config
+from ..core.config import Config
 from ..core.errors import BadImage
 from ..core.fingerprint import digest, weights_identity
 from ..core.stage import MapFn, Resources, Stage, StageContext

@@ -32,8 +32,8 @@ import pyarrow.csv as pacsv
 
 from ..core import storage
 from ..core.errors import BadImage
+from ..core.fanout import serial_map
 from ..core.inputs import InputSpec
-from ..core.mapping import serial_map
 from ..core.stage import MapFn, Stage, StageContext
 from ..core.storage import (
     Location,

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
-from ..config import Config
+from ..core.config import Config
 from ..core.stage import MapFn, Resources, Stage, StageContext
 from ..core.storage import path_under, read_metadata, read_table, rows_where
 from ..core.store import (

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config import Config
+from ..core.config import Config
 from ..core.errors import BadImage
-from ..core.mapping import MapFn, serial_map
+from ..core.fanout import MapFn, serial_map
 from ..core.stage import Stage, StageContext
 from ..core.storage import iter_batches, read_metadata, read_table
 from ..core.store import RunDir, StatusSummary, atomic_write_text

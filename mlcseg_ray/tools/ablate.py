@@ -3,7 +3,7 @@
 One cluster run already holds, per image, the three level masks, each level's weight and the CLS attention
 (``pseudo/``), so every rule is recomputed from them: nothing is extracted or clustered again. Each rule's soft
 score goes through the refine stage's own upsampling (its foreground IoU "at patch resolution" is what the run
-would give with ``crf=false``); the best ``refine_top`` rules are also refined with the run's DenseCRF. Foreground
+would give with ``crf=false``); the best ``refine_top`` rules are also refined with the run's CRF. Foreground
 is every labelled class (> 0) of the ground truth; its ignore value is left out.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import Config
+from ..core.config import Config
 from ..core.storage import read_schema, read_table
 from ..core.store import RunDir, atomic_write_json, list_shards, shard_index
 from ..formats.datasets import GroundTruth
@@ -177,7 +177,7 @@ def ablate(
     run: RunDir, gt: GroundTruth, cfg: Config, refine_top: int = 2, on_image: Callable[[], None] | None = None
 ) -> dict:
     """Foreground IoU of every rule (``RULES``) over the run's images that have ground truth; the best
-    ``refine_top`` also after the DenseCRF. Writes ``RUN/ablation.json`` and returns the same dict."""
+    ``refine_top`` also after the run's CRF. Writes ``RUN/ablation.json`` and returns the same dict."""
     parts = list_shards(run.pseudo, "part")
     if not parts:
         raise FileNotFoundError(f"no pseudo-masks in {run.pseudo}: run cluster first")

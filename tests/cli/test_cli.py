@@ -68,7 +68,7 @@ def test_binary_masks_against_themselves_score_100(tmp_path):
 
 
 def test_a_vocs_split_is_the_one_evaluated(tmp_path):
-    from mlcseg_ray.config import Config
+    from mlcseg_ray.core.config import Config
     from mlcseg_ray.pipeline import Pipeline
 
     src = need(VOC_SUBSET)

@@ -6,7 +6,7 @@ import contextvars
 from pathlib import Path
 
 from helpers import VOC_SUBSET, need
-from mlcseg_ray.config import SCHEDULING_KEYS, Config
+from mlcseg_ray.core.config import SCHEDULING_KEYS, Config
 from mlcseg_ray.core.inputs import RunInputs
 from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.pipeline import STAGES, run_stages

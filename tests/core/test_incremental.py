@@ -9,7 +9,7 @@ import shutil
 import pyarrow.parquet as pq
 
 from helpers import TINY_CONFIG, VOC_SUBSET, need
-from mlcseg_ray.config import Config
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.inputs import RunInputs
 from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.pipeline import STAGES, run_stages

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from helpers import TINY_CONFIG, copy_voc_images, mlcseg
-from mlcseg_ray.config import Config
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.errors import StageOrderError
 from mlcseg_ray.core.inputs import RunInputs
 from mlcseg_ray.core.integrity import verify_run

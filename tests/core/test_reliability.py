@@ -40,7 +40,7 @@ def _run_cmd(images, out, *extra):
 def _reference_run(images, out, *overrides) -> Path:
     """The run that was never interrupted: the same config, in this process on the session's embedded Ray (the
     bytes do not depend on the backend)."""
-    from mlcseg_ray.config import Config
+    from mlcseg_ray.core.config import Config
     from mlcseg_ray.pipeline import Pipeline
 
     cfg = Config.load(None, [*TINY, "shard_size=1", *overrides])
@@ -92,7 +92,7 @@ def test_driver_killed_then_resumed_gives_identical_outputs(ray_local, tmp_path)
 
 
 def test_failure_on_one_image_becomes_an_error_row(ray_local, tmp_path):
-    from mlcseg_ray.config import Config
+    from mlcseg_ray.core.config import Config
     from mlcseg_ray.pipeline import Pipeline
 
     images = _images(tmp_path, 6)

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from helpers import MLCSEG, TINY_CONFIG, copy_voc_images
-from mlcseg_ray.config import Config
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.errors import RunLocked
 from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.formats.manifest import manifest_fingerprint
@@ -155,7 +155,7 @@ def test_outputs_do_not_depend_on_the_shard_size(images, tmp_path):
 def test_files_follow_the_umask(images, tmp_path, umask, mode):
     out = tmp_path / "run"
     script = (
-        f"import os; os.umask({umask}); from mlcseg_ray.config import Config; "
+        f"import os; os.umask({umask}); from mlcseg_ray.core.config import Config; "
         f"from mlcseg_ray.pipeline import run_stages, RunInputs; "
         f"run_stages({str(out)!r}, Config(**{TINY!r}), ['ingest', 'extract', 'cluster', 'refine'], "
         f"inputs=RunInputs(images={str(images)!r}))"

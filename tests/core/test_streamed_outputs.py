@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from helpers import TINY_CONFIG, copy_voc_images
-from mlcseg_ray.config import Config
 from mlcseg_ray.core import executor, storage, store
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.fingerprint import digest
 from mlcseg_ray.core.store import STATUS_SCHEMA, RunDir
 from mlcseg_ray.formats.manifest import MANIFEST_SCHEMA, manifest_fingerprint, write_manifest

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from helpers import MLCSEG, TINY, TINY_CONFIG, VOC_SUBSET, mlcseg, need
-from mlcseg_ray.config import Config
 from mlcseg_ray.core import storage
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.inputs import InputSpec, RunInputs
 from mlcseg_ray.core.store import RunDir, atomic_write_many, id_problem
 from mlcseg_ray.formats.masks import png_bytes

@@ -71,7 +71,7 @@ def test_a_remote_manifest_and_a_remote_coco_root_and_annotations(s3, tmp_path, 
 
 
 def test_the_endpoint_config_key_reaches_the_store_without_the_variables(s3, tmp_path, monkeypatch):
-    from mlcseg_ray.config import Config
+    from mlcseg_ray.core.config import Config
     from mlcseg_ray.pipeline import Pipeline
 
     client, env = s3.client, s3.env

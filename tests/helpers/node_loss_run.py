@@ -15,7 +15,7 @@ from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the helpers package
 from helpers import TINY
-from mlcseg_ray.config import Config
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.pipeline import Pipeline
 
 NODE_LOSS_CONFIG = ["region_descriptor=masked_mean"]  # beside the tiny config, one image a shard

@@ -233,7 +233,7 @@ def test_bf16_agrees_with_fp32_on_the_voc_photos(tmp_path):
     import numpy as np
 
     from helpers import VOC_SUBSET, need
-    from mlcseg_ray.config import Config
+    from mlcseg_ray.core.config import Config
     from mlcseg_ray.core.inputs import RunInputs
     from mlcseg_ray.core.store import RunDir
     from mlcseg_ray.formats.feature_store import first_store_metadata

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import VOC_SUBSET, need
-from mlcseg_ray.config import Config
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.images import load_rgb
 from mlcseg_ray.ops.crf import backend, crf_inputs, local_crf_batch, refine_image, refine_masks
 

@@ -206,7 +206,7 @@ def test_sampled_fit_matches_a_fit_on_everything():
 
 
 def test_task_gpu_share():
-    from mlcseg_ray.backends.cluster import task_gpus
+    from mlcseg_ray.backends.ray_runtime import task_gpus
 
     assert task_gpus("auto", gpus=2, cpus=16) == 0.125  # one task per CPU of a GPU node
     assert task_gpus("cuda", gpus=4, cpus=4) == 1.0
@@ -215,7 +215,7 @@ def test_task_gpu_share():
 
 
 def test_cpu_only_cluster_runs_tasks_on_cpus_and_refuses_cuda(ray_local):
-    from mlcseg_ray.backends.cluster import task_gpus, use_gpus
+    from mlcseg_ray.backends.ray_runtime import task_gpus, use_gpus
 
     if ray_local.cluster_resources().get("GPU", 0):
         pytest.skip("this cluster has GPUs")

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from helpers import copy_voc_images
 from helpers.badinputs import make_corpus
-from mlcseg_ray.config import Config
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.store import list_shards
 from mlcseg_ray.formats.feature_store import key_matrix, read_store_metadata
 from mlcseg_ray.pipeline import Pipeline

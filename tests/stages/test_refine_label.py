@@ -10,7 +10,7 @@ from PIL import Image, ImageFilter
 
 from helpers import copy_voc_images
 from helpers.badinputs import make_corpus
-from mlcseg_ray.config import Config
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.masks import voc_palette
 from mlcseg_ray.ops.crf import crf_refine, local_crf_batch, upsample_score
 from mlcseg_ray.ops.regions import find_regions

@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import VOC_SUBSET, need
 from helpers.browser import probe, screenshot
-from mlcseg_ray.config import Config
+from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.pipeline import Pipeline
 from mlcseg_ray.stages.report import CROP, GALLERY_SIZE, PANEL, bounded, candidates, choose_images

@@ -1,15 +1,12 @@
-"""The protocol every backend follows: a map over items (tasks) and a map over shards with a per-worker state
-(an actor pool), both in item order, and the torch device the run's models use."""
+"""The protocol every backend (:mod:`mlcseg_ray.backends`) follows: a map over items (tasks) and a map over shards
+with a per-worker state (an actor pool), both in item order, and the torch device the run's models use."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from ..core.stage import Resources
-
-# ``setup() -> worker``, then ``work(shard, worker)`` for each shard, on each actor
-ShardWork = Callable[[int, Any], Any]
+from .stage import Resources
 
 
 class Backend(Protocol):
@@ -29,7 +26,7 @@ class Backend(Protocol):
     def map_actors(
         self,
         setup: Callable[[], Any],
-        work: ShardWork,
+        work: Callable[[int, Any], Any],
         shards: Sequence[int],
         resources: Resources,
         device: str,
