@@ -36,8 +36,8 @@ from helpers.planted import PlantedSpec, generate, generate_on_photos, random_sp
 from mlcseg_ray.core.config import Config  # noqa: E402
 from mlcseg_ray.core.inputs import RunInputs  # noqa: E402
 from mlcseg_ray.core.store import RunDir  # noqa: E402
+from mlcseg_ray.library.clustering import read_pseudo  # noqa: E402
 from mlcseg_ray.pipeline import run_stages  # noqa: E402
-from mlcseg_ray.stages.cluster import read_pseudo  # noqa: E402
 from mlcseg_ray.tools.ablate import RULES, SINGLE_LEVELS, rule_score  # noqa: E402
 
 RULES_LIST = list(RULES)

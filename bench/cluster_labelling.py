@@ -21,7 +21,8 @@ from helpers import VOC_MASKS  # noqa: E402
 from helpers.planted import PlantedSpec, generate  # noqa: E402
 from mlcseg_ray.core.config import Config  # noqa: E402
 from mlcseg_ray.core.stage import StageContext  # noqa: E402
-from mlcseg_ray.stages.cluster import ClusterStage, fit_levels  # noqa: E402
+from mlcseg_ray.library.clustering import fit_levels  # noqa: E402
+from mlcseg_ray.pipeline import STAGES  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     cfg = Config(num_categories=8, kmeans_tol=args.tol)
     ctx = StageContext(run=run, cfg=cfg)
     fits = fit_levels(run, cfg)
-    stage = ClusterStage()
+    stage = next(s for s in STAGES if s.name == "cluster")
     shards = stage.shards(ctx)
     t0, w0 = time.process_time(), time.perf_counter()
     images = sum(stage.process_shard(ctx, s, fits)["images"] for s in shards)

@@ -26,9 +26,9 @@ from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.feature_store import FEATURE_WRITE_OPTIONS, feature_table
 from mlcseg_ray.formats.images import load_rgb
 from mlcseg_ray.formats.masks import png_bytes
+from mlcseg_ray.library.extraction import prepare_images
 from mlcseg_ray.ops.crf import refine_image
 from mlcseg_ray.ops.regions import crop_batch, find_regions
-from mlcseg_ray.stages.extract import prepare_images
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 INFO = {"patch_size": 8, "mean": MEAN, "std": STD, "embed_dim": 384}

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def one(path: str, max_side: int) -> dict:
     sys.path.insert(0, str(ROOT))
     from mlcseg_ray.core.config import Config
+    from mlcseg_ray.library.extraction import extract_shard
     from mlcseg_ray.models.backbones import FeatureExtractor, build_backbone
-    from mlcseg_ray.stages.extract import extract_shard
 
     cfg = Config(backbone="random-vit-s8", max_side=max_side)
     model, info = build_backbone(cfg.backbone)

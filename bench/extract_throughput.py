@@ -22,9 +22,9 @@ from common import VOC_IMAGES, machine
 from mlcseg_ray.backends.ray_runtime import init_ray
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.images import load_rgb
+from mlcseg_ray.library.extraction import geometry, preprocess
 from mlcseg_ray.models.backbones import FeatureExtractor, build_backbone
 from mlcseg_ray.pipeline import Pipeline
-from mlcseg_ray.stages.extract import geometry, preprocess
 
 
 def bare(paths, cfg, threads):

@@ -56,8 +56,8 @@ def cluster(run_dir: Path, cfg: Config) -> float:
 def refine_rate(n: int, device: str) -> float:
     """Images/s of the torch refiner (``refine_masks``, batched on a GPU) on n generated 500 x 375 photos with a
     blob-shaped ViT-S/8 patch score, after one untimed image (CUDA's start-up)."""
+    from mlcseg_ray.library.extraction import geometry
     from mlcseg_ray.ops.crf import crf_inputs, refine_masks
-    from mlcseg_ray.stages.extract import geometry
 
     rng = np.random.default_rng(0)
     g = geometry(500, 375, 8, 512, False).__dict__

@@ -22,8 +22,8 @@ from common import SHARED, VOC_IMAGES, machine
 from mlcseg_ray.backends.ray import ray_map
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.images import load_rgb
+from mlcseg_ray.library.extraction import geometry
 from mlcseg_ray.ops.crf import refine_image
-from mlcseg_ray.stages.extract import geometry
 
 
 def ellipse_score(rgb):

@@ -21,7 +21,7 @@ from common import VOC_IMAGES, machine
 
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.feature_store import FEATURE_WRITE_OPTIONS, feature_table, key_matrix
-from mlcseg_ray.stages.extract import prepare_images
+from mlcseg_ray.library.extraction import prepare_images
 
 INFO = {"patch_size": 8, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "embed_dim": 384}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .backends import make_backend
 from .core.config import Config
+from .core.errors import NoRunYet
 from .core.executor import Executor
 from .core.inputs import RunInputs
 from .core.progress import console, shown
@@ -92,9 +93,7 @@ class Pipeline:
         if "ingest" in names and self.inputs.given():
             self.inputs.check()  # before the run folder is made
         elif "ingest" in names and not self.run_dir.read_record().get("inputs"):
-            raise ValueError(
-                f"{self.run_dir.root} holds no run yet: give the images with --images, --voc, --coco or --manifest"
-            )
+            raise NoRunYet(self.run_dir.root)
         summary = self.executor.run_stages(names, command=f"mlcseg {' '.join(stages or ['run'])}")
         if print_summary:
             summary_table(f"mlcseg: {self.run_dir.root}", summary, to=console)

@@ -14,10 +14,11 @@ ALLOWED = {
     "ops": {"ops", "core.fanout", "core.errors", "core.config"},
     "formats": {"formats", "ops", "core"},
     "models": {"models", "core"},
-    "stages": {"core", "formats", "ops", "models"},
+    "library": {"library", "core", "formats", "ops", "models"},  # what stages, the CLI, tools and bench share
+    "stages": {"core", "formats", "ops", "models", "library"},
     "backends": {"backends", "core"},
-    "tools": {"tools", "core", "formats", "ops", "models", "stages", "backends"},
-    "cli": {"cli", "core", "formats", "ops", "models", "stages", "backends", "tools", "pipeline", ""},
+    "tools": {"tools", "core", "formats", "ops", "models", "library", "backends"},
+    "cli": {"cli", "core", "formats", "ops", "models", "library", "stages", "backends", "tools", "pipeline", ""},
 }
 RAY_ALLOWED = {"backends", "tools/jobs.py"}
 
@@ -79,6 +80,25 @@ def test_each_layer_imports_only_the_layers_below_it(path):
 def test_no_stage_imports_another_stage(path):
     others = [m for m, _ in _imports(path) if m.startswith("mlcseg_ray.stages") and m != "mlcseg_ray.stages"]
     assert not others, f"stages/{path.name} imports {others}"
+
+
+def test_nothing_imports_a_stage_but_the_pipelines_stage_list():
+    """What stages compute lives in the library floor (``library/``); a stage module is declarations, shard work and
+    wiring, imported by ``pipeline.py`` alone (the CLI, tools, benchmarks and tests reach stages through it)."""
+    root = PACKAGE.parent
+    users = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(root / "bench").rglob("*.py"), *(root / "tests").rglob("*.py")]):
+        rel = path.relative_to(root).as_posix()
+        if rel == "mlcseg_ray/pipeline.py" or rel.startswith("mlcseg_ray/stages/") or rel == "tests/test_layout.py":
+            continue
+        users += [f"{rel}:{line} {m}" for m, line in _imports(path, root) if m.startswith("mlcseg_ray.stages")]
+    assert not users, users
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "stages").glob("*.py")), ids=lambda p: p.name)
+def test_a_stage_module_is_thin(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= 250, f"stages/{path.name} has {lines} lines: what it computes belongs in library/"
 
 
 def test_ray_is_imported_only_by_the_backends():

@@ -5,16 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..core.backend import torch_device
 from ..core.fanout import serial_map
 from ..core.stage import Resources
-
-
-def torch_device(requested: str, gpus_visible: bool) -> str:
-    """The one GPU choice of every stage: ``auto`` uses a GPU when there is one, ``cpu`` never, ``cuda`` demands
-    one."""
-    if requested == "cuda" and not gpus_visible:
-        raise RuntimeError("device=cuda but no GPU is visible")
-    return "cuda" if requested != "cpu" and gpus_visible else "cpu"
 
 
 class LocalBackend:
@@ -57,4 +50,4 @@ class LocalBackend:
             return "cpu"
         import torch
 
-        return torch_device(self.requested, torch.cuda.is_available())
+        return torch_device(self.requested, torch.cuda.is_available(), where="this machine")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..core.backend import torch_device
 from ..core.errors import ClusterAuthError, ClusterUnreachable
 from ..core.storage import endpoint_env
 
@@ -243,12 +244,8 @@ def cluster_cpus() -> int:
 
 
 def use_gpus(device: str) -> bool:
-    """The one GPU choice of every stage: ``auto`` uses the cluster's GPUs when it has any, ``cpu`` never,
-    ``cuda`` demands them."""
-    gpus = cluster_gpus()
-    if device == "cuda" and gpus == 0:
-        raise RuntimeError("device=cuda but the Ray cluster has no GPU")
-    return device != "cpu" and gpus > 0
+    """Whether the run's stages use the cluster's GPUs (:func:`~mlcseg_ray.core.backend.torch_device`)."""
+    return torch_device(device, cluster_gpus() > 0, where="the Ray cluster") == "cuda"
 
 
 def task_gpus(device: str, gpus: float | None = None, cpus: int | None = None) -> float:

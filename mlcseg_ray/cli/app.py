@@ -29,7 +29,7 @@ from ..core.inputs import INPUT_FIELDS, InputSpec
 from ..core.progress import console, shown
 from ..core.progress import out as stdout
 from ..core.store import printable
-from .errors import EXIT_CODES, error, exit_code
+from .errors import EXIT_CODES, error, one_line_errors
 
 app = typer.Typer(
     add_completion=False,
@@ -158,24 +158,23 @@ def _run_stages(
     fd, ray_log = tempfile.mkstemp(prefix="mlcseg-ray-", suffix=".log")
     os.close(fd)
     try:
-        use_endpoint(parse_overrides(overrides or []).get("s3_endpoint_url"))  # before the bucket's config.yaml
-        if config is None and RunDir(out).config.is_file():
-            config = RunDir(out).config  # a rerun starts from the folder's config; overrides change it
-        cfg = _config(config, overrides, backbone, weights)  # a bad config creates nothing
-        use_endpoint(cfg.s3_endpoint_url)
-        _check_out(out)
-        # Ray's own lines go to the run's log (RUN/logs/); stdout is for the result alone
-        with ray_output_to_log(Path(ray_log)), contextlib.redirect_stdout(sys.stderr):
-            if address:
-                init_ray(address)  # an unreachable cluster creates nothing either
-            given = {name: getattr(inputs, name) for name in INPUT_FIELDS}
-            pipe = Pipeline(out, cfg, address=address, **given)
-            summary = pipe.run(stages, print_summary=False)
+        with one_line_errors(out):
+            use_endpoint(parse_overrides(overrides or []).get("s3_endpoint_url"))  # before the bucket's config.yaml
+            if config is None and RunDir(out).config.is_file():
+                config = RunDir(out).config  # a rerun starts from the folder's config; overrides change it
+            cfg = _config(config, overrides, backbone, weights)  # a bad config creates nothing
+            use_endpoint(cfg.s3_endpoint_url)
+            _check_out(out)
+            # Ray's own lines go to the run's log (RUN/logs/); stdout is for the result alone
+            with ray_output_to_log(Path(ray_log)), contextlib.redirect_stdout(sys.stderr):
+                if address:
+                    init_ray(address)  # an unreachable cluster creates nothing either
+                given = {name: getattr(inputs, name) for name in INPUT_FIELDS}
+                pipe = Pipeline(out, cfg, address=address, **given)
+                summary = pipe.run(stages, print_summary=False)
     except KeyboardInterrupt:
         error(f"interrupted; finished shards are kept: rerun the same command to resume ({out})")
         raise typer.Exit(130) from None
-    except Exception as e:  # every failure becomes one line and an exit code
-        raise typer.Exit(exit_code(e, out)) from None
     finally:
         _keep_log(Path(ray_log), RunDir(out))
     _report(pipe, summary, as_json)
@@ -407,10 +406,10 @@ def eval_cmd(
     """
     from ..backends import make_backend
     from ..backends.ray_runtime import check_address
-    from ..stages.evaluate import evaluate_folder
+    from ..library.evaluation import evaluate_folder
     from .console import print_metrics
 
-    try:
+    with one_line_errors():
         map_fn = None
         if address:  # the evaluation's chunks as tasks on that cluster
             check_address(address)
@@ -418,8 +417,6 @@ def eval_cmd(
         metrics = evaluate_folder(
             pred, gt, protocol, split=split, ignore=ignore, matching=matching, out=out, map_fn=map_fn
         )
-    except Exception as e:  # every failure becomes one line and an exit code
-        raise typer.Exit(exit_code(e)) from None
     if as_json:
         stdout.print_json(json.dumps({k: v for k, v in metrics.items() if k != "confusion"}))
     else:
@@ -450,13 +447,13 @@ def ablate(
     from ..core.progress import progress_bar
     from ..core.store import RunDir
     from ..formats.datasets import load_ground_truth
+    from ..library.clustering import read_pseudo
+    from ..library.report_page import write_report
     from ..models.backbones import RANDOM_WEIGHTS_WARNING
-    from ..stages.cluster import read_pseudo
-    from ..stages.report import write_report
     from ..tools.ablate import ablate as run_ablation
     from .console import print_ablation
 
-    try:
+    with one_line_errors():
         run = RunDir(run_dir)
         if not run.config.exists():
             raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
@@ -479,8 +476,6 @@ def ablate(
             result = run_ablation(run, truth, cfg, refine_top, on_image=advance)
             if run.report.exists():
                 write_report(run, cfg)
-    except Exception as e:  # every failure becomes one line and an exit code
-        raise typer.Exit(exit_code(e)) from None
     if as_json:
         stdout.print_json(json.dumps(result))
         return
@@ -502,12 +497,10 @@ def submit(
     from ..backends.ray_runtime import check_address
     from ..tools.jobs import follow_logs, submit_run
 
-    try:
+    with one_line_errors():
         Config.load(config)  # a bad config fails here, not on the cluster
         check_address(address)
         job_id, client = submit_run(config, address, out, inputs, gpus=gpus, pip=pip)
-    except Exception as e:  # every failure becomes one line and an exit code
-        raise typer.Exit(exit_code(e)) from None
     print(job_id)
     if follow:
         status = follow_logs(client, job_id)
@@ -521,10 +514,8 @@ def status(job_id: str = typer.Argument(...), address: str = typer.Option(..., "
     """Status of a submitted job."""
     from ..tools.jobs import job_call
 
-    try:
+    with one_line_errors():
         print(job_call(address, lambda client: client.get_job_status(job_id)))
-    except Exception as e:  # every failure becomes one line and an exit code
-        raise typer.Exit(exit_code(e)) from None
 
 
 @app.command()
@@ -536,13 +527,11 @@ def logs(
     """Logs of a submitted job."""
     from ..tools.jobs import follow_logs, job_call
 
-    try:
+    with one_line_errors():
         if follow:
             job_call(address, lambda client: follow_logs(client, job_id))
         else:
             print(job_call(address, lambda client: client.get_job_logs(job_id)), end="")
-    except Exception as e:  # every failure becomes one line and an exit code
-        raise typer.Exit(exit_code(e)) from None
 
 
 @app.command()
@@ -573,11 +562,9 @@ def info(address: str | None = Address, as_json: bool = Json) -> None:
     if address:
         from ..backends.ray_runtime import cluster_resources, init_ray
 
-        try:
+        with one_line_errors():
             init_ray(address)
             cluster = cluster_resources()
-        except Exception as e:  # every failure becomes one line and an exit code
-            raise typer.Exit(exit_code(e)) from None
     if as_json:
         stdout.print_json(
             json.dumps(

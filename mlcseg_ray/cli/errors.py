@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+from collections.abc import Iterator
+
+import typer
 
 from ..core.config import ConfigError
 from ..core.errors import ClusterAuthError, ClusterUnreachable, NoUsableImages, RunLocked, StageFailed, StageOrderError
@@ -155,3 +159,13 @@ def _storage_error(e: BaseException, raised: BaseException, cause: BaseException
 def _say_error(e: object, code: int) -> int:
     error(e)
     return code
+
+
+@contextlib.contextmanager
+def one_line_errors(out: object = None) -> Iterator[None]:
+    """Every failure inside becomes one line on stderr and its exit code (:func:`exit_code`; ``out``: the run
+    folder the command writes, if any)."""
+    try:
+        yield
+    except Exception as e:  # every failure becomes one line and an exit code
+        raise typer.Exit(exit_code(e, out)) from None

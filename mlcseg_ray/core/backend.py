@@ -44,3 +44,11 @@ class Backend(Protocol):
         """The torch device of the run's models, for the ``device`` the backend was made with (``auto``, ``cpu``,
         ``cuda``)."""
         ...
+
+
+def torch_device(requested: str, gpus_visible: bool, where: str) -> str:
+    """The one GPU choice of every backend: ``auto`` uses a GPU when ``where`` (this machine, the Ray cluster) has
+    one, ``cpu`` never, ``cuda`` demands one."""
+    if requested == "cuda" and not gpus_visible:
+        raise RuntimeError(f"device=cuda but {where} has no GPU")
+    return "cuda" if requested != "cpu" and gpus_visible else "cpu"

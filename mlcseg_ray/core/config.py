@@ -159,12 +159,6 @@ class Config(BaseModel):
         # actors load it on any node, in their own working directory: a local path is anchored where it was given
         return path if path is None or "://" in path else os.path.abspath(os.path.expanduser(path))
 
-    @model_validator(mode="after")
-    def _check(self) -> Config:
-        if self.combine == "vote" and self.vote > 3:
-            raise ValueError("vote must be 1, 2 or 3")
-        return self
-
     # ------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:

@@ -37,3 +37,10 @@ class ClusterUnreachable(ConnectionError):
 
 class ClusterAuthError(PermissionError):
     """The Ray cluster wants a token this machine does not have, or refused the one sent."""
+
+
+class NoRunYet(ValueError):
+    """A run folder that holds no run, and no input given to start one."""
+
+    def __init__(self, root: object) -> None:
+        super().__init__(f"{root} holds no run yet: give the images with --images, --voc, --coco or --manifest")

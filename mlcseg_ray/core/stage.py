@@ -127,8 +127,11 @@ def for_each_image(
     for image_id, item in items:
         try:
             out[image_id] = fn(item)
-        except BadImage as e:
-            errors[image_id] = f"{stage}: {e}"
         except Exception as e:  # one image's failure is an error row, never a failed job
-            errors[image_id] = f"{stage}: {type(e).__name__}: {e}"
+            errors[image_id] = f"{stage}: {image_error(e)}"
     return out, errors
+
+
+def image_error(e: Exception) -> str:
+    """The reason an image's error row gives: a bad image says why itself; anything else is named by its type."""
+    return str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"

@@ -1,157 +1,19 @@
 """Stage ``label`` (the second half of ``mlcseg label``): K classes over the region descriptors, and the outputs
-other tools read.
+other tools read (:mod:`mlcseg_ray.library.labelling`).
 
 1. the project's sampled spherical k-means over all descriptors (``prepare``) -> ``num_classes`` centroids;
-2. per shard, in parallel: class-id palette PNGs ``masks/<id>.png`` (background 0, classes 1..K, VOC colours) and a
-   COCO fragment; ``finish`` merges the fragments into ``pseudo_labels.json`` and the region parts into
-   ``regions.parquet``.
+2. per shard, in parallel: class masks and a COCO fragment; ``finish`` merges the fragments into
+   ``pseudo_labels.json`` and the region parts into ``regions.parquet``.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO
-
 import numpy as np
-import pyarrow as pa
-from pycocotools import mask as mask_utils
 
-from ..core.config import Config
 from ..core.stage import MapFn, Resources, Stage, StageContext
-from ..core.storage import path_under, read_metadata, read_table, rows_where
-from ..core.store import (
-    RunDir,
-    atomic_concat_tables,
-    atomic_write_json,
-    atomic_write_many,
-    atomic_write_stream,
-    atomic_write_table,
-    list_shards,
-)
-from ..formats.feature_store import list_to_numpy
-from ..formats.masks import png_bytes, read_binary, voc_palette
-from ..ops.kmeans import assign, id_hash, row_keys, sampled_kmeans, unit_vectors
-from ..ops.regions import find_regions
-
-
-class RegionLoader:
-    """``load(part) -> (unit descriptors, zeros, row keys)`` for the distributed k-means."""
-
-    def __call__(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        t = read_table(path, columns=["image_id", "region", "descriptor"])
-        x = unit_vectors(list_to_numpy(t.column("descriptor")))
-        keys = row_keys(id_hash(t.column("image_id").to_pylist()), t.column("region").to_numpy())
-        return x, np.zeros(len(x), np.int64), keys
-
-
-@dataclass
-class ClassFit:
-    """What every label shard needs: the class centroids (each shard finds its own COCO image ids)."""
-
-    centroids: np.ndarray  # (K, D)
-    k: int
-
-
-def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
-    """Class masks, the COCO fragment and the labelled regions of one shard (plain function)."""
-    regions = read_table(run.region_part(n))
-    if regions.num_rows:
-        labels, sims = assign(unit_vectors(list_to_numpy(regions.column("descriptor"))), fit.centroids)
-    else:
-        labels, sims = np.zeros(0, np.int64), np.zeros(0, np.float32)
-    by_image: dict[str, dict[int, tuple[int, float]]] = {}
-    for image_id, region, lab, sim in zip(
-        regions.column("image_id").to_pylist(), regions.column("region").to_pylist(), labels, sims, strict=True
-    ):
-        by_image.setdefault(image_id, {})[region] = (int(lab) + 1, float(sim))
-    palette = voc_palette()
-    pseudo = read_table(run.pseudo_part(n), columns=["image_id", "confidence"]).to_pylist()
-    pseudo_ids = [r["image_id"] for r in pseudo]
-    confidence = {r["image_id"]: float(r["confidence"]) for r in pseudo}
-    geoms = {
-        r["image_id"]: r
-        for r in read_table(run.image_table(n), columns=["image_id", "uri", "width", "height"]).to_pylist()
-    }
-    coco_ids = coco_image_ids(run, n)
-    annotations, classes, images, masks, doubtful = [], {}, [], [], {}
-    for image_id in pseudo_ids:
-        if not run.has_binary_mask(image_id):
-            continue
-        comp, regs = find_regions(
-            read_binary(run.binary_mask(image_id)), cfg.region, cfg.min_region_area, cfg.max_regions
-        )
-        assigned = by_image.get(image_id, {})
-        if len(assigned) != len(regs):
-            continue  # failed at describe: its error row is written
-        lut = np.zeros(len(regs) + 1, np.uint8)
-        if confidence[image_id] < cfg.min_confidence:  # a doubtful pseudo-label: kept out of masks and COCO JSON
-            doubtful[image_id] = "doubtful"
-            regs = []
-        for r in regs:
-            lut[r["region"]] = assigned[r["region"]][0]
-        masks.append((run.class_mask(image_id), png_bytes(lut[comp], palette)))
-        g = geoms[image_id]
-        images.append(
-            {
-                "id": coco_ids[image_id],
-                "file_name": g["uri"],
-                "width": g["width"],
-                "height": g["height"],
-                "mlcseg_image_id": image_id,
-            }
-        )
-        for r in regs:
-            cat, sim = assigned[r["region"]]
-            rle = mask_utils.encode(np.asfortranarray((comp == r["region"]).astype(np.uint8)))
-            area, bbox = int(mask_utils.area(rle)), [int(v) for v in mask_utils.toBbox(rle)]  # joined parts too
-            rle["counts"] = rle["counts"].decode("ascii")
-            annotations.append(
-                {
-                    "image_id": coco_ids[image_id],
-                    "category_id": cat,
-                    "segmentation": rle,
-                    "area": area,
-                    "bbox": bbox,
-                    "iscrowd": 0,
-                    "score": round(confidence[image_id], 4),  # the pseudo-mask's confidence: what to threshold
-                    "class_score": round(sim, 6),  # the region's cosine similarity to its class centroid
-                    "region": r["region"],
-                }
-            )
-            classes[cat] = classes.get(cat, 0) + 1
-    atomic_write_many(masks)  # the shard's masks together: to a bucket, concurrently
-    # the shard's part of the COCO file: finish streams the parts into one, never holding it whole
-    atomic_write_json(run.coco_part(n), {"images": sorted(images, key=lambda x: x["id"]), "annotations": annotations})
-    table = regions.drop_columns(["descriptor"]).append_column("class_id", pa.array((labels + 1).astype(np.int32)))
-    table = table.append_column("score", pa.array(sims.astype(np.float32)))
-    ids = regions.column("image_id").to_pylist()
-    table = table.append_column("confidence", pa.array([confidence.get(i) for i in ids], pa.float32()))
-    atomic_write_table(run.labelled_part(n), table)
-    return {"images": len(pseudo_ids), "annotations": len(annotations), "classes": classes, "flags": doubtful}
-
-
-def coco_image_ids(run: RunDir, shard: int) -> dict[str, int]:
-    """One shard's COCO image ids: the input's own where it had them, else 1-based positions in the sorted manifest.
-    Each task reads them from the manifest's narrow columns itself: no map of every image travels to every task."""
-    if run.manifest.exists():
-        table, rows = rows_where(run.manifest, "shard", shard, ["image_id", "coco_id"])
-        ids, own = table.column("image_id").to_pylist(), table.column("coco_id").to_pylist()
-        return {i: int(c) if c is not None else r + 1 for i, c, r in zip(ids, own, rows, strict=True)}
-    # a brought-in store: positions among the sorted ids of all its image tables
-    ids = np.sort(
-        np.concatenate(
-            [
-                read_table(p, columns=["image_id"]).column(0).to_numpy(zero_copy_only=False)
-                for p in list_shards(run.image_tables)
-            ]
-        )
-    )
-    mine = read_table(run.image_table(shard), columns=["image_id"]).column(0).to_pylist()
-    return {i: int(np.searchsorted(ids, i)) + 1 for i in mine}
+from ..core.storage import read_metadata
+from ..library.labelling import ClassFit, RegionLoader, merge_outputs, write_shard_labels
+from ..ops.kmeans import sampled_kmeans
 
 
 class LabelStage(Stage):
@@ -212,7 +74,7 @@ class LabelStage(Stage):
         run = ctx.run
         shards = sorted(results)
         k = max([r.get("k", 1) for r in results.values()] or [1])
-        _merge_outputs(run, shards, k)
+        merge_outputs(run, shards, k)
         classes: dict = {}
         for r in results.values():
             for c, v in r.get("classes", {}).items():
@@ -223,46 +85,3 @@ class LabelStage(Stage):
             "regions_per_class": {str(c): classes[c] for c in sorted(classes)},
             "output": str(run.coco),
         }
-
-
-def _merge_outputs(run: RunDir, shards: list[int], k: int) -> None:
-    """Per-shard fragments -> one COCO JSON and one regions table, each streamed part by part into its file (atomic
-    writes): the driver holds one shard's fragment at a time, whatever the number of images. The COCO file's images
-    come shard by shard (by id within a shard), its annotations numbered 1.. in shard order."""
-    rec = run.read_record()
-    root = rec.get("image_root")
-    info = {
-        "description": "mlcseg_ray pseudo-labels",
-        "backbone": rec.get("backbone", {}).get("backbone"),
-        "random_weights": rec.get("backbone", {}).get("random_weights"),
-        "image_root": root,  # file_names are below it, as COCO readers expect (detectron2's image_root)
-    }
-
-    def named(image: dict) -> dict:
-        # a fragment names its image by its URI; an image outside the root (a run without one) keeps it
-        return {**image, "file_name": (root and path_under(root, image["file_name"])) or image["file_name"]}
-
-    categories = [{"id": c, "name": f"cluster_{c}", "supercategory": "object"} for c in range(1, k + 1)]
-
-    def write_coco(f: BinaryIO) -> None:
-        # one read of each fragment: its images go straight out, its annotations to a spool appended after them
-        with tempfile.TemporaryFile() as spool:
-            f.write(b'{"info": %s,\n"images": [' % json.dumps(info).encode())
-            images = annotations = 0
-            for n in shards:
-                part = json.loads(run.coco_part(n).read_text())
-                for image in part["images"]:
-                    f.write(b"%s\n%s" % (b"," if images else b"", json.dumps(named(image)).encode()))
-                    images += 1
-                for a in part["annotations"]:
-                    annotations += 1
-                    spool.write(
-                        b"%s\n%s" % (b"," if annotations > 1 else b"", json.dumps({**a, "id": annotations}).encode())
-                    )
-            f.write(b'],\n"annotations": [')
-            spool.seek(0)
-            shutil.copyfileobj(spool, f)
-            f.write(b'],\n"categories": %s}\n' % json.dumps(categories).encode())
-
-    atomic_write_stream(run.coco, write_coco)
-    atomic_concat_tables(run.regions, [run.labelled_part(n) for n in shards])

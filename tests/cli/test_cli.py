@@ -14,7 +14,7 @@ from PIL import Image
 from helpers import MLCSEG, TINY, VOC_SUBSET, copy_voc_images, mlcseg, need
 from helpers.badinputs import make_corpus
 from mlcseg_ray.cli.errors import EXIT_CODES
-from mlcseg_ray.stages.evaluate import evaluate_folder
+from mlcseg_ray.library.evaluation import evaluate_folder
 
 
 # ----------------------------------------------------------------------------------------------- binary formats
@@ -184,7 +184,7 @@ def test_errors_lists_failures_and_skipped_files(messy_run):
 @pytest.mark.slow
 def test_limit_and_sample_take_a_subset(messy_run, tmp_path):
     from mlcseg_ray.core.inputs import InputSpec
-    from mlcseg_ray.stages.ingest import list_inputs
+    from mlcseg_ray.library.listing import list_inputs
 
     images = messy_run[0]
     spec = InputSpec(images=str(images))

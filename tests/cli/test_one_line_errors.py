@@ -12,7 +12,7 @@ import pytest
 
 from helpers import MLCSEG, TINY, copy_voc_images, mlcseg
 from mlcseg_ray.core.inputs import InputSpec
-from mlcseg_ray.stages.ingest import list_inputs
+from mlcseg_ray.library.listing import list_inputs
 
 
 def _one_line(res, code, words):

@@ -23,9 +23,9 @@ from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.inputs import InputSpec, RunInputs
 from mlcseg_ray.core.store import RunDir, atomic_write_many, id_problem
 from mlcseg_ray.formats.masks import png_bytes
+from mlcseg_ray.library.listing import ProbeSettings, build_manifest
+from mlcseg_ray.library.listing import list_images as listing_of
 from mlcseg_ray.pipeline import run_stages
-from mlcseg_ray.stages.ingest import ProbeSettings, build_manifest
-from mlcseg_ray.stages.ingest import list_images as listing_of
 
 
 def tree(root):

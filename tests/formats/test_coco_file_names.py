@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from mlcseg_ray.core.inputs import InputSpec
 from mlcseg_ray.core.storage import common_folder, path_under
-from mlcseg_ray.stages.ingest import image_root, list_images
+from mlcseg_ray.library.listing import image_root, list_images
 
 segment = st.text(st.characters(exclude_characters="/\x00", exclude_categories=("Cs",)), min_size=1, max_size=12)
 segment = segment.filter(lambda s: s not in (".", ".."))

@@ -51,7 +51,7 @@ def test_a_missing_bucket_or_prefix_is_one_line_and_creates_nothing(s3, bucket_p
 
 def test_a_remote_manifest_and_a_remote_coco_root_and_annotations(s3, tmp_path, monkeypatch):
     from mlcseg_ray.core.inputs import InputSpec
-    from mlcseg_ray.stages.ingest import list_inputs
+    from mlcseg_ray.library.listing import list_inputs
 
     client, env = s3.client, s3.env
     client.create_bucket(Bucket="lists")

@@ -8,8 +8,8 @@ from PIL import Image
 from scipy import ndimage
 
 from helpers import COCO_SUBSET, VOC_SUBSET
+from mlcseg_ray.library.extraction import geometry
 from mlcseg_ray.ops.levels import SIDE_MARGIN, WEIGHTED_SLOPE
-from mlcseg_ray.stages.extract import geometry
 
 PATCH, MAX_SIDE = 8, 512  # a ViT-S/8 at the default max_side
 # name: (blur sigma in patches, noise on each level's view of a patch's foreground share, share of the patches

@@ -243,7 +243,7 @@ def foreground_iou(run: RunDir, gt_path: Path | None = None) -> dict:
     """Dataset-wide foreground IoU of each level, of the combined mask, per family: {name: IoU}."""
     import pyarrow.parquet as pq
 
-    from mlcseg_ray.stages.cluster import read_pseudo
+    from mlcseg_ray.library.clustering import read_pseudo
 
     gt = {r["image_id"]: r for r in pq.read_table(gt_path or run.root / "gt.parquet").to_pylist()}
     pred = read_pseudo(run, columns=["image_id", "mask", "dataset", "category", "image"]).to_pylist()

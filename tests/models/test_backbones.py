@@ -238,9 +238,9 @@ def test_bf16_agrees_with_fp32_on_the_voc_photos(tmp_path):
     from mlcseg_ray.core.store import RunDir
     from mlcseg_ray.formats.feature_store import first_store_metadata
     from mlcseg_ray.formats.images import load_rgb
+    from mlcseg_ray.library.clustering import read_pseudo
+    from mlcseg_ray.library.extraction import geometry, preprocess
     from mlcseg_ray.pipeline import run_stages
-    from mlcseg_ray.stages.cluster import read_pseudo
-    from mlcseg_ray.stages.extract import geometry, preprocess
 
     photos = sorted((need(VOC_SUBSET) / "JPEGImages").iterdir())[:8]
     for name, side in (("random-vit-tiny", 160), ("random-vit-s8", 160)):

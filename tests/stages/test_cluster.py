@@ -10,9 +10,9 @@ from helpers.planted import PlantedSpec, foreground_iou, generate
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.formats.feature_store import brought_store_metadata, write_store_shard
+from mlcseg_ray.library.clustering import read_pseudo
 from mlcseg_ray.ops.levels import combine_votes, fg_from_cues, majority_flags, relative_flags
 from mlcseg_ray.pipeline import run_stages
-from mlcseg_ray.stages.cluster import read_pseudo
 
 
 def run_cluster(run: RunDir, cfg: Config, backend: str = "local") -> dict:
@@ -128,7 +128,7 @@ def test_empty_scenes_are_flagged_empty_and_counted(tmp_path):
     """A planted store where a fifth of the images hold no object: the default keeps them clean (flag empty,
     confidence high), `mlcseg errors` and the report count them; the images with objects keep theirs."""
     from helpers import mlcseg
-    from mlcseg_ray.stages.report import write_report
+    from mlcseg_ray.library.report_page import write_report
 
     masks = need(VOC_MASKS) / "SegmentationClass"
     spec = PlantedSpec("hard", n_images=200, shard_size=50, empty_share=0.2, closeup_share=0.05, seed=3)
@@ -388,8 +388,8 @@ def test_sampled_levels_follow_a_sample_of_everything(planted, tmp_path):
 def _groups_in_memory(run: RunDir, cfg: Config) -> dict[str, int]:
     """Every image's CLS group as the driver made it before issue 25: all tokens in memory, one k-means, assigned
     there."""
+    from mlcseg_ray.library.clustering import shard_cls_tokens
     from mlcseg_ray.ops.kmeans import assign, kmeans_arrays
-    from mlcseg_ray.stages.cluster import shard_cls_tokens
 
     tables = [shard_cls_tokens(p) for p in sorted(run.image_tables.glob("*.parquet"))]
     ids, x = [i for t in tables for i in t[0]], np.concatenate([t[1] for t in tables])
@@ -421,7 +421,7 @@ def test_cls_groups_fitted_on_a_bounded_sample(planted, tmp_path):
     token (agreement after matching the groups: 0.78 here) as another seed's fit on every token is (0.78)."""
     from scipy.optimize import linear_sum_assignment
 
-    from mlcseg_ray.stages.cluster import KeyLoader, cls_groups
+    from mlcseg_ray.library.clustering import KeyLoader, cls_groups
 
     run = planted[1]
     cfg = Config(num_categories=8, kmeans_sample=100)

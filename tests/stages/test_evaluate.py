@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 from helpers import COCO_SUBSET, VOC_SUBSET, mlcseg, need
 from mlcseg_ray.cli import app
 from mlcseg_ray.formats.datasets import COCO_THING_IDS, COCOSTUFF27, EvalError, load_ground_truth
+from mlcseg_ray.library.evaluation import evaluate, evaluate_folder
 from mlcseg_ray.ops.metrics import match, scores
-from mlcseg_ray.stages.evaluate import evaluate, evaluate_folder
 
 
 def _save(folder, name, a):
@@ -201,7 +201,7 @@ def test_eval_json_with_an_instances_json_is_json(tmp_path):
 def test_per_image_foreground_iou_worst_and_best_whatever_the_chunking(tmp_path):
     """Each image's foreground IoU (what the report ranks images by), kept bounded: the worst and best images
     and a histogram, the same for any chunking of the split."""
-    from mlcseg_ray.stages.evaluate import PER_IMAGE_KEPT, foreground_iou
+    from mlcseg_ray.library.evaluation import PER_IMAGE_KEPT, foreground_iou
 
     voc = need(VOC_SUBSET)
     g = load_ground_truth(voc, "voc21")

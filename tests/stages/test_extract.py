@@ -10,8 +10,8 @@ from helpers.badinputs import make_corpus
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.store import list_shards
 from mlcseg_ray.formats.feature_store import key_matrix, read_store_metadata
+from mlcseg_ray.library.extraction import geometry
 from mlcseg_ray.pipeline import Pipeline
-from mlcseg_ray.stages.extract import geometry
 
 
 def test_geometry_maps_patches_back_to_pixels():

@@ -12,7 +12,7 @@ from mlcseg_ray.core.inputs import InputSpec
 from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.formats.images import BadImage, load_rgb, to_rgb
 from mlcseg_ray.formats.manifest import read_manifest
-from mlcseg_ray.stages.ingest import ProbeSettings, build_manifest, list_inputs
+from mlcseg_ray.library.listing import ProbeSettings, build_manifest, list_inputs
 
 MAX_PIXELS = 178_956_970
 

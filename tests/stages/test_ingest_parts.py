@@ -12,8 +12,8 @@ from mlcseg_ray.core import storage
 from mlcseg_ray.core.inputs import InputSpec
 from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.formats.manifest import manifest_fingerprint, read_manifest
-from mlcseg_ray.stages import ingest
-from mlcseg_ray.stages.ingest import ProbeSettings, build_manifest, list_images
+from mlcseg_ray.library import listing as listing_module
+from mlcseg_ray.library.listing import ProbeSettings, build_manifest, list_images
 
 MAX_PIXELS = 178_956_970
 # top-level files whose ids sort between a subfolder's ("a-b" < "a/..." < "a_c"), an extension clash, nesting
@@ -44,7 +44,7 @@ def build(spec, folder, shard_size=2, chunk=3, **settings):
 
 @pytest.mark.parametrize("tasks", [256, 2])  # a task per subfolder, or several subfolders a task
 def test_the_listing_fanned_out_per_subfolder_is_the_whole_folders_sorted(folder, tasks, monkeypatch):
-    monkeypatch.setattr(ingest, "LIST_TASKS", tasks)
+    monkeypatch.setattr(listing_module, "LIST_TASKS", tasks)
     listing = list_images(InputSpec(images=str(folder)))
     ids = listing.table.column("image_id").to_pylist()
     assert ids == ["a-b", "a/x", "a/y/z", "a_c", "b/x_jpg", "b/x_png", "c/q", "d", "e/r"]
@@ -76,8 +76,8 @@ def test_a_rerun_keeps_known_shards_numbers_new_images_after_the_last_and_reads_
         save(folder, rel, colour=200)
     (folder / "c/q.png").unlink()
     read = []
-    real = ingest.read_bytes
-    monkeypatch.setattr(ingest, "read_bytes", lambda uri: read.append(uri) or real(uri))
+    real = listing_module.read_bytes
+    monkeypatch.setattr(listing_module, "read_bytes", lambda uri: read.append(uri) or real(uri))
 
     _, built = build(spec, tmp_path / "run", previous=str(run.manifest), keep_shards=True)
     after = {r["image_id"]: r for r in read_manifest(run.manifest).to_pylist()}

@@ -185,7 +185,7 @@ def test_each_label_shard_finds_its_own_coco_ids(e2e, tmp_path):
     """A label task reads its images' COCO ids itself (no map of every image shipped to every task): together the
     shards give each image its position in the sorted manifest; a brought-in store, its position among its ids."""
     from mlcseg_ray.core.store import RunDir
-    from mlcseg_ray.stages.label import coco_image_ids
+    from mlcseg_ray.library.labelling import coco_image_ids
 
     run = e2e[0].run_dir
     manifest = pq.read_table(run.manifest).to_pylist()
@@ -349,7 +349,7 @@ def test_crops_are_the_configured_size():
 
 def test_a_shards_crops_go_to_the_embedder_together(e2e):
     from mlcseg_ray.core.store import shard_index
-    from mlcseg_ray.stages.describe import describe_shard
+    from mlcseg_ray.library.region_descriptors import describe_shard
 
     pipe = e2e[0]
     run = pipe.run_dir

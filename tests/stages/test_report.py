@@ -15,8 +15,9 @@ from helpers import VOC_SUBSET, need
 from helpers.browser import probe, screenshot
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.library.report_choice import bounded, candidates, choose_images
+from mlcseg_ray.library.report_panels import CROP, GALLERY_SIZE, PANEL
 from mlcseg_ray.pipeline import Pipeline
-from mlcseg_ray.stages.report import CROP, GALLERY_SIZE, PANEL, bounded, candidates, choose_images
 
 PANELS = {"photo", "level-dataset", "level-category", "level-image", "combined", "refined", "classes"}
 TRUTH_PANELS = {"matched", "truth"}

@@ -14,7 +14,7 @@ from helpers.planted import PlantedSpec, generate
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.formats.datasets import load_ground_truth
-from mlcseg_ray.stages.cluster import read_pseudo
+from mlcseg_ray.library.clustering import read_pseudo
 from mlcseg_ray.tools.ablate import RULES, ablate, rule_score
 
 

@@ -1,0 +1,91 @@
+"""Object regions of a refined mask and a descriptor for each.
+
+Regions are the connected components of the refined mask above ``min_region_area`` (or the whole foreground,
+``region=image``), at most ``max_regions`` per image; a region's descriptor is the backbone's CLS token on the
+region's box crop resized to ``crop_size`` (:class:`RegionEmbedder`, one per actor), or the mean of the
+feature-store keys under the region (``masked_mean``, no network pass)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..core.config import Config
+from ..core.stage import for_each_image
+from ..core.storage import read_table
+from ..core.store import RunDir
+from ..formats.feature_store import fixed_list, read_patches, read_store_metadata
+from ..formats.images import load_rgb
+from ..formats.manifest import expected_files
+from ..formats.masks import read_binary
+from ..models.backbones import FeatureExtractor, autocast_dtype, build_backbone
+from ..ops.regions import crop_batch, find_regions, masked_mean_descriptors
+
+REGION_SCHEMA_FIELDS = [
+    ("image_id", pa.string()),
+    ("region", pa.int32()),
+    ("x0", pa.int32()),
+    ("y0", pa.int32()),
+    ("x1", pa.int32()),
+    ("y1", pa.int32()),
+    ("area", pa.int64()),
+    ("joined", pa.int64()),  # pixels of components beyond max_regions that took this region's class
+]
+
+
+def describe_shard(
+    run: RunDir, n: int, cfg: Config, embed: RegionEmbedder | None = None
+) -> tuple[pa.Table, dict[str, str]]:
+    """Regions and descriptors of one shard (plain function; ``embed(batch) -> CLS tokens`` for crop_cls), and
+    the images that failed."""
+    geoms = {r["image_id"]: r for r in read_table(run.image_table(n)).to_pylist() if r["status"] == "ok"}
+    pseudo_ids = read_table(run.pseudo_part(n), columns=["image_id"]).column(0).to_pylist()
+    meta = read_store_metadata(run.feature_shard(n))
+    patches = read_patches(run.feature_shard(n)) if cfg.region_descriptor == "masked_mean" else None
+    expect = expected_files(run, n, cfg) if cfg.region_descriptor == "crop_cls" else {}
+
+    def describe(image_id: str) -> tuple[list[dict], np.ndarray | None]:
+        """An image's regions and either their crops (embedded below, all of the shard's together) or their
+        masked-mean descriptors."""
+        comp, regions = find_regions(
+            read_binary(run.binary_mask(image_id)), cfg.region, cfg.min_region_area, cfg.max_regions
+        )
+        if not regions:
+            return [], None
+        g = geoms[image_id]
+        if cfg.region_descriptor == "crop_cls":
+            rgb = load_rgb(g["uri"], cfg.max_pixels, expect=expect.get(image_id))
+            return regions, crop_batch(rgb, regions, cfg.crop_size, meta["mean"], meta["std"])
+        i = patches.image_ids.index(image_id)
+        return regions, masked_mean_descriptors(
+            comp, regions, patches.keys[patches.slice(i)], patches.grid[i], g, meta["patch_size"]
+        )
+
+    # images without a binary mask failed at refine: their error row is already written
+    done, errors = for_each_image("describe", [(i, i) for i in pseudo_ids if run.has_binary_mask(i)], describe)
+    rows = [{"image_id": image_id, **r} for image_id, (regions, _) in done.items() for r in regions]
+    descs = [d for _, d in done.values() if d is not None]
+    if cfg.region_descriptor == "crop_cls" and descs:
+        # the crops of every image of the shard in full batches: one forward per batch_size crops, not per image
+        descs = [embed(np.concatenate(descs))]
+    dim = int(meta["embed_dim"])
+    desc = np.concatenate(descs) if descs else np.zeros((0, dim), np.float32)
+    table = pa.Table.from_pylist(rows, schema=pa.schema(REGION_SCHEMA_FIELDS))
+    return table.append_column("descriptor", fixed_list(desc.astype(np.float32), pa.float32())), errors
+
+
+class RegionEmbedder:
+    """The backbone's CLS token of region crops, batched (``crop_cls``): one per actor."""
+
+    def __init__(self, cfg: Config, device: str) -> None:
+        model, _ = build_backbone(cfg.backbone, cfg.weights)
+        self.extractor = FeatureExtractor(model.to(device), autocast_dtype(cfg.precision, device))
+        self.device, self.batch_size = device, cfg.batch_size
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(batch), self.batch_size):
+            x = torch.from_numpy(batch[i : i + self.batch_size]).to(self.device)
+            out.append(self.extractor(x)["cls"].float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
