@@ -374,14 +374,17 @@ def probe(path: Location) -> None:
 
 
 # --- reads ---
-def _pa_args(path: Location) -> tuple[Any, dict]:
-    path = as_location(path)
-    return (path, {}) if is_local(path) else (path.path, {"filesystem": path.fs})
-
-
 def read_table(path: Location, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
-    where, fs = _pa_args(path)
-    return pq.read_table(where, columns=columns, filters=filters, **fs)
+    # opened here, not handed to pyarrow with the file system: pyarrow would first ask whether it is a file or a
+    # folder, a second request for every object read
+    with _opened(path) as source:
+        return pq.read_table(source, columns=columns, filters=filters)
+
+
+def get_bytes(path: Location) -> bytes:
+    """A file's or an object's bytes; an object in one GET (opening it first asks for its size)."""
+    path = as_location(path)
+    return path.read_bytes() if is_local(path) else path.fs.cat_file(path.path)
 
 
 @contextlib.contextmanager

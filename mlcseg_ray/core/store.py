@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 
 from . import storage
 from .errors import RunLocked, UnsafeImageId
-from .storage import Location, anchored, as_location, is_local, read_table
+from .storage import Location, anchored, as_location, get_bytes, is_local, read_table
 
 FEATURE_SCHEMA_VERSION = "2"  # 2: key as fixed-size binary float16 (1: fixed_size_list, still read)
 log = logging.getLogger("mlcseg_ray")
@@ -156,7 +156,7 @@ def _json_default(o: object) -> object:
 
 def read_json(path: Location, default: Any = None) -> Any:
     try:
-        return json.loads(as_location(path).read_text())
+        return json.loads(get_bytes(path))
     except FileNotFoundError:
         return default
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..core.errors import BadImage
-from ..core.storage import is_remote
+from ..core.storage import get_bytes, is_remote
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 # Above this many pixels an image is decoded by libvips at the size the caller needs (shrink-on-load, streamed), not
@@ -34,10 +34,7 @@ _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 def read_bytes(uri: str) -> bytes:
     try:
         if is_remote(uri):
-            import fsspec
-
-            with fsspec.open(uri, "rb") as f:
-                return f.read()
+            return get_bytes(uri)
         path = uri[len("file://") :] if uri.startswith("file://") else uri
         with open(path, "rb") as f:
             return f.read()
