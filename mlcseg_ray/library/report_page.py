@@ -15,11 +15,11 @@ from ..core.config import Config
 from ..core.fanout import MapFn, serial_map
 from ..core.storage import read_metadata
 from ..core.store import RunDir, StatusSummary, atomic_write_text
-from ..formats.html import bar_chart, data_uri, esc, histogram, line_chart
 from ..formats.masks import voc_palette
 from ..models.backbones import RANDOM_WEIGHTS_WARNING
 from .report_choice import FG_BINS, REPORT_CHUNK, Choice, MaskFiles, bounded, choose_images, shard_candidates
 from .report_panels import gallery_section, panel_inputs, panels_section
+from .report_widgets import bar_chart, data_uri, esc, histogram, line_chart
 
 TABLE_ROWS = 20  # error and flag rows listed (the counts by reason cover the rest)
 

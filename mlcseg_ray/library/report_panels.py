@@ -16,10 +16,10 @@ from ..core.storage import iter_batches, read_table
 from ..core.store import RunDir
 from ..formats.datasets import EvalError, load_ground_truth
 from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
-from ..formats.html import esc, hex_colour, jpeg_uri, png_uri, swatch
 from ..formats.images import load_rgb
 from ..formats.masks import read_mask, voc_palette
 from .report_choice import LEVELS, Choice
+from .report_widgets import esc, hex_colour, jpeg_uri, png_uri, swatch
 
 PANEL = 150  # a panel's longest side in pixels: 8 panels of ~24 images stay well under a megabyte
 CROP = 96  # a gallery crop's longest side
