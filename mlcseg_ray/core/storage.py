@@ -382,9 +382,13 @@ def read_table(path: Location, columns: list[str] | None = None, filters: list |
 
 
 def get_bytes(path: Location) -> bytes:
-    """A file's or an object's bytes; an object in one GET (opening it first asks for its size)."""
+    """A file's or an object's bytes; an object in one GET (opening it, or s3fs reading it in concurrent ranges,
+    first asks for its size)."""
     path = as_location(path)
-    return path.read_bytes() if is_local(path) else path.fs.cat_file(path.path)
+    if is_local(path):
+        return path.read_bytes()
+    one_get = {"max_concurrency": 1} if "s3" in path.fs.protocol else {}
+    return path.fs.cat_file(path.path, **one_get)
 
 
 @contextlib.contextmanager
