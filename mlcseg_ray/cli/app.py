@@ -415,7 +415,7 @@ def eval_cmd(
             check_address(address)
             map_fn = make_backend("ray", address).map
         metrics = evaluate_folder(
-            pred, gt, protocol, split=split, ignore=ignore, matching=matching, out=out, map_fn=map_fn
+            pred, gt, protocol, split=split, ignore=ignore, matching=matching, out=out, map_fn=map_fn, remember=True
         )
     if as_json:
         stdout.print_json(json.dumps({k: v for k, v in metrics.items() if k != "confusion"}))

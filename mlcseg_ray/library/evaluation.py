@@ -150,8 +150,11 @@ def evaluate_folder(
     matching: str = "hungarian",
     out: Path | None = None,
     map_fn: MapFn | None = None,
+    remember: bool = False,
 ) -> dict:
-    """``mlcseg eval``: PRED is a run folder (its masks/ or, for binary, binary/) or a folder of label PNGs."""
+    """``mlcseg eval``: PRED is a run folder (its masks/ or, for binary, binary/) or a folder of label PNGs. With
+    ``remember``, a run evaluated into its own folder records what it was evaluated against (``run.json``'s
+    ``evaluation``): its report then shows the truth beside the masks, and a later run evaluates it again."""
     pred = anchored(pred)
     if not pred.exists():
         raise FileNotFoundError(f"predictions not found: {pred}")
@@ -177,6 +180,12 @@ def evaluate_folder(
         written_to=str(out / "metrics.json"),
     )
     write_outputs(out, metrics, gt_def.names)
+    if remember and is_run and anchored(out) == pred:
+        evaluation = {"gt": str(anchored(gt)), "protocol": protocol, "split": split}
+        evaluation.update(
+            {k: v for k, v in (("ignore", ignore), ("matching", matching)) if v not in (None, "hungarian")}
+        )
+        run.update_record(evaluation=evaluation)
     return metrics
 
 

@@ -249,7 +249,9 @@ def panel_inputs(run: RunDir, cfg: Config, rec: dict, metrics: dict | None, pale
     evaluation = rec.get("evaluation")
     if metrics and evaluation:
         try:
-            gt = load_ground_truth(Path(evaluation["gt"]), evaluation["protocol"], evaluation.get("split", "val"))
+            gt = load_ground_truth(
+                Path(evaluation["gt"]), evaluation["protocol"], evaluation.get("split", "val"), evaluation.get("ignore")
+            )
         except (EvalError, OSError):
             gt = None  # the truth moved since: the page says what metrics.json says, without the truth panels
         names = list(metrics["per_class_iou"])

@@ -35,7 +35,14 @@ class EvaluateStage(Stage):
         if gt is None:
             raise ValueError("evaluate needs ground truth: --voc ROOT, or `mlcseg eval RUN GT`")
         metrics = evaluate_folder(
-            ctx.run.root, Path(gt["gt"]), gt["protocol"], split=gt["split"], out=ctx.run.root, map_fn=map_fn
+            ctx.run.root,
+            Path(gt["gt"]),
+            gt["protocol"],
+            split=gt["split"],
+            ignore=gt.get("ignore"),  # as `mlcseg eval` recorded them
+            matching=gt.get("matching", "hungarian"),
+            out=ctx.run.root,
+            map_fn=map_fn,
         )
         ctx.run.update_record(evaluation=gt)
         return {

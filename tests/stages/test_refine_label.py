@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFilter
 
-from helpers import copy_voc_images
+from helpers import VOC_MASKS, copy_voc_images, mlcseg, need
 from helpers.badinputs import make_corpus
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.masks import voc_palette
@@ -240,6 +240,23 @@ def test_coco_json_and_regions_streamed_from_fragments_equal_the_ones_built_in_m
     assert all((folder / im["file_name"]).is_file() for im in streamed["images"])  # what detectron2 would open
     parts = pa.concat_tables([pq.read_table(run.labelled_part(n)) for n in shards])
     assert pq.read_table(run.regions).equals(parts)
+
+
+def test_eval_after_the_run_is_remembered_and_the_report_shows_the_truth(e2e, tmp_path):
+    """Issue 41 item 3: `mlcseg eval RUN GT` on a run folder records what it evaluated against, so the report shows
+    the truth beside the masks as it does for a run evaluated in place; metrics written elsewhere record nothing."""
+    from mlcseg_ray.library.report_page import write_report
+
+    run, gt = _copy(e2e, tmp_path).run_dir, need(VOC_MASKS)
+    res = mlcseg("eval", run.root, gt, "--out", tmp_path / "elsewhere", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "evaluation" not in run.read_record()
+    res = mlcseg("eval", run.root, gt, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert run.read_record()["evaluation"] == {"gt": str(gt.absolute()), "protocol": "voc21", "split": "val"}
+    write_report(run, e2e[0].cfg)
+    page = run.report.read_text()
+    assert page.count("data-panel='truth'") >= 1 and page.count("data-panel='matched'") >= 1
 
 
 def test_report_renders_with_its_images(e2e):
