@@ -150,7 +150,7 @@ def path_under(root: str, location: str) -> str | None:
     if scheme != root_scheme or not path.startswith(top):
         return None
     below = path[len(top) :]
-    return below if below and all(seg not in ("", ".", "..") for seg in below.split("/")) else None
+    return below if _plain_segments(below) else None
 
 
 def make_folder(path: Location) -> None:
@@ -195,7 +195,12 @@ def contains(root: Location, path: Location) -> bool:
     if is_local(path):
         return _resolved_inside(root.resolve(), path)
     top, key = str(root).rstrip("/") + "/", str(path)
-    return key.startswith(top) and all(seg not in ("", ".", "..") for seg in key[len(top) :].split("/"))
+    return key.startswith(top) and _plain_segments(key[len(top) :])
+
+
+def _plain_segments(below: str) -> bool:
+    """A '/'-separated path that names something below where it starts: no empty, ``.`` or ``..`` segment."""
+    return all(seg not in ("", ".", "..") for seg in below.split("/"))
 
 
 def _resolved_inside(real_root: Path, path: Path) -> bool:

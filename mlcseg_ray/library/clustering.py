@@ -74,7 +74,6 @@ from ..ops.levels import (
 
 log = logging.getLogger("mlcseg_ray")
 
-
 PSEUDO_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
@@ -93,8 +92,6 @@ PSEUDO_SCHEMA = pa.schema(
         ("confidence", pa.float32()),  # how much to trust the mask, in [0, 1] (ops.levels.confidence)
     ]
 )
-
-
 ARRAY_COLUMNS = ("mask", "score", "dataset", "category", "image", "weights", "gaps", "attn")
 
 

@@ -31,11 +31,7 @@ from ..formats.datasets import (
 from ..ops.metrics import MAX_PRED, confusion, match, scores
 
 EVAL_CHUNK = 64  # images per evaluation task: a task's confusion matrix is summed from this many
-
-
 PER_IMAGE_KEPT = 12  # the worst and the best images by foreground IoU kept in metrics.json (the report shows them)
-
-
 IOU_BINS = 10
 
 

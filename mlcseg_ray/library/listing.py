@@ -76,15 +76,10 @@ LISTING_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("uri", pa.string()), ("coco_id", pa.int64()), ("error", pa.string())]
 )
 
-
 # Images per probing task: about 2 s of stat, read, hash and header check (0.5 ms an image) and a manifest part of
 # a few hundred KB; the manifest does not depend on it.
 PROBE_CHUNK = 4096
-
-
 LIST_TASKS = 256  # at most this many listing tasks (ImageNet's 1,000 class folders: 4 a task)
-
-
 SKIPPED_LISTED = 1000  # skipped files named in the run record (all are counted)
 
 
