@@ -1,4 +1,9 @@
+import json
 import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -21,13 +26,46 @@ def ray_local():
     yield ray
 
 
-@pytest.fixture(scope="session")
-def cluster():
-    """One ``ray start --head`` for the session, with Ray's default settings (token authentication on)."""
-    from helpers.ray_head import ray_head
+# What the session makes once, whatever the number of xdist workers, lives in one folder that the controller (or
+# the only process) makes and removes: the head it holds is ended when the session ends.
+WORLD = pytest.StashKey[Path]()
 
-    with ray_head() as head:
-        yield head
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):
+        config.stash[WORLD] = Path(tempfile.mkdtemp(prefix="mlcseg-world-"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["mlcseg_world"] = str(node.config.stash[WORLD])
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "workerinput"):
+        return
+    from helpers.ray_head import Head
+
+    world = config.stash[WORLD]
+    if (world / "cluster.json").exists():
+        Head(**json.loads((world / "cluster.json").read_text())).stop()
+    shutil.rmtree(world, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def world(pytestconfig) -> Path:
+    """The folder of what the session makes once (:func:`helpers.world.made_once`)."""
+    workerinput = getattr(pytestconfig, "workerinput", None)
+    return Path(workerinput["mlcseg_world"]) if workerinput else pytestconfig.stash[WORLD]
+
+
+@pytest.fixture(scope="session")
+def cluster(world):
+    """One ``ray start --head`` for the session, with Ray's default settings (token authentication on)."""
+    from helpers.ray_head import Head, start_head
+    from helpers.world import made_once
+
+    return Head(**made_once(world, "cluster", lambda: asdict(start_head())))
 
 
 @pytest.fixture(scope="session")
@@ -42,20 +80,21 @@ def s3():
 
 
 @pytest.fixture(scope="session")
-def photos(tmp_path_factory):
-    from helpers.world import make_photos
+def photos(world):
+    from helpers.world import made_once, make_photos
 
-    return make_photos(tmp_path_factory.mktemp("world") / "photos")
+    return Path(made_once(world, "photos", lambda: {"path": str(make_photos(world / "photos"))})["path"])
 
 
 @pytest.fixture(scope="session")
-def tiny_run(photos, cluster, tmp_path_factory):
+def tiny_run(photos, cluster, world):
     """The tiny run of ``photos``, joined to the session's Ray head. Read-only: copy it to change it."""
-    from helpers.world import make_run
+    from helpers.world import Made, made_once, make_run
 
-    return make_run(
-        photos, tmp_path_factory.mktemp("world") / "tiny_run", "--address", cluster.address, env=cluster.env
-    )
+    def make() -> dict:
+        return asdict(make_run(photos, world / "tiny_run", "--address", cluster.address, env=cluster.env))
+
+    return Made(**made_once(world, "tiny_run", make))
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ resources):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -97,6 +98,7 @@ class Executor:
         self.marker_fps: dict[str, str] = {}  # the fingerprint each stage's shard markers carry
         self.source_fps: dict[str, str] = {}  # what a source stage run now wrote (hashed once: it reads it all)
         self.worked = False  # whether a stage after the source had work to do in this command
+        self.status_stale = False  # whether a stage finished since status.parquet was last written
         self.gpu_run = False  # whether a planned stage can use a GPU (the device is then asked of the backend)
         self.device: str | None = None
 
@@ -241,32 +243,45 @@ class Executor:
                 raise StageFailed(name, e, self.run.root) from e
         with self.run.lock(command or " ".join(planned)):
             remove_stale_temp_files(self.run.root)  # a killed run's half-written run.json or status.parquet
-            # a new folder has work ahead: its source's tasks start the cluster (and warm its workers) at once
-            self.worked, self.device = not self.run.manifest.exists(), None
-            for name in planned:
-                if self.stages[name].source:  # the manifest's fingerprint feeds every other stage's
-                    self._run_guarded(name, ctx, planned, None)
-                    self._check_usable(name, planned)
-            fps, bases = self.fingerprints(ctx, planned)
-            self._check_order(planned, fps, bases, ctx)
-            for name in self.order:
-                rec = self._record(name)
-                changed = (rec or {}).get("marker_fingerprint", (rec or {}).get("fingerprint")) != self.marker_fps.get(
-                    name, fps[name]
-                )
-                if rec and not self.stages[name].source and changed:
-                    self._invalidate(name, self._why(rec.get("basis"), bases.get(name, {})), planned)
-            self.cfg.save(self.run.config)
-            self.run.update_record(
-                config_fingerprint=digest(self.cfg.model_dump()), fingerprints={n: fps[n] for n in self.order}
-            )
-            self.gpu_run = any(self.stages[n].resources_for(self.cfg).gpus != "none" for n in planned)
-            for name in planned:
-                if not self.stages[name].source:
-                    self._run_guarded(name, ctx, planned, fps[name], bases.get(name))
+            try:
+                self._run_planned(planned, ctx)
+            except BaseException:
+                # what the stages that finished did, for `mlcseg errors`; a store that went away cannot take it,
+                # and then the run's own error is the one the user sees
+                with contextlib.suppress(Exception):
+                    self._flush_status()
+                raise
+            self._flush_status()
             rec = self.run.read_record()  # replaced, not merged: this command's cluster (or none), not an older one's
             atomic_write_json(self.run.run_record, {**rec, "backend": self.backend.describe()})
         return self.summary
+
+    def _run_planned(self, planned: list[str], ctx: StageContext) -> None:
+        """The source stage first (its manifest's fingerprint feeds every other stage's); then whatever a change
+        touched is invalidated, and the other stages run in order."""
+        # a new folder has work ahead: its source's tasks start the cluster (and warm its workers) at once
+        self.worked, self.device = not self.run.manifest.exists(), None
+        for name in planned:
+            if self.stages[name].source:
+                self._run_guarded(name, ctx, planned, None)
+                self._check_usable(name, planned)
+        fps, bases = self.fingerprints(ctx, planned)
+        self._check_order(planned, fps, bases, ctx)
+        for name in self.order:
+            rec = self._record(name)
+            changed = (rec or {}).get("marker_fingerprint", (rec or {}).get("fingerprint")) != self.marker_fps.get(
+                name, fps[name]
+            )
+            if rec and not self.stages[name].source and changed:
+                self._invalidate(name, self._why(rec.get("basis"), bases.get(name, {})), planned)
+        self.cfg.save(self.run.config)
+        self.run.update_record(
+            config_fingerprint=digest(self.cfg.model_dump()), fingerprints={n: fps[n] for n in self.order}
+        )
+        self.gpu_run = any(self.stages[n].resources_for(self.cfg).gpus != "none" for n in planned)
+        for name in planned:
+            if not self.stages[name].source:
+                self._run_guarded(name, ctx, planned, fps[name], bases.get(name))
 
     def _run_guarded(
         self, name: str, ctx: StageContext, planned: list[str], fp: str | None, basis: dict | None = None
@@ -339,6 +354,8 @@ class Executor:
             return
         if not stage.source and not stage.always_run:
             self.worked = True
+        if "status" in stage.reads:
+            self._flush_status()
         if stage.resources_for(self.cfg).gpus != "none":
             ctx = self._with_device(ctx)  # where the run's models and GPU tasks run
         previous = self._record(name) or {}
@@ -373,7 +390,7 @@ class Executor:
             {"fingerprint": fp, **marker_fp, "basis": basis, "complete": True, "outputs": outputs},
         )
         self.run.update_record(stages={name: {"fingerprint": fp, "seconds": round(seconds, 3), **result}})
-        self._write_status()
+        self.status_stale = True
         self._summarise(name, result, seconds)
 
     def _repair(self, stage: Stage, ctx: StageContext, fp: str) -> None:
@@ -444,6 +461,13 @@ class Executor:
         )
 
     # ------------------------------------------------------------------ each image's status
+    def _flush_status(self) -> None:
+        """``status.parquet`` brought up to date once per command (and before a stage that reads it), not after
+        every stage: each write reads every finished stage's markers."""
+        if self.status_stale:
+            self._write_status()
+            self.status_stale = False
+
     def _write_status(self) -> None:
         """``status.parquet``: every image once, ok or the first stage's error, its flag (empty/full mask, or below
         ``min_confidence``) and its confidence: what the stages' markers say (a later stage's flag wins). Built a

@@ -29,12 +29,13 @@ def _backend(run) -> dict:
     return json.loads((run / "run.json").read_text())["backend"]
 
 
-def test_embedded_and_joined_runs_find_the_right_ray(cluster, tmp_path):
+def test_embedded_and_joined_runs_find_the_right_ray(cluster, tiny_run, tmp_path):
     """Which Ray a command finds, told by an extraction (the first stage that starts Ray); a whole run joined to the
     head is the session's ``tiny_run``."""
     images = copy_voc_images(tmp_path / "images", 2)
     env = cluster.env
     assert Path(env["RAY_TMPDIR"], "ray", "ray_current_cluster").read_text().strip() == cluster.address
+    assert _backend(Path(tiny_run.out)) == {"name": "ray", "embedded": False, "address": cluster.address}
 
     # no --address beside a running head: a Ray of its own, on loopback
     res, _ = _run(images, tmp_path / "embedded", env, command="extract")

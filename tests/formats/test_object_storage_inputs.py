@@ -16,7 +16,7 @@ pytestmark = pytest.mark.s3
 def test_a_bucket_prefix_is_an_image_folder(s3, bucket_run, tiny_run, tmp_path):
     """The session's bucket run read its images from a prefix: the note beside them skipped, as in a folder, and
     the masks those of the same images in a local folder (``tiny_run``)."""
-    assert "1 file(s) skipped" in bucket_run.result.stderr
+    assert "1 file(s) skipped" in bucket_run.stderr
     assert bucket_run.summary["images"] == N_PHOTOS and bucket_run.summary["failed"] == 0  # the note is no image
     masks = {
         k: v for k, v in s3.objects("runs", BUCKET_RUN.removeprefix("s3://runs/")).items() if k.startswith("masks/")

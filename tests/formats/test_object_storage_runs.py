@@ -120,28 +120,50 @@ def _wait_for(predicate, proc, what: str, timeout: float = 300) -> None:
         time.sleep(0.02)
 
 
-def test_the_store_going_away_mid_run_is_one_line_and_a_rerun_resumes(s3, bucket_photos, tiny_run):
-    out = "s3://runs/outage"
-    cmd = MLCSEG + ["run", "--images", bucket_photos, "--out", out, *CONFIG]
+def test_a_killed_driver_and_the_store_going_away_are_each_resumed_to_the_same_bytes(s3, bucket_photos, tiny_run):
+    """One run in the bucket, interrupted twice and resumed each time by the next command: its driver killed
+    mid-extraction (the lock it leaves is taken over), then the store going away mid-refinement (one line, exit 5)."""
+    out, prefix = "s3://runs/interrupted", "interrupted/"
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    proc = subprocess.Popen(
+        MLCSEG + ["run", "--images", bucket_photos, "--out", out, *CONFIG],
+        env={**os.environ, **s3.env, "RAY_TMPDIR": ray_tmp},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(lambda: len(s3.keys("runs", f"{prefix}_state/extract/0")) >= 2, proc, "two extracted shards")
+        kill_driver(proc, ray_tmp)
+    finally:
+        end(started_under(ray_tmp))
+    assert f"{prefix}pseudo_labels.json" not in s3.keys("runs", prefix)
+    assert s3.keys("runs", f"{prefix}.lock")  # the dead driver's lock is still there ...
+
+    # the next command takes the lock over and goes on; the store goes away once refine has begun (refine,
+    # describe and label still need it)
     env = {**os.environ, **s3.env, "AWS_MAX_ATTEMPTS": "2"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:  # the store goes away once refine has begun: refine, describe and label still need it
-        _wait_for(lambda: s3.keys("runs", "outage/_state/refine/0"), proc, "refine's first shard")
+    proc = subprocess.Popen(
+        MLCSEG + ["run", "--out", out, *CONFIG], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for(lambda: s3.keys("runs", f"{prefix}_state/refine/0"), proc, "refine's first shard")
         s3.stop()
         _, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
         s3.start()
+    assert "taking over the lock" in stderr  # ... and taken over: its holder is gone
     errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 5 and len(errors) == 1, stderr[-3000:]
     assert s3.url in errors[0] and "cannot reach the object store" in errors[0], errors
-    assert "outage/pseudo_labels.json" not in s3.keys("runs", "outage/")  # it did stop mid-run
+    assert f"{prefix}pseudo_labels.json" not in s3.keys("runs", prefix)  # it did stop mid-run
 
     res = mlcseg("run", "--out", out, *CONFIG, "--json", env=s3.env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _stages(res.stdout)["extract"] is True  # resumed: extraction was not redone
-    assert comparable(s3.objects("runs", "outage")) == comparable(local_files(tiny_run.out))
+    assert comparable(s3.objects("runs", "interrupted")) == comparable(local_files(tiny_run.out))
 
 
 def test_a_failure_while_the_store_is_down_is_named_so_whatever_the_client_made_of_it(s3, monkeypatch, capfd):
@@ -172,30 +194,6 @@ def test_a_failure_while_the_store_is_down_is_named_so_whatever_the_client_made_
     assert len(errors) == 1 and s3.url in errors[0] and "cannot reach the object store" in errors[0], errors
     assert "while refine ran" in errors[0] and took < 10  # one attempt, not the client's retries
     assert exit_code(failed(), "/tmp/not-a-bucket") == 2  # a local folder is not probed
-
-
-def test_a_killed_driver_resumes_in_the_bucket_with_the_same_bytes(s3, bucket_photos, tiny_run):
-    out = "s3://runs/killed"
-    env = {**os.environ, **s3.env}
-    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    proc = subprocess.Popen(
-        MLCSEG + ["run", "--images", bucket_photos, "--out", out, *CONFIG],
-        env={**env, "RAY_TMPDIR": ray_tmp},
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_for(lambda: len(s3.keys("runs", "killed/_state/extract/0")) >= 2, proc, "two extracted shards")
-        kill_driver(proc, ray_tmp)
-    finally:
-        end(started_under(ray_tmp))
-    assert "killed/pseudo_labels.json" not in s3.keys("runs", "killed/")
-    assert s3.keys("runs", "killed/.lock")  # the dead driver's lock is still there ...
-    res = mlcseg("run", "--out", out, *CONFIG, env=s3.env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "taking over the lock" in res.stderr  # ... and taken over: its holder is gone
-    assert comparable(s3.objects("runs", "killed")) == comparable(local_files(tiny_run.out))
 
 
 def test_storage_mistakes_are_one_line_each_and_create_nothing(s3, photos, tmp_path):

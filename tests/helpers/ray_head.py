@@ -1,7 +1,8 @@
 """A ``ray start --head`` of the test's own, on loopback, with Ray's default settings (token authentication on, as
 Ray 2.60 ships it). Its temp folder is its own (``RAY_TMPDIR``): the ``ray_current_cluster`` record it leaves is
 where ``--address auto`` looks, and nothing of it is left on the machine. Ended by its PID, and every process
-started under its folder with it."""
+started under its folder with it. The session's head is started once (by whichever test process asks first) and
+ended when the session ends (``tests/conftest.py``)."""
 
 import contextlib
 import os
@@ -42,12 +43,19 @@ def end(procs) -> None:
             p.kill()
 
 
-@dataclass
+def client_env(own_env: dict) -> dict:
+    """This environment with a head's own variables, and no RAY_ADDRESS naming another cluster."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **own_env}
+
+
+@dataclass(frozen=True)
 class Head:
+    """A running head, as a JSON object (``asdict``) other processes of the session rebuild it from."""
+
     port: int
     dashboard: int
-    env: dict  # what a client of this head runs with: its RAY_TMPDIR, this environment's `ray` and `python`
-    process: subprocess.Popen
+    pid: int  # its `ray start --head --block` process
+    own_env: dict  # its RAY_TMPDIR, and the PATH that finds this environment's `ray` and `python`
 
     @property
     def address(self) -> str:
@@ -57,13 +65,22 @@ class Head:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard}"
 
+    @property
+    def env(self) -> dict:
+        """What a client of this head runs with."""
+        return client_env(self.own_env)
+
     def stop(self) -> None:
-        self.process.terminate()  # `ray start --block` ends the processes it started, given time (up to ~30 s)
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        end(started_under(self.env["RAY_TMPDIR"]))  # what is left of it: every process of its own folder
+        """From any process (the one that started it may be gone): `ray start --block` ends the processes it
+        started, given time (up to ~30 s); what is left of them is every process of its own folder."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            block = psutil.Process(self.pid)
+            block.terminate()
+            try:
+                block.wait(timeout=5)
+            except psutil.TimeoutExpired:
+                block.kill()
+        end(started_under(self.own_env["RAY_TMPDIR"]))
 
 
 def kill_driver(proc: subprocess.Popen, ray_tmp: str) -> None:
@@ -83,16 +100,10 @@ def kill_driver(proc: subprocess.Popen, ray_tmp: str) -> None:
     psutil.wait_procs(doomed, timeout=30)
 
 
-@contextlib.contextmanager
-def ray_head(num_cpus: int = 2, extra_env: dict | None = None):
+def start_head(num_cpus: int = 2) -> Head:
+    """A new head on loopback, up and answering; the caller ends it (:meth:`Head.stop`)."""
     ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {
-        **os.environ,
-        "RAY_TMPDIR": ray_tmp,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        **(extra_env or {}),
-    }
-    env.pop("RAY_ADDRESS", None)
+    own_env = {"RAY_TMPDIR": ray_tmp, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     port, dash = free_port(), free_port()
     cmd = [
         str(Path(sys.executable).parent / "ray"),
@@ -121,8 +132,11 @@ def ray_head(num_cpus: int = 2, extra_env: dict | None = None):
         "--metrics-export-port",
     ):
         cmd += [flag, str(free_port())]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    head = Head(port, dash, env, process)
+    # its own session: it outlives the xdist worker that started it, until the session ends it
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=client_env(own_env), start_new_session=True
+    )
+    head = Head(port, dash, process.pid, own_env)
     try:
         deadline = time.time() + 120
         while True:
@@ -138,6 +152,7 @@ def ray_head(num_cpus: int = 2, extra_env: dict | None = None):
         while not record.exists():
             assert time.time() < deadline and process.poll() is None, "the Ray head recorded no address"
             time.sleep(0.2)
-        yield head
-    finally:
+    except BaseException:
         head.stop()
+        raise
+    return head

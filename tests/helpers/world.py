@@ -9,13 +9,19 @@ changes a shared run copies it first.
 - ``tiny_run``: ``mlcseg run`` over ``photos`` with the tiny config, one image a shard, joined to ``cluster``.
 - ``bucket_run``: the same run with its images and its run folder in the bucket, on an embedded Ray.
 
-The fixtures themselves are in ``tests/conftest.py``; this module builds what they hold.
+``cluster``, ``photos`` and ``tiny_run`` are made once for the whole session, whatever the number of xdist
+workers: the first worker that asks makes them, under a file lock in the session's world folder, and records them
+there for the others (:func:`made_once`); the head is ended when the session ends. The fixtures themselves are in
+``tests/conftest.py``; this module builds what they hold.
 """
 
 import json
-import subprocess
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from helpers import TINY, copy_voc_images, mlcseg
 
@@ -29,12 +35,13 @@ BUCKET_RUN = "s3://runs/shared"
 class Made:
     """A run the session made: where it is and what the command said."""
 
-    out: str | Path
-    result: subprocess.CompletedProcess
+    out: str
+    stdout: str
+    stderr: str
 
     @property
     def summary(self) -> dict:
-        return json.loads(self.result.stdout)
+        return json.loads(self.stdout)
 
 
 def make_photos(folder: Path) -> Path:
@@ -46,11 +53,25 @@ def make_photos(folder: Path) -> Path:
 def make_run(images, out, *extra, env=None) -> Made:
     res = mlcseg("run", "--images", images, "--out", out, *RUN_CONFIG, "--json", *extra, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    return Made(out, res)
+    return Made(str(out), res.stdout, res.stderr)
 
 
-def local_files(run: Path) -> dict[str, bytes]:
+def made_once(world: Path, name: str, make: Callable[[], dict]) -> dict:
+    """What ``make()`` returns (a JSON object), made by the first of the session's processes that asks and read
+    by the others from ``world/NAME.json``."""
+    record = world / f"{name}.json"
+    with FileLock(world / f"{name}.lock"):
+        if not record.exists():
+            made = make()
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps(made))
+            os.replace(tmp, record)
+        return json.loads(record.read_text())
+
+
+def local_files(run: str | Path) -> dict[str, bytes]:
     """Every file of a local run folder, by path relative to it."""
+    run = Path(run)
     return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
