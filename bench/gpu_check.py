@@ -1,4 +1,5 @@
-"""GPU check: extraction and clustering on a few hundred images, images/s, GPU memory, speed-up over CPU.
+"""GPU check: extraction and clustering on a few hundred images, images/s, GPU memory, speed-up over CPU, and how
+busy the pipeline keeps the GPU (the bare bf16 forward's images/s, then the pipeline's against it: issue 45).
 
 On a machine without a GPU it runs the CPU path only and says so (the fallback the tests exercise). Images are
 generated (gradients and ellipses), so the script needs nothing but the repository.
@@ -43,6 +44,32 @@ def extract(images: Path, out: Path, cfg: Config) -> float:
     t0 = time.perf_counter()
     pipe.run(["extract"])
     return time.perf_counter() - t0
+
+
+def bare_forward_rate(cfg: Config, n_batches: int = 20) -> float:
+    """Images/s of the model alone on the GPU (bf16 autocast, the pipeline's batch size and image size), inputs
+    already on the device: what the pipeline is measured against."""
+    import torch
+
+    from mlcseg_ray.models.backbones import feature_extractor
+
+    extractor, _ = feature_extractor(cfg, "cuda")
+    x = torch.randn(cfg.batch_size, 3, cfg.max_side, cfg.max_side, device="cuda")
+    extractor(x)  # warm-up: kernels chosen, memory allocated
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        extractor(x)
+    return n_batches * cfg.batch_size / (time.perf_counter() - t0)
+
+
+def model_busy(run_dir: Path, stage: str = "extract") -> tuple[float, float]:
+    """Images/s inside the stage's shards and the model's busy share there (issue 45): the markers' images and
+    ``forward_seconds`` over their ``seconds``."""
+    import json
+
+    markers = [json.loads(p.read_text()) for p in (run_dir / "_state" / stage).glob("[0-9]*")]
+    inside = sum(m["seconds"] for m in markers)
+    return sum(m["images"] for m in markers) / inside, sum(m["forward_seconds"] for m in markers) / inside
 
 
 def cluster(run_dir: Path, cfg: Config) -> float:
@@ -103,6 +130,13 @@ def main():
             print(
                 f"GPU extraction (bf16): {args.n / t:.2f} images/s ({args.n} images); "
                 f"speed-up over CPU {args.n / t / cpu_rate:.1f}x",
+                flush=True,
+            )
+            rate, busy = model_busy(work / "gpu_run")
+            bare = bare_forward_rate(cfg)
+            print(
+                f"GPU feed: the bare bf16 forward {bare:.1f} images/s; the pipeline {rate:.1f} images/s inside its "
+                f"shards ({rate / bare:.2f} of it), the model busy {busy:.0%} of the shards' time",
                 flush=True,
             )
             t32 = extract(work / "images", work / "gpu_run_fp32", cfg.model_copy(update={"precision": "fp32"}))

@@ -21,7 +21,7 @@ from .core.progress import console, shown
 from .core.stage import StageContext
 from .core.storage import use_endpoint
 from .core.store import RunDir
-from .models.backbones import RANDOM_WEIGHTS_WARNING
+from .models.backbones import untrained_warning
 from .stages.cluster import ClusterStage
 from .stages.describe import DescribeStage
 from .stages.evaluate import EvaluateStage
@@ -97,8 +97,9 @@ class Pipeline:
         summary = self.executor.run_stages(names, command=f"mlcseg {' '.join(stages or ['run'])}")
         if print_summary:
             summary_table(f"mlcseg: {self.run_dir.root}", summary, to=console)
-        if self.run_dir.read_record().get("backbone", {}).get("random_weights"):
-            console.print(f"[bold red]{RANDOM_WEIGHTS_WARNING}[/]", soft_wrap=True)
+        warning = untrained_warning(self.run_dir.read_record().get("backbone", {}))
+        if warning:
+            console.print(f"[bold red]{warning}[/]", soft_wrap=True)
         return summary
 
 

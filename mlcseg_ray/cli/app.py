@@ -449,7 +449,7 @@ def ablate(
     from ..formats.datasets import load_ground_truth
     from ..library.clustering import read_pseudo
     from ..library.report_page import write_report
-    from ..models.backbones import RANDOM_WEIGHTS_WARNING
+    from ..models.backbones import untrained_warning
     from ..tools.ablate import ablate as run_ablation
     from .console import print_ablation
 
@@ -459,8 +459,9 @@ def ablate(
             raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
         cfg = Config.load(run.config)
         truth = load_ground_truth(gt, protocol, split=split, ignore=ignore)
-        if run.read_record().get("backbone", {}).get("random_weights"):
-            console.print(f"[bold red]{RANDOM_WEIGHTS_WARNING}[/]", highlight=False, soft_wrap=True)
+        warning = untrained_warning(run.read_record().get("backbone", {}))
+        if warning:
+            console.print(f"[bold red]{warning}[/]", highlight=False, soft_wrap=True)
         clustered = read_pseudo(run, ["image_id"])
         ids = set(clustered.column(0).to_pylist()) if clustered.num_rows else set()
         if not ids:

@@ -19,7 +19,9 @@ from .store import atomic_write_text
 # Keys that decide how the work is cut and where it runs, never what comes out: no stage's fingerprint holds them
 # (the outputs do not depend on them; tests/stages/test_cluster.py and tests/core/test_run_folder.py check it).
 # shard_size is ingest's, which writes each image's shard into the manifest.
-SCHEDULING_KEYS = frozenset({"batch_size", "shard_size", "num_workers", "device", "s3_endpoint_url"})
+SCHEDULING_KEYS = frozenset(
+    {"batch_size", "shard_size", "num_workers", "decode_threads", "sim_forward_ms", "device", "s3_endpoint_url"}
+)
 
 
 class ConfigError(ValueError):
@@ -31,7 +33,9 @@ class Config(BaseModel):
 
     # --- features (DESIGN §2 "Features", §4) ---
     backbone: str = Field(
-        "vit_small_patch8_224.dino", description="timm model name, or random-vit-s8 / random-vit-tiny"
+        "vit_small_patch8_224.dino",
+        description="timm model name, or random-vit-s8 / random-vit-tiny; sim-accelerator: a timing stand-in "
+        "(bench/accelerator_feed.py), never for results",
     )
     weights: str | None = Field(None, description="path to a DINO/DINOv2 .pth or safetensors checkpoint")
     facet: Literal["key"] = "key"
@@ -46,6 +50,15 @@ class Config(BaseModel):
         "auto: bf16 on CUDA, float32 on CPU",
     )
     num_workers: int = Field(0, ge=0, description="extraction actors / parallel tasks; 0 = one per GPU, or 1 on CPU")
+    decode_threads: int = Field(
+        2,
+        ge=0,
+        description="threads per extraction or describe actor that decode images (and cut crops) ahead of the "
+        "model, a bounded queue of them; 0: in the model's own thread, one after the other",
+    )
+    sim_forward_ms: float = Field(
+        25.0, gt=0, description="sim-accelerator only: the simulated forward's time per image (or crop), in ms"
+    )
 
     # --- ingest ---
     max_pixels: int = Field(178_956_970, ge=1, description="decoded-pixel cap (PIL's decompression-bomb limit)")

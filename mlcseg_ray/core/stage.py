@@ -125,11 +125,20 @@ def for_each_image(
     (``"<stage>: <reason>"``) instead of a failed shard."""
     out, errors = {}, {}
     for image_id, item in items:
-        try:
-            out[image_id] = fn(item)
-        except Exception as e:  # one image's failure is an error row, never a failed job
-            errors[image_id] = f"{stage}: {image_error(e)}"
+        result, error = attempt(stage, fn, item)
+        if error is None:
+            out[image_id] = result
+        else:
+            errors[image_id] = error
     return out, errors
+
+
+def attempt(stage: str, fn: Callable[[Any], Any], item: Any) -> tuple[Any, str | None]:
+    """``(fn(item), None)``, or ``(None, "<stage>: <reason>")`` where it raised."""
+    try:
+        return fn(item), None
+    except Exception as e:  # one image's failure is an error row, never a failed job
+        return None, f"{stage}: {image_error(e)}"
 
 
 def image_error(e: Exception) -> str:

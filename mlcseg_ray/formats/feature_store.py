@@ -155,7 +155,9 @@ def feature_table(images: list[tuple[str, np.ndarray, np.ndarray, int]], dim: in
         ids.append(np.full(len(k), image_id, dtype=object))
         pys.append(yy.astype(np.int16))
         pxs.append(xx.astype(np.int16))
-        if k.dtype == np.float32:  # what extraction hands over: on torch, ~50x faster, numpy's rounding bit for bit
+        if k.dtype == KEY_DTYPE:  # what extraction hands over: already rounded (by torch, where the model ran)
+            keys[pos : pos + len(k)] = k
+        elif k.dtype == np.float32:  # on torch, ~50x faster, numpy's rounding bit for bit
             torch.from_numpy(keys[pos : pos + len(k)]).copy_(torch.from_numpy(np.ascontiguousarray(k)))
         else:  # a brought store's float64 rounds once, straight to float16, as before
             keys[pos : pos + len(k)] = np.asarray(k).astype(KEY_DTYPE)

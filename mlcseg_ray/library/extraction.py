@@ -5,6 +5,7 @@ stage's actors and by the benchmarks."""
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..core.config import Config
+from ..core.prefetch import ahead_of_use
 from ..core.stage import image_error
 from ..formats.feature_store import (
     feature_table,
@@ -20,9 +22,7 @@ from ..formats.feature_store import (
 )
 from ..formats.images import load_rgb_sized
 from ..formats.manifest import expected_file
-from ..models.backbones import (
-    FeatureExtractor,
-)
+from ..models.backbones import Extractor
 
 
 @dataclass
@@ -66,60 +66,94 @@ def preprocess(rgb: np.ndarray, g: Geometry, mean: list[float], std: list[float]
 Prepared = tuple[str, Geometry, np.ndarray]  # image id, its geometry, the network's input (C, H', W')
 
 
-def prepare_images(rows: list[dict], info: dict, cfg: Config) -> tuple[list[Prepared], dict[str, dict]]:
-    """Decode and preprocess one shard's images. Returns the prepared images and every image's row of the image
-    table so far (geometry, or ``status=error`` with the reason)."""
+def prepare_image(row: dict, info: dict, cfg: Config) -> tuple[Prepared | None, dict]:
+    """Decode and preprocess one image of a shard. Returns it prepared (None where it failed) and its row of the
+    image table so far (geometry, or ``status=error`` with the reason)."""
     patch = info["patch_size"]
+    base = {"image_id": row["image_id"], "uri": row["uri"], "status": "ok", "error": None}
+    if row.get("status", "ok") != "ok":
+        return None, {**base, "status": "error", "error": row.get("error") or "failed at ingest"}
+    try:
+        rgb, (w, h) = load_rgb_sized(
+            row["uri"], cfg.max_pixels, lambda w, h: resized_size(w, h, patch, cfg), patch, expected_file(row, cfg)
+        )
+        g = geometry(w, h, patch, cfg.max_side, cfg.upscale)
+        prepared = (row["image_id"], g, preprocess(rgb, g, info["mean"], info["std"]))
+    except Exception as e:  # one image's failure is an error row, never a failed job
+        return None, {**base, "status": "error", "error": image_error(e)}
+    return prepared, {**base, **g.__dict__}
+
+
+def prepare_images(rows: list[dict], info: dict, cfg: Config) -> tuple[list[Prepared], dict[str, dict]]:
+    """:func:`prepare_image` over a shard's rows, one after the other (the benchmarks' measure of the CPU side)."""
     prepared, image_rows = [], {}
     for row in rows:
-        base = {"image_id": row["image_id"], "uri": row["uri"], "status": "ok", "error": None}
-        if row.get("status", "ok") != "ok":
-            image_rows[row["image_id"]] = {**base, "status": "error", "error": row.get("error") or "failed at ingest"}
-            continue
-        try:
-            rgb, (w, h) = load_rgb_sized(
-                row["uri"], cfg.max_pixels, lambda w, h: resized_size(w, h, patch, cfg), patch, expected_file(row, cfg)
-            )
-            g = geometry(w, h, patch, cfg.max_side, cfg.upscale)
-            prepared.append((row["image_id"], g, preprocess(rgb, g, info["mean"], info["std"])))
-        except Exception as e:  # one image's failure is an error row, never a failed job
-            image_rows[row["image_id"]] = {**base, "status": "error", "error": image_error(e)}
-            continue
-        image_rows[row["image_id"]] = {**base, **g.__dict__}
+        p, image_rows[row["image_id"]] = prepare_image(row, info, cfg)
+        if p is not None:
+            prepared.append(p)
     return prepared, image_rows
 
 
-def forward_images(
-    extractor: FeatureExtractor, prepared: list[Prepared], batch_size: int, device: str
-) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``{image_id: (keys, cls_attn, cls)}``: the model over the prepared images, images of equal padded size
-    batched together (padding inside a batch would change the attention)."""
-    outputs = {}
-    by_size: dict[tuple, list] = {}
-    for item in prepared:
-        by_size.setdefault(item[2].shape, []).append(item)
-    for items in by_size.values():
-        for i in range(0, len(items), batch_size):
-            chunk = items[i : i + batch_size]
-            out = extractor(torch.from_numpy(np.stack([c[2] for c in chunk])).to(device))
-            for j, (image_id, _, _) in enumerate(chunk):
-                outputs[image_id] = (
-                    out["keys"][j].float().cpu().numpy(),
-                    out["cls_attn"][j].float().cpu().numpy(),
-                    out["cls"][j].float().cpu().numpy(),
-                )
-    return outputs
+Outputs = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # image id -> (keys, cls_attn, cls)
+
+
+def decode_and_forward(
+    extractor: Extractor, info: dict, rows: list[dict], cfg: Config, device: str
+) -> tuple[list[tuple[str, Geometry]], dict[str, dict], Outputs]:
+    """The model over a shard's images: (id, geometry) of each image it saw, every image's row of the image table so
+    far, and the model's outputs by image id.
+
+    The model never waits for the CPU: ``cfg.decode_threads`` threads decode the next images while it runs (at
+    most four batches ahead), and one more brings each batch's outputs to the host while the next batch runs. A
+    batch is the next ``batch_size`` images of one padded size, forwarded as soon as it is full, the part-filled
+    ones at the end: the same batches whatever the threads, so the same bytes."""
+    prepared, image_rows, outputs = [], {}, {}
+    by_size: dict[tuple, list[Prepared]] = {}
+    on_host = ThreadPoolExecutor(1, thread_name_prefix="mlcseg-host") if cfg.decode_threads else None
+    landed: list[Future | Outputs] = []
+
+    def forward(batch: list[Prepared]) -> None:
+        out = extractor(torch.from_numpy(np.stack([p[2] for p in batch])).to(device))
+        ids = [p[0] for p in batch]
+        landed.append(on_host.submit(host_arrays, out, ids) if on_host else host_arrays(out, ids))
+        batch.clear()
+
+    try:
+        decoded = ahead_of_use(lambda r: prepare_image(r, info, cfg), rows, cfg.decode_threads, 4 * cfg.batch_size)
+        for row, (p, image_row) in decoded:
+            image_rows[row["image_id"]] = image_row
+            if p is not None:
+                prepared.append((p[0], p[1]))
+                by_size.setdefault(p[2].shape, []).append(p)
+                if len(by_size[p[2].shape]) == cfg.batch_size:
+                    forward(by_size[p[2].shape])
+        for batch in by_size.values():
+            if batch:
+                forward(batch)
+        for done in landed:
+            outputs.update(done.result() if isinstance(done, Future) else done)
+    finally:
+        if on_host:
+            on_host.shutdown(cancel_futures=True)
+    return prepared, image_rows, outputs
+
+
+def host_arrays(out: dict[str, torch.Tensor], ids: list[str]) -> Outputs:
+    """A batch's outputs on the host: the keys at the store's float16, converted where they are (on a GPU half the
+    bytes cross; the same rounding as converting on the host), the CLS attention and token in float32."""
+    keys = out["keys"].float().to(torch.float16).cpu().numpy()
+    cls_attn, cls = out["cls_attn"].float().cpu().numpy(), out["cls"].float().cpu().numpy()
+    return {image_id: (keys[j], cls_attn[j], cls[j]) for j, image_id in enumerate(ids)}
 
 
 def extract_shard(
-    extractor: FeatureExtractor, info: dict, rows: list[dict], cfg: Config, device: str = "cpu"
+    extractor: Extractor, info: dict, rows: list[dict], cfg: Config, device: str = "cpu"
 ) -> tuple[pa.Table, pa.Table]:
     """Decode, preprocess and run the model over one shard's images. Returns (features table, images table).
     Images that fail to decode become rows with ``status=error``."""
-    prepared, image_rows = prepare_images(rows, info, cfg)
-    outputs = forward_images(extractor, prepared, cfg.batch_size, device)
+    prepared, image_rows, outputs = decode_and_forward(extractor, info, rows, cfg, device)
     per_image = []
-    for image_id, g, _ in sorted(prepared, key=lambda t: t[0]):
+    for image_id, g in sorted(prepared, key=lambda t: t[0]):
         k, a, c = outputs[image_id]
         if k.shape[0] != g.grid_h * g.grid_w:
             raise RuntimeError(f"{image_id}: the model gave {k.shape[0]} patches for a {g.grid_h}x{g.grid_w} grid")

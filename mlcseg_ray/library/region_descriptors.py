@@ -12,14 +12,15 @@ import pyarrow as pa
 import torch
 
 from ..core.config import Config
-from ..core.stage import for_each_image
+from ..core.prefetch import ahead_of_use
+from ..core.stage import attempt
 from ..core.storage import read_table
 from ..core.store import RunDir
 from ..formats.feature_store import fixed_list, read_patches, read_store_metadata
 from ..formats.images import load_rgb
 from ..formats.manifest import expected_files
 from ..formats.masks import read_binary
-from ..models.backbones import FeatureExtractor, autocast_dtype, build_backbone
+from ..models.backbones import feature_extractor
 from ..ops.regions import crop_batch, find_regions, masked_mean_descriptors
 
 REGION_SCHEMA_FIELDS = [
@@ -46,8 +47,8 @@ def describe_shard(
     expect = expected_files(run, n, cfg) if cfg.region_descriptor == "crop_cls" else {}
 
     def describe(image_id: str) -> tuple[list[dict], np.ndarray | None]:
-        """An image's regions and either their crops (embedded below, all of the shard's together) or their
-        masked-mean descriptors."""
+        """An image's regions and either their crops (embedded below, in batches across the shard's images) or
+        their masked-mean descriptors."""
         comp, regions = find_regions(
             read_binary(run.binary_mask(image_id)), cfg.region, cfg.min_region_area, cfg.max_regions
         )
@@ -63,12 +64,33 @@ def describe_shard(
         )
 
     # images without a binary mask failed at refine: their error row is already written
-    done, errors = for_each_image("describe", [(i, i) for i in pseudo_ids if run.has_binary_mask(i)], describe)
-    rows = [{"image_id": image_id, **r} for image_id, (regions, _) in done.items() for r in regions]
-    descs = [d for _, d in done.values() if d is not None]
-    if cfg.region_descriptor == "crop_cls" and descs:
-        # the crops of every image of the shard in full batches: one forward per batch_size crops, not per image
-        descs = [embed(np.concatenate(descs))]
+    ids = [i for i in pseudo_ids if run.has_binary_mask(i)]
+    crop_cls = cfg.region_descriptor == "crop_cls"
+    rows, descs, errors = [], [], {}
+    waiting = np.zeros((0, 3, cfg.crop_size, cfg.crop_size), np.float32)  # crops not embedded yet
+    # the next images' crops are cut by cfg.decode_threads threads while the model embeds full batches of them,
+    # across the shard's images: cut at multiples of batch_size from its first crop, the same batches whatever
+    # the threads
+    threads = cfg.decode_threads if crop_cls else 0
+    ahead = 2 * cfg.batch_size
+    for image_id, (got, error) in ahead_of_use(lambda i: attempt("describe", describe, i), ids, threads, ahead):
+        if error is not None:
+            errors[image_id] = error
+            continue
+        regions, d = got
+        rows += [{"image_id": image_id, **r} for r in regions]
+        if d is None:
+            continue
+        if not crop_cls:
+            descs.append(d)
+            continue
+        waiting = np.concatenate([waiting, d])
+        full = len(waiting) - len(waiting) % cfg.batch_size
+        if full:
+            descs.append(embed(waiting[:full]))
+            waiting = waiting[full:]
+    if len(waiting):
+        descs.append(embed(waiting))
     dim = int(meta["embed_dim"])
     desc = np.concatenate(descs) if descs else np.zeros((0, dim), np.float32)
     table = pa.Table.from_pylist(rows, schema=pa.schema(REGION_SCHEMA_FIELDS))
@@ -79,8 +101,7 @@ class RegionEmbedder:
     """The backbone's CLS token of region crops, batched (``crop_cls``): one per actor."""
 
     def __init__(self, cfg: Config, device: str) -> None:
-        model, _ = build_backbone(cfg.backbone, cfg.weights)
-        self.extractor = FeatureExtractor(model.to(device), autocast_dtype(cfg.precision, device))
+        self.extractor, _ = feature_extractor(cfg, device)
         self.device, self.batch_size = device, cfg.batch_size
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

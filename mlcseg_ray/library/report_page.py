@@ -16,7 +16,7 @@ from ..core.fanout import MapFn, serial_map
 from ..core.storage import read_metadata
 from ..core.store import RunDir, StatusSummary, atomic_write_text
 from ..formats.masks import voc_palette
-from ..models.backbones import RANDOM_WEIGHTS_WARNING
+from ..models.backbones import untrained_warning
 from .report_choice import FG_BINS, REPORT_CHUNK, Choice, MaskFiles, bounded, choose_images, shard_candidates
 from .report_panels import gallery_section, panel_inputs, panels_section
 from .report_widgets import bar_chart, data_uri, esc, histogram, line_chart
@@ -27,8 +27,9 @@ TABLE_ROWS = 20  # error and flag rows listed (the counts by reason cover the re
 def _header(run: RunDir, rec: dict) -> list[str]:
     backbone = rec.get("backbone", {})
     parts = []
-    if backbone.get("random_weights"):
-        parts.append(f'<div class="banner">{esc(RANDOM_WEIGHTS_WARNING)}</div>')
+    warning = untrained_warning(backbone)
+    if warning:
+        parts.append(f'<div class="banner">{esc(warning)}</div>')
     parts.append(
         f"<h1>mlcseg_ray report</h1><p>run folder <code>{esc(run.root)}</code>; input "
         f"{esc(rec.get('input', '(brought-in feature store)'))}</p>"

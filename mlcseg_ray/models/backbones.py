@@ -12,13 +12,18 @@ import functools
 import io
 import logging
 import re
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..core.storage import as_location, is_local
+from .simulated import PATCH as SIMULATED_PATCH
+from .simulated import SIMULATED_BACKBONE, SIMULATED_WARNING, SimulatedAccelerator
 
 log = logging.getLogger("mlcseg_ray")
 
@@ -69,11 +74,13 @@ class BackboneInfo:
 
 
 def available_backbones() -> list[str]:
-    return PRETRAINED_BACKBONES + list(RANDOM_BACKBONES)
+    return PRETRAINED_BACKBONES + list(RANDOM_BACKBONES) + [SIMULATED_BACKBONE]
 
 
 def patch_size_of(name: str) -> int:
     """The patch size a backbone name implies (timm names say it: ``..._patch8_...``), without building a model."""
+    if name == SIMULATED_BACKBONE:
+        return SIMULATED_PATCH
     arch = RANDOM_BACKBONES[name][0] if name in RANDOM_BACKBONES else name
     m = re.search(r"patch(\d+)", arch)
     if m:
@@ -266,6 +273,10 @@ def locate_weights(name: str, weights: str | None = None) -> str | None:
     """Where a run's weights will come from, checked once in the driver before any worker starts: the file
     given, timm's cache (downloaded there when online), or None for a random-weight backbone. Raises
     WeightsNotFound / FileNotFoundError with the options a user has."""
+    if name == SIMULATED_BACKBONE:
+        if weights is not None:
+            raise ValueError(f"{SIMULATED_BACKBONE} is a timing stand-in: it takes no --weights")
+        return None
     if weights is not None:
         if not as_location(weights).is_file():
             raise FileNotFoundError(f"--weights: no such file: {weights}")
@@ -313,6 +324,46 @@ def build_backbone(name: str, weights: str | None = None) -> tuple[nn.Module, Ba
         std=tuple(pcfg.get("std", (0.229, 0.224, 0.225))),
     )
     return model, info
+
+
+# a batch (B, 3, H, W) -> keys (B, N, D), cls_attn (B, N), cls (B, D): FeatureExtractor, or the simulated one
+Extractor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def feature_extractor(cfg: Any, device: str) -> tuple[ForwardClock, dict]:
+    """What an extraction or describe actor runs over a batch (keys, CLS attention, CLS token: see
+    :class:`FeatureExtractor`) for ``cfg``'s backbone, weights and precision on ``device``, timed, and the facts
+    the feature store records of it."""
+    if cfg.backbone == SIMULATED_BACKBONE:
+        simulated = SimulatedAccelerator(cfg.sim_forward_ms)
+        return ForwardClock(simulated), simulated.info()
+    model, info = build_backbone(cfg.backbone, cfg.weights)
+    extractor = FeatureExtractor(model.to(device), autocast_dtype(cfg.precision, device))
+    return ForwardClock(extractor), {**info.to_dict(), "precision": extractor.precision}
+
+
+class ForwardClock:
+    """An extractor that adds up the wall time of its forwards: how busy a shard kept the model (the markers'
+    ``forward_seconds``; bench/accelerator_feed.py)."""
+
+    def __init__(self, extractor: Extractor) -> None:
+        self.extractor, self.seconds = extractor, 0.0
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        out = self.extractor(x)
+        if x.is_cuda:  # the forward is queued on the GPU: done when the device says so
+            torch.cuda.synchronize(x.device)
+        self.seconds += time.perf_counter() - started
+        return out
+
+
+def untrained_warning(backbone: dict) -> str | None:
+    """What a run must say loudly of its backbone (the feature store's record of it), or None: random weights,
+    or the simulated accelerator."""
+    if SIMULATED_BACKBONE in (backbone.get("backbone"), backbone.get("name")):  # the store's record, or the model's
+        return SIMULATED_WARNING
+    return RANDOM_WEIGHTS_WARNING if backbone.get("random_weights") else None
 
 
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:

@@ -55,12 +55,14 @@ class DescribeStage(Stage):
     def process_shard(
         self, ctx: StageContext, shard: int, shared: object = None, worker: RegionEmbedder | None = None
     ) -> dict:
+        before = worker.extractor.seconds if worker else 0.0
         table, errors = describe_shard(ctx.run, shard, ctx.cfg, worker)
         atomic_write_table(ctx.run.region_part(shard), table)
         return {
             "images": len(read_table(ctx.run.pseudo_part(shard), columns=["image_id"])),
             "errors": errors,
             "regions": table.num_rows,
+            "forward_seconds": round(worker.extractor.seconds - before, 4) if worker else 0.0,
         }
 
     def finish(self, ctx: StageContext, results: dict, map_fn: MapFn) -> dict:

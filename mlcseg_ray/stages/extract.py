@@ -19,13 +19,7 @@ from ..formats.feature_store import (
     store_metadata,
 )
 from ..library.extraction import extract_shard
-from ..models.backbones import (
-    RANDOM_WEIGHTS_WARNING,
-    FeatureExtractor,
-    autocast_dtype,
-    build_backbone,
-    locate_weights,
-)
+from ..models.backbones import ForwardClock, feature_extractor, locate_weights, untrained_warning
 
 log = logging.getLogger("mlcseg_ray")
 # what identifies an image's file: a change in any of these redoes its shard
@@ -61,16 +55,16 @@ class ExtractStage(Stage):
     def preflight(self, ctx: StageContext) -> None:
         locate_weights(ctx.cfg.backbone, ctx.cfg.weights)  # a clear error here, not in every actor
 
-    def setup(self, ctx: StageContext) -> tuple[FeatureExtractor, dict]:
-        model, info = build_backbone(ctx.cfg.backbone, ctx.cfg.weights)
-        extractor = FeatureExtractor(model.to(ctx.device), autocast_dtype(ctx.cfg.precision, ctx.device))
-        return extractor, {**info.to_dict(), "precision": extractor.precision}
+    def setup(self, ctx: StageContext) -> tuple[ForwardClock, dict]:
+        return feature_extractor(ctx.cfg, ctx.device)
 
     def process_shard(
-        self, ctx: StageContext, shard: int, shared: object = None, worker: tuple[FeatureExtractor, dict] | None = None
+        self, ctx: StageContext, shard: int, shared: object = None, worker: tuple[ForwardClock, dict] | None = None
     ) -> dict:
         extractor, info = worker
+        before = extractor.seconds
         feats, images = extract_shard(extractor, info, ctx.run.manifest_rows(shard), ctx.cfg, ctx.device)
+        forward_seconds = extractor.seconds - before
         meta = store_metadata(info, ctx.cfg)
         atomic_write_table(ctx.run.feature_shard(shard), feats.replace_schema_metadata(meta), **FEATURE_WRITE_OPTIONS)
         atomic_write_table(ctx.run.image_table(shard), images.replace_schema_metadata(meta))
@@ -79,13 +73,14 @@ class ExtractStage(Stage):
             for i, s, e in zip(*(images.column(c).to_pylist() for c in ("image_id", "status", "error")), strict=True)
             if s != "ok"
         }
-        return {"images": images.num_rows, "errors": errors}
+        return {"images": images.num_rows, "errors": errors, "forward_seconds": round(forward_seconds, 4)}
 
     def finish(self, ctx: StageContext, results: dict, map_fn: MapFn) -> dict:
         shards = ctx.run.shards_of(ctx.run.features)
         if shards:
             meta = read_store_metadata(ctx.run.feature_shard(shards[0]))
             ctx.run.update_record(backbone=meta)
-            if meta.get("random_weights"):
-                log.warning(RANDOM_WEIGHTS_WARNING)
+            warning = untrained_warning(meta)
+            if warning:
+                log.warning(warning)
         return {"output": str(ctx.run.features)}

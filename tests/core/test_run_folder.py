@@ -145,9 +145,10 @@ def test_a_stage_whose_upstream_is_stale_is_refused_and_nothing_is_removed(base_
     assert outputs(out) == before and (out / "config.yaml").read_text() == config
 
 
-def test_outputs_do_not_depend_on_the_shard_size(images, tmp_path):
-    run_local(tmp_path / "s1", images, shard_size=1)
-    run_local(tmp_path / "s4", images, shard_size=4)
+def test_outputs_do_not_depend_on_the_shard_size_the_batch_or_the_threads_ahead(images, tmp_path):
+    """Images decoded and crops cut ahead of the model (issue 45), or not, in any shard size: the same bytes."""
+    run_local(tmp_path / "s1", images, shard_size=1, decode_threads=0)
+    run_local(tmp_path / "s4", images, shard_size=4, batch_size=2, decode_threads=2)
     assert outputs(tmp_path / "s1") == outputs(tmp_path / "s4")
 
 
