@@ -424,6 +424,41 @@ def eval_cmd(
 
 
 @app.command()
+def export(
+    run_dir: str = typer.Argument(..., metavar="RUN", help="run folder (labelled)"),
+    fmt: str = typer.Option(..., "--format", help="coco, voc or yolo-seg"),
+    out: str = typer.Option(..., "--out", help="where the dataset goes: a folder or a bucket prefix"),
+    copy_images: bool = typer.Option(
+        False, "--copy-images", help="copy the images in (coco: images/, voc: JPEGImages/); yolo-seg always does"
+    ),
+    min_confidence: float | None = typer.Option(None, "--min-confidence", help="only images at least this sure"),
+    max_confidence: float | None = typer.Option(
+        None, "--max-confidence", help="only images at most this sure (the doubtful ones, for review)"
+    ),
+    as_json: bool = Json,
+) -> None:
+    """The run's pseudo-labels as a dataset the next tool loads: coco (detectron2, mmdetection, Datumaro, FiftyOne),
+    voc (CVAT's segmentation-mask import, Datumaro, mmsegmentation), yolo-seg (Ultralytics)."""
+    from ..core.store import RunDir
+    from ..formats.exports import export_run
+
+    with one_line_errors(out):
+        run = RunDir(run_dir)
+        if not run.run_record.exists():
+            raise FileNotFoundError(f"{run_dir} is not a run folder (no run.json)")
+        done = export_run(run, fmt, out, copy_images, min_confidence, max_confidence)
+    if as_json:
+        stdout.print_json(json.dumps(done.__dict__))
+    else:
+        stdout.print(
+            f"{done.format}: {done.images} images, {done.annotations} regions, {done.classes} classes in "
+            f"{printable(done.out)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
 def ablate(
     run_dir: str = typer.Argument(..., metavar="RUN", help="run folder (clustered)"),
     gt: Path = typer.Argument(..., help="ground truth: VOC root, COCO mask folder or instances JSON, mask folder"),

@@ -254,3 +254,14 @@ def test_throttling_is_retried_with_backoff_and_changes_nothing(s3, bucket_photo
     masks = {k: v for k, v in s3.objects("runs", "throttled").items() if k.startswith(("masks/", "binary/"))}
     assert len(masks) == 2 * N_PHOTOS
     assert masks == {k: v for k, v in local_files(tiny_run.out).items() if k.startswith(("masks/", "binary/"))}
+
+
+def test_a_bucket_run_exports_to_a_bucket(s3, bucket_run, tiny_run, tmp_path):
+    """`mlcseg export` reads a run in the bucket and writes the dataset there: the same files as a local export of
+    the same run (issue 41)."""
+    res = mlcseg("export", BUCKET_RUN, "--format", "voc", "--out", "s3://runs/exported", "--json", env=s3.env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    local = mlcseg("export", tiny_run.out, "--format", "voc", "--out", tmp_path / "voc", "--json")
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert json.loads(res.stdout)["images"] == json.loads(local.stdout)["images"] == N_PHOTOS
+    assert s3.objects("runs", "exported") == local_files(tmp_path / "voc")

@@ -1,0 +1,218 @@
+"""``mlcseg export RUN --format F --out DIR``: a labelled run as a dataset that the next tool loads (issue 41).
+
+* ``coco``: ``annotations/instances_pseudo.json`` (detectron2's ``register_coco_instances``, mmdetection,
+  Datumaro, FiftyOne), its ``file_name`` relative to ``info.image_root``: the run's image root, or with
+  ``--copy-images`` the ``images/`` folder beside it;
+* ``voc``: ``SegmentationClass/`` (class ids, the VOC palette), ``SegmentationObject/`` (one index per region),
+  ``ImageSets/Segmentation/default.txt`` and ``labelmap.txt`` (what CVAT's "Segmentation mask" import, Datumaro's
+  ``voc_segmentation`` and mmsegmentation read), ``JPEGImages/`` with ``--copy-images``;
+* ``yolo-seg``: Ultralytics' ``images/`` and ``labels/`` (one polygon per region: its parts and holes joined as
+  Ultralytics' own COCO converter joins them) and ``data.yaml``; the images are always copied (Ultralytics finds a
+  label by its image's path).
+
+The run is read shard by shard (the label stage's per-shard COCO fragments and the masks): nothing the size of the
+run is held. ``min_confidence`` / ``max_confidence`` keep the images whose confidence (``status.parquet``) is in
+that range: the sure ones for training, the doubtful ones for review. DIR is a local folder or a bucket prefix; every
+file is written atomically, and every name in it is the image's own id or its path under the image root (checked:
+nothing outside DIR)."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from ..core.storage import Location, as_location, path_under, read_table
+from ..core.store import RunDir, atomic_write_bytes, atomic_write_stream, atomic_write_text
+from .masks import png_bytes, voc_palette
+
+FORMATS = ("coco", "voc", "yolo-seg")
+
+
+@dataclass(frozen=True)
+class Exported:
+    format: str
+    out: str
+    images: int
+    annotations: int
+    classes: int
+
+
+def export_run(
+    run: RunDir,
+    fmt: str,
+    out: str,
+    copy_images: bool = False,
+    min_confidence: float | None = None,
+    max_confidence: float | None = None,
+) -> Exported:
+    """Write ``run``'s pseudo-labels as ``fmt`` into ``out``; returns what was written."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if not run.coco.exists():
+        raise FileNotFoundError(f"{run.root} has no pseudo-labels yet (no pseudo_labels.json): run `mlcseg label`")
+    dest = as_location(out)
+    keep = _confident(run, min_confidence, max_confidence)
+    classes = _classes(run)
+    writer = {"coco": _coco, "voc": _voc, "yolo-seg": _yolo}[fmt]
+    images, annotations = writer(run, dest, keep, classes, copy_images)
+    return Exported(fmt, str(dest), images, annotations, len(classes))
+
+
+# ------------------------------------------------------------------ what is exported
+def _classes(run: RunDir) -> list[dict]:
+    """The run's categories (ids 1..K), read from the COCO file's tail (its last line holds them)."""
+    with run.coco.open("rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - 65536))
+        tail = f.read().decode()
+    return json.loads(tail[tail.rindex('"categories": ') + len('"categories": ') : tail.rindex("}")])
+
+
+def _confident(run: RunDir, low: float | None, high: float | None) -> set[str] | None:
+    """The ids of the images to export (status ok, confidence within [low, high]); None: every labelled one."""
+    if low is None and high is None:
+        return None
+    rows = read_table(run.status, columns=["image_id", "status", "confidence"]).to_pylist()
+    return {
+        r["image_id"]
+        for r in rows
+        if r["status"] == "ok"
+        and r["confidence"] is not None
+        and (low is None or r["confidence"] >= low)
+        and (high is None or r["confidence"] <= high)
+    }
+
+
+def _labelled(run: RunDir, keep: set[str] | None) -> Iterator[tuple[dict, list[dict]]]:
+    """Each exported image's COCO entry (``file_name`` its URI) and its annotations, shard by shard."""
+    for n in run.shards_of(run.coco_parts, "labelled"):  # each with its COCO fragment beside it
+        part = json.loads(run.coco_part(n).read_text())
+        by_image: dict[int, list[dict]] = {}
+        for a in part["annotations"]:
+            by_image.setdefault(a["image_id"], []).append(a)
+        for image in part["images"]:
+            if keep is None or image["mlcseg_image_id"] in keep:
+                yield image, by_image.get(image["id"], [])
+
+
+def _relative_name(root: str | None, image: dict) -> str:
+    """Where an image goes below an export's image folder: its path under the run's image root, else its id with
+    the file's extension (never a path that leaves the folder)."""
+    below = root and path_under(root, image["file_name"])
+    return below or f"{image['mlcseg_image_id']}{posixpath.splitext(image['file_name'])[1].lower() or '.jpg'}"
+
+
+def _copy_image(uri: str, to: Location) -> None:
+    atomic_write_bytes(to, as_location(uri).read_bytes())
+
+
+# ------------------------------------------------------------------ coco
+def _coco(run: RunDir, dest: Location, keep: set[str] | None, classes: list[dict], copy: bool) -> tuple[int, int]:
+    root = run.read_record().get("image_root")
+    info = {
+        "description": "mlcseg_ray pseudo-labels",
+        **_run_info(run),
+        "image_root": "images" if copy else root,
+    }
+    counts = [0, 0]
+
+    def write(f: BinaryIO) -> None:
+        # images straight out, annotations spooled and appended after them (one pass over the fragments)
+        with tempfile.TemporaryFile() as spool:
+            f.write(b'{"info": %s,\n"images": [' % json.dumps(info).encode())
+            for image, annotations in _labelled(run, keep):
+                name = _relative_name(root, image)
+                if copy:
+                    _copy_image(image["file_name"], dest / "images" / name)
+                f.write(b"%s\n%s" % (b"," if counts[0] else b"", json.dumps({**image, "file_name": name}).encode()))
+                counts[0] += 1
+                for a in annotations:
+                    counts[1] += 1
+                    entry = {**a, "id": counts[1]}
+                    spool.write(b"%s\n%s" % (b"," if counts[1] > 1 else b"", json.dumps(entry).encode()))
+            f.write(b'],\n"annotations": [')
+            spool.seek(0)
+            while chunk := spool.read(1 << 20):
+                f.write(chunk)
+            f.write(b'],\n"categories": %s}\n' % json.dumps(classes).encode())
+
+    atomic_write_stream(dest / "annotations" / "instances_pseudo.json", write)
+    return counts[0], counts[1]
+
+
+def _run_info(run: RunDir) -> dict:
+    backbone = run.read_record().get("backbone", {})
+    return {"backbone": backbone.get("backbone"), "random_weights": backbone.get("random_weights")}
+
+
+# ------------------------------------------------------------------ voc
+def _voc(run: RunDir, dest: Location, keep: set[str] | None, classes: list[dict], copy: bool) -> tuple[int, int]:
+    palette = voc_palette()
+    ids, annotations = [], 0
+    for image, anns in _labelled(run, keep):
+        image_id = image["mlcseg_image_id"]
+        atomic_write_bytes(dest / "SegmentationClass" / f"{image_id}.png", run.class_mask(image_id).read_bytes())
+        objects = np.zeros((image["height"], image["width"]), np.uint8)
+        for index, a in enumerate(anns, start=1):  # at most 255 regions: the VOC object PNG is 8-bit
+            objects[mask_utils.decode(a["segmentation"]).astype(bool)] = min(index, 254)
+        atomic_write_bytes(dest / "SegmentationObject" / f"{image_id}.png", png_bytes(objects, palette))
+        if copy:
+            _copy_image(image["file_name"], dest / "JPEGImages" / f"{image_id}.jpg")
+        ids.append(image_id)
+        annotations += len(anns)
+    atomic_write_text(dest / "ImageSets" / "Segmentation" / "default.txt", "".join(f"{i}\n" for i in ids))
+    lines = ["# label:color_rgb:parts:actions", "background:0,0,0::"]
+    for c in classes:
+        r, g, b = palette[3 * c["id"] : 3 * c["id"] + 3]
+        lines.append(f"{c['name']}:{r},{g},{b}::")
+    atomic_write_text(dest / "labelmap.txt", "\n".join(lines) + "\n")
+    return len(ids), annotations
+
+
+# ------------------------------------------------------------------ yolo-seg
+def _yolo(run: RunDir, dest: Location, keep: set[str] | None, classes: list[dict], copy: bool) -> tuple[int, int]:
+    images = annotations = 0
+    root = run.read_record().get("image_root")
+    for image, anns in _labelled(run, keep):
+        name = _relative_name(root, image)
+        _copy_image(image["file_name"], dest / "images" / name)
+        rows = []
+        for a in anns:
+            polygon = region_polygon(mask_utils.decode(a["segmentation"]))
+            if len(polygon) >= 3:
+                xy = (polygon / [image["width"], image["height"]]).clip(0, 1).ravel()
+                rows.append(" ".join([str(a["category_id"] - 1), *(f"{v:.6f}" for v in xy)]))
+        atomic_write_text(dest / "labels" / f"{posixpath.splitext(name)[0]}.txt", "".join(f"{r}\n" for r in rows))
+        images += 1
+        annotations += len(rows)
+    names = "".join(f"  {c['id'] - 1}: {c['name']}\n" for c in classes)
+    atomic_write_text(dest / "data.yaml", f"path: .\ntrain: images\nval: images\nnames:\n{names}")
+    return images, annotations
+
+
+def region_polygon(mask: np.ndarray) -> np.ndarray:
+    """One polygon (N, 2) in pixel coordinates for a region's mask: the outline of each part and of each hole, joined
+    into one ring by going to the next outline at its nearest point and coming back the same way (what Ultralytics'
+    COCO converter does with a region in several pieces), so that an even-odd fill gives the mask back."""
+    import contourpy
+
+    padded = np.pad(mask.astype(np.float32), 1)
+    # each outline (x, y), closed; in pixel-centre coordinates of the unpadded mask
+    outlines = [line - 1 for line in contourpy.contour_generator(z=padded).lines(0.5) if len(line) >= 3]
+    if not outlines:
+        return np.zeros((0, 2))
+    ring = [outlines[0]]
+    for nxt in outlines[1:]:
+        here = np.concatenate(ring)
+        d = ((here[:, None, :] - nxt[None, :, :]) ** 2).sum(-1)
+        i, j = np.unravel_index(np.argmin(d), d.shape)
+        joined = np.concatenate([here[: i + 1], np.roll(nxt, -j, axis=0), nxt[j : j + 1], here[i:]])
+        ring = [joined]
+    return ring[0]

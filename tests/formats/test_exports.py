@@ -1,0 +1,120 @@
+"""``mlcseg export`` (issue 41): the session's tiny run as COCO, VOC and YOLO segmentation datasets, read back with
+pycocotools and PIL and checked against the run's own masks."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from helpers import mlcseg
+from helpers.world import N_PHOTOS
+from mlcseg_ray.formats.exports import region_polygon
+
+pytestmark = pytest.mark.slow  # the session's tiny run
+
+
+def _export(run, fmt, out, *extra) -> dict:
+    res = mlcseg("export", run, "--format", fmt, "--out", out, "--json", *extra)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout)
+
+
+def _class_mask(run, image_id) -> np.ndarray:
+    return np.asarray(Image.open(f"{run}/masks/{image_id}.png"))
+
+
+def test_coco_export_loads_in_pycocotools_and_matches_the_masks(tiny_run, tmp_path):
+    done = _export(tiny_run.out, "coco", tmp_path / "coco", "--copy-images")
+    coco = COCO(str(tmp_path / "coco" / "annotations" / "instances_pseudo.json"))
+    assert done["images"] == len(coco.imgs) == N_PHOTOS and done["annotations"] == len(coco.anns) > 0
+    assert coco.dataset["info"]["image_root"] == "images" and coco.dataset["info"]["random_weights"]
+    for image in coco.imgs.values():
+        assert not image["file_name"].startswith("/") and (tmp_path / "coco" / "images" / image["file_name"]).is_file()
+        classes = _class_mask(tiny_run.out, image["mlcseg_image_id"])
+        for a in coco.imgToAnns[image["id"]]:
+            region = coco.annToMask(a).astype(bool)
+            assert region.any() and (classes[region] == a["category_id"]).all()
+    assert sorted(a["id"] for a in coco.anns.values()) == list(range(1, len(coco.anns) + 1))
+
+
+def test_voc_export_has_the_masks_one_index_per_region_and_a_labelmap(tiny_run, tmp_path):
+    done = _export(tiny_run.out, "voc", tmp_path / "voc")
+    voc = tmp_path / "voc"
+    ids = (voc / "ImageSets" / "Segmentation" / "default.txt").read_text().split()
+    assert len(ids) == done["images"] == N_PHOTOS
+    coco = COCO(f"{tiny_run.out}/pseudo_labels.json")
+    by_id = {im["mlcseg_image_id"]: im for im in coco.imgs.values()}
+    for image_id in ids:
+        assert (voc / "SegmentationClass" / f"{image_id}.png").read_bytes() == (
+            open(f"{tiny_run.out}/masks/{image_id}.png", "rb").read()
+        )
+        objects = np.asarray(Image.open(voc / "SegmentationObject" / f"{image_id}.png"))
+        anns = coco.imgToAnns[by_id[image_id]["id"]]
+        assert objects.max() == len(anns)
+        for index, a in enumerate(anns, start=1):
+            assert ((objects == index) == coco.annToMask(a).astype(bool)).all()
+    labelmap = (voc / "labelmap.txt").read_text().splitlines()
+    assert labelmap[1] == "background:0,0,0::" and len(labelmap) == 2 + done["classes"]
+
+
+def test_yolo_seg_polygons_fill_back_to_their_regions(tiny_run, tmp_path):
+    done = _export(tiny_run.out, "yolo-seg", tmp_path / "yolo")
+    yolo = tmp_path / "yolo"
+    data = yaml.safe_load((yolo / "data.yaml").read_text())
+    assert len(data["names"]) == done["classes"] and data["train"] == "images"
+    coco = COCO(f"{tiny_run.out}/pseudo_labels.json")
+    rows = 0
+    for image in coco.imgs.values():
+        stem = image["file_name"].rsplit(".", 1)[0]
+        assert (yolo / "images" / image["file_name"]).is_file()
+        lines = (yolo / "labels" / f"{stem}.txt").read_text().splitlines()
+        anns = coco.imgToAnns[image["id"]]
+        assert len(lines) == len(anns)
+        for line, a in zip(lines, anns, strict=True):
+            cls, *xy = line.split()
+            assert int(cls) == a["category_id"] - 1
+            points = (np.asarray(xy, float).reshape(-1, 2) * [image["width"], image["height"]]).ravel().tolist()
+            drawn = Image.new("L", (image["width"], image["height"]))
+            ImageDraw.Draw(drawn).polygon(points, fill=1)
+            region = coco.annToMask(a).astype(bool)
+            filled = np.asarray(drawn).astype(bool)
+            assert (region & filled).sum() / (region | filled).sum() >= 0.9
+            rows += 1
+    assert rows == done["annotations"]
+
+
+def test_a_region_in_pieces_with_a_hole_is_one_polygon():
+    mask = np.zeros((60, 80), np.uint8)
+    mask[5:40, 5:40] = 1
+    mask[15:25, 15:25] = 0  # a hole
+    mask[45:55, 50:75] = 1  # a second piece
+    polygon = region_polygon(mask)
+    drawn = Image.new("L", (80, 60))
+    ImageDraw.Draw(drawn).polygon(polygon.ravel().tolist(), fill=1)
+    filled = np.asarray(drawn).astype(bool)
+    iou = (filled & mask.astype(bool)).sum() / (filled | mask.astype(bool)).sum()
+    assert iou >= 0.9 and not filled[20, 20]  # the hole stays a hole
+    assert mask_utils.area(mask_utils.encode(np.asfortranarray(mask))) == mask.sum()
+
+
+def test_a_confidence_range_exports_the_sure_or_the_doubtful_and_bad_input_is_one_line(tiny_run, tmp_path):
+    confidence = {r["image_id"]: r["confidence"] for r in pq.read_table(f"{tiny_run.out}/status.parquet").to_pylist()}
+    middle = float(np.median(list(confidence.values())))
+    sure = _export(tiny_run.out, "coco", tmp_path / "sure", "--min-confidence", middle)
+    doubtful = _export(tiny_run.out, "coco", tmp_path / "doubtful", "--max-confidence", middle)
+    assert sure["images"] == sum(c >= middle for c in confidence.values())
+    assert doubtful["images"] == sum(c <= middle for c in confidence.values())
+    shown = json.loads((tmp_path / "sure" / "annotations" / "instances_pseudo.json").read_text())["images"]
+    assert all(confidence[im["mlcseg_image_id"]] >= middle for im in shown)
+    for args, words in (
+        (["--format", "tiff"], "unknown export format"),
+        (["--format", "coco", "--out", tmp_path / "x"], "not a run folder"),
+    ):
+        run = tmp_path if "not a run folder" in words else tiny_run.out
+        res = mlcseg("export", run, *args, *([] if "--out" in args else ["--out", tmp_path / "y"]))
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and words in res.stderr, res.stderr
