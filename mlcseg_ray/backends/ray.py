@@ -4,11 +4,14 @@ order), and an actor pool (Ray Data) for stages that keep a model between shards
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..core.stage import Resources
 from .ray_runtime import cluster_cpus, cluster_gpus, gcs_address, init_ray, task_gpus, use_gpus
+
+log = logging.getLogger("mlcseg_ray")
 
 # Tasks in flight per CPU: enough to hide a task's start-up, few enough that the results waiting in the driver
 # stay small.
@@ -26,6 +29,8 @@ class RayBackend:
 
     def _init(self) -> None:
         if not self._up:
+            # the seconds before the first task are Ray's: say so, or a small run looks frozen
+            log.info(f"joining the Ray cluster at {self.address}" if self.address else "starting Ray on this machine")
             init_ray(self.address)
             self._up = True
 

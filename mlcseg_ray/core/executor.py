@@ -430,8 +430,11 @@ class Executor:
         fp = self.marker_fps.get(stage.name, fp)
         self._drop_vanished(stage, shards)
         done = {n for n in shards if self._marker_done(stage, ctx, n, fp)}
-        if stage.per_shard_inputs and done and len(done) < len(shards):
-            self.say(f"{stage.name}: {len(shards) - len(done)} of {len(shards)} shards new or changed; the others kept")
+        todo_n, n = len(shards) - len(done), len(shards)
+        if stage.per_shard_inputs and done and todo_n:
+            self.say(f"{stage.name}: {todo_n} of {n} shards new or changed; the others kept")
+        elif done and todo_n:  # a resumed run says what it kept
+            self.say(f"{stage.name}: {len(done)} of {n} shards done before, kept; {todo_n} to do")
         todo = [n for n in shards if n not in done]
         ctx = replace(ctx, pending=tuple(todo))
         if todo:

@@ -6,6 +6,7 @@ Results go to stdout (``out``), logs and progress to stderr (``console``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -26,6 +27,17 @@ def shown(text: object) -> str:
     """Text from the data (a file name, an image id, a path, an error) as it may go into a line of ``console``:
     control characters written as escapes (a name never drives the terminal) and Rich markup escaped."""
     return escape(printable(str(text)))
+
+
+class ConsoleHandler(logging.Handler):
+    """Log records printed by :data:`console`: above a live progress bar on a terminal (a plain stream handler
+    would write through it), as plain lines elsewhere."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:  # a log line must never fail the run
+            self.handleError(record)
 
 
 def progress_interval() -> float:

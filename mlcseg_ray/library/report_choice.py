@@ -38,7 +38,9 @@ def candidates(
         "disagree": sorted(((-float(d), i) for d, i in zip(disagree, ids, strict=True)))[:quota],
         "random": sorted((int(h), i) for h, i in zip(hashes, ids, strict=True))[:quota],
         "flagged": sorted((i, f) for i, f in zip(ids, flags, strict=True) if f)[:quota],
-        "doubtful": sorted((float(c), i) for c, i in zip(confidence or [], ids, strict=False) if c is not None)[:quota],
+        "doubtful": sorted(
+            (float(c), i) for c, i in zip(confidence or [], ids, strict=False) if c is not None and c < DOUBTFUL_BELOW
+        )[:quota],
         "flag_counts": dict(Counter(f for f in flags if f)),
         "share_hist": np.histogram(share, bins=FG_BINS, range=(0, 1))[0].tolist(),
         "images": len(ids),
@@ -63,6 +65,8 @@ def shard_candidates(shard: int, run_root: str, quota: int, wanted: frozenset[st
 
 
 CANDIDATE_LISTS = ("disagree", "random", "flagged", "doubtful")
+# "Least confident" shows only images the run is less than this sure of (a run sure of every image shows none there)
+DOUBTFUL_BELOW = 0.5
 
 
 def bounded(parts: list[dict], keep: int) -> list[dict]:
@@ -122,11 +126,12 @@ def choose_images(parts: list[dict], n: int, metrics: dict | None, masked: Conta
             ch.shard_of.update(dict.fromkeys(listed + p["held"], p["shard"]))
     per_image = (metrics or {}).get("per_image_foreground_iou") or {}
     disagree = sorted(x for p in parts for x in p["disagree"])  # (-share, id): the most disagreeing first
+    doubtful = sorted(x for p in parts for x in p["doubtful"])  # (confidence, id): the least sure first
     sources = [
         ("Worst by foreground IoU", [(i, f"foreground IoU {s:.2f}") for i, s in per_image.get("worst", [])], 5),
         ("Best by foreground IoU", [(i, f"foreground IoU {s:.2f}") for i, s in per_image.get("best", [])], 6),
         ("Flagged", [(i, f"flag: {f}") for i, f in sorted(x for p in parts for x in p["flagged"])], 6),
-        ("Least confident", [(i, "least confident") for _, i in sorted(x for p in parts for x in p["doubtful"])], 6),
+        ("Least confident", [(i, f"confidence {c:.2f}") for c, i in doubtful], 6),
         ("Levels disagree most", [(i, f"levels disagree on {-d:.0%} of patches") for d, i in disagree], 6),
         ("At random", [(i, "at random") for _, i in sorted(x for p in parts for x in p["random"])], 1),
     ]

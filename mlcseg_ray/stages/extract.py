@@ -7,8 +7,6 @@ the images and runs them through the model (:mod:`mlcseg_ray.library.extraction`
 
 from __future__ import annotations
 
-import logging
-
 from ..core.fingerprint import digest, weights_identity
 from ..core.stage import MapFn, Resources, Stage, StageContext
 from ..core.storage import read_table
@@ -19,9 +17,8 @@ from ..formats.feature_store import (
     store_metadata,
 )
 from ..library.extraction import extract_shard
-from ..models.backbones import ForwardClock, feature_extractor, locate_weights, untrained_warning
+from ..models.backbones import ForwardClock, feature_extractor, locate_weights
 
-log = logging.getLogger("mlcseg_ray")
 # what identifies an image's file: a change in any of these redoes its shard
 IDENTITY = ("image_id", "uri", "bytes", "mtime_ns", "content_hash", "status", "error")
 
@@ -79,8 +76,5 @@ class ExtractStage(Stage):
         shards = ctx.run.shards_of(ctx.run.features)
         if shards:
             meta = read_store_metadata(ctx.run.feature_shard(shards[0]))
-            ctx.run.update_record(backbone=meta)
-            warning = untrained_warning(meta)
-            if warning:
-                log.warning(warning)
+            ctx.run.update_record(backbone=meta)  # the end of the command says what it means (once: pipeline.py)
         return {"output": str(ctx.run.features)}

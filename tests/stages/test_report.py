@@ -179,6 +179,29 @@ def test_images_chosen_do_not_depend_on_the_sharding():
     assert "im005" not in {i for g in c.groups.values() for i in g}
 
 
+def test_least_confident_lists_only_images_the_run_is_unsure_of():
+    """A run sure of every image shows none under "Least confident" (issue 41: a demo run listed all four of its
+    images there at confidence 0.98); a doubtful image is shown with its confidence."""
+    rows = _rows(8)
+
+    def choice(confidence):
+        part = candidates(
+            [r[0] for r in rows],
+            [None] * len(rows),
+            [r[2] for r in rows],
+            [[r[3][lv] for r in rows] for lv in range(3)],
+            quota=24,
+            confidence=confidence,
+        )
+        return choose_images([part], 24, None, {r[0] for r in rows})
+
+    sure = choice([0.98] * len(rows))
+    assert "Least confident" not in sure.groups and sum(len(g) for g in sure.groups.values()) == len(rows)
+    unsure = choice([0.98] * 5 + [0.3, 0.1, 0.49])
+    assert unsure.groups["Least confident"] == ["im006", "im005", "im007"]
+    assert unsure.why["im006"] == "confidence 0.10"
+
+
 def test_candidates_bounded_as_they_come_choose_the_same_images():
     """The report gathers shards' candidates a chunk at a time and keeps only what a choice can use: with every
     image its own shard, the driver ends with a few hundred candidates of 2,000 images, and the same choice."""
