@@ -8,7 +8,11 @@
   ``voc_segmentation`` and mmsegmentation read), ``JPEGImages/`` with ``--copy-images``;
 * ``yolo-seg``: Ultralytics' ``images/`` and ``labels/`` (one polygon per region: its parts and holes joined as
   Ultralytics' own COCO converter joins them) and ``data.yaml``; the images are always copied (Ultralytics finds a
-  label by its image's path).
+  label by its image's path);
+* ``hf``: Parquet for the Hugging Face Hub: ``data/`` one row per image (``image`` and ``mask`` in ``datasets``'
+  ``Image`` layout, a struct of ``bytes`` and ``path``), ``regions/`` one row per region, and a dataset card
+  (``README.md``) with the backbone, the config, and the random-weights warning where it applies;
+  ``datasets.load_dataset("parquet", data_files=...)`` or ``load_dataset(DIR)`` reads it.
 
 The run is read shard by shard (the label stage's per-shard COCO fragments and the masks): nothing the size of the
 run is held. ``min_confidence`` / ``max_confidence`` keep the images whose confidence (``status.parquet``) is in
@@ -26,13 +30,15 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
+import pyarrow as pa
 from pycocotools import mask as mask_utils
 
 from ..core.storage import Location, as_location, path_under, read_table
-from ..core.store import RunDir, atomic_write_bytes, atomic_write_stream, atomic_write_text
-from .masks import png_bytes, voc_palette
+from ..core.store import RunDir, atomic_write_bytes, atomic_write_stream, atomic_write_table, atomic_write_text
+from ..formats.masks import png_bytes, voc_palette
+from ..models.backbones import untrained_warning
 
-FORMATS = ("coco", "voc", "yolo-seg")
+FORMATS = ("coco", "voc", "yolo-seg", "hf")
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ def export_run(
     dest = as_location(out)
     keep = _confident(run, min_confidence, max_confidence)
     classes = _classes(run)
-    writer = {"coco": _coco, "voc": _voc, "yolo-seg": _yolo}[fmt]
+    writer = {"coco": _coco, "voc": _voc, "yolo-seg": _yolo, "hf": _hf}[fmt]
     images, annotations = writer(run, dest, keep, classes, copy_images)
     return Exported(fmt, str(dest), images, annotations, len(classes))
 
@@ -92,14 +98,25 @@ def _confident(run: RunDir, low: float | None, high: float | None) -> set[str] |
 
 def _labelled(run: RunDir, keep: set[str] | None) -> Iterator[tuple[dict, list[dict]]]:
     """Each exported image's COCO entry (``file_name`` its URI) and its annotations, shard by shard."""
+    for _, labelled in _shards(run, keep):
+        yield from labelled
+
+
+def _shards(run: RunDir, keep: set[str] | None) -> Iterator[tuple[int, list[tuple[dict, list[dict]]]]]:
+    """Each run shard's number and its exported images (COCO entry and annotations): one shard in memory."""
     for n in run.shards_of(run.coco_parts, "labelled"):  # each with its COCO fragment beside it
         part = json.loads(run.coco_part(n).read_text())
         by_image: dict[int, list[dict]] = {}
         for a in part["annotations"]:
             by_image.setdefault(a["image_id"], []).append(a)
-        for image in part["images"]:
-            if keep is None or image["mlcseg_image_id"] in keep:
-                yield image, by_image.get(image["id"], [])
+        yield (
+            n,
+            [
+                (image, by_image.get(image["id"], []))
+                for image in part["images"]
+                if keep is None or image["mlcseg_image_id"] in keep
+            ],
+        )
 
 
 def _relative_name(root: str | None, image: dict) -> str:
@@ -216,3 +233,106 @@ def region_polygon(mask: np.ndarray) -> np.ndarray:
         joined = np.concatenate([here[: i + 1], np.roll(nxt, -j, axis=0), nxt[j : j + 1], here[i:]])
         ring = [joined]
     return ring[0]
+
+
+# ------------------------------------------------------------------ hf
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets' Image feature, as Parquet holds it
+HF_IMAGES = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("image", HF_IMAGE),
+        ("mask", HF_IMAGE),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("confidence", pa.float32()),
+    ]
+)
+HF_REGIONS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("region", pa.int32()),
+        ("class_id", pa.int32()),
+        ("class_name", pa.string()),
+        ("bbox", pa.list_(pa.float32(), 4)),
+        ("area", pa.int64()),
+        ("score", pa.float32()),
+        ("class_score", pa.float32()),
+    ]
+)
+
+
+def _hf_features(schema: pa.Schema) -> bytes:
+    """The schema metadata by which ``datasets`` reads the image columns as images (its ``Features``)."""
+    value = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.float32(): "float32"}
+    features = {}
+    for field in schema:
+        if field.type == HF_IMAGE:
+            features[field.name] = {"_type": "Image"}
+        elif pa.types.is_fixed_size_list(field.type):
+            features[field.name] = {"_type": "List", "feature": {"dtype": "float32", "_type": "Value"}, "length": 4}
+        else:
+            features[field.name] = {"dtype": value[field.type], "_type": "Value"}
+    return json.dumps({"info": {"features": features}}).encode()
+
+
+def _hf(run: RunDir, dest: Location, keep: set[str] | None, classes: list[dict], copy: bool) -> tuple[int, int]:
+    names = {c["id"]: c["name"] for c in classes}
+    status = read_table(run.status, columns=["image_id", "confidence"]).to_pylist()
+    confidence = {r["image_id"]: r["confidence"] for r in status}
+    images_schema = HF_IMAGES.with_metadata({b"huggingface": _hf_features(HF_IMAGES)})
+    regions_schema = HF_REGIONS.with_metadata({b"huggingface": _hf_features(HF_REGIONS)})
+    images = regions = 0
+    for n, labelled in _shards(run, keep):  # one Parquet file of images and one of their regions a run shard
+        image_rows, region_rows = [], []
+        for image, anns in labelled:
+            image_id, uri = image["mlcseg_image_id"], image["file_name"]
+            image_rows.append(
+                {
+                    "image_id": image_id,
+                    "image": {"bytes": as_location(uri).read_bytes(), "path": posixpath.basename(uri)},
+                    "mask": {"bytes": run.class_mask(image_id).read_bytes(), "path": f"{image_id}.png"},
+                    "width": image["width"],
+                    "height": image["height"],
+                    "confidence": confidence.get(image_id),
+                }
+            )
+            region_rows += [
+                {
+                    "image_id": image_id,
+                    "region": a.get("region"),
+                    "class_id": a["category_id"],
+                    "class_name": names.get(a["category_id"]),
+                    "bbox": a["bbox"],
+                    "area": a["area"],
+                    "score": a.get("score"),
+                    "class_score": a.get("class_score"),
+                }
+                for a in anns
+            ]
+        if image_rows:
+            name = f"part-{n:05d}.parquet"
+            atomic_write_table(dest / "data" / name, pa.Table.from_pylist(image_rows, schema=images_schema))
+            atomic_write_table(dest / "regions" / name, pa.Table.from_pylist(region_rows, schema=regions_schema))
+        images, regions = images + len(image_rows), regions + len(region_rows)
+    atomic_write_text(dest / "README.md", _dataset_card(run, images, regions, classes))
+    return images, regions
+
+
+def _dataset_card(run: RunDir, images: int, regions: int, classes: list[dict]) -> str:
+    rec = run.read_record()
+    backbone = rec.get("backbone", {})
+    warning = untrained_warning(backbone)
+    config = run.config.read_text() if run.config.exists() else ""
+    header = (
+        "---\nconfigs:\n- config_name: default\n  data_files: data/*.parquet\n"
+        "- config_name: regions\n  data_files: regions/*.parquet\ntags:\n- image-segmentation\n- pseudo-labels\n---\n"
+    )
+    return (
+        f"{header}\n# Pseudo-labels from mlcseg_ray\n\n"
+        + (f"**{warning}**\n\n" if warning else "")
+        + f"{images} images, {regions} regions, {len(classes)} classes (unsupervised clusters: "
+        "`cluster_1` ... are ids, not names). `data/`: each image with its class mask (0 background, class c is "
+        "pixel value c) and its confidence; `regions/`: each region's class, box (x, y, w, h), area and scores.\n\n"
+        f"Backbone: `{backbone.get('backbone')}` ({backbone.get('weights')}).\n\n"
+        f"The run's configuration:\n\n```yaml\n{config}```\n"
+    )

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 
 from helpers import mlcseg
 from helpers.world import N_PHOTOS
-from mlcseg_ray.formats.exports import region_polygon
+from mlcseg_ray.library.exports import region_polygon
 
 pytestmark = pytest.mark.slow  # the session's tiny run
 
@@ -118,3 +118,24 @@ def test_a_confidence_range_exports_the_sure_or_the_doubtful_and_bad_input_is_on
         run = tmp_path if "not a run folder" in words else tiny_run.out
         res = mlcseg("export", run, *args, *([] if "--out" in args else ["--out", tmp_path / "y"]))
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and words in res.stderr, res.stderr
+
+
+def test_hf_export_loads_with_datasets_and_its_masks_are_the_runs(tiny_run, tmp_path):
+    import datasets
+
+    done = _export(tiny_run.out, "hf", tmp_path / "hf")
+    hf = tmp_path / "hf"
+    cache = str(tmp_path / "cache")
+    images = datasets.load_dataset("parquet", data_files=str(hf / "data" / "*.parquet"), split="train", cache_dir=cache)
+    assert len(images) == done["images"] == N_PHOTOS
+    assert isinstance(images.features["image"], datasets.Image) and isinstance(images.features["mask"], datasets.Image)
+    for row in images:
+        assert (np.asarray(row["mask"]) == _class_mask(tiny_run.out, row["image_id"])).all()
+        assert row["image"].size == (row["width"], row["height"]) and 0 <= row["confidence"] <= 1
+    regions = datasets.load_dataset(
+        "parquet", data_files=str(hf / "regions" / "*.parquet"), split="train", cache_dir=cache
+    )
+    assert len(regions) == done["annotations"] and set(regions["image_id"]) <= set(images["image_id"])
+    assert all(len(b) == 4 for b in regions["bbox"]) and set(regions["class_id"]) <= set(range(1, done["classes"] + 1))
+    card = (hf / "README.md").read_text()
+    assert card.startswith("---\nconfigs:") and "RANDOM WEIGHTS" in card and "backbone: random-vit-tiny" in card
