@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -36,7 +37,7 @@ from .inputs import RunInputs
 from .integrity import declared_outputs, stage_damage
 from .progress import progress_bar
 from .stage import MapFn, Stage, StageContext
-from .storage import confined_to, iter_batches, read_table, walk_files
+from .storage import confined_to, is_remote, iter_batches, read_table, walk_files
 from .store import (
     STATUS_SCHEMA,
     RunDir,
@@ -350,7 +351,12 @@ class Executor:
             and self._all_marked(stage, ctx, self.marker_fps.get(name, fp))
         ):
             self.say(f"{name}: up to date, skipped")
-            self._summarise(name, self.run.read_record().get("stages", {}).get(name, {}), 0.0, skipped=True)
+            done = self.run.read_record().get("stages", {}).get(name, {})
+            # where its output is now: the folder may have been copied or moved since (the record says it relative)
+            output = done.get("output", "")
+            if output and not (is_remote(output) or os.path.isabs(output)):
+                output = str(self.run.root / output)
+            self._summarise(name, {**done, "output": output}, 0.0, skipped=True)
             return
         if not stage.source and not stage.always_run:
             self.worked = True
@@ -389,7 +395,9 @@ class Executor:
             self.run.stage_record(name),
             {"fingerprint": fp, **marker_fp, "basis": basis, "complete": True, "outputs": outputs},
         )
-        self.run.update_record(stages={name: {"fingerprint": fp, "seconds": round(seconds, 3), **result}})
+        output = result.get("output")
+        recorded = {**result, "output": self.run.relative(output)} if output and self.run.inside(output) else result
+        self.run.update_record(stages={name: {"fingerprint": fp, "seconds": round(seconds, 3), **recorded}})
         self.status_stale = True
         self._summarise(name, result, seconds)
 

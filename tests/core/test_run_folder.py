@@ -145,6 +145,17 @@ def test_a_stage_whose_upstream_is_stale_is_refused_and_nothing_is_removed(base_
     assert outputs(out) == before and (out / "config.yaml").read_text() == config
 
 
+def test_a_copied_run_folder_reports_its_own_outputs(base_run, images, tmp_path):
+    """A rerun of a run folder copied elsewhere says where its outputs are now, not where they were made."""
+    out = shutil.copytree(base_run, tmp_path / "moved")
+    cfg = Config(**TINY)
+    summary = Pipeline(out, cfg, images=str(images), backend="local").run(print_summary=False)
+    skipped = [r for r in summary if r["skipped"]]
+    assert skipped and all(r["output"].startswith(f"{out}/") for r in skipped), summary
+    recorded = json.loads((out / "run.json").read_text())["stages"]
+    assert all(not s["output"].startswith("/") for s in recorded.values() if s.get("output")), recorded
+
+
 def test_outputs_do_not_depend_on_the_shard_size_the_batch_or_the_threads_ahead(images, tmp_path):
     """Images decoded and crops cut ahead of the model (issue 45), or not, in any shard size: the same bytes."""
     run_local(tmp_path / "s1", images, shard_size=1, decode_threads=0)
