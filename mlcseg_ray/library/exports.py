@@ -15,10 +15,10 @@
   ``datasets.load_dataset("parquet", data_files=...)`` or ``load_dataset(DIR)`` reads it.
 
 The run is read shard by shard (the label stage's per-shard COCO fragments and the masks): nothing the size of the
-run is held. ``min_confidence`` / ``max_confidence`` keep the images whose confidence (``status.parquet``) is in
-that range: the sure ones for training, the doubtful ones for review. DIR is a local folder or a bucket prefix; every
-file is written atomically, and every name in it is the image's own id or its path under the image root (checked:
-nothing outside DIR)."""
+run is held. ``min_confidence`` / ``max_confidence`` keep the images whose confidence (``status.parquet``, read a
+shard's images at a time) is in that range: the sure ones for training, the doubtful ones for review. DIR is a
+local folder or a bucket prefix; every file is written atomically, and every name in it is the image's own id or
+its path under the image root (checked: nothing outside DIR)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def export_run(
     if not run.coco.exists():
         raise FileNotFoundError(f"{run.root} has no pseudo-labels yet (no pseudo_labels.json): run `mlcseg label`")
     dest = as_location(out)
-    keep = _confident(run, min_confidence, max_confidence)
+    keep = (min_confidence, max_confidence)
     classes = _classes(run)
     writer = {"coco": _coco, "voc": _voc, "yolo-seg": _yolo, "hf": _hf}[fmt]
     images, annotations = writer(run, dest, keep, classes, copy_images)
@@ -73,19 +73,34 @@ def export_run(
 
 # ------------------------------------------------------------------ what is exported
 def _classes(run: RunDir) -> list[dict]:
-    """The run's categories (ids 1..K), read from the COCO file's tail (its last line holds them)."""
+    """The run's categories (ids 1..K), read from the COCO file's tail (its last line holds them; a longer tail is
+    read where they do not fit in the first)."""
+    marker, tail_size = '"categories": ', 65536
     with run.coco.open("rb") as f:
-        f.seek(0, 2)
-        f.seek(max(0, f.tell() - 65536))
-        tail = f.read().decode()
-    return json.loads(tail[tail.rindex('"categories": ') + len('"categories": ') : tail.rindex("}")])
+        size = f.seek(0, 2)
+        while True:
+            f.seek(max(0, size - tail_size))
+            tail = f.read().decode("utf-8", errors="replace")
+            if marker in tail or tail_size >= size:
+                break
+            tail_size *= 4
+    return json.loads(tail[tail.rindex(marker) + len(marker) : tail.rindex("}")])
 
 
-def _confident(run: RunDir, low: float | None, high: float | None) -> set[str] | None:
-    """The ids of the images to export (status ok, confidence within [low, high]); None: every labelled one."""
+Bounds = tuple[float | None, float | None]  # --min-confidence, --max-confidence
+
+
+def _confident(run: RunDir, ids: list[str], bounds: Bounds) -> set[str] | None:
+    """Which of ``ids`` (one shard's images) to export: status ok and confidence within the bounds
+    (``status.parquet``, read for these ids alone: its row groups are by image id); None: all of them."""
+    low, high = bounds
     if low is None and high is None:
         return None
-    rows = read_table(run.status, columns=["image_id", "status", "confidence"]).to_pylist()
+    if not ids:
+        return set()
+    rows = read_table(
+        run.status, columns=["image_id", "status", "confidence"], filters=[("image_id", "in", ids)]
+    ).to_pylist()
     return {
         r["image_id"]
         for r in rows
@@ -96,16 +111,17 @@ def _confident(run: RunDir, low: float | None, high: float | None) -> set[str] |
     }
 
 
-def _labelled(run: RunDir, keep: set[str] | None) -> Iterator[tuple[dict, list[dict]]]:
+def _labelled(run: RunDir, keep: Bounds) -> Iterator[tuple[dict, list[dict]]]:
     """Each exported image's COCO entry (``file_name`` its URI) and its annotations, shard by shard."""
     for _, labelled in _shards(run, keep):
         yield from labelled
 
 
-def _shards(run: RunDir, keep: set[str] | None) -> Iterator[tuple[int, list[tuple[dict, list[dict]]]]]:
+def _shards(run: RunDir, bounds: Bounds) -> Iterator[tuple[int, list[tuple[dict, list[dict]]]]]:
     """Each run shard's number and its exported images (COCO entry and annotations): one shard in memory."""
     for n in run.shards_of(run.coco_parts, "labelled"):  # each with its COCO fragment beside it
         part = json.loads(run.coco_part(n).read_text())
+        keep = _confident(run, [image["mlcseg_image_id"] for image in part["images"]], bounds)
         by_image: dict[int, list[dict]] = {}
         for a in part["annotations"]:
             by_image.setdefault(a["image_id"], []).append(a)
@@ -131,7 +147,7 @@ def _copy_image(uri: str, to: Location) -> None:
 
 
 # ------------------------------------------------------------------ coco
-def _coco(run: RunDir, dest: Location, keep: set[str] | None, classes: list[dict], copy: bool) -> tuple[int, int]:
+def _coco(run: RunDir, dest: Location, keep: Bounds, classes: list[dict], copy: bool) -> tuple[int, int]:
     root = run.read_record().get("image_root")
     info = {
         "description": "mlcseg_ray pseudo-labels",
@@ -170,7 +186,7 @@ def _run_info(run: RunDir) -> dict:
 
 
 # ------------------------------------------------------------------ voc
-def _voc(run: RunDir, dest: Location, keep: set[str] | None, classes: list[dict], copy: bool) -> tuple[int, int]:
+def _voc(run: RunDir, dest: Location, keep: Bounds, classes: list[dict], copy: bool) -> tuple[int, int]:
     palette = voc_palette()
     ids, annotations = [], 0
     for image, anns in _labelled(run, keep):
@@ -194,7 +210,7 @@ def _voc(run: RunDir, dest: Location, keep: set[str] | None, classes: list[dict]
 
 
 # ------------------------------------------------------------------ yolo-seg
-def _yolo(run: RunDir, dest: Location, keep: set[str] | None, classes: list[dict], copy: bool) -> tuple[int, int]:
+def _yolo(run: RunDir, dest: Location, keep: Bounds, classes: list[dict], copy: bool) -> tuple[int, int]:
     images = annotations = 0
     root = run.read_record().get("image_root")
     for image, anns in _labelled(run, keep):
@@ -275,15 +291,18 @@ def _hf_features(schema: pa.Schema) -> bytes:
     return json.dumps({"info": {"features": features}}).encode()
 
 
-def _hf(run: RunDir, dest: Location, keep: set[str] | None, classes: list[dict], copy: bool) -> tuple[int, int]:
+def _hf(run: RunDir, dest: Location, keep: Bounds, classes: list[dict], copy: bool) -> tuple[int, int]:
     names = {c["id"]: c["name"] for c in classes}
-    status = read_table(run.status, columns=["image_id", "confidence"]).to_pylist()
-    confidence = {r["image_id"]: r["confidence"] for r in status}
     images_schema = HF_IMAGES.with_metadata({b"huggingface": _hf_features(HF_IMAGES)})
     regions_schema = HF_REGIONS.with_metadata({b"huggingface": _hf_features(HF_REGIONS)})
     images = regions = 0
     for n, labelled in _shards(run, keep):  # one Parquet file of images and one of their regions a run shard
+        if not labelled:
+            continue
         image_rows, region_rows = [], []
+        ids = [image["mlcseg_image_id"] for image, _ in labelled]
+        status = read_table(run.status, columns=["image_id", "confidence"], filters=[("image_id", "in", ids)])
+        confidence = dict(zip(*(status.column(c).to_pylist() for c in ("image_id", "confidence")), strict=True))
         for image, anns in labelled:
             image_id, uri = image["mlcseg_image_id"], image["file_name"]
             image_rows.append(
@@ -309,7 +328,7 @@ def _hf(run: RunDir, dest: Location, keep: set[str] | None, classes: list[dict],
                 }
                 for a in anns
             ]
-        if image_rows:
+        if image_rows:  # always, here: a shard's file holds its images
             name = f"part-{n:05d}.parquet"
             atomic_write_table(dest / "data" / name, pa.Table.from_pylist(image_rows, schema=images_schema))
             atomic_write_table(dest / "regions" / name, pa.Table.from_pylist(region_rows, schema=regions_schema))

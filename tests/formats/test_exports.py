@@ -139,3 +139,14 @@ def test_hf_export_loads_with_datasets_and_its_masks_are_the_runs(tiny_run, tmp_
     assert all(len(b) == 4 for b in regions["bbox"]) and set(regions["class_id"]) <= set(range(1, done["classes"] + 1))
     card = (hf / "README.md").read_text()
     assert card.startswith("---\nconfigs:") and "RANDOM WEIGHTS" in card and "backbone: random-vit-tiny" in card
+
+
+def test_the_classes_are_read_from_the_coco_files_tail_however_many(tmp_path):
+    from mlcseg_ray.core.store import RunDir
+    from mlcseg_ray.library.exports import _classes
+
+    run = RunDir(tmp_path)
+    categories = [{"id": c, "name": f"cluster_{c}", "supercategory": "object"} for c in range(1, 5001)]
+    head = '{"info": {},\n"images": [],\n"annotations": [],\n"categories": '
+    run.coco.write_text(f"{head}{json.dumps(categories)}}}\n")  # as the label stage writes it
+    assert len(json.dumps(categories)) > 4 * 65536 and _classes(run) == categories
