@@ -10,6 +10,7 @@ import pytest
 # Ray would otherwise swap 127.0.0.1 for this machine's interface address; tests stay on loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a model hub
+os.environ.setdefault("YOLO_OFFLINE", "1")  # nor does Ultralytics (the yolo-seg export is read with its loader)
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 

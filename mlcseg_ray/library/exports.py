@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
-from ..core.storage import Location, as_location, path_under, read_table
+from ..core.storage import Location, as_location, is_local, path_under, read_table
 from ..core.store import RunDir, atomic_write_bytes, atomic_write_stream, atomic_write_table, atomic_write_text
 from ..formats.masks import png_bytes, voc_palette
 from ..models.backbones import untrained_warning
@@ -226,7 +226,10 @@ def _yolo(run: RunDir, dest: Location, keep: Bounds, classes: list[dict], copy: 
         images += 1
         annotations += len(rows)
     names = "".join(f"  {c['id'] - 1}: {c['name']}\n" for c in classes)
-    atomic_write_text(dest / "data.yaml", f"path: .\ntrain: images\nval: images\nnames:\n{names}")
+    # Ultralytics resolves a relative `path` against the working directory (or its own datasets folder), so the
+    # dataset's folder is written out in full: the file then works from anywhere, and says where the dataset was made
+    root = dest.absolute() if is_local(dest) else dest
+    atomic_write_text(dest / "data.yaml", f"path: {json.dumps(str(root))}\ntrain: images\nval: images\nnames:\n{names}")
     return images, annotations
 
 
