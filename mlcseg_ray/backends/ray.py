@@ -16,6 +16,11 @@ log = logging.getLogger("mlcseg_ray")
 # Tasks in flight per CPU: enough to hide a task's start-up, few enough that the results waiting in the driver
 # stay small.
 IN_FLIGHT_PER_CPU = 2
+# glibc gives each thread that allocates its own malloc arena (up to 8 a core), and an arena keeps the memory it once
+# held: an actor's decode threads (issue 45) took its peak RSS to 1.3-1.4x of decoding in one thread; with two arenas
+# 1.01x, and the model busier (bench/accelerator_feed.py; BENCHMARKS.md). Set in the actor's environment, as glibc
+# reads it when the process starts (mallopt from inside the running actor changed nothing, measured).
+ACTOR_ENV = {"MALLOC_ARENA_MAX": "2"}
 # A task that died with its worker (a lost node, an OOM kill) is run again this many times before the stage fails.
 TASK_RETRIES = 3
 
@@ -84,6 +89,7 @@ class RayBackend:
             compute=ActorPoolStrategy(size=n_actors),
             num_gpus=1 if gpu else 0,
             num_cpus=1 if gpu else resources.cpus,
+            runtime_env={"env_vars": ACTOR_ENV},
         )
         for _ in ds.iter_batches(batch_size=1, batch_format="numpy"):
             if on_done:
