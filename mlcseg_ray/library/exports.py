@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import json
 import posixpath
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +35,7 @@ from ..core.storage import Location, as_location, is_local, path_under, read_tab
 from ..core.store import RunDir, atomic_write_bytes, atomic_write_stream, atomic_write_table, atomic_write_text
 from ..formats.masks import png_bytes, voc_palette
 from ..models.backbones import untrained_warning
+from .labelling import coco_info, write_coco
 
 FORMATS = ("coco", "voc", "yolo-seg", "hf")
 
@@ -149,40 +148,20 @@ def _copy_image(uri: str, to: Location) -> None:
 # ------------------------------------------------------------------ coco
 def _coco(run: RunDir, dest: Location, keep: Bounds, classes: list[dict], copy: bool) -> tuple[int, int]:
     root = run.read_record().get("image_root")
-    info = {
-        "description": "mlcseg_ray pseudo-labels",
-        **_run_info(run),
-        "image_root": "images" if copy else root,
-    }
-    counts = [0, 0]
+    info = coco_info(run, "images" if copy else root)
 
-    def write(f: BinaryIO) -> None:
-        # images straight out, annotations spooled and appended after them (one pass over the fragments)
-        with tempfile.TemporaryFile() as spool:
-            f.write(b'{"info": %s,\n"images": [' % json.dumps(info).encode())
-            for image, annotations in _labelled(run, keep):
-                name = _relative_name(root, image)
-                if copy:
-                    _copy_image(image["file_name"], dest / "images" / name)
-                f.write(b"%s\n%s" % (b"," if counts[0] else b"", json.dumps({**image, "file_name": name}).encode()))
-                counts[0] += 1
-                for a in annotations:
-                    counts[1] += 1
-                    entry = {**a, "id": counts[1]}
-                    spool.write(b"%s\n%s" % (b"," if counts[1] > 1 else b"", json.dumps(entry).encode()))
-            f.write(b'],\n"annotations": [')
-            spool.seek(0)
-            while chunk := spool.read(1 << 20):
-                f.write(chunk)
-            f.write(b'],\n"categories": %s}\n' % json.dumps(classes).encode())
+    def chunks() -> Iterator[tuple[list[dict], list[dict]]]:
+        for image, anns in _labelled(run, keep):
+            name = _relative_name(root, image)
+            if copy:
+                _copy_image(image["file_name"], dest / "images" / name)
+            yield [{**image, "file_name": name}], anns
 
-    atomic_write_stream(dest / "annotations" / "instances_pseudo.json", write)
+    counts = []
+    atomic_write_stream(
+        dest / "annotations" / "instances_pseudo.json", lambda f: counts.extend(write_coco(f, info, chunks(), classes))
+    )
     return counts[0], counts[1]
-
-
-def _run_info(run: RunDir) -> dict:
-    backbone = run.read_record().get("backbone", {})
-    return {"backbone": backbone.get("backbone"), "random_weights": backbone.get("random_weights")}
 
 
 # ------------------------------------------------------------------ voc

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -149,18 +150,48 @@ def coco_image_ids(run: RunDir, shard: int) -> dict[str, int]:
     return {i: int(np.searchsorted(ids, i)) + 1 for i in mine}
 
 
+def coco_info(run: RunDir, image_root: str | None) -> dict:
+    """The ``info`` of a COCO file of ``run``'s pseudo-labels, its ``file_name``s below ``image_root``."""
+    backbone = run.read_record().get("backbone", {})
+    return {
+        "description": "mlcseg_ray pseudo-labels",
+        "backbone": backbone.get("backbone"),
+        "random_weights": backbone.get("random_weights"),
+        "image_root": image_root,  # file_names are below it, as COCO readers expect (detectron2's image_root)
+    }
+
+
+def write_coco(
+    f: BinaryIO, info: dict, chunks: Iterable[tuple[list[dict], list[dict]]], categories: list[dict]
+) -> tuple[int, int]:
+    """A COCO instances file streamed into ``f`` from ``(images, annotations)`` chunks, one read of each: the images
+    go straight out, the annotations (numbered 1.. in order) to a spool appended after them. Returns the numbers of
+    images and annotations."""
+    images = annotations = 0
+    with tempfile.TemporaryFile() as spool:
+        f.write(b'{"info": %s,\n"images": [' % json.dumps(info).encode())
+        for chunk_images, chunk_annotations in chunks:
+            for image in chunk_images:
+                f.write(b"%s\n%s" % (b"," if images else b"", json.dumps(image).encode()))
+                images += 1
+            for a in chunk_annotations:
+                annotations += 1
+                spool.write(
+                    b"%s\n%s" % (b"," if annotations > 1 else b"", json.dumps({**a, "id": annotations}).encode())
+                )
+        f.write(b'],\n"annotations": [')
+        spool.seek(0)
+        shutil.copyfileobj(spool, f)
+        f.write(b'],\n"categories": %s}\n' % json.dumps(categories).encode())
+    return images, annotations
+
+
 def merge_outputs(run: RunDir, shards: list[int], k: int) -> None:
     """Per-shard fragments -> one COCO JSON and one regions table, each streamed part by part into its file (atomic
     writes): the driver holds one shard's fragment at a time, whatever the number of images. The COCO file's images
     come shard by shard (by id within a shard), its annotations numbered 1.. in shard order."""
-    rec = run.read_record()
-    root = rec.get("image_root")
-    info = {
-        "description": "mlcseg_ray pseudo-labels",
-        "backbone": rec.get("backbone", {}).get("backbone"),
-        "random_weights": rec.get("backbone", {}).get("random_weights"),
-        "image_root": root,  # file_names are below it, as COCO readers expect (detectron2's image_root)
-    }
+    root = run.read_record().get("image_root")
+    info = coco_info(run, root)
 
     def named(image: dict) -> dict:
         # a fragment names its image by its URI; an image outside the root (a run without one) keeps it
@@ -168,25 +199,13 @@ def merge_outputs(run: RunDir, shards: list[int], k: int) -> None:
 
     categories = [{"id": c, "name": f"cluster_{c}", "supercategory": "object"} for c in range(1, k + 1)]
 
-    def write_coco(f: BinaryIO) -> None:
-        # one read of each fragment: its images go straight out, its annotations to a spool appended after them
-        with tempfile.TemporaryFile() as spool:
-            f.write(b'{"info": %s,\n"images": [' % json.dumps(info).encode())
-            images = annotations = 0
-            for n in shards:
-                part = json.loads(run.coco_part(n).read_text())
-                for image in part["images"]:
-                    f.write(b"%s\n%s" % (b"," if images else b"", json.dumps(named(image)).encode()))
-                    images += 1
-                for a in part["annotations"]:
-                    annotations += 1
-                    spool.write(
-                        b"%s\n%s" % (b"," if annotations > 1 else b"", json.dumps({**a, "id": annotations}).encode())
-                    )
-            f.write(b'],\n"annotations": [')
-            spool.seek(0)
-            shutil.copyfileobj(spool, f)
-            f.write(b'],\n"categories": %s}\n' % json.dumps(categories).encode())
+    def chunks() -> Iterator[tuple[list[dict], list[dict]]]:
+        for n in shards:
+            part = json.loads(run.coco_part(n).read_text())
+            yield [named(image) for image in part["images"]], part["annotations"]
 
-    atomic_write_stream(run.coco, write_coco)
+    def write_file(f: BinaryIO) -> None:
+        write_coco(f, info, chunks(), categories)
+
+    atomic_write_stream(run.coco, write_file)
     atomic_concat_tables(run.regions, [run.labelled_part(n) for n in shards])
