@@ -3,7 +3,8 @@ read back with pycocotools, PIL, Ultralytics' own dataset loader and ``datasets`
 masks."""
 
 import json
-from pathlib import Path
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -63,22 +64,46 @@ def test_voc_export_has_the_masks_one_index_per_region_and_a_labelmap(tiny_run, 
     assert labelmap[1] == "background:0,0,0::" and len(labelmap) == 2 + done["classes"]
 
 
-def test_yolo_seg_loads_in_ultralytics_and_its_polygons_fill_back_to_the_regions(tiny_run, tmp_path):
-    from ultralytics.data.dataset import YOLODataset
-    from ultralytics.data.utils import check_det_dataset
+# Ultralytics' own reading of a data.yaml and its labels, in a process of its own: importing ultralytics patches
+# PIL.Image.open for the whole process (a file PIL cannot identify then raises ModuleNotFoundError for pi_heif), which
+# would change what the other tests in this worker see.
+READ_WITH_ULTRALYTICS = """
+import json, sys
+from pathlib import Path
+from ultralytics.data.dataset import YOLODataset
+from ultralytics.data.utils import check_det_dataset
+data = check_det_dataset(sys.argv[1])
+labels = {
+    Path(lb["im_file"]).name: {
+        "cls": lb["cls"].ravel().astype(int).tolist(), "segments": [s.tolist() for s in lb["segments"]]
+    }
+    for lb in YOLODataset(data["train"], data=data, task="segment").labels
+}
+print(json.dumps({"data": {"nc": data["nc"], "train": str(data["train"])}, "labels": labels}))
+"""
 
+
+def _ultralytics_reads(data_yaml) -> tuple[dict, dict]:
+    res = subprocess.run(
+        [sys.executable, "-c", READ_WITH_ULTRALYTICS, str(data_yaml)], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    read = json.loads(res.stdout.strip().splitlines()[-1])
+    return read["data"], read["labels"]
+
+
+def test_yolo_seg_loads_in_ultralytics_and_its_polygons_fill_back_to_the_regions(tiny_run, tmp_path):
     done = _export(tiny_run.out, "yolo-seg", tmp_path / "yolo")
-    data = check_det_dataset(str(tmp_path / "yolo" / "data.yaml"))  # Ultralytics' own reading of data.yaml
+    data, labels = _ultralytics_reads(tmp_path / "yolo" / "data.yaml")
     assert data["nc"] == done["classes"] and data["train"] == str(tmp_path / "yolo" / "images")
-    labels = {Path(lb["im_file"]).name: lb for lb in YOLODataset(data["train"], data=data, task="segment").labels}
     coco = COCO(f"{tiny_run.out}/pseudo_labels.json")
     assert set(labels) == {image["file_name"] for image in coco.imgs.values()}
     rows = 0
     for image in coco.imgs.values():
         label, anns = labels[image["file_name"]], coco.imgToAnns[image["id"]]
-        assert label["cls"].ravel().tolist() == [a["category_id"] - 1 for a in anns]
+        assert label["cls"] == [a["category_id"] - 1 for a in anns]
         for segment, a in zip(label["segments"], anns, strict=True):  # normalised (x, y), as Ultralytics holds them
-            points = (segment * [image["width"], image["height"]]).ravel().tolist()
+            points = (np.asarray(segment) * [image["width"], image["height"]]).ravel().tolist()
             drawn = Image.new("L", (image["width"], image["height"]))
             ImageDraw.Draw(drawn).polygon(points, fill=1)
             region, filled = coco.annToMask(a).astype(bool), np.asarray(drawn).astype(bool)
