@@ -27,7 +27,7 @@ from mlcseg_ray.formats.feature_store import FEATURE_WRITE_OPTIONS, feature_tabl
 from mlcseg_ray.formats.images import load_rgb
 from mlcseg_ray.formats.masks import png_bytes
 from mlcseg_ray.library.extraction import prepare_images
-from mlcseg_ray.ops.crf import refine_image
+from mlcseg_ray.ops.crf import CrfParams, refine_image
 from mlcseg_ray.ops.regions import crop_batch, find_regions
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -83,7 +83,7 @@ def main() -> None:
         blob = ((yy - g.grid_h / 2) / g.grid_h) ** 2 + ((xx - g.grid_w / 2) / g.grid_w) ** 2 < 0.08
         score = np.where(blob, 0.95, 0.05).astype(np.float32).ravel()
         rgb = clock.time("refine: decode", load_rgb, str(path), cfg.max_pixels)
-        mask = clock.time("refine: torch refiner", refine_image, rgb, score, g.__dict__, 8, cfg)
+        mask = clock.time("refine: torch refiner", refine_image, rgb, score, g.__dict__, 8, CrfParams.of(cfg))
         clock.time("refine: PNG", png_bytes, mask.astype(np.uint8) * 255)
         rgb = clock.time("describe: decode", load_rgb, str(path), cfg.max_pixels)
         _, regions = clock.time(

@@ -84,17 +84,17 @@ def refine_rate(n: int, device: str) -> float:
     """Images/s of the torch refiner (``refine_masks``, batched on a GPU) on n generated 500 x 375 photos with a
     blob-shaped ViT-S/8 patch score, after one untimed image (CUDA's start-up)."""
     from mlcseg_ray.library.extraction import geometry
-    from mlcseg_ray.ops.crf import crf_inputs, refine_masks
+    from mlcseg_ray.ops.crf import CrfParams, crf_inputs, refine_masks
 
     rng = np.random.default_rng(0)
     g = geometry(500, 375, 8, 512, False).__dict__
     yy, xx = np.mgrid[: g["grid_h"], : g["grid_w"]]
     score = (np.exp(-((yy - 24) ** 2 + (xx - 32) ** 2) / 200.0)).ravel().astype(np.float32)
     rgb = [rng.integers(0, 255, (375, 500, 3), np.uint8) for _ in range(n)]
-    inputs = [crf_inputs(im, score, g, 8, Config()) for im in rgb]
-    refine_masks(inputs[:1], [(375, 500)], Config(), device)
+    inputs = [crf_inputs(im, score, g, 8, CrfParams.of(Config())) for im in rgb]
+    refine_masks(inputs[:1], [(375, 500)], CrfParams.of(Config()), device)
     t0 = time.perf_counter()
-    refine_masks(inputs, [(375, 500)] * n, Config(), device)
+    refine_masks(inputs, [(375, 500)] * n, CrfParams.of(Config()), device)
     return n / (time.perf_counter() - t0)
 
 

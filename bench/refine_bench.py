@@ -23,7 +23,7 @@ from mlcseg_ray.backends.ray import ray_map
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.images import load_rgb
 from mlcseg_ray.library.extraction import geometry
-from mlcseg_ray.ops.crf import refine_image
+from mlcseg_ray.ops.crf import CrfParams, refine_image
 
 
 def ellipse_score(rgb):
@@ -40,7 +40,7 @@ def refine_chunk(paths, cfg_dict):
     for p in paths:
         rgb = load_rgb(p, cfg.max_pixels)
         score, g = ellipse_score(rgb)
-        refine_image(rgb, score, g, 8, cfg)
+        refine_image(rgb, score, g, 8, CrfParams.of(cfg))
         px += rgb.shape[0] * rgb.shape[1]
     return px
 
@@ -53,7 +53,7 @@ def bounded(paths, sides, backend):
     for side in [0, *sides]:
         cfg = Config(crf_max_side=side, crf_backend=backend)
         t0 = time.perf_counter()
-        masks[side] = [refine_image(rgb, score, g, 8, cfg) for rgb, score, g in images]
+        masks[side] = [refine_image(rgb, score, g, 8, CrfParams.of(cfg)) for rgb, score, g in images]
         seconds = time.perf_counter() - t0
         changed = sum(int((a != b).sum()) for a, b in zip(masks[0], masks[side], strict=True))
         out[side] = (seconds, changed / sum(m.size for m in masks[0]))

@@ -26,7 +26,7 @@ from common import machine  # noqa: E402
 from helpers.edges import PATCH, STRENGTHS, boundary_f, patch_score, photos, truth  # noqa: E402
 from mlcseg_ray.core.config import Config  # noqa: E402
 from mlcseg_ray.formats.images import load_rgb  # noqa: E402
-from mlcseg_ray.ops.crf import refine_image  # noqa: E402
+from mlcseg_ray.ops.crf import CrfParams, refine_image  # noqa: E402
 
 REFINERS = {
     "bilinear (no CRF)": {"crf": False},
@@ -43,7 +43,7 @@ def measure(items, cfg: Config) -> dict:
     bf, cpu = [], 0.0
     for rgb, score, g, fg, scored in items:
         t0 = time.process_time()
-        pred = refine_image(rgb, score, g, PATCH, cfg)
+        pred = refine_image(rgb, score, g, PATCH, CrfParams.of(cfg))
         cpu += time.process_time() - t0
         inter += int((pred & fg & scored).sum())
         union += int(((pred | fg) & scored).sum())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import numpy as np
 import pydensecrf.densecrf as dcrf
 import torch
@@ -9,11 +11,37 @@ import torch.nn.functional as F
 from PIL import Image
 from pydensecrf.utils import unary_from_softmax
 
-from ..core.config import Config
 from ..core.errors import BadImage
 
 # The bilateral kernel's sxy is given for an image whose longer side is this many pixels, and scaled with it.
 BILATERAL_REFERENCE_SIDE = 500.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrfParams:
+    """The refiner's settings as plain values: the run config's ``crf`` and ``crf_*`` keys (meanings and defaults
+    there). ``enabled`` is false when there is no CRF pass at all; ``backend`` is the refiner that runs (``auto`` is
+    the torch one: on bench/refine_quality.py as good as the full DenseCRF at a ninth of its CPU time, and it runs
+    on a GPU)."""
+
+    enabled: bool
+    backend: str
+    iters: int
+    gauss_sxy: float
+    gauss_compat: float
+    bilateral_sxy: float
+    bilateral_srgb: float
+    bilateral_compat: float
+    local_srgb: float
+    local_compat: float
+    max_side: int
+
+    @classmethod
+    def of(cls, settings: object) -> CrfParams:
+        """From an object with the run config's ``crf`` and ``crf_*`` attributes."""
+        values = {f.name: getattr(settings, f"crf_{f.name}") for f in fields(cls) if f.name != "enabled"}
+        values["backend"] = "torch" if values["backend"] == "auto" else values["backend"]
+        return cls(enabled=bool(settings.crf) and values["iters"] > 0, **values)
 
 
 def upsample_score(
@@ -31,21 +59,21 @@ def upsample_score(
     return canvas[0, 0].numpy().clip(0, 1)
 
 
-def crf_refine(rgb: np.ndarray, prob: np.ndarray, cfg: Config) -> np.ndarray:
+def crf_refine(rgb: np.ndarray, prob: np.ndarray, crf: CrfParams) -> np.ndarray:
     """Two-label DenseCRF (pydensecrf). Bilateral sxy is given at a 500 px image and scaled with the image."""
     H, W = prob.shape
     p = np.clip(prob, 1e-4, 1 - 1e-4)
     d = dcrf.DenseCRF2D(W, H, 2)
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.stack([1 - p, p]).astype(np.float32))))
-    d.addPairwiseGaussian(sxy=cfg.crf_gauss_sxy, compat=cfg.crf_gauss_compat)
-    sxy = cfg.crf_bilateral_sxy * max(H, W) / BILATERAL_REFERENCE_SIDE
+    d.addPairwiseGaussian(sxy=crf.gauss_sxy, compat=crf.gauss_compat)
+    sxy = crf.bilateral_sxy * max(H, W) / BILATERAL_REFERENCE_SIDE
     d.addPairwiseBilateral(
         sxy=sxy,
-        srgb=cfg.crf_bilateral_srgb,
+        srgb=crf.bilateral_srgb,
         rgbim=np.require(rgb, np.uint8, ["C", "W"]),
-        compat=cfg.crf_bilateral_compat,
+        compat=crf.bilateral_compat,
     )
-    q = np.asarray(d.inference(cfg.crf_iters)).reshape(2, H, W)
+    q = np.asarray(d.inference(crf.iters)).reshape(2, H, W)
     return q[1] > q[0]
 
 
@@ -70,10 +98,10 @@ def _offsets() -> list[tuple[int, int]]:
 
 
 def local_crf(
-    rgb: torch.Tensor, prob: torch.Tensor, inside: torch.Tensor, sxy: torch.Tensor, cfg: Config
+    rgb: torch.Tensor, prob: torch.Tensor, inside: torch.Tensor, sxy: torch.Tensor, crf: CrfParams
 ) -> torch.Tensor:
     """Two-label mean-field CRF with the DenseCRF's Gaussian and bilateral kernels cut to local windows (as
-    ConvCRF), each row-normalised, Potts compatibility, ``crf_iters`` updates. Batched: rgb (B, 3, h, w) float
+    ConvCRF), each row-normalised, Potts compatibility, ``crf.iters`` updates. Batched: rgb (B, 3, h, w) float
     0-255, prob and inside (B, h, w), ``inside`` 0 on the padding that brings a batch's images to one size (no
     pixel hears from it, so an image's result does not depend on its batch), sxy (B,) the bilateral kernel's
     spatial width in pixels. Returns the foreground (B, h, w) bool."""
@@ -89,16 +117,16 @@ def local_crf(
     d2 = torch.tensor([dy * dy + dx * dx for dy, dx in offsets], dtype=prob.dtype, device=prob.device).view(-1, 1, 1, 1)
     # In place: the (K, B, h, w) kernels are the refiner's largest arrays and most of its cost.
     bilateral = torch.stack([((shifted(img, dy, dx) - rgb) ** 2).sum(-3) for dy, dx in offsets])
-    bilateral.mul_(-1 / (2 * cfg.crf_local_srgb**2)).sub_(d2 / (2 * sxy.view(1, -1, 1, 1) ** 2))
+    bilateral.mul_(-1 / (2 * crf.local_srgb**2)).sub_(d2 / (2 * sxy.view(1, -1, 1, 1) ** 2))
     bilateral.clamp_(min=-16).exp_().mul_(near)  # clamped: exp's underflow to 0 is slow, and 1e-7 is nothing
-    bilateral.mul_(cfg.crf_local_compat / bilateral.sum(0).clamp_(min=1e-6))
-    gauss = near.mul_(torch.exp(-d2 / (2 * cfg.crf_gauss_sxy**2)))  # spatial only: a constant per offset
-    kernel = bilateral.add_(gauss.mul_(cfg.crf_gauss_compat / gauss.sum(0).clamp_(min=1e-6)))
+    bilateral.mul_(crf.local_compat / bilateral.sum(0).clamp_(min=1e-6))
+    gauss = near.mul_(torch.exp(-d2 / (2 * crf.gauss_sxy**2)))  # spatial only: a constant per offset
+    kernel = bilateral.add_(gauss.mul_(crf.gauss_compat / gauss.sum(0).clamp_(min=1e-6)))
     del gauss, near
     p = prob.clamp(1e-4, 1 - 1e-4)
     logit = torch.log(p) - torch.log1p(-p)
     q = torch.sigmoid(logit)
-    for _ in range(cfg.crf_iters):
+    for _ in range(crf.iters):
         # Potts: a label's logit moves by compat x (the neighbours' belief in it minus their belief in the other)
         belief = F.pad(2 * q - 1, (r, r, r, r))
         msg = torch.zeros_like(q)
@@ -108,7 +136,7 @@ def local_crf(
     return q > 0.5
 
 
-def local_crf_batch(images: list[tuple[np.ndarray, np.ndarray]], cfg: Config, device: str) -> list[np.ndarray]:
+def local_crf_batch(images: list[tuple[np.ndarray, np.ndarray]], crf: CrfParams, device: str) -> list[np.ndarray]:
     """``local_crf`` of (rgb (h, w, 3) uint8, prob (h, w)) pairs of any sizes, padded into one batch on ``device``."""
     h, w = max(p.shape[0] for _, p in images), max(p.shape[1] for _, p in images)
     rgb = torch.zeros(len(images), 3, h, w)
@@ -118,15 +146,9 @@ def local_crf_batch(images: list[tuple[np.ndarray, np.ndarray]], cfg: Config, de
         rgb[b, :, :ih, :iw] = torch.from_numpy(np.array(im, np.float32)).permute(2, 0, 1)
         prob[b, :ih, :iw] = torch.from_numpy(np.asarray(p, np.float32))
         inside[b, :ih, :iw] = 1
-    sxy = torch.tensor([cfg.crf_bilateral_sxy * max(p.shape) / BILATERAL_REFERENCE_SIDE for _, p in images])
-    fg = local_crf(*(t.to(device) for t in (rgb, prob, inside, sxy)), cfg).cpu().numpy()
+    sxy = torch.tensor([crf.bilateral_sxy * max(p.shape) / BILATERAL_REFERENCE_SIDE for _, p in images])
+    fg = local_crf(*(t.to(device) for t in (rgb, prob, inside, sxy)), crf).cpu().numpy()
     return [fg[b, : p.shape[0], : p.shape[1]] for b, (_, p) in enumerate(images)]
-
-
-def backend(cfg: Config) -> str:
-    """The refiner ``crf_backend`` names: ``auto`` is the torch one (on bench/refine_quality.py as good as the full
-    DenseCRF at a ninth of its CPU time, and it runs on a GPU)."""
-    return "torch" if cfg.crf_backend == "auto" else cfg.crf_backend
 
 
 def crf_size(H: int, W: int, max_side: int) -> tuple[int, int]:
@@ -138,14 +160,14 @@ def crf_size(H: int, W: int, max_side: int) -> tuple[int, int]:
 
 
 def crf_inputs(
-    rgb: np.ndarray, score: np.ndarray, geom: dict, patch: int, cfg: Config
+    rgb: np.ndarray, score: np.ndarray, geom: dict, patch: int, crf: CrfParams
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(rgb, probability) of one image at the size its CRF runs at (at most ``crf_max_side``: the CRF's cost grows
+    """(rgb, probability) of one image at the size its CRF runs at (at most ``crf.max_side``: the CRF's cost grows
     with the pixels, and the score it refines is 8-16 px coarse anyway); at full size when there is no CRF."""
     H, W = rgb.shape[:2]
     if (W, H) != (geom["width"], geom["height"]):
         raise BadImage(f"image is {W}x{H} now but was {geom['width']}x{geom['height']} at extraction")
-    h, w = crf_size(H, W, cfg.crf_max_side) if uses_crf(cfg) else (H, W)
+    h, w = crf_size(H, W, crf.max_side) if crf.enabled else (H, W)
     prob = upsample_score(
         score, (geom["grid_h"], geom["grid_w"]), patch, (geom["resized_h"], geom["resized_w"]), (h, w)
     )
@@ -154,21 +176,17 @@ def crf_inputs(
     return rgb, prob
 
 
-def uses_crf(cfg: Config) -> bool:
-    return cfg.crf and cfg.crf_iters > 0
-
-
 def refine_masks(
-    inputs: list[tuple[np.ndarray, np.ndarray]], sizes: list[tuple[int, int]], cfg: Config, device: str = "cpu"
+    inputs: list[tuple[np.ndarray, np.ndarray]], sizes: list[tuple[int, int]], crf: CrfParams, device: str = "cpu"
 ) -> list[np.ndarray]:
     """Binary masks at ``sizes`` (H, W) from ``crf_inputs``' pairs: each refined by the configured CRF (the torch
     one batched on a GPU), then brought back to full size."""
     if not inputs:  # a shard whose every image failed earlier
         return []
-    if not uses_crf(cfg):
+    if not crf.enabled:
         fg = [prob > 0.5 for _, prob in inputs]
-    elif backend(cfg) == "densecrf":
-        fg = [crf_refine(rgb, prob, cfg) for rgb, prob in inputs]
+    elif crf.backend == "densecrf":
+        fg = [crf_refine(rgb, prob, crf) for rgb, prob in inputs]
     else:
         fg = [None] * len(inputs)
         budget = GPU_BATCH_PIXELS if str(device).startswith("cuda") else 0
@@ -179,7 +197,7 @@ def refine_masks(
             batches[-1].append(i)
             pixels += inputs[i][1].size
         for batch in batches:
-            for i, m in zip(batch, local_crf_batch([inputs[i] for i in batch], cfg, device), strict=True):
+            for i, m in zip(batch, local_crf_batch([inputs[i] for i in batch], crf, device), strict=True):
                 fg[i] = m
     return [
         m
@@ -190,7 +208,7 @@ def refine_masks(
 
 
 def refine_image(
-    rgb: np.ndarray, score: np.ndarray, geom: dict, patch: int, cfg: Config, device: str = "cpu"
+    rgb: np.ndarray, score: np.ndarray, geom: dict, patch: int, crf: CrfParams, device: str = "cpu"
 ) -> np.ndarray:
     """Binary (H, W) mask of one image from its patch soft score (``crf_inputs``, then ``refine_masks``)."""
-    return refine_masks([crf_inputs(rgb, score, geom, patch, cfg)], [rgb.shape[:2]], cfg, device)[0]
+    return refine_masks([crf_inputs(rgb, score, geom, patch, crf)], [rgb.shape[:2]], crf, device)[0]

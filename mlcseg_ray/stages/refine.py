@@ -19,7 +19,7 @@ from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
 from ..formats.images import load_rgb
 from ..formats.manifest import expected_files
 from ..formats.masks import png_bytes
-from ..ops.crf import crf_inputs, refine_masks
+from ..ops.crf import CrfParams, crf_inputs, refine_masks
 
 
 class RefineStage(Stage):
@@ -53,6 +53,7 @@ class RefineStage(Stage):
     def process_shard(self, ctx: StageContext, shard: int, patch: int, worker: object = None) -> dict:
         """Refine and write each image's mask of one pseudo-mask shard."""
         run, cfg = ctx.run, ctx.cfg
+        crf = CrfParams.of(cfg)
         pseudo = read_table(run.pseudo_part(shard), columns=["image_id", "score"]).to_pylist()
         geoms = {r["image_id"]: r for r in read_table(run.image_table(shard), columns=GEOMETRY_COLUMNS).to_pylist()}
         expect = expected_files(run, shard, cfg)
@@ -61,11 +62,11 @@ class RefineStage(Stage):
             run.binary_mask(r["image_id"])  # an id that cannot name a file is this image's error row
             g = geoms[r["image_id"]]
             rgb = load_rgb(g["uri"], cfg.max_pixels, expect=expect.get(r["image_id"]))
-            return crf_inputs(rgb, np.asarray(r["score"], np.float32), g, patch, cfg), rgb.shape[:2]
+            return crf_inputs(rgb, np.asarray(r["score"], np.float32), g, patch, crf), rgb.shape[:2]
 
         prepared, errors = for_each_image(self.name, [(r["image_id"], r) for r in pseudo], prepare)
         ids = list(prepared)
-        fg = refine_masks([prepared[i][0] for i in ids], [prepared[i][1] for i in ids], cfg, ctx.device)
+        fg = refine_masks([prepared[i][0] for i in ids], [prepared[i][1] for i in ids], crf, ctx.device)
         masks = [(run.binary_mask(i), png_bytes(m.astype(np.uint8) * 255)) for i, m in zip(ids, fg, strict=True)]
         atomic_write_many(masks)  # the shard's masks together: to a bucket, concurrently
         for image_id in errors:  # no mask of an earlier attempt stands beside an error row

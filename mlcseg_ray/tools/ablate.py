@@ -21,7 +21,7 @@ from ..core.store import RunDir, atomic_write_json, list_shards, shard_index
 from ..formats.datasets import GroundTruth
 from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
 from ..formats.images import load_rgb
-from ..ops.crf import refine_image, upsample_score
+from ..ops.crf import CrfParams, refine_image, upsample_score
 from ..ops.levels import LEVELS, combine_votes, weighted_share
 
 log = logging.getLogger("mlcseg_ray")
@@ -163,8 +163,9 @@ def _refined_iou(
 ) -> float:
     """Foreground IoU of ``rule`` after the run's refinement (as the refine stage does it), over ``images``."""
     i = u = 0
+    crf = CrfParams.of(cfg)
     for row, g in images:
-        pred = refine_image(load_rgb(g["uri"], cfg.max_pixels), rule_score(row, rule, cfg.min_gap), g, patch, cfg)
+        pred = refine_image(load_rgb(g["uri"], cfg.max_pixels), rule_score(row, rule, cfg.min_gap), g, patch, crf)
         fg, counted = _foreground(gt, row["image_id"])
         i += int((pred & fg).sum())
         u += int(((pred | fg) & counted).sum())

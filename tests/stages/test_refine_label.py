@@ -12,7 +12,7 @@ from helpers import VOC_MASKS, copy_voc_images, mlcseg, need
 from helpers.badinputs import make_corpus
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.formats.masks import voc_palette
-from mlcseg_ray.ops.crf import crf_refine, local_crf_batch, upsample_score
+from mlcseg_ray.ops.crf import CrfParams, crf_refine, local_crf_batch, upsample_score
 from mlcseg_ray.ops.regions import find_regions
 from mlcseg_ray.pipeline import Pipeline
 
@@ -42,9 +42,9 @@ def test_crf_raises_boundary_agreement(refiner):
     prob = np.asarray(coarse, np.float32) / 255 * 0.7 + 0.15
     before = prob > 0.5
     if refiner == "densecrf":
-        after = crf_refine(rgb, prob, Config())
+        after = crf_refine(rgb, prob, CrfParams.of(Config()))
     else:
-        after = local_crf_batch([(rgb, prob)], Config(), "cpu")[0]
+        after = local_crf_batch([(rgb, prob)], CrfParams.of(Config()), "cpu")[0]
 
     def iou(a):
         return (a & truth).sum() / (a | truth).sum()
@@ -99,8 +99,8 @@ def test_crf_at_a_bounded_resolution(tmp_path):
     yy, xx = np.mgrid[:gh, :gw]
     score = (((yy - gh / 2) ** 2 + (xx - gw / 2) ** 2) < (min(gh, gw) / 3) ** 2).astype(np.float32).ravel()
     geom = {"width": W, "height": H, "grid_h": gh, "grid_w": gw, "resized_h": gh * 16, "resized_w": gw * 16}
-    full = refine_image(rgb, score, geom, 16, Config(crf_max_side=0))
-    small = refine_image(rgb, score, geom, 16, Config(crf_max_side=max(H, W) // 2))
+    full = refine_image(rgb, score, geom, 16, CrfParams.of(Config(crf_max_side=0)))
+    small = refine_image(rgb, score, geom, 16, CrfParams.of(Config(crf_max_side=max(H, W) // 2)))
     assert small.shape == full.shape == (H, W)
     assert (small != full).mean() < 0.05
 
