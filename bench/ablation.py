@@ -34,10 +34,9 @@ from common import machine  # noqa: E402
 
 from helpers.planted import PlantedSpec, generate, generate_on_photos, random_spec  # noqa: E402
 from mlcseg_ray.core.config import Config  # noqa: E402
-from mlcseg_ray.core.inputs import RunInputs  # noqa: E402
 from mlcseg_ray.core.store import RunDir  # noqa: E402
 from mlcseg_ray.library.clustering import read_pseudo  # noqa: E402
-from mlcseg_ray.pipeline import run_stages  # noqa: E402
+from mlcseg_ray.pipeline import Pipeline  # noqa: E402
 from mlcseg_ray.tools.ablate import RULES, SINGLE_LEVELS, rule_score  # noqa: E402
 
 RULES_LIST = list(RULES)
@@ -83,7 +82,7 @@ def cluster(store: Path, out: Path, **overrides) -> dict:
     for sub in ("features", "images"):
         shutil.copytree(store / sub, out / sub)
     shutil.copy(store / "gt.parquet", out / "gt.parquet")
-    run_stages(out, Config(**overrides), ["cluster"])
+    Pipeline(out, Config(**overrides), backend="local").run(["cluster"], print_summary=False)
     return rule_ious(out)
 
 
@@ -106,7 +105,7 @@ def one_draw(job) -> dict:
             seed=draw,
             empty_share=0.2 if kind == "photo-empty" else 0.0,
         )
-    run_stages(out, Config(), ["cluster"])
+    Pipeline(out, Config(), backend="local").run(["cluster"], print_summary=False)
     res = rule_ious(out)
     shutil.rmtree(out, ignore_errors=True)
     return {"draw": f"{kind}{draw}", **res}
@@ -144,12 +143,9 @@ def summarise(rows: list[dict], title: str) -> None:
 def photo_base(work: Path) -> Path:
     """The 59 VOC photos through a random-weight ViT-S/8 (max_side 320): the real-image half of the photo draws."""
     base = work / "photo_base"
-    run_stages(
-        base,
-        Config(backbone="random-vit-s8", max_side=320),
-        ["ingest", "extract"],
-        inputs=RunInputs(images=str(PHOTOS / "JPEGImages")),
-    )
+    Pipeline(
+        base, Config(backbone="random-vit-s8", max_side=320), backend="local", images=str(PHOTOS / "JPEGImages")
+    ).run(["ingest", "extract"], print_summary=False)
     return base
 
 

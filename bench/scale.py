@@ -32,7 +32,7 @@ from helpers.planted import PlantedSpec, foreground_iou, generate, random_grids
 from mlcseg_ray.backends.ray_runtime import init_ray
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.store import RunDir
-from mlcseg_ray.pipeline import run_stages
+from mlcseg_ray.pipeline import Pipeline
 
 
 def spilled_bytes() -> int:
@@ -123,7 +123,7 @@ def main():
             logging.getLogger("mlcseg_ray").setLevel(logging.INFO)
             with PeakRSS() as peaks:
                 t0 = time.perf_counter()
-                run_stages(out, Config(), ["cluster"], backend="ray")
+                Pipeline(out, Config(), backend="ray").run(["cluster"], print_summary=False)
                 seconds = time.perf_counter() - t0
             logging.getLogger("mlcseg_ray").removeHandler(handler)
             driver, worker = peaks.driver_and_max_worker()

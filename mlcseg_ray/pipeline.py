@@ -17,7 +17,7 @@ from .core.config import Config
 from .core.errors import NoRunYet
 from .core.executor import Executor
 from .core.inputs import RunInputs
-from .core.progress import console, shown
+from .core.progress import console
 from .core.stage import StageContext
 from .core.storage import use_endpoint
 from .core.store import RunDir
@@ -56,7 +56,8 @@ def expand(names: list[str]) -> list[str]:
 class Pipeline:
     """The whole pipeline over ``out``. The input (``images=``, ``voc=``, ``coco=`` + ``ann=``, ``manifest=``,
     ``limit=``, ``sample=``, ...) is given as :class:`~mlcseg_ray.core.inputs.RunInputs` fields; a VOC root
-    carries its own ground truth. ``backend``: ``ray`` (embedded, or the cluster at ``address``) or ``local``."""
+    carries its own ground truth. ``backend``: ``ray`` (embedded, or the cluster at ``address``) or ``local``
+    (everything in this process, no Ray: tests, benchmarks, notebooks)."""
 
     def __init__(
         self,
@@ -75,7 +76,7 @@ class Pipeline:
         if self.inputs.voc and not self.inputs.gt:
             self.inputs = replace(self.inputs, gt=self.inputs.voc, protocol=self.inputs.protocol or "voc21")
         self.executor = Executor(
-            self.run_dir, self.cfg, STAGES, make_backend(backend, address, self.cfg.device), self.inputs, say=_say
+            self.run_dir, self.cfg, STAGES, make_backend(backend, address, self.cfg.device), self.inputs
         )
 
     def run(self, stages: list[str] | None = None, print_summary: bool = True) -> list[dict]:
@@ -101,21 +102,3 @@ class Pipeline:
         if warning:
             console.print(f"[bold red]{warning}[/]", soft_wrap=True)
         return summary
-
-
-def _say(message: str) -> None:
-    console.print(f"[dim]{shown(message)}[/]")
-
-
-def run_stages(
-    out: str | Path,
-    cfg: Config,
-    names: list[str],
-    backend: str = "local",
-    inputs: RunInputs = RunInputs(),
-    address: str | None = None,
-) -> list[dict]:
-    """Run some stages on a run folder without the CLI's summary: for tests, benchmarks and notebooks.
-    ``backend="local"`` runs everything in this process (no Ray)."""
-    executor = Executor(RunDir(out), cfg, STAGES, make_backend(backend, address, cfg.device), inputs)
-    return executor.run_stages(expand(names))

@@ -89,12 +89,10 @@ class Executor:
         stages: Sequence[Stage],
         backend: Backend,
         inputs: RunInputs = RunInputs(),
-        say: Callable[[str], None] | None = None,
     ) -> None:
         self.run, self.cfg, self.inputs, self.backend = run, cfg, inputs, backend
         self.stages = {s.name: s for s in stages}
         self.order = [s.name for s in stages]
-        self.say = say or log.info
         self.summary: list[dict] = []
         self.marker_fps: dict[str, str] = {}  # the fingerprint each stage's shard markers carry
         self.source_fps: dict[str, str] = {}  # what a source stage run now wrote (hashed once: it reads it all)
@@ -216,7 +214,7 @@ class Executor:
         rec.get("stages", {}).pop(name, None)
         atomic_write_json(self.run.run_record, rec)
         then = "recomputing" if name in planned else f"outputs removed; rerun `mlcseg {name}` (or `mlcseg run`)"
-        self.say(f"{name}: stale ({why}); {then}")
+        log.info(f"{name}: stale ({why}); {then}")
 
     def _is_current(self, name: str, fp: str) -> bool:
         rec = self._record(name)
@@ -350,7 +348,7 @@ class Executor:
             and self._is_current(name, fp)
             and self._all_marked(stage, ctx, self.marker_fps.get(name, fp))
         ):
-            self.say(f"{name}: up to date, skipped")
+            log.info(f"{name}: up to date, skipped")
             done = self.run.read_record().get("stages", {}).get(name, {})
             # where its output is now: the folder may have been copied or moved since (the record says it relative)
             output = done.get("output", "")
@@ -380,7 +378,7 @@ class Executor:
         if stage.source:  # its result may carry the fingerprint of what it wrote, computed as it wrote it
             fp, before = result.pop("fingerprint", None) or stage.output_fingerprint(ctx), previous.get("fingerprint")
             self.source_fps[name] = fp
-            self.say(
+            log.info(
                 f"{name}: {result.get('images')} images"
                 + (
                     ""
@@ -409,7 +407,7 @@ class Executor:
             self._invalidate(stage.name, f"damaged: {whole[0]}", [stage.name])
         elif per_shard:
             first = next(iter(per_shard.values()))[0]
-            self.say(f"{stage.name}: {len(per_shard)} shard(s) damaged ({first}); recomputing them")
+            log.info(f"{stage.name}: {len(per_shard)} shard(s) damaged ({first}); recomputing them")
             for n in per_shard:
                 self.run.marker(stage.name, n).unlink(missing_ok=True)
 
@@ -440,9 +438,9 @@ class Executor:
         done = {n for n in shards if self._marker_done(stage, ctx, n, fp)}
         todo_n, n = len(shards) - len(done), len(shards)
         if stage.per_shard_inputs and done and todo_n:
-            self.say(f"{stage.name}: {todo_n} of {n} shards new or changed; the others kept")
+            log.info(f"{stage.name}: {todo_n} of {n} shards new or changed; the others kept")
         elif done and todo_n:  # a resumed run says what it kept
-            self.say(f"{stage.name}: {len(done)} of {n} shards done before, kept; {todo_n} to do")
+            log.info(f"{stage.name}: {len(done)} of {n} shards done before, kept; {todo_n} to do")
         todo = [n for n in shards if n not in done]
         ctx = replace(ctx, pending=tuple(todo))
         if todo:

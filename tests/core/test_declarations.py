@@ -3,13 +3,14 @@ own (in-process) with the run folder's accesses recorded, the files it changed l
 traced; an undeclared one fails the test."""
 
 import contextvars
+from dataclasses import asdict
 from pathlib import Path
 
 from helpers import VOC_SUBSET, need
 from mlcseg_ray.core.config import SCHEDULING_KEYS, Config
 from mlcseg_ray.core.inputs import RunInputs
 from mlcseg_ray.core.store import RunDir
-from mlcseg_ray.pipeline import STAGES, run_stages
+from mlcseg_ray.pipeline import STAGES, Pipeline
 
 CURRENT = contextvars.ContextVar("stage", default=None)
 INSIDE = contextvars.ContextVar("inside_rundir", default=False)
@@ -151,7 +152,7 @@ def test_every_stage_declares_what_it_reads_writes_and_depends_on(tmp_path, monk
     problems = []
     for stage in STAGES:
         before = _snapshot(run.root) if run.root.exists() else {}
-        run_stages(run.root, cfg, [stage.name], backend="local", inputs=inputs)
+        Pipeline(run.root, cfg, backend="local", **asdict(inputs)).run([stage.name], print_summary=False)
         after = _snapshot(run.root)
         written = {_owner_of(run, rel) for rel, meta in after.items() if before.get(rel) != meta} - {"executor"}
         touched = TOUCHED.get(stage.name, set())

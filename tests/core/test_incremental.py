@@ -10,9 +10,8 @@ import pyarrow.parquet as pq
 
 from helpers import TINY_CONFIG, VOC_SUBSET, need
 from mlcseg_ray.core.config import Config
-from mlcseg_ray.core.inputs import RunInputs
 from mlcseg_ray.core.store import RunDir
-from mlcseg_ray.pipeline import STAGES, run_stages
+from mlcseg_ray.pipeline import STAGES, Pipeline
 
 ALL = [s.name for s in STAGES if s.name != "evaluate"]
 CFG = Config(**TINY_CONFIG, shard_size=2)
@@ -25,7 +24,7 @@ def _masks(run: RunDir) -> dict:
 def _run(root, images, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mlcseg_ray"):
-        run_stages(root, CFG, ALL, inputs=RunInputs(images=str(images)))
+        Pipeline(root, CFG, backend="local", images=str(images)).run(ALL, print_summary=False)
     return caplog.text
 
 

@@ -4,6 +4,7 @@ whole folder and changes nothing."""
 
 import json
 import logging
+from dataclasses import asdict
 
 import pytest
 
@@ -13,7 +14,7 @@ from mlcseg_ray.core.errors import StageOrderError
 from mlcseg_ray.core.inputs import RunInputs
 from mlcseg_ray.core.integrity import verify_run
 from mlcseg_ray.core.store import RunDir
-from mlcseg_ray.pipeline import STAGES, run_stages
+from mlcseg_ray.pipeline import STAGES, Pipeline
 
 ALL = [s.name for s in STAGES if s.name != "evaluate"]
 
@@ -33,14 +34,14 @@ def finished(tmp_path_factory):
     images = copy_voc_images(root / "images", 3)
     cfg = Config(**TINY_CONFIG, shard_size=1, region_descriptor="masked_mean")
     inputs = RunInputs(images=str(images))
-    run_stages(root / "run", cfg, ALL, inputs=inputs)
+    Pipeline(root / "run", cfg, backend="local", **asdict(inputs)).run(ALL, print_summary=False)
     return RunDir(root / "run"), cfg, inputs, _files(root / "run")
 
 
 def _rerun(finished, caplog, names=ALL):
     run, cfg, inputs, _ = finished
     with caplog.at_level(logging.INFO, logger="mlcseg_ray"):
-        run_stages(run.root, cfg, names, inputs=inputs)
+        Pipeline(run.root, cfg, backend="local", **asdict(inputs)).run(names, print_summary=False)
     return caplog.text
 
 
@@ -76,7 +77,9 @@ def test_a_truncated_feature_shard_is_refused_downstream_then_redone(finished, c
     problems = verify_run(run)["extract"]
     assert problems and "features/shard-00001.parquet" in problems[0]
     with pytest.raises(StageOrderError, match="features/shard-00001.parquet") as err:
-        run_stages(run.root, cfg, ["cluster"], inputs=inputs)  # the next stage alone is refused, naming the damage
+        Pipeline(run.root, cfg, backend="local", **asdict(inputs)).run(
+            ["cluster"], print_summary=False
+        )  # the next stage alone is refused, naming the damage
     assert "damaged" in str(err.value) and "mlcseg extract" in str(err.value)
     assert run.marker("cluster", 1).exists()  # and nothing was removed
     text = _rerun(finished, caplog)

@@ -19,7 +19,7 @@ from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.errors import RunLocked
 from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.formats.manifest import manifest_fingerprint
-from mlcseg_ray.pipeline import Pipeline, run_stages
+from mlcseg_ray.pipeline import Pipeline
 
 TINY = dict(TINY_CONFIG, shard_size=2)
 
@@ -168,9 +168,9 @@ def test_files_follow_the_umask(images, tmp_path, umask, mode):
     out = tmp_path / "run"
     script = (
         f"import os; os.umask({umask}); from mlcseg_ray.core.config import Config; "
-        f"from mlcseg_ray.pipeline import run_stages, RunInputs; "
-        f"run_stages({str(out)!r}, Config(**{TINY!r}), ['ingest', 'extract', 'cluster', 'refine'], "
-        f"inputs=RunInputs(images={str(images)!r}))"
+        f"from mlcseg_ray.pipeline import Pipeline; "
+        f"Pipeline({str(out)!r}, Config(**{TINY!r}), backend='local', images={str(images)!r})"
+        f".run(['ingest', 'extract', 'cluster', 'refine'])"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300, capture_output=True)
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -321,7 +321,7 @@ def test_metrics_follow_the_masks(tmp_path):
     Pipeline(out, cfg, voc=str(voc), backend="local").run()
     first = json.loads((out / "metrics.json").read_text())
     assert first["n_images"] == 59 and first["protocol"] == "voc21"
-    run_stages(out, cfg, ["report"])  # nothing changed: the metrics stay
+    Pipeline(out, cfg, backend="local").run(["report"], print_summary=False)  # nothing changed: the metrics stay
     assert json.loads((out / "metrics.json").read_text()) == first
     fewer = cfg.model_copy(update={"num_classes": 2})
     Pipeline(out, fewer, backend="local").run(["label"])  # new masks: the old metrics go

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import subprocess
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,7 @@ from mlcseg_ray.core.store import RunDir, atomic_write_many, id_problem
 from mlcseg_ray.formats.masks import png_bytes
 from mlcseg_ray.library.listing import ProbeSettings, build_manifest
 from mlcseg_ray.library.listing import list_images as listing_of
-from mlcseg_ray.pipeline import run_stages
+from mlcseg_ray.pipeline import Pipeline
 
 
 def tree(root):
@@ -286,7 +287,9 @@ def test_coco_file_names_stay_under_the_image_root(tmp_path):
     before = tree(sandbox)
     inputs = RunInputs(coco=str(sandbox / "coco" / "images"), ann=str(ann))
     cfg = Config(**TINY_CONFIG)
-    run_stages(run, cfg, ["ingest", "extract", "cluster", "refine", "label"], backend="local", inputs=inputs)
+    Pipeline(run, cfg, backend="local", **asdict(inputs)).run(
+        ["ingest", "extract", "cluster", "refine", "label"], print_summary=False
+    )
     assert written_outside(before, tree(sandbox), run) == []
     status = {r["image_id"]: r for r in pq.read_table(run / "status.parquet").to_pylist()}
     for n in bad:

@@ -234,13 +234,12 @@ def test_bf16_agrees_with_fp32_on_the_voc_photos(tmp_path):
 
     from helpers import VOC_SUBSET, need
     from mlcseg_ray.core.config import Config
-    from mlcseg_ray.core.inputs import RunInputs
     from mlcseg_ray.core.store import RunDir
     from mlcseg_ray.formats.feature_store import first_store_metadata
     from mlcseg_ray.formats.images import load_rgb
     from mlcseg_ray.library.clustering import read_pseudo
     from mlcseg_ray.library.extraction import geometry, preprocess
-    from mlcseg_ray.pipeline import run_stages
+    from mlcseg_ray.pipeline import Pipeline
 
     photos = sorted((need(VOC_SUBSET) / "JPEGImages").iterdir())[:8]
     for name, side in (("random-vit-tiny", 160), ("random-vit-s8", 160)):
@@ -267,7 +266,9 @@ def test_bf16_agrees_with_fp32_on_the_voc_photos(tmp_path):
     for precision in ("fp32", "bf16"):
         cfg = Config(backbone="random-vit-tiny", max_side=128, num_categories=2, precision=precision)
         out = tmp_path / precision
-        run_stages(out, cfg, ["ingest", "extract", "cluster"], inputs=RunInputs(images=str(images)), backend="local")
+        Pipeline(out, cfg, backend="local", images=str(images)).run(
+            ["ingest", "extract", "cluster"], print_summary=False
+        )
         masks[precision] = {r["image_id"]: np.asarray(r["mask"]) for r in read_pseudo(RunDir(out)).to_pylist()}
         assert first_store_metadata(RunDir(out))["precision"] == precision  # the store says how it was made
     agree = np.mean([(masks["fp32"][i] == masks["bf16"][i]).mean() for i in masks["fp32"]])

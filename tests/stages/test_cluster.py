@@ -12,11 +12,11 @@ from mlcseg_ray.core.store import RunDir
 from mlcseg_ray.formats.feature_store import brought_store_metadata, write_store_shard
 from mlcseg_ray.library.clustering import read_pseudo
 from mlcseg_ray.ops.levels import combine_votes, fg_from_cues, majority_flags, relative_flags
-from mlcseg_ray.pipeline import run_stages
+from mlcseg_ray.pipeline import Pipeline
 
 
 def run_cluster(run: RunDir, cfg: Config, backend: str = "local") -> dict:
-    (summary,) = run_stages(run.root, cfg, ["cluster"], backend=backend)
+    (summary,) = Pipeline(run.root, cfg, backend=backend).run(["cluster"], print_summary=False)
     return {**run.read_record()["stages"]["cluster"], "skipped": summary["skipped"]}
 
 
@@ -133,7 +133,7 @@ def test_empty_scenes_are_flagged_empty_and_counted(tmp_path):
     masks = need(VOC_MASKS) / "SegmentationClass"
     spec = PlantedSpec("hard", n_images=200, shard_size=50, empty_share=0.2, closeup_share=0.05, seed=3)
     run = generate(tmp_path / "scenes", spec, mask_dir=masks)
-    run_stages(run.root, Config(), ["cluster"])
+    Pipeline(run.root, Config(), backend="local").run(["cluster"], print_summary=False)
     write_report(run, Config())  # a planted store has no photos to refine: the report of what cluster found
     gt = {r["image_id"]: r for r in pq.read_table(run.root / "gt.parquet").to_pylist()}
     rows = {r["image_id"]: r for r in read_pseudo(run).to_pylist()}

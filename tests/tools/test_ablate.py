@@ -136,10 +136,10 @@ def test_rule_scores_reproduce_the_cluster_stage(tmp_path):
         PlantedSpec("hard", n_images=60, shard_size=30),
         mask_dir=need(VOC_MASKS) / "SegmentationClass",
     )
-    from mlcseg_ray.pipeline import run_stages
+    from mlcseg_ray.pipeline import Pipeline
 
     for combine in ("weighted", "vote"):
-        run_stages(store.root, Config(combine=combine), ["cluster"])
+        Pipeline(store.root, Config(combine=combine), backend="local").run(["cluster"], print_summary=False)
         name = "vote 2 of 3" if combine == "vote" else combine
         for row in read_pseudo(store).to_pylist():
             np.testing.assert_array_equal(rule_score(row, name), np.asarray(row["score"], np.float32))
