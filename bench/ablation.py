@@ -34,7 +34,7 @@ from common import machine  # noqa: E402
 
 from helpers.planted import PlantedSpec, generate, generate_on_photos, random_spec  # noqa: E402
 from mlcseg_ray.core.config import Config  # noqa: E402
-from mlcseg_ray.core.store import RunDir  # noqa: E402
+from mlcseg_ray.core.run_dir import RunDir  # noqa: E402
 from mlcseg_ray.library.clustering import read_pseudo  # noqa: E402
 from mlcseg_ray.pipeline import Pipeline  # noqa: E402
 from mlcseg_ray.tools.ablate import RULES, SINGLE_LEVELS, rule_score  # noqa: E402

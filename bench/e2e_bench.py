@@ -23,7 +23,8 @@ from common import ROOT, VOC_IMAGES, machine
 from extract_throughput import bare
 
 from mlcseg_ray.core.config import Config
-from mlcseg_ray.core.store import RunDir, markers, read_json
+from mlcseg_ray.core.run_dir import RunDir, markers
+from mlcseg_ray.core.storage import read_json
 
 
 def run_command(out: Path, args) -> float:

@@ -22,7 +22,7 @@ from common import GpuMemoryPeak, machine
 
 from mlcseg_ray.backends.ray_runtime import cluster_gpus, init_ray
 from mlcseg_ray.core.config import Config
-from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.core.run_dir import RunDir
 from mlcseg_ray.pipeline import Pipeline
 
 

@@ -24,7 +24,7 @@ from common import machine
 
 from mlcseg_ray.backends.ray import ray_map
 from mlcseg_ray.backends.ray_runtime import init_ray
-from mlcseg_ray.core.store import list_shards
+from mlcseg_ray.core.run_dir import list_shards
 from mlcseg_ray.formats.feature_store import brought_store_metadata, write_store_shard
 from mlcseg_ray.library.clustering import KeyLoader
 from mlcseg_ray.ops.kmeans import IMAGE_BATCH, assign, batched_kmeans, l2_normalize, sampled_kmeans, unit_vectors

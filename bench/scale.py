@@ -31,7 +31,7 @@ from common import MemoryCap, PeakRSS, machine
 from helpers.planted import PlantedSpec, foreground_iou, generate, random_grids
 from mlcseg_ray.backends.ray_runtime import init_ray
 from mlcseg_ray.core.config import Config
-from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.core.run_dir import RunDir
 from mlcseg_ray.pipeline import Pipeline
 
 

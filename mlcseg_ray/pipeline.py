@@ -18,9 +18,9 @@ from .core.errors import NoRunYet
 from .core.executor import Executor
 from .core.inputs import RunInputs
 from .core.progress import console
+from .core.run_dir import RunDir
 from .core.stage import StageContext
 from .core.storage import use_endpoint
-from .core.store import RunDir
 from .models.backbones import untrained_warning
 from .stages.cluster import ClusterStage
 from .stages.describe import DescribeStage

@@ -51,7 +51,7 @@ def test_a_run_folder_from_before_the_sampled_fits_still_loads(tmp_path):
 def test_paths_workers_read_are_absolute(tmp_path, monkeypatch):
     """A joined cluster's workers run in their own directory: the weights file and the run folder given relative
     to this one are anchored here (a bucket URI stays as it is)."""
-    from mlcseg_ray.core.store import RunDir
+    from mlcseg_ray.core.run_dir import RunDir
 
     monkeypatch.chdir(tmp_path)
     assert Config.load(None, ["weights=w/dino.pth"]).weights == str(tmp_path / "w" / "dino.pth")

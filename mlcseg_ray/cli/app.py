@@ -24,7 +24,7 @@ from ..core.config import Config, parse_overrides
 from ..core.inputs import INPUT_FIELDS, InputSpec
 from ..core.progress import ConsoleHandler, console, shown
 from ..core.progress import out as stdout
-from ..core.store import printable
+from ..core.run_dir import printable
 from . import jobs, results
 from .errors import EXIT_CODES, error, one_line_errors
 from .options import (
@@ -103,8 +103,8 @@ def _run_stages(
     inputs: InputSpec = InputSpec(),
 ) -> None:
     from ..backends.ray_runtime import init_ray, ray_output_to_log
+    from ..core.run_dir import RunDir
     from ..core.storage import use_endpoint
-    from ..core.store import RunDir
     from ..pipeline import Pipeline
 
     fd, ray_log = tempfile.mkstemp(prefix="mlcseg-ray-", suffix=".log")
@@ -134,7 +134,7 @@ def _run_stages(
 
 def _keep_log(log: Path, run: Any) -> None:
     """The command's Ray log into ``RUN/logs/`` where the run folder exists (and the log holds anything)."""
-    from ..core.store import atomic_write_bytes
+    from ..core.storage import atomic_write_bytes
 
     try:
         if log.exists() and log.stat().st_size and run.root.is_dir():

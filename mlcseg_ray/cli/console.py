@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..core.progress import out
-from ..core.store import printable
+from ..core.run_dir import printable
 
 
 def print_metrics(metrics: dict) -> None:

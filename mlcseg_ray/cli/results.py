@@ -12,7 +12,7 @@ import typer
 from ..core.config import Config
 from ..core.progress import console, shown
 from ..core.progress import out as stdout
-from ..core.store import printable
+from ..core.run_dir import printable
 from .errors import error, one_line_errors
 from .options import Address, Json, Split
 
@@ -21,7 +21,7 @@ def errors(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
     """What each stage did, every image that failed and why, and the files ingest skipped."""
     from rich.table import Table
 
-    from ..core.store import RunDir
+    from ..core.run_dir import RunDir
 
     run = RunDir(run_dir)
     if not run.run_record.exists():
@@ -85,7 +85,7 @@ def verify(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
     """Check every output the run folder records (present, same size and checksum, Parquet readable); changes
     nothing. Exit 8 when something is damaged: a rerun of the same command recomputes just that."""
     from ..core.integrity import verify_run
-    from ..core.store import RunDir
+    from ..core.run_dir import RunDir
 
     run = RunDir(run_dir)
     if not run.run_record.exists():
@@ -171,7 +171,7 @@ def export(
     """The run's pseudo-labels as a dataset the next tool loads: coco (detectron2, mmdetection, Datumaro, FiftyOne),
     voc (CVAT's segmentation-mask import, Datumaro, mmsegmentation), yolo-seg (Ultralytics), hf (Parquet for the
     Hugging Face Hub and `datasets`)."""
-    from ..core.store import RunDir
+    from ..core.run_dir import RunDir
     from ..library.exports import export_run
 
     with one_line_errors(out):
@@ -211,7 +211,7 @@ def ablate(
     Pick the winner for your data with combine=RULE (e.g. mlcseg cluster --out RUN combine=image).
     """
     from ..core.progress import progress_bar
-    from ..core.store import RunDir
+    from ..core.run_dir import RunDir
     from ..formats.datasets import load_ground_truth
     from ..library.clustering import read_pseudo
     from ..library.report_page import write_report

@@ -36,19 +36,10 @@ from .fingerprint import digest
 from .inputs import RunInputs
 from .integrity import declared_outputs, stage_damage
 from .progress import progress_bar
+from .run_dir import STATUS_SCHEMA, RunDir, list_shards, markers, remove_stale_temp_files, shard_index
 from .stage import MapFn, Stage, StageContext
-from .storage import confined_to, is_remote, iter_batches, read_table, walk_files
-from .store import (
-    STATUS_SCHEMA,
-    RunDir,
-    atomic_write_json,
-    list_shards,
-    markers,
-    read_json,
-    recording_writes,
-    remove_stale_temp_files,
-    shard_index,
-)
+from .storage import atomic_write_json, confined_to, is_remote, read_json, recording_writes, walk_files
+from .tables import iter_batches, read_table
 
 log = logging.getLogger("mlcseg_ray")
 # A command with nothing else to compute maps at most this many items in the driver (the report's few shards of a

@@ -5,8 +5,9 @@ checks the CRCs and that every Parquet file can be read, and changes nothing."""
 
 from __future__ import annotations
 
-from .storage import Location, read_metadata
-from .store import RunDir, file_crc, read_json
+from .run_dir import RunDir
+from .storage import Location, file_crc, read_json
+from .tables import read_metadata
 
 
 def declared_outputs(writes: tuple[str, ...], run: RunDir, written: dict) -> dict[str, list]:

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .store import printable
+from .run_dir import printable
 
 console = Console(stderr=True)  # logs, progress, errors: markup for colour, so data goes in through shown()
 out = Console(markup=False)  # results: data alone, never read as markup (an image named "[/bad].jpg")

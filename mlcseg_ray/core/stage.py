@@ -24,7 +24,7 @@ from .config import Config
 from .errors import BadImage
 from .fanout import MapFn
 from .inputs import RunInputs
-from .store import RunDir
+from .run_dir import RunDir
 
 
 @dataclass(frozen=True)

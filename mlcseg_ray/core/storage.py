@@ -6,30 +6,29 @@ storage (``s3://bucket/runs/coco``, ``gs://...``); both have the same pathlib su
 
 - atomic writes: locally a temp file in the same folder, then ``os.replace`` (modes from the umask); in a bucket a
   single PUT, or a multipart upload completed last: no reader ever sees a partial object under its final name;
-- Parquet through pyarrow on either (pyarrow reads an fsspec file system directly, in ranges: no whole download);
 - exclusive create (the lock): ``O_EXCL`` locally, a conditional PUT (S3 ``If-None-Match: *``, GCS
   ``ifGenerationMatch=0``) in a bucket;
 - many small writes (a shard's masks) go out concurrently to a bucket.
 
 Credentials and endpoints come the standard way (AWS variables and profiles, ``AWS_ENDPOINT_URL(_S3)``, roles,
-``GOOGLE_APPLICATION_CREDENTIALS``). Why fsspec and not pyarrow.fs: docs/architecture.md, "Storage".
+``GOOGLE_APPLICATION_CREDENTIALS``). Why fsspec and not pyarrow.fs: docs/architecture.md, "Storage". Every write is
+confined to the run folder (``confined_to``) and recorded (``recording_writes``: what a shard's marker lists).
+Parquet tables on this layer: ``core/tables.py``; the run folder's paths: ``core/run_dir.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
 import posixpath
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeAlias
-
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 Location: TypeAlias = Any  # pathlib.Path (local) or upath.UPath (object storage): the same pathlib surface
 
@@ -222,7 +221,7 @@ def check_write(path: Location) -> None:
 
 
 # --- writes ---
-def _atomic_local(path: Path, write: Callable[[str], object]) -> None:
+def atomic_local(path: Path, write: Callable[[str], object]) -> None:
     check_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
@@ -235,98 +234,6 @@ def _atomic_local(path: Path, write: Callable[[str], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def put_bytes(path: Location, data: bytes) -> None:
-    """Write ``data`` under ``path`` atomically."""
-    path = as_location(path)
-    if is_local(path):
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                f.write(data)
-
-        _atomic_local(path, write)
-    else:
-        check_write(path)
-        path.fs.pipe_file(path.path, data)  # one PUT, or a multipart upload completed last
-
-
-def put_stream(path: Location, write: Callable[[BinaryIO], object]) -> None:
-    """Write a file too large to hold in memory, atomically: ``write(f)`` fills a temporary file (beside it, or
-    local for a bucket) that is then renamed into place (or uploaded: the object appears when complete)."""
-    path = as_location(path)
-    if is_local(path):
-
-        def fill(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                write(f)
-
-        _atomic_local(path, fill)
-        return
-    check_write(path)
-    with tempfile.NamedTemporaryFile(prefix=".tmp-") as f:
-        write(f)
-        f.flush()
-        path.fs.put_file(f.name, path.path)
-
-
-def put_concatenated(path: Location, parts: list[Location]) -> None:
-    """The Parquet tables at ``parts`` (one schema) concatenated into ``path``, streamed a part at a time."""
-    put_tables(path, read_schema(parts[0]), (read_table(p) for p in parts))
-
-
-def put_tables(path: Location, schema: pa.Schema, tables: Iterable[pa.Table], group_rows: int | None = None) -> None:
-    """A stream of tables (one ``schema``) written as one Parquet file, atomically, never all of it in memory. With
-    ``group_rows``, row groups of exactly that many rows (the last one shorter), so the file's bytes depend on the
-    rows alone, not on how the stream was cut; without it, a row group per table."""
-
-    def write(f: BinaryIO) -> None:
-        with pq.ParquetWriter(f, schema) as writer:
-            if group_rows is None:
-                for table in tables:
-                    writer.write_table(table)
-                return
-            pending, held = [], 0
-            for table in tables:
-                pending.append(table)
-                held += table.num_rows
-                if held >= group_rows:
-                    rows = pa.concat_tables(pending)
-                    cut = held - held % group_rows
-                    writer.write_table(rows.slice(0, cut), row_group_size=group_rows)
-                    pending, held = [rows.slice(cut)], held - cut
-            if held:
-                writer.write_table(pa.concat_tables(pending), row_group_size=group_rows)
-
-    put_stream(path, write)
-
-
-def put_many(items: Iterable[tuple[Location, bytes]]) -> None:
-    """Many small atomic writes (a shard's masks); to a bucket they go out concurrently."""
-    items = list(items)
-    remote = [(p, d) for p, d in items if not is_local(p)]
-    for p, _ in remote:
-        check_write(p)
-    for p, d in items:
-        if is_local(p):
-            put_bytes(p, d)
-    if remote:
-        remote[0][0].fs.pipe({p.path: d for p, d in remote})
-
-
-def table_bytes(table: pa.Table, **kwargs: object) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **kwargs)  # the same bytes a local file gets
-    return sink.getvalue().to_pybytes()
-
-
-def put_table(path: Location, table: pa.Table, **kwargs: object) -> None:
-    path = as_location(path)
-    if is_local(path):
-        _atomic_local(path, lambda tmp: pq.write_table(table, tmp, **kwargs))
-    else:
-        put_bytes(path, table_bytes(table, **kwargs))
 
 
 def create_exclusive(path: Location, data: bytes) -> bool:
@@ -378,14 +285,6 @@ def probe(path: Location) -> None:
     fs.info(path.path)
 
 
-# --- reads ---
-def read_table(path: Location, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
-    # opened here, not handed to pyarrow with the file system: pyarrow would first ask whether it is a file or a
-    # folder, a second request for every object read
-    with _opened(path) as source:
-        return pq.read_table(source, columns=columns, filters=filters)
-
-
 def get_bytes(path: Location) -> bytes:
     """A file's or an object's bytes; an object in one GET (opening it, or s3fs reading it in concurrent ranges,
     first asks for its size)."""
@@ -397,7 +296,7 @@ def get_bytes(path: Location) -> bytes:
 
 
 @contextlib.contextmanager
-def _opened(path: Location) -> Iterator[Any]:
+def opened(path: Location) -> Iterator[Any]:
     """What pyarrow reads a file from: a local path as it is, an object as a file opened for ranged reads."""
     path = as_location(path)
     if is_local(path):
@@ -405,76 +304,6 @@ def _opened(path: Location) -> Iterator[Any]:
         return
     with path.fs.open(path.path, "rb") as f:
         yield f
-
-
-def iter_batches(
-    path: Location, columns: list[str] | None = None, batch_size: int = 65_536
-) -> Iterator[pa.RecordBatch]:
-    """A Parquet file's rows a batch at a time, in file order (a bucket's object read in ranges, never whole)."""
-    with _opened(path) as source:
-        yield from pq.ParquetFile(source).iter_batches(batch_size=batch_size, columns=columns)
-
-
-def rows_where(
-    path: Location, column: str, value: object, columns: list[str] | None = None
-) -> tuple[pa.Table, list[int]]:
-    """The rows of a Parquet file whose ``column`` equals ``value`` (``columns`` of them, or all), and their
-    positions in the file: only the row groups whose statistics can hold ``value`` are read (a shard's rows of a
-    manifest of any size)."""
-    return _rows_in(path, column, value, value, columns)
-
-
-def rows_between(path: Location, column: str, low: object, high: object, columns: list[str] | None = None) -> pa.Table:
-    """The rows whose ``column`` lies in ``[low, high]``, read from the row groups whose statistics overlap that
-    range (the previous manifest's rows of one ingest task's id range)."""
-    return _rows_in(path, column, low, high, columns)[0]
-
-
-def _rows_in(
-    path: Location, column: str, low: object, high: object, columns: list[str] | None
-) -> tuple[pa.Table, list[int]]:
-    with _opened(path) as source:
-        pf = pq.ParquetFile(source)
-        meta, where = pf.metadata, pf.schema_arrow.get_field_index(column)
-        columns = columns or pf.schema_arrow.names
-        found, positions, start = [], [], 0
-        for g in range(meta.num_row_groups):
-            group = meta.row_group(g)
-            stats = group.column(where).statistics
-            if stats is None or not stats.has_min_max or (stats.min <= high and low <= stats.max):
-                table = pf.read_row_group(g, columns=sorted({*columns, column}))
-                values = table.column(column)  # compared in Arrow: a third of a Python loop's time a group
-                inside = pc.fill_null(pc.and_(pc.greater_equal(values, low), pc.less_equal(values, high)), False)
-                found.append(table.filter(inside).select(columns))
-                positions += (start + pc.indices_nonzero(inside).to_numpy()).tolist()
-            start += group.num_rows
-    schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
-    return (pa.concat_tables(found) if found else schema.empty_table()), positions
-
-
-def move(source: Location, target: Location) -> None:
-    """``source`` put in ``target``'s place: locally a rename (atomic); in a bucket a server-side copy (the object
-    appears whole) and the source's removal."""
-    source, target = as_location(source), as_location(target)
-    check_write(target)
-    if is_local(source):
-        os.replace(source, target)
-    else:
-        source.fs.mv(source.path, target.path)
-
-
-def _read_footer(path: Location, read: Callable) -> Any:
-    with _opened(path) as source:  # in a bucket, one ranged read of the footer, not the whole object
-        return read(source)
-
-
-def read_metadata(path: Location) -> pq.FileMetaData:
-    """A Parquet file's footer alone (row counts, schema)."""
-    return _read_footer(path, pq.read_metadata)
-
-
-def read_schema(path: Location) -> pa.Schema:
-    return _read_footer(path, pq.read_schema)
 
 
 def walk_files(folder: Location) -> list[Location]:
@@ -485,3 +314,136 @@ def walk_files(folder: Location) -> list[Location]:
     if not folder.exists():
         return []
     return sorted(folder / os.path.relpath(f, folder.path) for f in folder.fs.find(folder.path))
+
+
+# The files written in the current context (a shard of a stage): path -> (size, crc32 or None). The executor
+# records them in the shard's marker, so that a rerun notices a deleted or truncated output.
+_WRITTEN: contextvars.ContextVar[dict | None] = contextvars.ContextVar("written", default=None)
+
+
+CHECKSUM_MAX_BYTES = 4 << 20  # larger files (feature shards) are checked by size alone: a CRC would re-read them
+
+
+@contextlib.contextmanager
+def recording_writes() -> Iterator[dict[str, tuple[int, int | None]]]:
+    """Collects every atomic write made inside the block (this thread): ``{path: (size, crc32 or None)}``."""
+    written: dict = {}
+    token = _WRITTEN.set(written)
+    try:
+        yield written
+    finally:
+        _WRITTEN.reset(token)
+
+
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Writes inside the block are no stage's outputs: scratch files merged into one and removed (ingest's parts)."""
+    token = _WRITTEN.set(None)
+    try:
+        yield
+    finally:
+        _WRITTEN.reset(token)
+
+
+def file_crc(path: Location) -> int:
+    return zlib.crc32(as_location(path).read_bytes())
+
+
+def note_write(path: Location, data: bytes | None = None) -> None:
+    written = _WRITTEN.get()
+    if written is None:
+        return
+    size = len(data) if data is not None else path.stat().st_size
+    crc = zlib.crc32(data) if data is not None else file_crc(path) if size <= CHECKSUM_MAX_BYTES else None
+    written[str(path)] = (size, crc)
+
+
+def atomic_write_bytes(path: Location, data: bytes) -> None:
+    """Write ``data`` under ``path`` atomically (locally a temp file renamed into place; in a bucket one PUT, or a
+    multipart upload completed last), and record it."""
+    path = as_location(path)
+    if is_local(path):
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+        atomic_local(path, write)
+    else:
+        check_write(path)
+        path.fs.pipe_file(path.path, data)
+    note_write(path, data)
+
+
+def atomic_write_stream(path: Location, write: Callable[[BinaryIO], object]) -> None:
+    """A file too large to hold in memory, atomically: ``write(f)`` fills a temporary file (beside it, or local for
+    a bucket) that is then renamed into place (or uploaded: the object appears when complete); recorded."""
+    path = as_location(path)
+    if is_local(path):
+
+        def fill(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                write(f)
+
+        atomic_local(path, fill)
+    else:
+        check_write(path)
+        with tempfile.NamedTemporaryFile(prefix=".tmp-") as f:
+            write(f)
+            f.flush()
+            path.fs.put_file(f.name, path.path)
+    note_write(path)
+
+
+def atomic_write_many(items: list[tuple[Location, bytes]]) -> None:
+    """A shard's many small files (masks): each atomic, to a bucket concurrently; each recorded."""
+    items = [(as_location(p), d) for p, d in items]
+    remote = [(p, d) for p, d in items if not is_local(p)]
+    for p, _ in remote:
+        check_write(p)
+    for p, d in items:
+        if is_local(p):
+            atomic_write_bytes(p, d)
+    if remote:
+        remote[0][0].fs.pipe({p.path: d for p, d in remote})
+        for p, d in remote:
+            note_write(p, d)
+
+
+def atomic_replace(source: Location, target: Location) -> None:
+    """A complete file written elsewhere put in ``target``'s place: locally a rename; in a bucket a server-side
+    copy (the object appears whole) and the source's removal. Recorded."""
+    source, target = as_location(source), as_location(target)
+    check_write(target)
+    if is_local(source):
+        os.replace(source, target)
+    else:
+        source.fs.mv(source.path, target.path)
+    note_write(target)
+
+
+def atomic_write_text(path: Location, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Location, obj: object) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default))
+
+
+def _json_default(o: object) -> object:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, os.PathLike):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: Location, default: Any = None) -> Any:
+    try:
+        return json.loads(get_bytes(path))
+    except FileNotFoundError:
+        return default

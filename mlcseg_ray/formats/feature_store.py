@@ -27,8 +27,8 @@ import pyarrow as pa
 import torch
 
 from ..core.config import Config
-from ..core.storage import read_schema, read_table
-from ..core.store import FEATURE_SCHEMA_VERSION, RunDir, atomic_write_table, list_shards
+from ..core.run_dir import FEATURE_SCHEMA_VERSION, RunDir, list_shards
+from ..core.tables import atomic_write_table, read_schema, read_table
 from ..ops.kmeans import EPS, check_finite, unit_vectors
 
 META_KEY = b"mlcseg"

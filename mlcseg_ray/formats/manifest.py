@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..core.config import Config
-from ..core.storage import as_location, iter_batches, read_table, rows_between
-from ..core.store import RunDir, atomic_write_tables
+from ..core.run_dir import RunDir
+from ..core.storage import as_location
+from ..core.tables import atomic_write_tables, iter_batches, read_table, rows_between
 
 MANIFEST_SCHEMA = pa.schema(
     [

@@ -31,16 +31,10 @@ import pyarrow.compute as pc
 
 from ..core.config import Config
 from ..core.fanout import serial_map
+from ..core.run_dir import RunDir, list_shards, shard_index
 from ..core.stage import MapFn
-from ..core.storage import read_metadata, read_table
-from ..core.store import (
-    RunDir,
-    atomic_write_json,
-    atomic_write_table,
-    list_shards,
-    read_tables,
-    shard_index,
-)
+from ..core.storage import atomic_write_json
+from ..core.tables import atomic_write_table, read_metadata, read_table, read_tables
 from ..formats.feature_store import Patches, image_runs, list_to_numpy, read_patches, unit_keys
 from ..ops.kmeans import (
     EPS,

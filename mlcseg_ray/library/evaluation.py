@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.fanout import serial_map
+from ..core.run_dir import RunDir
 from ..core.stage import MapFn
-from ..core.storage import anchored, as_location, make_folder
-from ..core.store import RunDir, atomic_write_bytes, atomic_write_json
+from ..core.storage import anchored, as_location, atomic_write_bytes, atomic_write_json, make_folder
 from ..formats.datasets import (
     MASK_EXTENSIONS,
     EvalError,

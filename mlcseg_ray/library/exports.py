@@ -31,8 +31,17 @@ import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
-from ..core.storage import Location, as_location, is_local, path_under, read_table
-from ..core.store import RunDir, atomic_write_bytes, atomic_write_stream, atomic_write_table, atomic_write_text
+from ..core.run_dir import RunDir
+from ..core.storage import (
+    Location,
+    as_location,
+    atomic_write_bytes,
+    atomic_write_stream,
+    atomic_write_text,
+    is_local,
+    path_under,
+)
+from ..core.tables import atomic_write_table, read_table
 from ..formats.masks import png_bytes, voc_palette
 from ..models.backbones import untrained_warning
 from .labelling import coco_info, write_coco

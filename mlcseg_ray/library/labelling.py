@@ -18,16 +18,9 @@ import pyarrow as pa
 from pycocotools import mask as mask_utils
 
 from ..core.config import Config
-from ..core.storage import path_under, read_table, rows_where
-from ..core.store import (
-    RunDir,
-    atomic_concat_tables,
-    atomic_write_json,
-    atomic_write_many,
-    atomic_write_stream,
-    atomic_write_table,
-    list_shards,
-)
+from ..core.run_dir import RunDir, list_shards
+from ..core.storage import atomic_write_json, atomic_write_many, atomic_write_stream, path_under
+from ..core.tables import atomic_concat_tables, atomic_write_table, read_table, rows_where
 from ..formats.feature_store import list_to_numpy
 from ..formats.masks import png_bytes, read_binary, voc_palette
 from ..ops.kmeans import assign, id_hash, row_keys, unit_vectors

@@ -31,17 +31,19 @@ from ..core import storage
 from ..core.errors import BadImage
 from ..core.fanout import serial_map
 from ..core.inputs import InputSpec
+from ..core.run_dir import RunDir, id_problem, printable, shard_name
 from ..core.stage import MapFn
 from ..core.storage import (
     Location,
     anchored,
     as_location,
+    atomic_replace,
     common_folder,
     is_local,
     is_remote,
-    read_table,
+    unrecorded,
 )
-from ..core.store import RunDir, atomic_replace, id_problem, printable, shard_name, unrecorded
+from ..core.tables import read_table
 from ..formats.datasets import find_voc_root
 from ..formats.images import (
     IMAGE_EXTENSIONS,

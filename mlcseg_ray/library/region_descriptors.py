@@ -13,9 +13,9 @@ import torch
 
 from ..core.config import Config
 from ..core.prefetch import ahead_of_use
+from ..core.run_dir import RunDir
 from ..core.stage import attempt
-from ..core.storage import read_table
-from ..core.store import RunDir
+from ..core.tables import read_table
 from ..formats.feature_store import fixed_list, read_patches, read_store_metadata
 from ..formats.images import load_rgb
 from ..formats.manifest import expected_files

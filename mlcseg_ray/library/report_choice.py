@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.storage import read_table
-from ..core.store import RunDir
+from ..core.run_dir import RunDir
+from ..core.tables import read_table
 from ..ops.kmeans import id_hash
 
 FG_BINS = 20

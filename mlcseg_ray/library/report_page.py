@@ -13,8 +13,9 @@ from pathlib import Path
 
 from ..core.config import Config
 from ..core.fanout import MapFn, serial_map
-from ..core.storage import read_metadata
-from ..core.store import RunDir, StatusSummary, atomic_write_text
+from ..core.run_dir import RunDir, StatusSummary
+from ..core.storage import atomic_write_text
+from ..core.tables import read_metadata
 from ..formats.masks import voc_palette
 from ..models.backbones import untrained_warning
 from .report_choice import FG_BINS, REPORT_CHUNK, Choice, MaskFiles, bounded, choose_images, shard_candidates

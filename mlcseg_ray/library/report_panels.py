@@ -12,8 +12,8 @@ from PIL import Image
 
 from ..core.config import Config
 from ..core.errors import BadImage
-from ..core.storage import iter_batches, read_table
-from ..core.store import RunDir
+from ..core.run_dir import RunDir
+from ..core.tables import iter_batches, read_table
 from ..formats.datasets import EvalError, load_ground_truth
 from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
 from ..formats.images import load_rgb

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from ..core.stage import MapFn, Resources, Stage, StageContext
-from ..core.store import atomic_write_table, read_json
+from ..core.storage import read_json
+from ..core.tables import atomic_write_table
 from ..formats.feature_store import read_patches
 from ..library.clustering import LevelFits, cluster_shard, fit_levels, pseudo_table
 

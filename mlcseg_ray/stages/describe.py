@@ -8,8 +8,7 @@ from __future__ import annotations
 from ..core.config import Config
 from ..core.fingerprint import weights_identity
 from ..core.stage import MapFn, Resources, Stage, StageContext
-from ..core.storage import read_table
-from ..core.store import atomic_write_table
+from ..core.tables import atomic_write_table, read_table
 from ..library.region_descriptors import RegionEmbedder, describe_shard
 from ..models.backbones import locate_weights
 

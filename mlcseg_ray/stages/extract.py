@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from ..core.fingerprint import digest, weights_identity
 from ..core.stage import MapFn, Resources, Stage, StageContext
-from ..core.storage import read_table
-from ..core.store import atomic_write_table
+from ..core.tables import atomic_write_table, read_table
 from ..formats.feature_store import (
     FEATURE_WRITE_OPTIONS,
     read_store_metadata,

@@ -16,11 +16,9 @@ import pyarrow as pa
 
 from ..core.errors import NoRunYet
 from ..core.inputs import InputSpec
+from ..core.run_dir import RunDir
 from ..core.stage import MapFn, Stage, StageContext
-from ..core.storage import (
-    read_schema,
-)
-from ..core.store import RunDir
+from ..core.tables import read_schema
 from ..formats.manifest import (
     MANIFEST_SCHEMA,
     manifest_fingerprint,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.stage import MapFn, Resources, Stage, StageContext
-from ..core.storage import read_metadata
+from ..core.tables import read_metadata
 from ..library.labelling import ClassFit, RegionLoader, merge_outputs, write_shard_labels
 from ..ops.kmeans import sampled_kmeans
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..core import storage
+from ..core.run_dir import id_problem
 from ..core.stage import MapFn, Resources, Stage, StageContext, for_each_image
-from ..core.storage import read_table
-from ..core.store import atomic_write_many, id_problem
+from ..core.storage import atomic_write_many
+from ..core.tables import read_table
 from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
 from ..formats.images import load_rgb
 from ..formats.manifest import expected_files

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.config import Config
-from ..core.storage import read_schema, read_table
-from ..core.store import RunDir, atomic_write_json, list_shards, shard_index
+from ..core.run_dir import RunDir, list_shards, shard_index
+from ..core.storage import atomic_write_json
+from ..core.tables import read_schema, read_table
 from ..formats.datasets import GroundTruth
 from ..formats.feature_store import GEOMETRY_COLUMNS, first_store_metadata
 from ..formats.images import load_rgb

@@ -9,7 +9,7 @@ from pathlib import Path
 from helpers import VOC_SUBSET, need
 from mlcseg_ray.core.config import SCHEDULING_KEYS, Config
 from mlcseg_ray.core.inputs import RunInputs
-from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.core.run_dir import RunDir
 from mlcseg_ray.pipeline import STAGES, Pipeline
 
 CURRENT = contextvars.ContextVar("stage", default=None)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from helpers import TINY_CONFIG, VOC_SUBSET, need
 from mlcseg_ray.core.config import Config
-from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.core.run_dir import RunDir
 from mlcseg_ray.pipeline import STAGES, Pipeline
 
 ALL = [s.name for s in STAGES if s.name != "evaluate"]

@@ -13,7 +13,7 @@ from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.errors import StageOrderError
 from mlcseg_ray.core.inputs import RunInputs
 from mlcseg_ray.core.integrity import verify_run
-from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.core.run_dir import RunDir
 from mlcseg_ray.pipeline import STAGES, Pipeline
 
 ALL = [s.name for s in STAGES if s.name != "evaluate"]

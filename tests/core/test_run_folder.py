@@ -17,7 +17,7 @@ from PIL import Image
 from helpers import MLCSEG, TINY_CONFIG, copy_voc_images
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.errors import RunLocked
-from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.core.run_dir import RunDir
 from mlcseg_ray.formats.manifest import manifest_fingerprint
 from mlcseg_ray.pipeline import Pipeline
 
@@ -294,7 +294,7 @@ def test_a_live_holder_on_this_host_is_named(tmp_path):
         [
             sys.executable,
             "-c",
-            f"import time; from mlcseg_ray.core.store import RunDir; "
+            f"import time; from mlcseg_ray.core.run_dir import RunDir; "
             f"cm = RunDir({str(run.root)!r}).lock('holder'); cm.__enter__(); time.sleep(60)",
         ]
     )

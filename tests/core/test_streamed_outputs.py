@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from helpers import TINY_CONFIG, copy_voc_images
-from mlcseg_ray.core import executor, storage, store
+from mlcseg_ray.core import executor, run_dir, tables
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.fingerprint import digest
-from mlcseg_ray.core.store import STATUS_SCHEMA, RunDir
+from mlcseg_ray.core.run_dir import STATUS_SCHEMA, RunDir
 from mlcseg_ray.formats.manifest import MANIFEST_SCHEMA, manifest_fingerprint, write_manifest
 from mlcseg_ray.pipeline import Pipeline
 
@@ -57,8 +57,8 @@ def test_the_status_streamed_equals_the_one_built_from_every_row(tmp_path, monke
     (images / "2007_000000_text.jpg").write_text("not a picture\n")  # an ingest error
     (images / "2007_000001_cut.jpg").write_bytes(photos[1].read_bytes()[:3000])  # a header that reads, data cut
     # batches of 2 manifest rows and row groups of 3: every image crosses a batch or a group boundary somewhere
-    monkeypatch.setattr(executor, "iter_batches", functools.partial(storage.iter_batches, batch_size=2))
-    monkeypatch.setattr(store, "STATUS_GROUP_ROWS", 3)
+    monkeypatch.setattr(executor, "iter_batches", functools.partial(tables.iter_batches, batch_size=2))
+    monkeypatch.setattr(run_dir, "STATUS_GROUP_ROWS", 3)
     cfg = Config(**TINY_CONFIG, shard_size=2)
     pipe = Pipeline(tmp_path / "run", cfg, images=str(images), backend="local")
     pipe.run()
@@ -93,13 +93,13 @@ def test_a_streamed_files_bytes_depend_on_its_rows_not_on_how_the_stream_was_cut
     for name, sizes in cuts.items():
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         parts = (rows.slice(s, n) for s, n in zip(starts, sizes, strict=True))
-        storage.put_tables(tmp_path / name, STATUS_SCHEMA, parts, 4)
+        tables.atomic_write_tables(tmp_path / name, STATUS_SCHEMA, parts, 4)
         written[name] = (tmp_path / name).read_bytes()
     assert len(set(written.values())) == 1
     meta = pq.ParquetFile(tmp_path / "one").metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4, 2]
     assert pq.read_table(tmp_path / "one").equals(rows)
-    storage.put_tables(tmp_path / "none", STATUS_SCHEMA, iter(()), 4)  # no rows: a valid empty table
+    tables.atomic_write_tables(tmp_path / "none", STATUS_SCHEMA, iter(()), 4)  # no rows: a valid empty table
     assert pq.read_table(tmp_path / "none").schema.equals(STATUS_SCHEMA) and not pq.read_table(tmp_path / "none")
 
 

@@ -22,7 +22,8 @@ from helpers import MLCSEG, TINY, TINY_CONFIG, VOC_SUBSET, mlcseg, need
 from mlcseg_ray.core import storage
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.inputs import InputSpec, RunInputs
-from mlcseg_ray.core.store import RunDir, atomic_write_many, id_problem
+from mlcseg_ray.core.run_dir import RunDir, id_problem
+from mlcseg_ray.core.storage import atomic_write_many
 from mlcseg_ray.formats.masks import png_bytes
 from mlcseg_ray.library.listing import ProbeSettings, build_manifest
 from mlcseg_ray.library.listing import list_images as listing_of
@@ -381,10 +382,10 @@ def test_the_write_check_follows_links_and_names(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     (run / "masks" / "sub").symlink_to(tmp_path / "elsewhere")
     with storage.confined_to(run):
-        storage.put_bytes(run / "masks" / "a.png", b"x")
+        storage.atomic_write_bytes(run / "masks" / "a.png", b"x")
         for path in (run / "masks" / "sub" / "b.png", run / ".." / "c.png", tmp_path / "d.png"):
             with pytest.raises(storage.OutsideRunFolder):
-                storage.put_bytes(path, b"x")
+                storage.atomic_write_bytes(path, b"x")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "elsewhere", "masks", "run", "sub"]
     assert storage.contains(storage.as_location("s3://b/run"), storage.as_location("s3://b/run/masks/a.png"))
     assert not storage.contains(storage.as_location("s3://b/run"), storage.as_location("s3://b/run/../x.png"))

@@ -166,7 +166,7 @@ def test_hf_export_loads_with_datasets_and_its_masks_are_the_runs(tiny_run, tmp_
 
 
 def test_the_classes_are_read_from_the_coco_files_tail_however_many(tmp_path):
-    from mlcseg_ray.core.store import RunDir
+    from mlcseg_ray.core.run_dir import RunDir
     from mlcseg_ray.library.exports import _classes
 
     run = RunDir(tmp_path)

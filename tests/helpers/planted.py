@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from mlcseg_ray.core.store import RunDir, atomic_write_table
+from mlcseg_ray.core.run_dir import RunDir
+from mlcseg_ray.core.tables import atomic_write_table
 from mlcseg_ray.formats.feature_store import brought_store_metadata, write_store_shard
 
 GT_SCHEMA = pa.schema(

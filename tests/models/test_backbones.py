@@ -234,7 +234,7 @@ def test_bf16_agrees_with_fp32_on_the_voc_photos(tmp_path):
 
     from helpers import VOC_SUBSET, need
     from mlcseg_ray.core.config import Config
-    from mlcseg_ray.core.store import RunDir
+    from mlcseg_ray.core.run_dir import RunDir
     from mlcseg_ray.formats.feature_store import first_store_metadata
     from mlcseg_ray.formats.images import load_rgb
     from mlcseg_ray.library.clustering import read_pseudo

@@ -8,7 +8,7 @@ import pytest
 from helpers import VOC_MASKS, need
 from helpers.planted import PlantedSpec, foreground_iou, generate
 from mlcseg_ray.core.config import Config
-from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.core.run_dir import RunDir
 from mlcseg_ray.formats.feature_store import brought_store_metadata, write_store_shard
 from mlcseg_ray.library.clustering import read_pseudo
 from mlcseg_ray.ops.levels import combine_votes, fg_from_cues, majority_flags, relative_flags

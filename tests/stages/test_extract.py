@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from helpers import copy_voc_images
 from helpers.badinputs import make_corpus
 from mlcseg_ray.core.config import Config
-from mlcseg_ray.core.store import list_shards
+from mlcseg_ray.core.run_dir import list_shards
 from mlcseg_ray.formats.feature_store import key_matrix, read_store_metadata
 from mlcseg_ray.library.extraction import geometry
 from mlcseg_ray.pipeline import Pipeline

@@ -9,7 +9,7 @@ from PIL import Image
 from helpers import COCO_SUBSET, VOC_SUBSET, need
 from helpers.badinputs import make_corpus
 from mlcseg_ray.core.inputs import InputSpec
-from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.core.run_dir import RunDir
 from mlcseg_ray.formats.images import BadImage, load_rgb, to_rgb
 from mlcseg_ray.formats.manifest import read_manifest
 from mlcseg_ray.library.listing import ProbeSettings, build_manifest, list_inputs

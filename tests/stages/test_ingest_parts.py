@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mlcseg_ray.core import storage
+from mlcseg_ray.core import tables
 from mlcseg_ray.core.inputs import InputSpec
-from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.core.run_dir import RunDir
 from mlcseg_ray.formats.manifest import manifest_fingerprint, read_manifest
 from mlcseg_ray.library import listing as listing_module
 from mlcseg_ray.library.listing import ProbeSettings, build_manifest, list_images
@@ -104,10 +104,10 @@ def test_rows_between_reads_the_range_from_the_groups_that_can_hold_it(tmp_path)
     path = tmp_path / "t.parquet"
     ids = [f"{i:03d}" for i in range(20)]
     pq.write_table(pa.table({"image_id": ids, "n": list(range(20))}), path, row_group_size=4)
-    got = storage.rows_between(path, "image_id", "005", "013")
+    got = tables.rows_between(path, "image_id", "005", "013")
     assert got.column("n").to_pylist() == list(range(5, 14))
-    assert storage.rows_between(path, "image_id", "0055", "0057").num_rows == 0
-    assert storage.rows_where(path, "image_id", "007")[1] == [7]
+    assert tables.rows_between(path, "image_id", "0055", "0057").num_rows == 0
+    assert tables.rows_where(path, "image_id", "007")[1] == [7]
 
 
 def test_a_folder_without_subfolders_is_listed_on_the_driver(tmp_path):

@@ -184,7 +184,7 @@ def test_coco_json_round_trips_to_the_masks(e2e):
 def test_each_label_shard_finds_its_own_coco_ids(e2e, tmp_path):
     """A label task reads its images' COCO ids itself (no map of every image shipped to every task): together the
     shards give each image its position in the sorted manifest; a brought-in store, its position among its ids."""
-    from mlcseg_ray.core.store import RunDir
+    from mlcseg_ray.core.run_dir import RunDir
     from mlcseg_ray.library.labelling import coco_image_ids
 
     run = e2e[0].run_dir
@@ -365,7 +365,7 @@ def test_crops_are_the_configured_size():
 
 
 def test_a_shards_crops_go_to_the_embedder_together(e2e):
-    from mlcseg_ray.core.store import shard_index
+    from mlcseg_ray.core.run_dir import shard_index
     from mlcseg_ray.library.region_descriptors import describe_shard
 
     pipe = e2e[0]

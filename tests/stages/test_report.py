@@ -14,7 +14,7 @@ from PIL import Image
 from helpers import VOC_SUBSET, need
 from helpers.browser import probe, screenshot
 from mlcseg_ray.core.config import Config
-from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.core.run_dir import RunDir
 from mlcseg_ray.library.report_choice import bounded, candidates, choose_images
 from mlcseg_ray.library.report_panels import CROP, GALLERY_SIZE, PANEL
 from mlcseg_ray.pipeline import Pipeline

@@ -12,7 +12,7 @@ from PIL import Image
 from helpers import COCO_SUBSET, TINY, VOC_MASKS, VOC_SUBSET, mlcseg, need
 from helpers.planted import PlantedSpec, generate
 from mlcseg_ray.core.config import Config
-from mlcseg_ray.core.store import RunDir
+from mlcseg_ray.core.run_dir import RunDir
 from mlcseg_ray.formats.datasets import load_ground_truth
 from mlcseg_ray.library.clustering import read_pseudo
 from mlcseg_ray.tools.ablate import RULES, ablate, rule_score

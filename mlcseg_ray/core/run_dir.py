@@ -1,36 +1,32 @@
-"""The run folder: every path in it, atomic writes, shard markers, image status and the lock.
+"""The run folder: every path in it, shard markers, image status and the lock.
 
-The folder is local or in a bucket (``s3://``, ``gs://``): every read and write goes through ``core/storage.py``.
-A shard's outputs are written atomically (locally a temporary name in the same folder renamed into place; in a
-bucket one PUT or a multipart upload completed last), and only then its marker ``_state/<stage>/NNNNN`` (by the
-executor). No reader ever sees a half-written file: readers list only final names (``shard-*.parquet``), never
-``.tmp-*``. Local files take the mode the user's umask gives (``mkstemp`` alone would leave them 0600, unreadable to
-the other users of a shared file system).
+The folder is local or in a bucket (``s3://``, ``gs://``); every read and write goes through the file-system layer
+(``core/storage.py``, Parquet in ``core/tables.py``), which writes atomically: a shard's outputs are in place before
+the executor writes its marker ``_state/<stage>/NNNNN``, and readers list only final names (``shard-*.parquet``),
+never ``.tmp-*``. Nothing else builds a path under the run folder's root.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import logging
 import os
 import socket
 import time
 import unicodedata
-import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import storage
 from .errors import RunLocked, UnsafeImageId
-from .storage import Location, anchored, as_location, get_bytes, is_local, read_table
+from .storage import Location, anchored, as_location, atomic_write_json, is_local, read_json
+from .tables import atomic_write_tables, iter_batches, read_table, rows_where
 
 FEATURE_SCHEMA_VERSION = "2"  # 2: key as fixed-size binary float16 (1: fixed_size_list, still read)
 log = logging.getLogger("mlcseg_ray")
@@ -38,127 +34,6 @@ log = logging.getLogger("mlcseg_ray")
 
 def shard_name(index: int, prefix: str = "shard", suffix: str = ".parquet") -> str:
     return f"{prefix}-{index:05d}{suffix}"
-
-
-# The files written in the current context (a shard of a stage): path -> (size, crc32 or None). The executor
-# records them in the shard's marker, so that a rerun notices a deleted or truncated output.
-_WRITTEN: contextvars.ContextVar[dict | None] = contextvars.ContextVar("written", default=None)
-CHECKSUM_MAX_BYTES = 4 << 20  # larger files (feature shards) are checked by size alone: a CRC would re-read them
-
-
-@contextlib.contextmanager
-def recording_writes() -> Iterator[dict[str, tuple[int, int | None]]]:
-    """Collects every atomic write made inside the block (this thread): ``{path: (size, crc32 or None)}``."""
-    written: dict = {}
-    token = _WRITTEN.set(written)
-    try:
-        yield written
-    finally:
-        _WRITTEN.reset(token)
-
-
-@contextlib.contextmanager
-def unrecorded() -> Iterator[None]:
-    """Writes inside the block are no stage's outputs: scratch files merged into one and removed (ingest's parts)."""
-    token = _WRITTEN.set(None)
-    try:
-        yield
-    finally:
-        _WRITTEN.reset(token)
-
-
-def file_crc(path: Location) -> int:
-    return zlib.crc32(as_location(path).read_bytes())
-
-
-def _note_write(path: Location, data: bytes | None = None) -> None:
-    written = _WRITTEN.get()
-    if written is None:
-        return
-    size = len(data) if data is not None else path.stat().st_size
-    crc = zlib.crc32(data) if data is not None else file_crc(path) if size <= CHECKSUM_MAX_BYTES else None
-    written[str(path)] = (size, crc)
-
-
-def atomic_write_table(path: Location, table: pa.Table, **kwargs: object) -> None:
-    path = as_location(path)
-    if is_local(path):
-        storage.put_table(path, table, **kwargs)
-        _note_write(path)
-    else:
-        atomic_write_bytes(path, storage.table_bytes(table, **kwargs))
-
-
-def atomic_write_bytes(path: Location, data: bytes) -> None:
-    path = as_location(path)
-    storage.put_bytes(path, data)
-    _note_write(path, data)
-
-
-def atomic_write_many(items: list[tuple[Location, bytes]]) -> None:
-    """A shard's many small files (masks): each atomic, to a bucket concurrently."""
-    items = [(as_location(p), d) for p, d in items]
-    storage.put_many(items)
-    for p, d in items:
-        _note_write(p, d)
-
-
-def atomic_write_tables(path: Location, schema: pa.Schema, tables: Iterable[pa.Table], group_rows: int) -> None:
-    """A stream of tables into one Parquet file at ``path``, atomically, in row groups of ``group_rows`` rows (the
-    bytes do not depend on how the stream was cut)."""
-    path = as_location(path)
-    storage.put_tables(path, schema, tables, group_rows)
-    _note_write(path)
-
-
-def atomic_write_stream(path: Location, write: Callable[[BinaryIO], object]) -> None:
-    """``write(f)`` streamed into ``path`` atomically (a merged output that should never be one object in memory)."""
-    path = as_location(path)
-    storage.put_stream(path, write)
-    _note_write(path)
-
-
-def atomic_replace(source: Location, target: Location) -> None:
-    """A file written elsewhere (complete) put in ``target``'s place."""
-    storage.move(source, target)
-    _note_write(as_location(target))
-
-
-def atomic_concat_tables(path: Location, parts: list[Location]) -> None:
-    """Shard parts -> one table at ``path``, atomically, never all of it in memory (an empty table without parts)."""
-    path = as_location(path)
-    if not parts:
-        atomic_write_table(path, pa.table({}))
-        return
-    storage.put_concatenated(path, parts)
-    _note_write(path)
-
-
-def atomic_write_text(path: Location, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Location, obj: object) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default))
-
-
-def _json_default(o: object) -> object:
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, os.PathLike):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def read_json(path: Location, default: Any = None) -> Any:
-    try:
-        return json.loads(get_bytes(path))
-    except FileNotFoundError:
-        return default
 
 
 # An image id names its outputs (``masks/<id>.png``), so it must be a relative path of plain segments. Longer ones
@@ -344,7 +219,7 @@ class RunDir:
 
     def manifest_rows(self, shard: int) -> list[dict]:
         """The manifest's rows of one shard (what extract reads, and what later stages check images against)."""
-        return storage.rows_where(self.manifest, "shard", shard)[0].to_pylist()
+        return rows_where(self.manifest, "shard", shard)[0].to_pylist()
 
     # --- stage state: markers and the stage record ---
     def state(self, stage: str) -> Location:
@@ -403,7 +278,7 @@ class RunDir:
         out = StatusSummary()
         if not self.status.exists():
             return out
-        for batch in storage.iter_batches(self.status, columns=["image_id", "stage", "status", "error", "flag"]):
+        for batch in iter_batches(self.status, columns=["image_id", "stage", "status", "error", "flag"]):
             out.images += batch.num_rows
             flags = batch.column("flag").drop_null().to_pylist()
             out.flags.update(flags)
@@ -533,11 +408,6 @@ def markers(state: Location) -> list[Location]:
 
 def shard_index(path: Location) -> int:
     return int(as_location(path).stem.split("-")[-1])
-
-
-def read_tables(paths: Iterable[Location], columns: list[str] | None = None) -> pa.Table:
-    tables = [read_table(p, columns=columns) for p in paths]
-    return pa.concat_tables(tables) if tables else pa.table({})
 
 
 def remove_stale_temp_files(*folders: Location) -> None:
