@@ -22,51 +22,28 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
-
-import pyarrow as pa
 
 from .backend import Backend
 from .config import Config
 from .errors import NoUsableImages, StageFailed, StageOrderError
 from .fanout import serial_map
-from .fingerprint import digest
+from .fingerprint import digest, why_changed
 from .inputs import RunInputs
 from .integrity import declared_outputs, stage_damage
 from .progress import progress_bar
-from .run_dir import STATUS_SCHEMA, RunDir, list_shards, markers, remove_stale_temp_files, shard_index
+from .run_dir import RunDir, markers, remove_stale_temp_files
+from .shard_work import actor_shard, confined_task, shard_task
 from .stage import MapFn, Stage, StageContext
-from .storage import atomic_write_json, confined_to, is_remote, read_json, recording_writes, walk_files
-from .tables import iter_batches, read_table
+from .status import write_status
+from .storage import atomic_write_json, is_remote, read_json, recording_writes, walk_files
 
 log = logging.getLogger("mlcseg_ray")
 # A command with nothing else to compute maps at most this many items in the driver (the report's few shards of a
 # finished run): starting a cluster for them would cost far more than they do.
 IN_PROCESS_ITEMS = 8
-
-
-def run_shard(stage: Stage, ctx: StageContext, shard: int, shared: Any, fingerprint: str, worker: Any = None) -> dict:
-    """One shard of a stage, then its marker: the outputs are in place before the marker says so."""
-    t0 = time.perf_counter()
-    with confined_to(ctx.run.root):  # the shard's outputs and its marker stay in the run folder
-        with recording_writes() as written:
-            result = stage.process_shard(ctx, shard, shared, worker) or {}
-        result["seconds"] = round(time.perf_counter() - t0, 4)
-        outputs = declared_outputs(stage.writes, ctx.run, written)  # what a rerun checks is still there
-        inputs = {"inputs": stage.shard_inputs(ctx, shard)} if stage.per_shard_inputs else {}
-        atomic_write_json(
-            ctx.run.marker(stage.name, shard), {"fingerprint": fingerprint, **result, **inputs, "outputs": outputs}
-        )
-    return result
-
-
-def confined_task(item: Any, root: str, fn: Callable, *shared: Any) -> Any:
-    """``fn(item, *shared)`` with its writes confined to the run folder ``root``: a task of a stage's global part,
-    in any worker."""
-    with confined_to(root):
-        return fn(item, *shared)
 
 
 class Executor:
@@ -120,7 +97,7 @@ class Executor:
         res = stage.resources_for(self.cfg)
         with progress_bar(stage.name, total=len(todo), unit="shards") as advance:
             if res.actor:
-                work = functools.partial(_actor_shard, stage, ctx, shared, fp)
+                work = functools.partial(actor_shard, stage, ctx, shared, fp)
                 self.backend.map_actors(
                     functools.partial(stage.setup, ctx),
                     work,
@@ -131,7 +108,7 @@ class Executor:
                     on_done=advance,
                 )
             else:
-                self.backend.map(_shard_task, todo, stage, ctx, shared, fp, resources=res, on_done=advance)
+                self.backend.map(shard_task, todo, stage, ctx, shared, fp, resources=res, on_done=advance)
 
     # ------------------------------------------------------------------ fingerprints
     def _basis(self, stage: Stage, ctx: StageContext, fps: dict) -> dict:
@@ -179,22 +156,6 @@ class Executor:
             }
             self.marker_fps[name] = digest(own) if stage.per_shard_inputs else fps[name]
         return fps, bases
-
-    @staticmethod
-    def _why(old: dict, new: dict) -> str:
-        """What changed between a stage's recorded basis and today's, in a few words."""
-        if not old:
-            return "made with an earlier version of mlcseg_ray"
-        changed = [
-            f"{k} {old.get('config', {}).get(k)!r} -> {v!r}"
-            for k, v in new.get("config", {}).items()
-            if old.get("config", {}).get(k) != v
-        ]
-        changed += [f"{u} changed" for u, v in new.get("upstream", {}).items() if old.get("upstream", {}).get(u) != v]
-        changed += [f"{k} changed" for k, v in new.get("inputs", {}).items() if old.get("inputs", {}).get(k) != v]
-        if old.get("version") != new.get("version"):
-            changed.append("stage code changed")
-        return ", ".join(changed) or "inputs changed"
 
     def _invalidate(self, name: str, why: str, planned: list[str]) -> None:
         stage = self.stages[name]
@@ -263,7 +224,7 @@ class Executor:
                 name, fps[name]
             )
             if rec and not self.stages[name].source and changed:
-                self._invalidate(name, self._why(rec.get("basis"), bases.get(name, {})), planned)
+                self._invalidate(name, why_changed(rec.get("basis"), bases.get(name, {})), planned)
         self.cfg.save(self.run.config)
         self.run.update_record(
             config_fingerprint=digest(self.cfg.model_dump()), fingerprints={n: fps[n] for n in self.order}
@@ -318,7 +279,7 @@ class Executor:
                 why = (
                     "has not run"
                     if rec is None
-                    else f"is out of date ({self._why(rec.get('basis'), bases.get(up, {}))})"
+                    else f"is out of date ({why_changed(rec.get('basis'), bases.get(up, {}))})"
                     if rec.get("fingerprint") != fps[up]
                     else "did not finish"
                 )
@@ -469,57 +430,13 @@ class Executor:
             self.status_stale = False
 
     def _write_status(self) -> None:
-        """``status.parquet``: every image once, ok or the first stage's error, its flag (empty/full mask, or below
-        ``min_confidence``) and its confidence: what the stages' markers say (a later stage's flag wins). Built a
-        batch of the manifest at a time (its order: by image id), each shard's markers read once while its images
-        come (a few shards at a time: the driver never holds every row)."""
+        """``status.parquet`` from the markers of every stage that has run (core/status.py)."""
         stages = []
         for name in self.order:
             rec = self._record(name)
             if rec is not None and self.run.state(name).is_dir():
                 stages.append((name, rec.get("marker_fingerprint", rec.get("fingerprint"))))
-        verdicts = functools.lru_cache(maxsize=256)(functools.partial(shard_verdicts, self.run, stages))
-        self.run.write_status(status_rows(batch, verdicts) for batch in image_batches(self.run))
-
-
-def image_batches(run: RunDir) -> Iterator[list[dict]]:
-    """Every image's (image_id, uri, status, error, shard) as ingest saw it, a batch at a time: the manifest's
-    batches, or for a brought-in store its image tables shard by shard."""
-    columns = ["image_id", "uri", "status", "error", "shard"]
-    if run.manifest.exists():
-        yield from (b.to_pylist() for b in iter_batches(run.manifest, columns=columns))
-        return
-    for p in list_shards(run.image_tables):
-        rows = read_table(p, columns=columns[:-1]).to_pylist()
-        yield sorted(({**r, "shard": shard_index(p)} for r in rows), key=lambda r: r["image_id"])
-
-
-def shard_verdicts(run: RunDir, stages: list[tuple[str, str]], shard: int) -> dict[str, dict]:
-    """Per image of a shard, what the current markers of ``stages`` (name, fingerprint; in stage order) say of it:
-    the first stage that failed it, the last flag and confidence given."""
-    out: dict[str, dict] = {}
-    for name, fp in stages:
-        m = read_json(run.marker(name, shard)) or {}
-        if m.get("fingerprint") != fp:
-            continue
-        for image_id, err in m.get("errors", {}).items():
-            out.setdefault(image_id, {}).setdefault("failed", (name, err))
-        for image_id, flag in m.get("flags", {}).items():
-            out.setdefault(image_id, {})["flag"] = flag
-        for image_id, confidence in m.get("confidence", {}).items():
-            out.setdefault(image_id, {})["confidence"] = confidence
-    return out
-
-
-def status_rows(batch: list[dict], verdicts: Callable[[int], dict[str, dict]]) -> pa.Table:
-    """Ingest's rows of some images, with what the stages said of each: ``status.parquet``'s rows."""
-    for r in batch:
-        said = verdicts(r.pop("shard")).get(r["image_id"], {})
-        r.update(stage="ingest" if r["status"] != "ok" else None, flag=said.get("flag"))
-        r["confidence"] = said.get("confidence")
-        if r["status"] == "ok" and "failed" in said:
-            r.update(status="error", stage=said["failed"][0], error=said["failed"][1])
-    return pa.Table.from_pylist(batch, schema=STATUS_SCHEMA)
+        write_status(self.run, stages)
 
 
 PER_IMAGE_KEYS = ("outputs", "inputs", "confidence")  # a marker's parts that grow with its images and files
@@ -528,11 +445,3 @@ PER_IMAGE_KEYS = ("outputs", "inputs", "confidence")  # a marker's parts that gr
 def _summary_of(marker: dict) -> dict:
     """A shard marker without its per-image and per-file parts (the driver keeps one per shard)."""
     return {k: v for k, v in marker.items() if k not in PER_IMAGE_KEYS}
-
-
-def _shard_task(shard: int, stage: Stage, ctx: StageContext, shared: Any, fp: str) -> dict:
-    return run_shard(stage, ctx, shard, shared, fp)
-
-
-def _actor_shard(stage: Stage, ctx: StageContext, shared: Any, fp: str, shard: int, worker: Any) -> dict:
-    return run_shard(stage, ctx, shard, shared, fp, worker)

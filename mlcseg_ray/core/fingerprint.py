@@ -30,3 +30,19 @@ def weights_identity(path: str | None) -> dict | None:
     except OSError:
         return {"path": str(path)}  # the loader reports a missing file clearly
     return {"path": os.path.realpath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def why_changed(old: dict, new: dict) -> str:
+    """What changed between a stage's recorded basis and today's, in a few words."""
+    if not old:
+        return "made with an earlier version of mlcseg_ray"
+    changed = [
+        f"{k} {old.get('config', {}).get(k)!r} -> {v!r}"
+        for k, v in new.get("config", {}).items()
+        if old.get("config", {}).get(k) != v
+    ]
+    changed += [f"{u} changed" for u, v in new.get("upstream", {}).items() if old.get("upstream", {}).get(u) != v]
+    changed += [f"{k} changed" for k, v in new.get("inputs", {}).items() if old.get("inputs", {}).get(k) != v]
+    if old.get("version") != new.get("version"):
+        changed.append("stage code changed")
+    return ", ".join(changed) or "inputs changed"

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from helpers import TINY_CONFIG, copy_voc_images
-from mlcseg_ray.core import executor, run_dir, tables
+from mlcseg_ray.core import run_dir, tables
+from mlcseg_ray.core import status as status_module
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.fingerprint import digest
 from mlcseg_ray.core.run_dir import STATUS_SCHEMA, RunDir
@@ -57,7 +58,7 @@ def test_the_status_streamed_equals_the_one_built_from_every_row(tmp_path, monke
     (images / "2007_000000_text.jpg").write_text("not a picture\n")  # an ingest error
     (images / "2007_000001_cut.jpg").write_bytes(photos[1].read_bytes()[:3000])  # a header that reads, data cut
     # batches of 2 manifest rows and row groups of 3: every image crosses a batch or a group boundary somewhere
-    monkeypatch.setattr(executor, "iter_batches", functools.partial(tables.iter_batches, batch_size=2))
+    monkeypatch.setattr(status_module, "iter_batches", functools.partial(tables.iter_batches, batch_size=2))
     monkeypatch.setattr(run_dir, "STATUS_GROUP_ROWS", 3)
     cfg = Config(**TINY_CONFIG, shard_size=2)
     pipe = Pipeline(tmp_path / "run", cfg, images=str(images), backend="local")
