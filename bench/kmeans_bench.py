@@ -27,7 +27,8 @@ from mlcseg_ray.backends.ray_runtime import init_ray
 from mlcseg_ray.core.run_dir import list_shards
 from mlcseg_ray.formats.feature_store import brought_store_metadata, write_store_shard
 from mlcseg_ray.library.clustering import KeyLoader
-from mlcseg_ray.ops.kmeans import IMAGE_BATCH, assign, batched_kmeans, l2_normalize, sampled_kmeans, unit_vectors
+from mlcseg_ray.ops.batched_kmeans import IMAGE_BATCH, batched_kmeans
+from mlcseg_ray.ops.kmeans import assign, l2_normalize, sampled_kmeans, unit_vectors
 
 
 def mixture(n, dim, k, rng):

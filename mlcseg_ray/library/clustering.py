@@ -36,26 +36,8 @@ from ..core.stage import MapFn
 from ..core.storage import atomic_write_json
 from ..core.tables import atomic_write_table, read_metadata, read_table, read_tables
 from ..formats.feature_store import Patches, image_runs, list_to_numpy, read_patches, unit_keys
-from ..ops.kmeans import (
-    EPS,
-    IMAGE_BATCH,
-    assign,
-    assign_groups,
-    batched_kmeans,
-    bottom_k,
-    check_finite,
-    draw_rows,
-    fit_groups,
-    fit_kmeans,
-    id_hash,
-    keep_probs,
-    kmeans_arrays,
-    kmeans_draws,
-    row_keys,
-    sample_budgets,
-    to_grid,
-    uniforms,
-)
+from ..ops.batched_kmeans import IMAGE_BATCH, batched_kmeans, kmeans_draws
+from ..ops.kmeans import EPS, assign, assign_groups, check_finite, fit_groups, fit_kmeans, kmeans_arrays, to_grid
 from ..ops.levels import (
     combine_votes,
     confidence,
@@ -65,6 +47,7 @@ from ..ops.levels import (
     gap_ratios,
     level_weights,
 )
+from ..ops.sampling import bottom_k, draw_rows, id_hash, keep_probs, row_keys, sample_budgets, uniforms
 
 log = logging.getLogger("mlcseg_ray")
 

@@ -23,8 +23,9 @@ from ..core.storage import atomic_write_json, atomic_write_many, atomic_write_st
 from ..core.tables import atomic_concat_tables, atomic_write_table, read_table, rows_where
 from ..formats.feature_store import list_to_numpy
 from ..formats.masks import png_bytes, read_binary, voc_palette
-from ..ops.kmeans import assign, id_hash, row_keys, unit_vectors
+from ..ops.kmeans import assign, unit_vectors
 from ..ops.regions import find_regions
+from ..ops.sampling import id_hash, row_keys
 
 
 class RegionLoader:

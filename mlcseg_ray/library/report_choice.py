@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core.run_dir import RunDir
 from ..core.tables import read_table
-from ..ops.kmeans import id_hash
+from ..ops.sampling import id_hash
 
 FG_BINS = 20
 REPORT_CHUNK = 1024  # pseudo shards whose candidates are gathered, then bounded, at a time

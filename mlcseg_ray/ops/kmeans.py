@@ -6,17 +6,15 @@
   sample is the rows with the smallest hash (:func:`bottom_k`), and :func:`fit_groups` fits it in memory. No
   process ever holds more than one shard and the sample. ``groups`` clusters many independent sets in the same
   pass (G groups x k centroids).
-* :func:`batched_kmeans`: many small problems (one per image) vectorised over a padded batch with torch; no Python
-  loop per image.
+* many small problems (one per image) vectorised over a padded batch: :mod:`mlcseg_ray.ops.batched_kmeans`.
 
 Results do not depend on how the data is cut into shards: the sample keeps a row by a hash of the row's own key
 (image id and patch, not its shard), vectors are put on a 2^-20 grid so that float64 sums of them are exact in any
-order, and each image's k-means++ draws come from its own id.
+order, and each image's k-means++ draws come from its own id (the keyed draws: :mod:`mlcseg_ray.ops.sampling`).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +23,7 @@ import numpy as np
 import torch
 
 from ..core.fanout import serial_map
-
-# ``load(shard) -> (unit vectors on the grid, group ids, row keys, *extra)``: how a k-means reads one shard
-Loader = Callable[[Any], tuple]
+from .sampling import Loader, bottom_k, draw_rows, keep_probs, sample_budgets
 
 EPS = 1e-12
 
@@ -72,40 +68,6 @@ def unit_vectors(x: np.ndarray, in_place: bool = False) -> np.ndarray:
         np.copyto(block, l2_normalize(block))
         to_grid(block)
     return out
-
-
-# --- deterministic randomness keyed by the data, not by the shard a row happens to be in ---
-
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = (z + np.uint64(0x9E3779B97F4A7C15)) & _M64
-        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
-        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
-        return z ^ (z >> np.uint64(31))
-
-
-def id_hash(ids: Sequence[str]) -> np.ndarray:
-    """A stable 64-bit hash per string id (image ids)."""
-    return np.asarray(
-        [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids], dtype=np.uint64
-    )
-
-
-def row_keys(base: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Per-row keys from a per-row base (an image's hash) and the row's place inside it (its patch index)."""
-    with np.errstate(over="ignore"):
-        spread = np.asarray(offsets, np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        return _splitmix64(np.asarray(base, np.uint64) ^ spread)
-
-
-def uniforms(keys: np.ndarray, seed: int) -> np.ndarray:
-    """A uniform number in [0, 1) per key, for a seed: the same row gets the same number in any shard."""
-    with np.errstate(over="ignore"):
-        z = _splitmix64(np.asarray(keys, np.uint64) ^ _splitmix64(np.full(1, seed, np.uint64)))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,55 +258,6 @@ def reduce_sum(dicts: Iterable[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sample_budgets(sizes: np.ndarray, total: int, k: int) -> np.ndarray:
-    """Rows to draw per group: ``total`` shared equally by the groups, at least 50 per centroid each (a group is
-    never starved), never more than the group holds."""
-    sizes = np.asarray(sizes, np.int64)
-    return np.minimum(sizes, max(total // max(len(sizes), 1), 50 * k)).astype(np.int64)
-
-
-def keep_probs(sizes: np.ndarray, budgets: np.ndarray) -> np.ndarray:
-    """Per group, the chance a shard task keeps a row: a little above budget/size (4 standard deviations and some),
-    so that the ``budget`` rows with the smallest uniform numbers are, but for odds of about 1e-5, all among the
-    rows sent back, and the driver never receives much more than the budget."""
-    b = np.asarray(budgets, np.float64)
-    return np.minimum(1.0, (b + 4 * np.sqrt(b) + 16) / np.maximum(np.asarray(sizes, np.float64), 1))
-
-
-def bottom_k(u: np.ndarray, groups: np.ndarray, keys: np.ndarray, budgets: np.ndarray) -> np.ndarray:
-    """Indices of the ``budgets[g]`` rows of each group g with the smallest uniform number ``u`` (ties by row key),
-    ordered by (group, u): the sample and its order depend on the rows alone, not on the shards they came in."""
-    order = np.lexsort((keys, u, groups))
-    g = groups[order]
-    first = np.searchsorted(g, np.arange(len(budgets)))
-    rank = np.arange(len(order)) - first[g]
-    return order[rank < np.asarray(budgets)[g]]
-
-
-def _draw_task(shard: Any, load: Loader, prob: np.ndarray, seed: int) -> list:
-    x, groups, keys, *extra = load(shard)
-    u = uniforms(keys, seed)
-    keep = u < np.asarray(prob)[groups]
-    return [a[keep] for a in (x, groups, keys, u, *extra)]
-
-
-def draw_rows(
-    shards: Sequence[Any], load: Callable, prob: np.ndarray, seed: int, map_fn: Callable = serial_map
-) -> list[np.ndarray]:
-    """One pass over the shards: every row whose uniform number (from its own key and ``seed``) is below its
-    group's ``prob``. ``load(shard) -> (x, groups, keys, *extra)``; returns the kept rows' (x, groups, keys, u,
-    *extra), concatenated; pick the sample with :func:`bottom_k`."""
-    parts = map_fn(_draw_task, shards, load, prob, seed)
-    if not parts:
-        raise ValueError("k-means: no vectors")
-    cols = []
-    for j in range(len(parts[0])):  # one column at a time, each part dropped once copied
-        cols.append(np.concatenate([p[j] for p in parts]))
-        for p in parts:
-            p[j] = None
-    return cols
-
-
 @dataclass
 class KMeansResult:
     centroids: np.ndarray  # (G, k, D), unit-norm
@@ -430,115 +343,3 @@ def kmeans_arrays(
 
 def _identity_load(chunk: tuple) -> tuple:
     return chunk
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# batched k-means: one small problem per image, vectorised
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _coarse_bmm(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``onehot -> onehot @ round(x * 2^10)`` (the sums in units of a coarse grid, exactly, as float64).
-
-    The Lloyd updates of :func:`batched_kmeans` sum the vectors on a coarse grid (multiples of 2^-10, 1e-3 of a
-    unit vector's length, far below what moves a cluster): in units of that grid they are integers small enough
-    that float32 sums of up to 2^14 of them are exact in any order, so a set's centroids do not depend on the
-    padding of its batch, and no float64 copy of the batch is read on every step. Only the direction of a sum is
-    used, so the grid's scale is never divided out."""
-    units = torch.mul(x, 1024).round_()
-    if x.shape[1] > 1 << 14:  # more rows than float32 sums exactly
-        units = units.double()
-        return lambda onehot: torch.bmm(onehot.double(), units)
-    return lambda onehot: torch.bmm(onehot, units).double()
-
-
-def kmeans_draws(image_ids: Sequence[str], k: int, seed: int) -> np.ndarray:
-    """The uniform numbers :func:`batched_kmeans` seeds each image with, from the image's own id: an image's
-    clustering does not depend on the other images of its batch or shard."""
-    n = 1 + (k - 1) * (2 + int(np.log(k)))
-    base = np.repeat(id_hash(image_ids), n)
-    return uniforms(row_keys(base, np.tile(np.arange(n), len(image_ids))), seed).reshape(len(image_ids), n)
-
-
-IMAGE_BATCH = 4  # images per batched_kmeans call: 4 x 784 x 384 floats stay in cache (16 or more did not)
-
-
-def batched_kmeans(
-    x: np.ndarray,
-    valid: np.ndarray,
-    k: int,
-    iters: int = 20,
-    seed: int = 0,
-    device: str = "cpu",
-    draws: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical k-means on B independent sets at once.
-
-    x: (B, N, D) unit vectors on the grid, zero-padded; valid: (B, N) bool. Returns labels (B, N) (-1 on padding)
-    and centroids (B, k, D). A set with fewer than k points gets one cluster per point. ``draws`` (B, 1 + (k-1) *
-    trials) uniform numbers for the k-means++ seeding of each set (:func:`kmeans_draws`); without them they come
-    from a generator seeded with ``seed``. Centroid sums are exact (:func:`_coarse_bmm`), so a set's result does
-    not depend on the padding its batch needs. Batches of a few images (:data:`IMAGE_BATCH`) stay in cache.
-    """
-    with torch.inference_mode():  # no autograd bookkeeping: a call is a few dozen small tensor operations
-        return _batched_kmeans(x, valid, k, iters, seed, device, draws)
-
-
-def _batched_kmeans(
-    x: np.ndarray, valid: np.ndarray, k: int, iters: int, seed: int, device: str, draws: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    x = torch.as_tensor(x, dtype=torch.float32, device=device)
-    valid = torch.as_tensor(valid, dtype=torch.bool, device=device)
-    B, N, D = x.shape
-    trials = 2 + int(np.log(k))  # greedy k-means++, as for the distributed k-means
-    if draws is None:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        draws = torch.rand(B, 1 + (k - 1) * trials, generator=gen, device=device, dtype=torch.float64)
-    draws = torch.as_tensor(draws, dtype=torch.float64, device=device)
-    n_valid = valid.sum(1)
-    # k-means++ seeding, vectorised over the batch, by inverse-CDF sampling from each set's own draws.
-    cent = torch.zeros(B, k, D, device=device)
-    first = (draws[:, 0] * n_valid.clamp(min=1)).long().clamp(max=N - 1)
-    idx_valid = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid positions first
-    ar = torch.arange(B, device=device)
-    cent[:, 0] = x[ar, idx_valid[ar, first]]
-    seed_sims = [torch.bmm(x, cent[:, 0, :, None])[..., 0]]  # each seed's similarity to every point: (B, N)
-    dist = (1 - seed_sims[0]).clamp(min=0) * valid
-    for i in range(1, k):
-        weights = dist.double()
-        flat = weights.sum(1, keepdim=True) <= EPS  # all points on the centres: any valid point will do
-        weights = torch.where(flat, valid.double(), weights)
-        weights = weights + (weights.sum(1, keepdim=True) <= 0).double()  # an all-padding row: any index
-        cdf = torch.cumsum(weights, dim=1)
-        u = draws[:, 1 + (i - 1) * trials : 1 + i * trials] * cdf[:, -1:]
-        cand = torch.searchsorted(cdf, u, right=True).clamp(max=N - 1)  # (B, trials)
-        cand_x = x[ar[:, None], cand]  # (B, trials, D)
-        cand_sim = torch.bmm(cand_x, x.transpose(1, 2))  # (B, trials, N)
-        cand_d = torch.minimum(dist[:, None], (1 - cand_sim).clamp(min=0) * valid[:, None])
-        best = cand_d.double().sum(-1).argmin(1)
-        cent[:, i] = cand_x[ar, best]
-        dist = cand_d[ar, best]
-        seed_sims.append(cand_sim[ar, best])
-    sim = torch.stack(seed_sims, -1)  # the first assignment, from the seeding's own products
-    labels = None
-    validf = valid.float()
-    ks = torch.arange(k, device=device)[None, :, None]
-    coarse_sum = _coarse_bmm(x)
-    for _ in range(iters):
-        new_labels = (sim if labels is None else torch.bmm(x, cent.transpose(1, 2))).argmax(-1)  # (B, N)
-        if labels is not None and torch.equal(new_labels, labels):
-            break  # converged: the centroids are already this partition's
-        labels = new_labels
-        onehot = (labels[:, None, :] == ks).float() * validf[:, None]  # (B, k, N)
-        sums = coarse_sum(onehot)
-        counts = onehot.sum(2)
-        norm = sums.norm(dim=-1, keepdim=True)
-        cent = torch.where(counts[..., None] > 0, (sums / norm.clamp(min=EPS)).float(), cent)  # empty: keep old
-    else:
-        labels = torch.bmm(x, cent.transpose(1, 2)).argmax(-1)  # the partition of the last centroids
-    # Fewer points than clusters: each point is its own cluster.
-    small = n_valid < k
-    if small.any():
-        labels[small] = torch.arange(N, device=device).clamp(max=k - 1)[None].expand(int(small.sum()), N)
-    labels = torch.where(valid, labels, torch.full_like(labels, -1))
-    return labels.cpu().numpy(), cent.cpu().numpy()

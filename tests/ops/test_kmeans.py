@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from mlcseg_ray.ops.kmeans import assign, batched_kmeans, kmeans_arrays, l2_normalize, sampled_kmeans
+from mlcseg_ray.ops.batched_kmeans import batched_kmeans
+from mlcseg_ray.ops.kmeans import assign, kmeans_arrays, l2_normalize, sampled_kmeans
 
 
 def blobs(n, k, d, noise, seed):
@@ -79,7 +80,8 @@ def test_result_does_not_depend_on_how_the_rows_are_cut():
 
 
 def test_an_images_kmeans_does_not_depend_on_its_batch():
-    from mlcseg_ray.ops.kmeans import kmeans_draws, to_grid
+    from mlcseg_ray.ops.batched_kmeans import kmeans_draws
+    from mlcseg_ray.ops.kmeans import to_grid
 
     rng = np.random.default_rng(4)
     a = to_grid(l2_normalize(rng.normal(size=(50, 8)).astype(np.float32)))
@@ -166,7 +168,7 @@ def test_sample_is_bounded_and_shared_by_the_groups():
 def test_sample_is_deterministic_and_independent_of_the_shards():
     """The sample is the rows with the smallest hash of their own key: the same rows, in the same order, however
     the rows are cut into shards and whichever order the shards come back in."""
-    from mlcseg_ray.ops.kmeans import bottom_k, draw_rows, keep_probs
+    from mlcseg_ray.ops.sampling import bottom_k, draw_rows, keep_probs
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(10_000, 4)).astype(np.float32)
