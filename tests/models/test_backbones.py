@@ -5,14 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mlcseg_ray.models.backbones import (
-    RANDOM_BACKBONES,
-    FeatureExtractor,
-    WeightsNotFound,
-    _create,
-    build_backbone,
-    load_weights,
-)
+from mlcseg_ray.models.backbones import RANDOM_BACKBONES, FeatureExtractor, WeightsNotFound, _create, build_backbone
+from mlcseg_ray.models.checkpoints import load_weights
 
 
 def tiny(kind: str, seed: int):

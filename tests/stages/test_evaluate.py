@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 from helpers import COCO_SUBSET, VOC_SUBSET, mlcseg, need
 from mlcseg_ray.cli import app
-from mlcseg_ray.formats.datasets import COCO_THING_IDS, COCOSTUFF27, EvalError, load_ground_truth
+from mlcseg_ray.formats.class_tables import COCO_THING_IDS, COCOSTUFF27
+from mlcseg_ray.formats.datasets import EvalError, load_ground_truth
 from mlcseg_ray.library.evaluation import evaluate, evaluate_folder
 from mlcseg_ray.ops.metrics import match, scores
 
