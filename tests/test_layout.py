@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlcseg_ray"
 # layer -> the layers (top-level names under mlcseg_ray) its modules may import
 ALLOWED = {
     "core": {"core"},  # the ground floor: the config, the run folder, the executor and the backend protocol
-    "ops": {"ops", "core.fanout", "core.errors", "core.config"},
+    "ops": {"ops", "core.fanout", "core.errors"},  # plain values in and out: never the run's Config
     "formats": {"formats", "ops", "core"},
     "models": {"models", "core"},
     "library": {"library", "core", "formats", "ops", "models"},  # what stages, the CLI, tools and bench share
@@ -99,6 +99,52 @@ def test_nothing_imports_a_stage_but_the_pipelines_stage_list():
 def test_a_stage_module_is_thin(path):
     lines = len(path.read_text().splitlines())
     assert lines <= 250, f"stages/{path.name} has {lines} lines: what it computes belongs in library/"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_is_a_crowd(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= 450, f"{path.relative_to(PACKAGE)} has {lines} lines: split it where its parts differ"
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Each module of the package -> the modules of the package it imports (a package's own ``__init__`` aside)."""
+    names = {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p for p in _modules()
+    }
+    graph = {}
+    for name, path in names.items():
+        graph[name] = set()
+        for module, _ in _imports(path):
+            while module and module not in names:
+                module = module.rpartition(".")[0]
+            if module and module not in (name, name.rpartition(".")[0]):
+                graph[name].add(module)
+    return graph
+
+
+def _a_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (its modules in order), or [] where there is none."""
+    state, path = {}, []
+
+    def visit(node: str) -> list[str]:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = "done"
+        path.pop()
+        return []
+
+    return next((c for n in sorted(graph) if n not in state and (c := visit(n))), [])
+
+
+def test_no_import_cycle():
+    assert _a_cycle(_module_graph()) == []
+    assert _a_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]  # the finder finds one
 
 
 def test_ray_is_imported_only_by_the_backends():
