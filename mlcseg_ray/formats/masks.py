@@ -1,4 +1,4 @@
-"""Mask files: 8-bit PNGs (binary 0/255, or class ids with the VOC palette)."""
+"""Mask files: 8-bit PNGs (binary 0/255, or class ids with the VOC palette), and a region's COCO RLE."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from ..core.storage import as_location
 
@@ -45,3 +46,13 @@ def read_mask(path: str | Path) -> np.ndarray:
 def read_binary(path: str | Path) -> np.ndarray:
     """A binary mask PNG as bool (foreground where > 0)."""
     return read_mask(path) > 0
+
+
+def rle_counts(mask: np.ndarray) -> str:
+    """A binary mask's COCO run-length encoding: the ``counts`` string (its ``size`` is the mask's shape)."""
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("ascii")
+
+
+def rle_mask(counts: str, height: int, width: int) -> np.ndarray:
+    """The bool (height, width) mask a ``counts`` string of :func:`rle_counts` encodes."""
+    return mask_utils.decode({"size": [height, width], "counts": counts.encode("ascii")}).astype(bool)

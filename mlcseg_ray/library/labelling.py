@@ -17,15 +17,14 @@ import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
-from ..core.config import Config
 from ..core.run_dir import RunDir, list_shards
 from ..core.storage import atomic_write_json, atomic_write_many, atomic_write_stream, path_under
 from ..core.tables import atomic_concat_tables, atomic_write_table, read_table, rows_where
 from ..formats.feature_store import list_to_numpy
-from ..formats.masks import png_bytes, read_binary, voc_palette
+from ..formats.masks import png_bytes, rle_mask, voc_palette
 from ..ops.kmeans import assign, unit_vectors
-from ..ops.regions import find_regions
 from ..ops.sampling import id_hash, row_keys
+from .region_descriptors import described_images
 
 
 class RegionLoader:
@@ -46,21 +45,21 @@ class ClassFit:
     k: int
 
 
-def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
-    """Class masks, the COCO fragment and the labelled regions of one shard (plain function)."""
+def write_shard_labels(run: RunDir, n: int, fit: ClassFit, min_confidence: float) -> dict:
+    """Class masks, the COCO fragment and the labelled regions of one shard (plain function), from describe's
+    region part: each region's pixels (RLE) and descriptor; an image describe failed on is left out."""
     regions = read_table(run.region_part(n))
     if regions.num_rows:
         labels, sims = assign(unit_vectors(list_to_numpy(regions.column("descriptor"))), fit.centroids)
     else:
         labels, sims = np.zeros(0, np.int64), np.zeros(0, np.float32)
-    by_image: dict[str, dict[int, tuple[int, float]]] = {}
-    for image_id, region, lab, sim in zip(
-        regions.column("image_id").to_pylist(), regions.column("region").to_pylist(), labels, sims, strict=True
+    by_image: dict[str, list[tuple[int, str, int, float]]] = {}
+    for image_id, region, rle, lab, sim in zip(
+        *(regions.column(c).to_pylist() for c in ("image_id", "region", "rle")), labels, sims, strict=True
     ):
-        by_image.setdefault(image_id, {})[region] = (int(lab) + 1, float(sim))
+        by_image.setdefault(image_id, []).append((region, rle, int(lab) + 1, float(sim)))
     palette = voc_palette()
     pseudo = read_table(run.pseudo_part(n), columns=["image_id", "confidence"]).to_pylist()
-    pseudo_ids = [r["image_id"] for r in pseudo]
     confidence = {r["image_id"]: float(r["confidence"]) for r in pseudo}
     geoms = {
         r["image_id"]: r
@@ -68,23 +67,16 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
     }
     coco_ids = coco_image_ids(run, n)
     annotations, classes, images, masks, doubtful = [], {}, [], [], {}
-    for image_id in pseudo_ids:
-        if not run.has_binary_mask(image_id):
-            continue
-        comp, regs = find_regions(
-            read_binary(run.binary_mask(image_id)), cfg.region, cfg.min_region_area, cfg.max_regions
-        )
-        assigned = by_image.get(image_id, {})
-        if len(assigned) != len(regs):
-            continue  # failed at describe: its error row is written
-        lut = np.zeros(len(regs) + 1, np.uint8)
-        if confidence[image_id] < cfg.min_confidence:  # a doubtful pseudo-label: kept out of masks and COCO JSON
+    for image_id in described_images(regions):
+        g = geoms[image_id]
+        regs = by_image.get(image_id, [])
+        if confidence[image_id] < min_confidence:  # a doubtful pseudo-label: kept out of masks and COCO JSON
             doubtful[image_id] = "doubtful"
             regs = []
-        for r in regs:
-            lut[r["region"]] = assigned[r["region"]][0]
-        masks.append((run.class_mask(image_id), png_bytes(lut[comp], palette)))
-        g = geoms[image_id]
+        class_map = np.zeros((g["height"], g["width"]), np.uint8)
+        for _, rle, cat, _ in regs:
+            class_map[rle_mask(rle, g["height"], g["width"])] = cat
+        masks.append((run.class_mask(image_id), png_bytes(class_map, palette)))
         images.append(
             {
                 "id": coco_ids[image_id],
@@ -94,34 +86,33 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, cfg: Config) -> dict:
                 "mlcseg_image_id": image_id,
             }
         )
-        for r in regs:
-            cat, sim = assigned[r["region"]]
-            rle = mask_utils.encode(np.asfortranarray((comp == r["region"]).astype(np.uint8)))
+        for region, counts, cat, sim in regs:
+            rle = {"size": [g["height"], g["width"]], "counts": counts.encode("ascii")}
             area, bbox = int(mask_utils.area(rle)), [int(v) for v in mask_utils.toBbox(rle)]  # joined parts too
-            rle["counts"] = rle["counts"].decode("ascii")
             annotations.append(
                 {
                     "image_id": coco_ids[image_id],
                     "category_id": cat,
-                    "segmentation": rle,
+                    "segmentation": {"size": rle["size"], "counts": counts},
                     "area": area,
                     "bbox": bbox,
                     "iscrowd": 0,
                     "score": round(confidence[image_id], 4),  # the pseudo-mask's confidence: what to threshold
                     "class_score": round(sim, 6),  # the region's cosine similarity to its class centroid
-                    "region": r["region"],
+                    "region": region,
                 }
             )
             classes[cat] = classes.get(cat, 0) + 1
     atomic_write_many(masks)  # the shard's masks together: to a bucket, concurrently
     # the shard's part of the COCO file: finish streams the parts into one, never holding it whole
     atomic_write_json(run.coco_part(n), {"images": sorted(images, key=lambda x: x["id"]), "annotations": annotations})
-    table = regions.drop_columns(["descriptor"]).append_column("class_id", pa.array((labels + 1).astype(np.int32)))
+    table = regions.drop_columns(["descriptor", "rle"]).replace_schema_metadata(None)
+    table = table.append_column("class_id", pa.array((labels + 1).astype(np.int32)))
     table = table.append_column("score", pa.array(sims.astype(np.float32)))
     ids = regions.column("image_id").to_pylist()
     table = table.append_column("confidence", pa.array([confidence.get(i) for i in ids], pa.float32()))
     atomic_write_table(run.labelled_part(n), table)
-    return {"images": len(pseudo_ids), "annotations": len(annotations), "classes": classes, "flags": doubtful}
+    return {"images": len(pseudo), "annotations": len(annotations), "classes": classes, "flags": doubtful}
 
 
 def coco_image_ids(run: RunDir, shard: int) -> dict[str, int]:

@@ -3,9 +3,13 @@
 Regions are the connected components of the refined mask above ``min_region_area`` (or the whole foreground,
 ``region=image``), at most ``max_regions`` per image; a region's descriptor is the backbone's CLS token on the
 region's box crop resized to ``crop_size`` (:class:`RegionEmbedder`, one per actor), or the mean of the
-feature-store keys under the region (``masked_mean``, no network pass)."""
+feature-store keys under the region (``masked_mean``, no network pass). Each region row also holds its pixels as
+a COCO RLE (its component and the components joined to it), so labelling never finds the regions again; the part's
+``described`` metadata lists every image described (with regions or without), so a failed one is told apart."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +23,7 @@ from ..core.tables import read_table
 from ..formats.feature_store import fixed_list, read_patches, read_store_metadata
 from ..formats.images import load_rgb
 from ..formats.manifest import expected_files
-from ..formats.masks import read_binary
+from ..formats.masks import read_binary, rle_counts
 from ..models.backbones import feature_extractor
 from ..ops.regions import crop_batch, find_regions, masked_mean_descriptors
 
@@ -32,7 +36,9 @@ REGION_SCHEMA_FIELDS = [
     ("y1", pa.int32()),
     ("area", pa.int64()),
     ("joined", pa.int64()),  # pixels of components beyond max_regions that took this region's class
+    ("rle", pa.string()),  # the region's pixels (joined ones too): COCO RLE counts at the image's size
 ]
+DESCRIBED_KEY = b"described"  # a region part's metadata: the JSON list of the images it describes
 
 
 def describe_shard(
@@ -54,6 +60,7 @@ def describe_shard(
         )
         if not regions:
             return [], None
+        regions = [{**r, "rle": rle_counts(comp == r["region"])} for r in regions]
         g = geoms[image_id]
         if cfg.region_descriptor == "crop_cls":
             rgb = load_rgb(g["uri"], cfg.max_pixels, expect=expect.get(image_id))
@@ -66,7 +73,7 @@ def describe_shard(
     # images without a binary mask failed at refine: their error row is already written
     ids = [i for i in pseudo_ids if run.has_binary_mask(i)]
     crop_cls = cfg.region_descriptor == "crop_cls"
-    rows, descs, errors = [], [], {}
+    rows, descs, errors, described = [], [], {}, []
     waiting = np.zeros((0, 3, cfg.crop_size, cfg.crop_size), np.float32)  # crops not embedded yet
     # the next images' crops are cut by cfg.decode_threads threads while the model embeds full batches of them,
     # across the shard's images: cut at multiples of batch_size from its first crop, the same batches whatever
@@ -78,6 +85,7 @@ def describe_shard(
             errors[image_id] = error
             continue
         regions, d = got
+        described.append(image_id)
         rows += [{"image_id": image_id, **r} for r in regions]
         if d is None:
             continue
@@ -94,7 +102,13 @@ def describe_shard(
     dim = int(meta["embed_dim"])
     desc = np.concatenate(descs) if descs else np.zeros((0, dim), np.float32)
     table = pa.Table.from_pylist(rows, schema=pa.schema(REGION_SCHEMA_FIELDS))
-    return table.append_column("descriptor", fixed_list(desc.astype(np.float32), pa.float32())), errors
+    table = table.append_column("descriptor", fixed_list(desc.astype(np.float32), pa.float32()))
+    return table.replace_schema_metadata({DESCRIBED_KEY: json.dumps(described)}), errors
+
+
+def described_images(part: pa.Table) -> list[str]:
+    """The images a region part describes, in its order (those with no region among them)."""
+    return json.loads((part.schema.metadata or {}).get(DESCRIBED_KEY, b"[]"))
 
 
 class RegionEmbedder:

@@ -20,7 +20,8 @@ class DescribeStage(Stage):
     after = ("refine",)
     reads = ("binary", "pseudo", "image_tables", "features", "manifest")
     writes = ("region_parts",)
-    version = 2  # 2: max_regions, and the joined pixels per region
+    # 2: max_regions, and the joined pixels per region
+    version = 3  # 3: each region's pixels (RLE) and the images described, for label (issue 40)
     config_keys = (
         "region",
         "min_region_area",

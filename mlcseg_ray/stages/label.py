@@ -22,13 +22,10 @@ class LabelStage(Stage):
 
     name = "label"
     after = ("describe",)
-    reads = ("region_parts", "binary", "pseudo", "manifest", "image_tables", "run_record")
+    reads = ("region_parts", "pseudo", "manifest", "image_tables", "run_record")
     writes = ("masks", "coco_parts", "coco", "regions")
     config_keys = (
         "num_classes",
-        "region",
-        "min_region_area",
-        "max_regions",
         "min_confidence",
         "kmeans_iters",
         "kmeans_tol",
@@ -39,7 +36,8 @@ class LabelStage(Stage):
     # 2: class k-means on a sample (issue 14); 3: COCO area and box from the RLE (joined parts)
     # 4: the pseudo-mask's confidence as the annotation score, min_confidence (issue 22)
     # 5: COCO fragments carry their images; the merged files are streamed (issue 25)
-    version = 6  # 6: file_name relative to the image root, the root in info (issue 41)
+    # 6: file_name relative to the image root, the root in info (issue 41)
+    version = 7  # 7: regions and their pixels from describe's parts, never found again (issue 40)
 
     def shards(self, ctx: StageContext) -> list[int]:
         return ctx.run.pseudo_shards()
@@ -68,7 +66,7 @@ class LabelStage(Stage):
         return ClassFit(centroids, k)
 
     def process_shard(self, ctx: StageContext, shard: int, fit: ClassFit, worker: object = None) -> dict:
-        return {**write_shard_labels(ctx.run, shard, fit, ctx.cfg), "k": fit.k}
+        return {**write_shard_labels(ctx.run, shard, fit, ctx.cfg.min_confidence), "k": fit.k}
 
     def finish(self, ctx: StageContext, results: dict, map_fn: MapFn) -> dict:
         run = ctx.run

@@ -1,3 +1,4 @@
+import io
 import json
 import shutil
 from pathlib import Path
@@ -382,3 +383,50 @@ def test_a_shards_crops_go_to_the_embedder_together(e2e):
     bs = pipe.cfg.batch_size
     assert sum(c[0] for c in calls) == table.num_rows > 1 and all(c[0] % bs == 0 for c in calls[:-1])
     assert len(calls) <= -(-table.num_rows // bs) and all(c[2:] == (pipe.cfg.crop_size,) * 2 for c in calls)
+
+
+def test_label_takes_describes_regions_and_leaves_out_an_image_it_failed_on(e2e, tmp_path, monkeypatch):
+    """Label never finds the regions again: it paints describe's RLEs, and an image describe failed on (absent
+    from the part's ``described`` list) gets no class mask and no COCO entry, while the others are as before."""
+    from mlcseg_ray.core.errors import BadImage
+    from mlcseg_ray.core.run_dir import RunDir, shard_index
+    from mlcseg_ray.core.tables import atomic_write_table, read_table
+    from mlcseg_ray.library import region_descriptors
+    from mlcseg_ray.library.labelling import ClassFit, write_shard_labels
+
+    run = RunDir(shutil.copytree(e2e[0].run_dir.root, tmp_path / "run"))
+    cfg = e2e[0].cfg
+    shard = shard_index(sorted(run.region_parts.glob("part-*.parquet"))[0])
+    part = read_table(run.region_part(shard))
+    described = region_descriptors.described_images(part)
+    with_regions = sorted(set(part.column("image_id").to_pylist()))
+    assert len(with_regions) >= 2 and set(with_regions) <= set(described)
+    victim, kept = with_regions[0], with_regions[1]
+    masks_before = {i: run.class_mask(i).read_bytes() for i in described}
+    coco_before = json.loads(run.coco_part(shard).read_text())
+    run.class_mask(victim).unlink()
+
+    real = region_descriptors.read_binary
+
+    def failing(path):
+        if Path(path) == run.binary_mask(victim):
+            raise BadImage("cannot read this mask")
+        return real(path)
+
+    monkeypatch.setattr(region_descriptors, "read_binary", failing)
+    table, errors = region_descriptors.describe_shard(run, shard, cfg, lambda b: np.zeros((len(b), 192), np.float32))
+    assert set(errors) == {victim} and victim not in region_descriptors.described_images(table)
+    assert victim not in table.column("image_id").to_pylist()
+    atomic_write_table(run.region_part(shard), table)
+    centroids = np.random.default_rng(0).normal(size=(cfg.num_classes, 192)).astype(np.float32)
+    write_shard_labels(run, shard, ClassFit(centroids / np.linalg.norm(centroids, axis=1, keepdims=True), 4), 0.0)
+
+    assert not run.class_mask(victim).exists()
+    coco = json.loads(run.coco_part(shard).read_text())
+    assert victim not in {im["mlcseg_image_id"] for im in coco["images"]}
+    assert {im["mlcseg_image_id"] for im in coco["images"]} == set(described) - {victim}
+    # the kept image's class mask: its regions' pixels painted from the RLEs, the same pixels as before
+    before = np.asarray(Image.open(io.BytesIO(masks_before[kept]))) > 0
+    assert ((np.asarray(Image.open(run.class_mask(kept))) > 0) == before).all()
+    victim_coco_id = next(im["id"] for im in coco_before["images"] if im["mlcseg_image_id"] == victim)
+    assert len(coco["annotations"]) == sum(a["image_id"] != victim_coco_id for a in coco_before["annotations"])
