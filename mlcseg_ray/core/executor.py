@@ -305,7 +305,7 @@ class Executor:
             # where its output is now: the folder may have been copied or moved since (the record says it relative)
             output = done.get("output", "")
             if output and not (is_remote(output) or os.path.isabs(output)):
-                output = str(self.run.root / output)
+                output = str(self.run.at(output))
             self._summarise(name, {**done, "output": output}, 0.0, skipped=True)
             return
         if not stage.source and not stage.always_run:
@@ -379,7 +379,7 @@ class Executor:
         for marker in markers(state):
             if int(marker.name) not in shards:
                 for rel in (read_json(marker) or {}).get("outputs", {}):
-                    (self.run.root / rel).unlink(missing_ok=True)
+                    self.run.at(rel).unlink(missing_ok=True)
                 marker.unlink()
 
     def _sharded(self, stage: Stage, ctx: StageContext, shards: list[int], fp: str) -> dict:

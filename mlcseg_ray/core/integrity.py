@@ -5,8 +5,8 @@ checks the CRCs and that every Parquet file can be read, and changes nothing."""
 
 from __future__ import annotations
 
-from .run_dir import RunDir
-from .storage import Location, file_crc, read_json
+from .run_dir import RunDir, markers
+from .storage import file_crc, read_json
 from .tables import read_metadata
 
 
@@ -21,12 +21,12 @@ def declared_outputs(writes: tuple[str, ...], run: RunDir, written: dict) -> dic
     }
 
 
-def check_outputs(root: Location, outputs: dict[str, list], deep: bool = False) -> list[str]:
+def check_outputs(run: RunDir, outputs: dict[str, list], deep: bool = False) -> list[str]:
     """What is wrong with recorded outputs, one phrase each: missing, another size, (``deep``) another CRC or an
     unreadable Parquet file."""
     problems = []
     for rel, (size, crc) in sorted(outputs.items()):
-        path = root / rel
+        path = run.at(rel)
         try:
             actual = path.stat().st_size
         except FileNotFoundError:
@@ -49,12 +49,12 @@ def stage_damage(
 ) -> tuple[list[str], dict[int, list[str]]]:
     """(problems with the stage's own outputs, problems per shard) for a stage recorded with ``fingerprint``."""
     record = read_json(run.stage_record(stage)) or {}
-    whole = check_outputs(run.root, record.get("outputs", {}), deep)
+    whole = check_outputs(run, record.get("outputs", {}), deep)
     per_shard = {}
     for n in shards or []:
         marker = read_json(run.marker(stage, n)) or {}
         if marker.get("fingerprint") == fingerprint:
-            bad = check_outputs(run.root, marker.get("outputs", {}), deep)
+            bad = check_outputs(run, marker.get("outputs", {}), deep)
             if bad:
                 per_shard[n] = bad
     return whole, per_shard
@@ -64,13 +64,12 @@ def verify_run(run: RunDir) -> dict[str, list[str]]:
     """Every recorded output of every stage of ``run``, checked deeply: ``{stage: [problems]}`` (empty lists for
     sound stages). Reads the folder's records alone; changes nothing."""
     report = {}
-    state = run.root / "_state"
-    for folder in sorted((p for p in state.iterdir() if p.is_dir()), key=str) if state.is_dir() else []:
-        record = read_json(folder / "stage.json")
+    for stage in run.stages_with_state():
+        record = read_json(run.stage_record(stage))
         if not record:
             continue
-        shards = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+        shards = [int(m.name) for m in markers(run.state(stage))]
         fingerprint = record.get("marker_fingerprint", record.get("fingerprint"))
-        whole, per_shard = stage_damage(run, folder.name, fingerprint, shards, deep=True)
-        report[folder.name] = whole + [p for n in sorted(per_shard) for p in per_shard[n]]
+        whole, per_shard = stage_damage(run, stage, fingerprint, shards, deep=True)
+        report[stage] = whole + [p for n in sorted(per_shard) for p in per_shard[n]]
     return report

@@ -164,6 +164,10 @@ class RunDir:
         """Whether refine wrote the image's binary mask (never for an id that cannot name a file)."""
         return id_problem(image_id) is None and self.binary_mask(image_id).exists()
 
+    def has_class_mask(self, image_id: str) -> bool:
+        """Whether label wrote the image's class mask (never for an id that cannot name a file)."""
+        return id_problem(image_id) is None and self.class_mask(image_id).exists()
+
     def image_file(self, folder: Location, image_id: str, suffix: str = ".png") -> Location:
         """An image's file in one of the run's per-image folders. An id that cannot name a file there (it would
         climb out, or is no file name) is that image's error (:class:`UnsafeImageId`), never a path elsewhere."""
@@ -185,7 +189,7 @@ class RunDir:
         if self.remote:
             return
         for name in (*self.OWN_ENTRIES, "_state"):
-            p = self.root / name if name == "_state" else getattr(self, name)
+            p = self.state_root if name == "_state" else getattr(self, name)
             if p.is_symlink():
                 raise storage.OutsideRunFolder(
                     f"{p} is a link (to {os.readlink(p)}): a run never writes through a link; replace it with a "
@@ -222,8 +226,14 @@ class RunDir:
         return rows_where(self.manifest, "shard", shard)[0].to_pylist()
 
     # --- stage state: markers and the stage record ---
+    state_root = property(lambda self: self.root / "_state")  # the executor's markers and stage records
+
     def state(self, stage: str) -> Location:
-        return self.root / "_state" / stage
+        return self.state_root / stage
+
+    def stages_with_state(self) -> list[str]:
+        """The stages that have a state folder (ran, or began to), by name."""
+        return sorted(p.name for p in self.state_root.iterdir() if p.is_dir()) if self.state_root.is_dir() else []
 
     def marker(self, stage: str, shard: int) -> Location:
         return self.state(stage) / f"{shard:05d}"
@@ -234,6 +244,10 @@ class RunDir:
     def relative(self, path: Location | str) -> str:
         """``path`` (inside the run folder) relative to its root, as the markers record it."""
         return str(path)[len(str(self.root).rstrip("/")) + 1 :]
+
+    def at(self, relative: str) -> Location:
+        """The path a marker or record names relative to the root (``relative``'s inverse)."""
+        return self.root / relative
 
     def inside(self, path: Location) -> bool:
         return storage.contains(self.root, path)
@@ -371,7 +385,7 @@ class RunDir:
             return
         import fcntl
 
-        guard_path = self.root / "_state" / "lock.guard"
+        guard_path = self.state_root / "lock.guard"
         guard_path.parent.mkdir(parents=True, exist_ok=True)
         with open(guard_path, "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)

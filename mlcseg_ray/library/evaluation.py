@@ -173,7 +173,7 @@ def evaluate_folder(
         predictions=str(pred_dir),
         ground_truth=str(gt),
         split=split,
-        written_to=str(out / "metrics.json"),
+        written_to=str(RunDir(out).metrics),
     )
     write_outputs(out, metrics, gt_def.names)
     if remember and is_run and anchored(out) == pred:

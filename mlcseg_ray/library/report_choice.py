@@ -97,7 +97,7 @@ class MaskFiles:
 
     def __contains__(self, image_id: object) -> bool:
         if image_id not in self.seen:
-            self.seen[image_id] = (self.run.masks / f"{image_id}.png").exists()
+            self.seen[image_id] = isinstance(image_id, str) and self.run.has_class_mask(image_id)
         return self.seen[image_id]
 
 
