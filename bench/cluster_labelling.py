@@ -41,7 +41,7 @@ def main() -> None:
     run = generate(work / "store", spec, mask_dir=VOC_MASKS / "SegmentationClass")
     cfg = Config(num_categories=8, kmeans_tol=args.tol)
     ctx = StageContext(run=run, cfg=cfg)
-    fits = fit_levels(run, cfg)
+    fits, _ = fit_levels(run, cfg)
     stage = next(s for s in STAGES if s.name == "cluster")
     shards = stage.shards(ctx)
     t0, w0 = time.process_time(), time.perf_counter()

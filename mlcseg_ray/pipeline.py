@@ -20,7 +20,7 @@ from .core.inputs import RunInputs
 from .core.progress import console
 from .core.run_dir import RunDir
 from .core.stage import StageContext
-from .core.storage import use_endpoint
+from .core.storage import anchored, use_endpoint
 from .models.backbones import untrained_warning
 from .stages.cluster import ClusterStage
 from .stages.describe import DescribeStage
@@ -70,6 +70,8 @@ class Pipeline:
     ) -> None:
         self.cfg = config or Config()
         use_endpoint(self.cfg.s3_endpoint_url)  # before the run folder (maybe in that store) is touched
+        if self.cfg.fit:  # recorded absolute, as the inputs are: a rerun from anywhere applies the same fit
+            self.cfg = self.cfg.model_copy(update={"fit": str(anchored(self.cfg.fit))})
         self.run_dir = RunDir(out)
         # an unknown field is a TypeError here, naming it; local paths recorded absolute (a rerun from anywhere)
         self.inputs = RunInputs(**inputs).absolute()

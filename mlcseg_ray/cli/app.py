@@ -31,6 +31,7 @@ from .options import (
     Address,
     Backbone,
     ConfigFile,
+    Fit,
     Json,
     Out,
     Overrides,
@@ -188,12 +189,14 @@ def _input_command(name: str, stages: list[str] | None, doc: str) -> None:
         out: str = Out,
         backbone: str | None = Backbone,
         weights: str | None = Weights,
+        fit: str | None = Fit,
         address: str | None = Address,
         config: Path | None = ConfigFile,
         as_json: bool = Json,
         overrides: list[str] | None = Overrides,
         inputs: InputSpec = InputSpec(),
     ) -> None:
+        overrides = [*(overrides or []), *([f"fit={fit}"] if fit else [])]
         _run_stages(stages, out, config, overrides, backbone, weights, address, as_json, inputs)
 
     command.__doc__, command.__name__ = doc, name

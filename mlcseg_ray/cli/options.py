@@ -38,6 +38,12 @@ assert tuple(INPUT_OPTIONS) == INPUT_FIELDS, "every input field has its option"
 Out = typer.Option(..., "--out", help="run folder")
 Backbone = typer.Option(None, "--backbone", help="timm name (default vit_small_patch8_224.dino) or random-vit-s8")
 Weights = typer.Option(None, "--weights", help="checkpoint: DINO/DINOv2 .pth, HF or timm safetensors")
+Fit = typer.Option(
+    None,
+    "--fit",
+    metavar="RUN",
+    help="label with the fit of this run folder (its levels and classes: the same class ids, nothing refitted)",
+)
 Address = typer.Option(None, "--address", help="Ray cluster address ('auto' for a local ray start --head)")
 ConfigFile = typer.Option(None, "--config", help="YAML config file")
 Json = typer.Option(False, "--json", help="print the result as JSON on stdout")

@@ -38,6 +38,11 @@ class Config(BaseModel):
     )
     weights: str | None = Field(None, description="path to a DINO/DINOv2 .pth or safetensors checkpoint")
     facet: Literal["key"] = "key"
+    fit: str | None = Field(
+        None,
+        description="a run folder (local or in a bucket) whose fit labels this run: its levels and class centroids "
+        "are applied, nothing is refitted, class ids are the fitted run's (README 'A fit, applied to new images')",
+    )
     max_side: int = Field(512, ge=16, description="longer side is brought down to this many pixels")
     upscale: bool = Field(False, description="also bring smaller images up to max_side")
     batch_size: int = Field(8, ge=1, description="images per forward pass")

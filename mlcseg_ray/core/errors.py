@@ -39,6 +39,10 @@ class ClusterAuthError(PermissionError):
     """The Ray cluster wants a token this machine does not have, or refused the one sent."""
 
 
+class FitMismatch(ValueError):
+    """A fit (``--fit RUN``) that does not apply to this run: another feature space or shape (exit 2)."""
+
+
 class NoRunYet(ValueError):
     """A run folder that holds no run, and no input given to start one."""
 

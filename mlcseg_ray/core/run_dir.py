@@ -122,11 +122,13 @@ class RunDir:
     level_fit = property(lambda self: self.levels / "fit.json")  # sample sizes, iterations, store passes
     level_dataset = property(lambda self: self.levels / "dataset.parquet")  # dataset-level centroids, fg flags
     level_categories = property(lambda self: self.levels / "categories.parquet")  # per CLS group
+    level_groups = property(lambda self: self.levels / "groups.parquet")  # the CLS groups' centroids
     pseudo = property(lambda self: self.root / "pseudo")
     binary = property(lambda self: self.root / "binary")
     masks = property(lambda self: self.root / "masks")
     region_parts = property(lambda self: self.root / "regions")
     regions = property(lambda self: self.root / "regions.parquet")
+    classes = property(lambda self: self.root / "classes.parquet")  # the class centroids (library/fits.py)
     coco_parts = property(lambda self: self.root / "coco_parts")
     coco = property(lambda self: self.root / "pseudo_labels.json")
     metrics = property(lambda self: self.root / "metrics.json")
@@ -179,8 +181,8 @@ class RunDir:
     # The run's own folders and files: none may be a link (a write through it would land elsewhere).
     OWN_ENTRIES = (
         "manifest", "status", "config", "run_record", "features", "image_tables", "levels", "pseudo", "binary",
-        "masks", "region_parts", "regions", "coco_parts", "coco", "metrics", "confusion", "ablation", "report",
-        "logs",
+        "masks", "region_parts", "regions", "classes", "coco_parts", "coco", "metrics", "confusion", "ablation",
+        "report", "logs",
     )  # fmt: skip
 
     def check_own_folders(self) -> None:

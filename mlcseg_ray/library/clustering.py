@@ -33,8 +33,7 @@ from ..core.config import Config
 from ..core.fanout import serial_map
 from ..core.run_dir import RunDir, list_shards, shard_index
 from ..core.stage import MapFn
-from ..core.storage import atomic_write_json
-from ..core.tables import atomic_write_table, read_metadata, read_table, read_tables
+from ..core.tables import read_metadata, read_table, read_tables
 from ..formats.feature_store import Patches, image_runs, list_to_numpy, read_patches, unit_keys
 from ..ops.batched_kmeans import IMAGE_BATCH, batched_kmeans, kmeans_draws
 from ..ops.kmeans import EPS, assign, assign_groups, check_finite, fit_groups, fit_kmeans, kmeans_arrays, to_grid
@@ -121,6 +120,19 @@ class LevelFits:
     cat_fg: np.ndarray  # (G, k_category) bool
     global_dir: np.ndarray  # (D,) the dataset level's foreground direction
     loader: KeyLoader  # image -> CLS group
+    # a patch is far from the fit below this similarity to its nearest dataset centroid (95% of the sample reach it)
+    far_below: float | None = None
+
+
+@dataclass
+class LevelRecord:
+    """What a level fit records beside :class:`LevelFits`: the dataset level in full, the category level's sample
+    counts, the CLS groups' centroids (None: one group) and the sample's sizes."""
+
+    dataset: DatasetLevel
+    cat_counts: np.ndarray  # (G, k_category)
+    group_centroids: np.ndarray | None
+    stats: dict
 
 
 @dataclass
@@ -200,6 +212,7 @@ class DatasetLevel:
     cue_score: np.ndarray
     direction: np.ndarray  # (D,) mean of foreground minus mean of background
     iterations: int
+    far_below: float  # the 5th percentile of the sample's similarity to its nearest centroid
 
 
 def fit_dataset_level(
@@ -208,7 +221,7 @@ def fit_dataset_level(
     """Level 1 on the store-wide sample: clusters, then foreground from attention and border cues."""
     k = cfg.k_dataset
     centroids, iters = fit_kmeans(x, k, rng, iters=cfg.kmeans_iters, tol=cfg.kmeans_tol)
-    labels, _ = assign(x, centroids)
+    labels, sims = assign(x, centroids)
     counts = np.bincount(labels, minlength=k)
     fg, cue_score = fg_from_cues(
         counts,
@@ -219,7 +232,7 @@ def fit_dataset_level(
     d = direction(
         x[on].sum(0, dtype=np.float64), on.sum(), x[~on].sum(0, dtype=np.float64), (~on).sum(), np.zeros(x.shape[1])
     )
-    return DatasetLevel(centroids, fg, counts, cue_score, d, iters)
+    return DatasetLevel(centroids, fg, counts, cue_score, d, iters, float(np.quantile(sims, 0.05)))
 
 
 def fit_category_level(
@@ -258,12 +271,13 @@ def _sample_rows(
     return rows, bottom_k(u, np.zeros(len(u), np.int64), keys, np.array([d_budget])), bottom_k(u, g, keys, g_budgets)
 
 
-def fit_levels(run: RunDir, cfg: Config, map_fn: MapFn = serial_map) -> LevelFits:
+def fit_levels(run: RunDir, cfg: Config, map_fn: MapFn = serial_map) -> tuple[LevelFits, LevelRecord]:
     """The global parts of levels 1 and 2, from one pass over the store.
 
     Both k-means, the dataset level's cues and the consistency statistics of the category level are computed on a
     bounded sample in memory (:func:`_sample_rows`); the whole store is read again only to label it
-    (:meth:`ClusterStage.process_shard`). Writes ``levels/`` and returns what every shard task needs."""
+    (:meth:`ClusterStage.process_shard`). Returns what every shard task needs, and what the fit's files record
+    (written by :func:`mlcseg_ray.library.fits.write_level_fit`)."""
     if not list_shards(run.features):
         raise FileNotFoundError(f"no feature shards in {run.features}: run extract first (or bring a store)")
     t0 = time.perf_counter()
@@ -289,57 +303,20 @@ def fit_levels(run: RunDir, cfg: Config, map_fn: MapFn = serial_map) -> LevelFit
         c_iters,
         time.perf_counter() - t0,
     )
-    _write_levels(run, dataset, cat_centroids, cat_fg, cat_counts)
-    atomic_write_json(
-        run.level_fit,
-        {
-            "store_passes": 1,
-            "patches": groups.patches,
-            "cls_sample": int(min(cfg.kmeans_sample, groups.images)),
-            "dataset_sample": int(len(d)),
-            "category_sample": int(len(c)),
-            "dataset_iterations": dataset.iterations,
-            "category_iterations": c_iters,
-            "groups": groups.n_groups,
-        },
+    stats = {
+        "store_passes": 1,
+        "patches": groups.patches,
+        "cls_sample": int(min(cfg.kmeans_sample, groups.images)),
+        "dataset_sample": int(len(d)),
+        "category_sample": int(len(c)),
+        "dataset_iterations": dataset.iterations,
+        "category_iterations": c_iters,
+        "groups": groups.n_groups,
+    }
+    fits = LevelFits(
+        dataset.centroids[None], dataset.fg, cat_centroids, cat_fg, dataset.direction, loader, dataset.far_below
     )
-    return LevelFits(dataset.centroids[None], dataset.fg, cat_centroids, cat_fg, dataset.direction, loader)
-
-
-def _write_levels(
-    run: RunDir,
-    dataset: DatasetLevel,
-    cat_centroids: np.ndarray,
-    cat_fg: np.ndarray,
-    cat_counts: np.ndarray,
-) -> None:
-    """Level files, for inspection and for the report; counts are the sample's."""
-    k, D = dataset.centroids.shape
-    n_groups, kc = cat_fg.shape
-    atomic_write_table(
-        run.level_dataset,
-        pa.table(
-            {
-                "cluster": np.arange(k),
-                "fg": dataset.fg,
-                "sample_count": dataset.counts,
-                "cue_score": dataset.cue_score,
-                "centroid": pa.FixedSizeListArray.from_arrays(pa.array(dataset.centroids.ravel()), D),
-            }
-        ),
-    )
-    atomic_write_table(
-        run.level_categories,
-        pa.table(
-            {
-                "group": np.repeat(np.arange(n_groups), kc),
-                "cluster": np.tile(np.arange(kc), n_groups),
-                "fg": cat_fg.ravel(),
-                "sample_count": cat_counts.ravel(),
-                "centroid": pa.FixedSizeListArray.from_arrays(pa.array(cat_centroids.ravel()), D),
-            }
-        ),
-    )
+    return fits, LevelRecord(dataset, cat_counts, groups.centroids, stats)
 
 
 def image_level(p: Patches, up_fg: np.ndarray, fits: LevelFits, cfg: Config, device: str = "cpu") -> np.ndarray:
@@ -367,7 +344,7 @@ def image_level(p: Patches, up_fg: np.ndarray, fits: LevelFits, cfg: Config, dev
 
 def cluster_shard(p: Patches, groups: np.ndarray, fits: LevelFits, cfg: Config, device: str = "cpu") -> list[dict]:
     """All three levels and the combination for every image of one shard (plain function; no I/O)."""
-    d_labels, _ = assign(p.keys, fits.dataset_centroids[0])
+    d_labels, d_sims = assign(p.keys, fits.dataset_centroids[0])
     lvl_d = fits.dataset_fg[d_labels]
     c_labels, _ = assign_groups(p.keys, groups, fits.cat_centroids)
     lvl_c = fits.cat_fg[groups, c_labels]
@@ -398,6 +375,7 @@ def cluster_shard(p: Patches, groups: np.ndarray, fits: LevelFits, cfg: Config, 
                 "attn": p.attn[s],
                 "flag": flag,
                 "confidence": round(conf, 4),
+                "far_patches": 0 if fits.far_below is None else int((d_sims[s] < fits.far_below).sum()),
             }
         )
     return rows

@@ -87,6 +87,31 @@ def _metrics_section(run: RunDir, metrics: dict) -> str:
     )
 
 
+def _fit_section(fitted: str, stages: dict) -> str:
+    """How far the images are from the fit this run applied: what tells a user when to refit."""
+    patches = stages.get("cluster", {}).get("drift", {})
+    regions = stages.get("label", {}).get("drift", {})
+    lines = [f"Levels and classes applied from <code>{esc(fitted)}</code>, nothing refitted."]
+    if patches:
+        lines.append(
+            f"{patches['far_patches']:.1%} of the patches are far from every dataset centroid "
+            f"({patches['far_patches_expected']:.0%} would be, with no drift)."
+        )
+    if regions:
+        shares = ", ".join(
+            f"{c}: {ours:.0%} ({theirs:.0%})"
+            for c, (ours, theirs) in enumerate(
+                zip(regions["class_shares"], regions["fitted_class_shares"], strict=True), 1
+            )
+        )
+        lines.append(
+            f"{regions['far_regions']:.1%} of the regions are far from their class "
+            f"({regions['far_regions_expected']:.0%} with no drift). Regions per class, here (in the fitted run): "
+            f"{esc(shares)}."
+        )
+    return "<h2>Fit applied</h2><p>" + " ".join(lines) + " Far above the no-drift share: time to refit.</p>"
+
+
 def _problems_section(rec: dict, status: StatusSummary) -> list[str]:
     parts = []
     if status.failed:
@@ -151,6 +176,8 @@ def write_report(run: RunDir, cfg: Config, map_fn: MapFn | None = None) -> Path:
     parts.append(_summary_section(rec, status, choice))
     if metrics:
         parts.append(_metrics_section(run, metrics))
+    if cfg.fit:
+        parts.append(_fit_section(cfg.fit, rec.get("stages", {})))
     if run.ablation.exists():
         parts.append(ablation_section(json.loads(run.ablation.read_text())))
     if shards and cfg.report_samples:

@@ -8,6 +8,17 @@ from ..core.storage import read_json
 from ..core.tables import atomic_write_table
 from ..formats.feature_store import read_patches
 from ..library.clustering import LevelFits, cluster_shard, fit_levels, pseudo_table
+from ..library.fits import (
+    FEATURE_KEYS,
+    LEVEL_KEYS,
+    check_config,
+    check_features,
+    copy_levels,
+    fit_run,
+    levels_id,
+    read_level_fits,
+    write_level_fit,
+)
 
 
 class ClusterStage(Stage):
@@ -18,6 +29,7 @@ class ClusterStage(Stage):
     reads = ("features", "image_tables")
     writes = ("levels", "pseudo", "ablation")  # an ablation describes one clustering: it goes with it
     config_keys = (
+        "fit",
         "k_dataset",
         "num_categories",
         "k_category",
@@ -36,7 +48,8 @@ class ClusterStage(Stage):
     # 3: global levels fitted on a sample drawn in one pass; the store is read twice in all (issue 14)
     # 4: per-image level weights and the weighted combine (issue 13)
     # 5: the gap test (an image may hold nothing) and a confidence per image (issue 22)
-    version = 6  # 6: CLS groups fitted on a bounded sample, each image assigned in its shard's task (issue 25)
+    # 6: CLS groups fitted on a bounded sample, each image assigned in its shard's task (issue 25)
+    version = 7  # 7: the fit as files another run applies: CLS group centroids, direction, drift (issue 43)
 
     def shards(self, ctx: StageContext) -> list[int]:
         shards = ctx.run.shards_of(ctx.run.features)
@@ -44,10 +57,24 @@ class ClusterStage(Stage):
             raise FileNotFoundError(f"no feature shards in {ctx.run.features}: run extract first (or bring a store)")
         return shards
 
+    def preflight(self, ctx: StageContext) -> None:
+        if ctx.cfg.fit:  # a fit of another shape is refused before anything is made
+            check_config(fit_run(ctx.cfg), ctx.cfg, FEATURE_KEYS + LEVEL_KEYS)
+
+    def fingerprint_extra(self, ctx: StageContext) -> dict:
+        return {"levels": levels_id(fit_run(ctx.cfg))} if ctx.cfg.fit else {}
+
     def prepare(self, ctx: StageContext, map_fn: MapFn) -> LevelFits:
+        fitted = fit_run(ctx.cfg)
+        if fitted:  # applied: the fitted run's levels label this run's images; nothing is refitted
+            check_features(fitted, ctx.run)
+            copy_levels(fitted, ctx.run)
+            return read_level_fits(fitted, ctx.run)
         # The global levels are refitted when any shard is pending: they are cheap next to extraction and, being
         # seeded and independent of the order of the work, they come out the same.
-        return fit_levels(ctx.run, ctx.cfg, map_fn)
+        fits, record = fit_levels(ctx.run, ctx.cfg, map_fn)
+        write_level_fit(ctx.run, ctx.cfg, fits, record)
+        return fits
 
     def process_shard(self, ctx: StageContext, shard: int, fits: LevelFits, worker: object = None) -> dict:
         p = read_patches(ctx.run.feature_shard(shard))
@@ -56,6 +83,8 @@ class ClusterStage(Stage):
         atomic_write_table(ctx.run.pseudo_part(shard), pseudo_table(rows))
         return {
             "images": len(rows),
+            "patches": len(p.keys),
+            "far_patches": sum(r["far_patches"] for r in rows),
             "flags": {r["image_id"]: r["flag"] for r in rows if r["flag"]},
             "confidence": {r["image_id"]: r["confidence"] for r in rows},
         }
@@ -65,7 +94,13 @@ class ClusterStage(Stage):
         # labelling pass over the pending shards (a resumed run reads only what it lacks).
         fit = read_json(ctx.run.level_fit) or {}
         passes = (fit.get("store_passes", 0) if ctx.pending else 0) + len(ctx.pending) / max(len(results), 1)
+        drift = {}
+        if ctx.cfg.fit:  # how far the images are from the fit: 0.05 of the patches would be, with no drift
+            patches = sum(r.get("patches", 0) for r in results.values())
+            far = sum(r.get("far_patches", 0) for r in results.values()) / max(patches, 1)
+            drift = {"drift": {"far_patches": round(far, 4), "far_patches_expected": 0.05}}
         return {
+            **drift,
             "flagged": sum(len(r.get("flags", {})) for r in results.values()),
             "store_passes": round(passes, 3),
             "output": str(ctx.run.pseudo),

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..core.stage import MapFn, Resources, Stage, StageContext
 from ..core.tables import read_metadata
+from ..library.fits import CLASS_KEYS, check_config, classes_id, fit_run, read_class_fit, region_drift, write_classes
 from ..library.labelling import ClassFit, RegionLoader, merge_outputs, write_shard_labels
 from ..ops.kmeans import sampled_kmeans
 
@@ -23,8 +24,9 @@ class LabelStage(Stage):
     name = "label"
     after = ("describe",)
     reads = ("region_parts", "pseudo", "manifest", "image_tables", "run_record")
-    writes = ("masks", "coco_parts", "coco", "regions")
+    writes = ("masks", "coco_parts", "coco", "regions", "classes")
     config_keys = (
+        "fit",
         "num_classes",
         "min_confidence",
         "kmeans_iters",
@@ -37,12 +39,25 @@ class LabelStage(Stage):
     # 4: the pseudo-mask's confidence as the annotation score, min_confidence (issue 22)
     # 5: COCO fragments carry their images; the merged files are streamed (issue 25)
     # 6: file_name relative to the image root, the root in info (issue 41)
-    version = 7  # 7: regions and their pixels from describe's parts, never found again (issue 40)
+    # 7: regions and their pixels from describe's parts, never found again (issue 40)
+    version = 8  # 8: the class centroids kept (classes.parquet), or a fitted run's applied (issue 43)
 
     def shards(self, ctx: StageContext) -> list[int]:
         return ctx.run.pseudo_shards()
 
+    def preflight(self, ctx: StageContext) -> None:
+        if ctx.cfg.fit:
+            check_config(fit_run(ctx.cfg), ctx.cfg, CLASS_KEYS)
+
+    def fingerprint_extra(self, ctx: StageContext) -> dict:
+        return {"classes": classes_id(fit_run(ctx.cfg))} if ctx.cfg.fit else {}
+
     def prepare(self, ctx: StageContext, map_fn: MapFn) -> ClassFit:
+        fit = read_class_fit(fit_run(ctx.cfg)) if ctx.cfg.fit else self._fit_classes(ctx, map_fn)
+        write_classes(ctx.run, fit)  # applied or fitted, the run keeps its class centroids: a fit of its own
+        return fit
+
+    def _fit_classes(self, ctx: StageContext, map_fn: MapFn) -> ClassFit:
         run, cfg = ctx.run, ctx.cfg
         parts = [run.region_part(n) for n in self.shards(ctx)]
         sizes = [read_metadata(p).num_rows for p in parts]
@@ -77,7 +92,9 @@ class LabelStage(Stage):
         for r in results.values():
             for c, v in r.get("classes", {}).items():
                 classes[int(c)] = classes.get(int(c), 0) + v
+        drift = {"drift": region_drift(fit_run(ctx.cfg), run)} if ctx.cfg.fit else {}
         return {
+            **drift,
             "classes": k,
             "regions": sum(classes.values()),
             "regions_per_class": {str(c): classes[c] for c in sorted(classes)},

@@ -27,7 +27,7 @@ class ReportStage(Stage):
         "run_record",
     )
     writes = ("report",)
-    config_keys = ("report_samples", "max_pixels", "num_classes", "combine", "crf")
+    config_keys = ("report_samples", "max_pixels", "num_classes", "combine", "crf", "fit")
     always_run = True
 
     def run_whole(self, ctx: StageContext, map_fn: MapFn) -> dict:

@@ -34,6 +34,7 @@ OWNER = {
     "level_fit": "levels",
     "level_dataset": "levels",
     "level_categories": "levels",
+    "level_groups": "levels",
 }
 # run.json is the executor's; a stage adds its facts to it (update_record) without owning it
 EXECUTOR_OWNED = {
