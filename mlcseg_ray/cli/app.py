@@ -32,6 +32,7 @@ from .options import (
     Backbone,
     ConfigFile,
     Fit,
+    Freeze,
     Json,
     Out,
     Overrides,
@@ -190,13 +191,14 @@ def _input_command(name: str, stages: list[str] | None, doc: str) -> None:
         backbone: str | None = Backbone,
         weights: str | None = Weights,
         fit: str | None = Fit,
+        freeze: bool = Freeze,
         address: str | None = Address,
         config: Path | None = ConfigFile,
         as_json: bool = Json,
         overrides: list[str] | None = Overrides,
         inputs: InputSpec = InputSpec(),
     ) -> None:
-        overrides = [*(overrides or []), *([f"fit={fit}"] if fit else [])]
+        overrides = [*(overrides or []), *([f"fit={fit}"] if fit else []), *(["refit=false"] if freeze else [])]
         _run_stages(stages, out, config, overrides, backbone, weights, address, as_json, inputs)
 
     command.__doc__, command.__name__ = doc, name

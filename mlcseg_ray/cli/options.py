@@ -38,6 +38,9 @@ assert tuple(INPUT_OPTIONS) == INPUT_FIELDS, "every input field has its option"
 Out = typer.Option(..., "--out", help="run folder")
 Backbone = typer.Option(None, "--backbone", help="timm name (default vit_small_patch8_224.dino) or random-vit-s8")
 Weights = typer.Option(None, "--weights", help="checkpoint: DINO/DINOv2 .pth, HF or timm safetensors")
+Freeze = typer.Option(
+    False, "--freeze", help="refit=false: keep this run's fit; added images cost their own shards, nothing else moves"
+)
 Fit = typer.Option(
     None,
     "--fit",

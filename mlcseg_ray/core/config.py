@@ -38,6 +38,12 @@ class Config(BaseModel):
     )
     weights: str | None = Field(None, description="path to a DINO/DINOv2 .pth or safetensors checkpoint")
     facet: Literal["key"] = "key"
+    refit: bool = Field(
+        True,
+        description="false: a frozen run, that grows without moving: its own fit is kept, and added images cost "
+        "their own shards in every stage, every existing image's outputs untouched (README 'A fit, applied to new "
+        "images')",
+    )
     fit: str | None = Field(
         None,
         description="a run folder (local or in a bucket) whose fit labels this run: its levels and class centroids "

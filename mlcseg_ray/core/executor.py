@@ -149,12 +149,14 @@ class Executor:
             bases[name] = self._basis(stage, ctx, fps)
             fps[name] = digest(bases[name])
             # a stage whose shards check their own inputs keeps its outputs when only the source changed: its
-            # markers carry the fingerprint of the rest (config, code, weights); downstream sees the full one
+            # markers carry the fingerprint of the rest (config, code, weights, and what its upstream's markers
+            # carry); downstream sees the full one
+            upstream = bases[name]["upstream"]
             own = {
                 **bases[name],
-                "upstream": {u: f for u, f in bases[name]["upstream"].items() if not self.stages[u].source},
+                "upstream": {u: self.marker_fps.get(u, f) for u, f in upstream.items() if not self.stages[u].source},
             }
-            self.marker_fps[name] = digest(own) if stage.per_shard_inputs else fps[name]
+            self.marker_fps[name] = digest(own) if stage.per_shard(self.cfg) else fps[name]
         return fps, bases
 
     def _invalidate(self, name: str, why: str, planned: list[str]) -> None:
@@ -369,7 +371,7 @@ class Executor:
         marker = read_json(self.run.marker(stage.name, n)) or {}
         if marker.get("fingerprint") != fp:
             return False
-        return not stage.per_shard_inputs or marker.get("inputs") == stage.shard_inputs(ctx, n)
+        return not stage.per_shard(self.cfg) or marker.get("inputs") == stage.shard_inputs(ctx, n)
 
     def _drop_vanished(self, stage: Stage, shards: list[int]) -> None:
         """Markers (and recorded outputs) of shards the stage no longer has (their images left the input)."""
@@ -389,7 +391,7 @@ class Executor:
         self._drop_vanished(stage, shards)
         done = {n for n in shards if self._marker_done(stage, ctx, n, fp)}
         todo_n, n = len(shards) - len(done), len(shards)
-        if stage.per_shard_inputs and done and todo_n:
+        if stage.per_shard(self.cfg) and done and todo_n:
             log.info(f"{stage.name}: {todo_n} of {n} shards new or changed; the others kept")
         elif done and todo_n:  # a resumed run says what it kept
             log.info(f"{stage.name}: {len(done)} of {n} shards done before, kept; {todo_n} to do")

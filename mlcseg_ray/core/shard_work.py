@@ -20,7 +20,7 @@ def run_shard(stage: Stage, ctx: StageContext, shard: int, shared: Any, fingerpr
             result = stage.process_shard(ctx, shard, shared, worker) or {}
         result["seconds"] = round(time.perf_counter() - t0, 4)
         outputs = declared_outputs(stage.writes, ctx.run, written)  # what a rerun checks is still there
-        inputs = {"inputs": stage.shard_inputs(ctx, shard)} if stage.per_shard_inputs else {}
+        inputs = {"inputs": stage.shard_inputs(ctx, shard)} if stage.per_shard(ctx.cfg) else {}
         atomic_write_json(
             ctx.run.marker(stage.name, shard), {"fingerprint": fingerprint, **result, **inputs, "outputs": outputs}
         )

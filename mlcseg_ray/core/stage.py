@@ -23,8 +23,12 @@ from typing import Any, ClassVar, Literal
 from .config import Config
 from .errors import BadImage
 from .fanout import MapFn
+from .fingerprint import digest
 from .inputs import RunInputs
 from .run_dir import RunDir
+
+# what a shard's images are, as the manifest lists them: an image added, changed or removed changes its digest
+SHARD_IDENTITY = ("image_id", "uri", "bytes", "mtime_ns", "content_hash", "status", "error")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,12 @@ class Stage:
     always_run: ClassVar[bool] = False  # a view of the folder (the report): written on every run that includes it
     # each shard checks its own inputs (shard_inputs): a changed source redoes only the shards whose inputs changed
     per_shard_inputs: ClassVar[bool] = False
+    # a stage after the fit that does the same in a frozen run (refit=false): its fits are the run's own, kept
+    per_shard_when_frozen: ClassVar[bool] = False
+
+    def per_shard(self, cfg: Config) -> bool:
+        """Whether this stage's shards check their own inputs in a run with ``cfg``."""
+        return self.per_shard_inputs or (self.per_shard_when_frozen and not cfg.refit)
 
     def resources_for(self, cfg: Config) -> Resources:
         return self.resources
@@ -111,8 +121,11 @@ class Stage:
         raise NotImplementedError
 
     def shard_inputs(self, ctx: StageContext, shard: int) -> str | None:
-        """``per_shard_inputs`` stages: a digest of what shard ``shard`` is made from (its images as listed)."""
-        return None
+        """Stages whose shards check their own inputs (:meth:`per_shard`): a digest of what shard ``shard`` is made
+        from, its images as the manifest lists them (an image's outputs depend on it and the fit alone)."""
+        if not ctx.run.manifest.exists():  # a brought-in store: no listing to check against
+            return None
+        return digest([{k: r[k] for k in SHARD_IDENTITY} for r in ctx.run.manifest_rows(shard)])
 
     def finish(self, ctx: StageContext, results: dict[int, dict], map_fn: MapFn) -> dict:
         return {}

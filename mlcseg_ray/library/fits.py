@@ -75,13 +75,19 @@ def check_features(fitted: RunDir, run: RunDir) -> None:
             _refuse(fitted, key, theirs.get(key), ours.get(key))
 
 
+def has_level_fit(run: RunDir) -> bool:
+    return (read_json(run.level_fit) or {}).get("schema") == FIT_SCHEMA
+
+
 def levels_id(fitted: RunDir) -> str:
-    """The levels' identity: a digest of their files (a refitted run, another identity)."""
-    return digest([get_bytes(getattr(fitted, name)).hex() for name in ("level_fit", *LEVEL_FILES)])
+    """The levels' identity: a digest of their files (a refitted run, another identity; "absent" before any)."""
+    paths = [getattr(fitted, name) for name in ("level_fit", *LEVEL_FILES)]
+    return digest([get_bytes(p).hex() for p in paths]) if all(p.exists() for p in paths) else "absent"
 
 
 def classes_id(fitted: RunDir) -> str:
-    return digest(get_bytes(fitted.classes).hex())
+    """The class centroids' identity ("absent" before the fitted run's label stage)."""
+    return digest(get_bytes(fitted.classes).hex()) if fitted.classes.exists() else "absent"
 
 
 # --- written by the fitting run ---------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ class ClassFit:
     k: int
 
 
-def write_shard_labels(run: RunDir, n: int, fit: ClassFit, min_confidence: float) -> dict:
+def write_shard_labels(run: RunDir, n: int, fit: ClassFit, min_confidence: float, stable_ids: bool = False) -> dict:
     """Class masks, the COCO fragment and the labelled regions of one shard (plain function), from describe's
     region part: each region's pixels (RLE) and descriptor; an image describe failed on is left out."""
     regions = read_table(run.region_part(n))
@@ -65,7 +65,7 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, min_confidence: float
         r["image_id"]: r
         for r in read_table(run.image_table(n), columns=["image_id", "uri", "width", "height"]).to_pylist()
     }
-    coco_ids = coco_image_ids(run, n)
+    coco_ids = coco_image_ids(run, n, stable_ids)
     annotations, classes, images, masks, doubtful = [], {}, [], [], {}
     for image_id in described_images(regions):
         g = geoms[image_id]
@@ -115,12 +115,15 @@ def write_shard_labels(run: RunDir, n: int, fit: ClassFit, min_confidence: float
     return {"images": len(pseudo), "annotations": len(annotations), "classes": classes, "flags": doubtful}
 
 
-def coco_image_ids(run: RunDir, shard: int) -> dict[str, int]:
-    """One shard's COCO image ids: the input's own where it had them, else 1-based positions in the sorted manifest.
-    Each task reads them from the manifest's narrow columns itself: no map of every image travels to every task."""
+def coco_image_ids(run: RunDir, shard: int, stable: bool = False) -> dict[str, int]:
+    """One shard's COCO image ids: the input's own where it had them, else 1-based positions in the sorted manifest
+    (``stable``: a 53-bit hash of the image id, which no added image moves). Each task reads them from the
+    manifest's narrow columns itself: no map of every image travels to every task."""
     if run.manifest.exists():
         table, rows = rows_where(run.manifest, "shard", shard, ["image_id", "coco_id"])
         ids, own = table.column("image_id").to_pylist(), table.column("coco_id").to_pylist()
+        if stable:
+            rows = [int(h >> np.uint64(11)) for h in id_hash(ids)]
         return {i: int(c) if c is not None else r + 1 for i, c, r in zip(ids, own, rows, strict=True)}
     # a brought-in store: positions among the sorted ids of all its image tables
     ids = np.sort(

@@ -15,6 +15,7 @@ from ..library.fits import (
     check_features,
     copy_levels,
     fit_run,
+    has_level_fit,
     levels_id,
     read_level_fits,
     write_level_fit,
@@ -28,8 +29,10 @@ class ClusterStage(Stage):
     after = ("extract",)
     reads = ("features", "image_tables")
     writes = ("levels", "pseudo", "ablation")  # an ablation describes one clustering: it goes with it
+    per_shard_when_frozen = True  # a frozen run keeps its levels: an image's pseudo-mask depends on it alone
     config_keys = (
         "fit",
+        "refit",
         "k_dataset",
         "num_categories",
         "k_category",
@@ -70,6 +73,8 @@ class ClusterStage(Stage):
             check_features(fitted, ctx.run)
             copy_levels(fitted, ctx.run)
             return read_level_fits(fitted, ctx.run)
+        if not ctx.cfg.refit and has_level_fit(ctx.run):  # frozen: the run's own levels, kept as they are
+            return read_level_fits(ctx.run, ctx.run)
         # The global levels are refitted when any shard is pending: they are cheap next to extraction and, being
         # seeded and independent of the order of the work, they come out the same.
         fits, record = fit_levels(ctx.run, ctx.cfg, map_fn)
@@ -99,8 +104,11 @@ class ClusterStage(Stage):
             patches = sum(r.get("patches", 0) for r in results.values())
             far = sum(r.get("far_patches", 0) for r in results.values()) / max(patches, 1)
             drift = {"drift": {"far_patches": round(far, 4), "far_patches_expected": 0.05}}
+        # what this run did with its fit, as run.json says it: fitted on its images, kept (frozen), or applied
+        fit = f"applied from {ctx.cfg.fit}" if ctx.cfg.fit else "refitted" if ctx.cfg.refit else "kept (frozen)"
         return {
             **drift,
+            "fit": fit,
             "flagged": sum(len(r.get("flags", {})) for r in results.values()),
             "store_passes": round(passes, 3),
             "output": str(ctx.run.pseudo),

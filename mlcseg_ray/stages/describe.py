@@ -20,6 +20,7 @@ class DescribeStage(Stage):
     after = ("refine",)
     reads = ("binary", "pseudo", "image_tables", "features", "manifest")
     writes = ("region_parts",)
+    per_shard_when_frozen = True  # an image's regions depends on it and the run's fit alone
     # 2: max_regions, and the joined pixels per region
     version = 3  # 3: each region's pixels (RLE) and the images described, for label (issue 40)
     config_keys = (

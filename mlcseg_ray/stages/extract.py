@@ -7,7 +7,7 @@ the images and runs them through the model (:mod:`mlcseg_ray.library.extraction`
 
 from __future__ import annotations
 
-from ..core.fingerprint import digest, weights_identity
+from ..core.fingerprint import weights_identity
 from ..core.stage import MapFn, Resources, Stage, StageContext
 from ..core.tables import atomic_write_table, read_table
 from ..formats.feature_store import (
@@ -19,7 +19,6 @@ from ..library.extraction import extract_shard
 from ..models.backbones import ForwardClock, feature_extractor, locate_weights
 
 # what identifies an image's file: a change in any of these redoes its shard
-IDENTITY = ("image_id", "uri", "bytes", "mtime_ns", "content_hash", "status", "error")
 
 
 class ExtractStage(Stage):
@@ -33,9 +32,6 @@ class ExtractStage(Stage):
     # redoes only the shards they are in (ingest keeps every known image in its shard)
     per_shard_inputs = True
     version = 2  # 2: markers record their shard's inputs
-
-    def shard_inputs(self, ctx: StageContext, shard: int) -> str:
-        return digest([{k: r[k] for k in IDENTITY} for r in ctx.run.manifest_rows(shard)])
 
     def fingerprint_extra(self, ctx: StageContext) -> dict:
         return {"weights_file": weights_identity(ctx.cfg.weights)}

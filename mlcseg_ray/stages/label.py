@@ -25,8 +25,10 @@ class LabelStage(Stage):
     after = ("describe",)
     reads = ("region_parts", "pseudo", "manifest", "image_tables", "run_record")
     writes = ("masks", "coco_parts", "coco", "regions", "classes")
+    per_shard_when_frozen = True  # a frozen run keeps its classes: an image's labels depend on it alone
     config_keys = (
         "fit",
+        "refit",
         "num_classes",
         "min_confidence",
         "kmeans_iters",
@@ -53,6 +55,8 @@ class LabelStage(Stage):
         return {"classes": classes_id(fit_run(ctx.cfg))} if ctx.cfg.fit else {}
 
     def prepare(self, ctx: StageContext, map_fn: MapFn) -> ClassFit:
+        if not ctx.cfg.fit and not ctx.cfg.refit and ctx.run.classes.exists():  # frozen: its own classes, kept
+            return read_class_fit(ctx.run)
         fit = read_class_fit(fit_run(ctx.cfg)) if ctx.cfg.fit else self._fit_classes(ctx, map_fn)
         write_classes(ctx.run, fit)  # applied or fitted, the run keeps its class centroids: a fit of its own
         return fit
@@ -81,7 +85,9 @@ class LabelStage(Stage):
         return ClassFit(centroids, k)
 
     def process_shard(self, ctx: StageContext, shard: int, fit: ClassFit, worker: object = None) -> dict:
-        return {**write_shard_labels(ctx.run, shard, fit, ctx.cfg.min_confidence), "k": fit.k}
+        # a frozen run's COCO ids must not move when images are added: each from its image id, not its position
+        stable_ids = not ctx.cfg.refit
+        return {**write_shard_labels(ctx.run, shard, fit, ctx.cfg.min_confidence, stable_ids), "k": fit.k}
 
     def finish(self, ctx: StageContext, results: dict, map_fn: MapFn) -> dict:
         run = ctx.run

@@ -28,6 +28,7 @@ class RefineStage(Stage):
     after = ("cluster",)
     reads = ("pseudo", "image_tables", "manifest", "features")
     writes = ("binary",)
+    per_shard_when_frozen = True  # an image's mask depends on it and the run's fit alone
     config_keys = (
         "crf",
         "crf_backend",

@@ -16,7 +16,7 @@ import boto3
 import psutil
 import pytest
 
-from helpers import MLCSEG, VOC_MASKS, mlcseg, need
+from helpers import MLCSEG, TINY, VOC_MASKS, mlcseg, need
 from helpers.ray_head import end, kill_driver, started_under
 from helpers.world import BUCKET_RUN, N_PHOTOS, RUN_CONFIG, comparable, local_files
 
@@ -265,3 +265,21 @@ def test_a_bucket_run_exports_to_a_bucket(s3, bucket_run, tiny_run, tmp_path):
     assert local.returncode == 0, local.stderr[-2000:]
     assert json.loads(res.stdout)["images"] == json.loads(local.stdout)["images"] == N_PHOTOS
     assert s3.objects("runs", "exported") == local_files(tmp_path / "voc")
+
+
+def test_a_fit_in_a_bucket_labels_a_local_run(s3, bucket_run, tiny_run, photos, tmp_path, monkeypatch):
+    """Issue 43: ``--fit`` names a run folder in a bucket: a local run of the same photos, cut into other shards,
+    applies its levels and classes and gets its class masks, byte for byte."""
+    from mlcseg_ray.core.config import Config
+    from mlcseg_ray.core.run_dir import RunDir
+    from mlcseg_ray.pipeline import Pipeline
+
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    cfg = Config.load(None, [*TINY, "shard_size=3", f"fit={BUCKET_RUN}"])
+    out = RunDir(tmp_path / "applied")
+    Pipeline(out.root, cfg, backend="local", images=str(photos)).run(print_summary=False)
+    masks = {k: v for k, v in local_files(out.root).items() if k.startswith("masks/")}
+    assert len(masks) == N_PHOTOS and masks == {k: v for k, v in local_files(tiny_run.out).items() if k in masks}
+    assert json.loads(out.level_fit.read_text())["applied_from"] == BUCKET_RUN
+    assert out.classes.read_bytes() == s3.objects("runs", BUCKET_OUT)["classes.parquet"]
