@@ -295,6 +295,16 @@ def get_bytes(path: Location) -> bytes:
     return path.fs.cat_file(path.path, **one_get)
 
 
+def get_range(path: Location, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` (exclusive, or fewer at the file's end); an object's in one ranged GET."""
+    path = as_location(path)
+    if is_local(path):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    return path.fs.cat_file(path.path, start=start, end=end)
+
+
 @contextlib.contextmanager
 def opened(path: Location) -> Iterator[Any]:
     """What pyarrow reads a file from: a local path as it is, an object as a file opened for ranged reads."""

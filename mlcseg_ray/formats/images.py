@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..core.errors import BadImage
-from ..core.storage import get_bytes, is_remote
+from ..core.storage import get_bytes, get_range, is_remote
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 # Above this many pixels an image is decoded by libvips at the size the caller needs (shrink-on-load, streamed), not
@@ -31,13 +31,19 @@ LARGE_PIXELS = 25_000_000
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 
 
-def read_bytes(uri: str) -> bytes:
+# What ingest reads of an image in ``verify_images=stat`` runs: its header (size, EXIF orientation) is in the first
+# kilobytes of every ordinary photo; an image whose header lies further (a large ICC profile) is read whole.
+HEADER_BYTES = 64 << 10
+
+
+def read_bytes(uri: str, first: int | None = None) -> bytes:
+    """An image file's bytes, or its ``first`` bytes alone (in a bucket, one ranged GET)."""
     try:
         if is_remote(uri):
-            return get_bytes(uri)
+            return get_bytes(uri) if first is None else get_range(uri, 0, first)
         path = uri[len("file://") :] if uri.startswith("file://") else uri
         with open(path, "rb") as f:
-            return f.read()
+            return f.read() if first is None else f.read(first)
     except FileNotFoundError:
         raise BadImage("file not found") from None
     except PermissionError:
@@ -81,10 +87,21 @@ def _check_size(w: int, h: int, max_pixels: int, min_side: int) -> None:
         raise BadImage(f"too small: {w}x{h} is smaller than one {min_side}px patch")
 
 
-def probe(uri: str, max_pixels: int, min_side: int = 1, data: bytes | None = None) -> tuple[int, int]:
-    """Width and height after EXIF orientation, from the header only (cheap; used at ingest)."""
-    img = _open(read_bytes(uri) if data is None else data)
-    w, h = _oriented_size(img)
+def probe(
+    uri: str, max_pixels: int, min_side: int = 1, data: bytes | None = None, whole: bool = True
+) -> tuple[int, int]:
+    """Width and height after EXIF orientation, from the header only (cheap; used at ingest). ``data``: the file's
+    bytes, or (``whole=False``) its first bytes only: where the header does not fit in them, the file is read whole."""
+    if data is None:
+        data = read_bytes(uri)
+    try:
+        img = _open(data)
+        w, h = _oriented_size(img)
+    except Exception:
+        if whole:
+            raise
+        img = _open(read_bytes(uri))  # a header longer than the first bytes: the file, as extraction will read it
+        w, h = _oriented_size(img)
     _check_size(w, h, max_pixels, min_side)
     return w, h
 

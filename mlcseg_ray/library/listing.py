@@ -46,6 +46,7 @@ from ..core.storage import (
 from ..core.tables import read_table
 from ..formats.datasets import find_voc_root
 from ..formats.images import (
+    HEADER_BYTES,
     IMAGE_EXTENSIONS,
     content_hash,
     file_stat,
@@ -278,9 +279,13 @@ def probe_rows(
             }
         out = {**row, "width": None, "height": None, "bytes": size, "mtime_ns": mtime, "content_hash": None}
         try:
-            data = read_bytes(row["uri"])
-            out["bytes"], out["content_hash"] = len(data), content_hash(data)
-            w, h = probe(row["uri"], max_pixels, min_side, data=data)
+            whole = rehash or size is None or size <= HEADER_BYTES
+            if whole:  # verify_images=hash: the content's hash, so the whole file
+                data = read_bytes(row["uri"])
+                out["bytes"], out["content_hash"] = len(data), content_hash(data) if rehash else None
+            else:  # the header alone: extraction reads the image, and this is the only other read of it
+                data = read_bytes(row["uri"], first=HEADER_BYTES)
+            w, h = probe(row["uri"], max_pixels, min_side, data=data, whole=whole)
             return {**out, "width": w, "height": h, "status": "ok", "error": None}
         except BadImage as e:
             return {**out, "status": "error", "error": str(e)}

@@ -124,3 +124,38 @@ def test_input_errors():
         list_inputs(InputSpec())
     with pytest.raises(FileNotFoundError, match="no such folder"):
         list_inputs(InputSpec(images="/no/such/dir"))
+
+
+def test_ingest_reads_an_images_header_not_its_pixels(tmp_path, monkeypatch):
+    """Issue 42: with ``verify_images=stat`` ingest reads an image's first 64 KB (its header), never the whole file:
+    extraction's read is then the only one of its pixels. An image whose header is longer (a 200 KB ICC profile)
+    is read whole; ``verify_images=hash`` reads and hashes every file."""
+    from mlcseg_ray.formats import images as images_module
+    from mlcseg_ray.library import listing as listing_module
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), np.uint8)).save(folder / "big.jpg", quality=95)
+    pixels = rng.integers(0, 255, (600, 800, 3), np.uint8)
+    Image.fromarray(pixels).save(folder / "icc.jpg", quality=95, icc_profile=bytes(200_000))
+    reads = []
+    for module in (listing_module, images_module):
+
+        def spy(uri, first=None, real=module.read_bytes):
+            reads.append((uri.rsplit("/", 1)[-1], first))
+            return real(uri, first)
+
+        monkeypatch.setattr(module, "read_bytes", spy)
+
+    rows = manifest_of(InputSpec(images=str(folder)), tmp_path / "stat", 8).to_pylist()
+    assert [(r["image_id"], r["width"], r["height"], r["status"]) for r in rows] == [
+        ("big", 1600, 1200, "ok"),
+        ("icc", 800, 600, "ok"),
+    ]
+    assert {r["content_hash"] for r in rows} == {None} and rows[0]["bytes"] == (folder / "big.jpg").stat().st_size
+    assert sorted(reads, key=str) == [("big.jpg", 65536), ("icc.jpg", 65536), ("icc.jpg", None)]
+
+    reads.clear()
+    rows = manifest_of(InputSpec(images=str(folder)), tmp_path / "hash", 8, rehash=True).to_pylist()
+    assert sorted(reads, key=str) == [("big.jpg", None), ("icc.jpg", None)] and all(r["content_hash"] for r in rows)
