@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= demo_run
 
-.PHONY: demo test test-fast lint install bench clean-demo browser
+.PHONY: demo test test-fast lint install bench clean-demo browser datumaro
 
 install: $(STAMP)
 
@@ -26,7 +26,16 @@ browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 
-test: $(STAMP) browser
+# Datumaro (CVAT's dataset converter) pins older Pillow and pyarrow than the package: the export tests run it from
+# a venv of its own
+DATUMARO_STAMP := .venv-datumaro/.installed-stamp
+datumaro: $(DATUMARO_STAMP)
+$(DATUMARO_STAMP):
+	test -x .venv-datumaro/bin/python || $(PYTHON) -m venv .venv-datumaro
+	.venv-datumaro/bin/python -m pip install -q 'datumaro==1.13.12'
+	touch $(DATUMARO_STAMP)
+
+test: $(STAMP) browser $(DATUMARO_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -n 2 --dist loadscope --durations=25  # two workers; the 25 slowest tests and the wall time

@@ -1,10 +1,12 @@
 """``mlcseg export`` (issue 41): the session's tiny run as COCO, VOC, YOLO segmentation and Hugging Face datasets,
-read back with pycocotools, PIL, Ultralytics' own dataset loader and ``datasets``, and checked against the run's own
-masks."""
+read back with pycocotools, PIL, Datumaro (CVAT's converter), Ultralytics' own dataset loader and ``datasets``, and
+checked against the run's own masks."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,6 +20,8 @@ from helpers.world import N_PHOTOS
 from mlcseg_ray.library.exports import region_polygon
 
 pytestmark = pytest.mark.slow  # the session's tiny run
+# Datumaro pins older Pillow and pyarrow than the package: it runs from a venv of its own, which `make test` makes
+DATUMARO = Path(__file__).resolve().parents[2] / ".venv-datumaro" / "bin" / "python"
 
 
 def _export(run, fmt, out, *extra) -> dict:
@@ -81,6 +85,37 @@ labels = {
 }
 print(json.dumps({"data": {"nc": data["nc"], "train": str(data["train"])}, "labels": labels}))
 """
+
+
+def _datumaro(*args) -> dict:
+    if not DATUMARO.exists():
+        pytest.skip("Datumaro's venv is missing: `make test` (or `make datumaro`) makes it")
+    helper = Path(__file__).resolve().parents[1] / "helpers" / "datumaro_check.py"
+    res = subprocess.run([str(DATUMARO), str(helper), *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_datumaro_imports_the_coco_file_and_the_coco_and_voc_exports(tiny_run, tmp_path):
+    """CVAT's dataset framework imports the run's own COCO file (with its image root beside it, as CVAT takes an
+    upload), the ``coco`` export, and the ``voc`` export, whose masks it reads back equal to ours pixel for pixel."""
+    coco = json.loads((Path(tiny_run.out) / "pseudo_labels.json").read_text())
+    regions = len(coco["annotations"])
+    own = tmp_path / "own"
+    (own / "annotations").mkdir(parents=True)
+    shutil.copy(Path(tiny_run.out) / "pseudo_labels.json", own / "annotations" / "instances_default.json")
+    (own / "images").symlink_to(coco["info"]["image_root"])
+    read = _datumaro("coco", own)
+    assert (read["items"], read["masks"]) == (N_PHOTOS, regions) and regions > 0
+
+    _export(tiny_run.out, "coco", tmp_path / "coco", "--copy-images")
+    read = _datumaro("coco", tmp_path / "coco")
+    assert (read["items"], read["masks"]) == (N_PHOTOS, regions)
+
+    _export(tiny_run.out, "voc", tmp_path / "voc")
+    read = _datumaro("voc", tmp_path / "voc", Path(tiny_run.out) / "masks")
+    assert (read["items"], read["masks"], read["differing_pixels"]) == (N_PHOTOS, regions, 0)
+    assert read["compared_pixels"] > 0
 
 
 def _ultralytics_reads(data_yaml) -> tuple[dict, dict]:
