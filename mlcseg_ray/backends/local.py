@@ -7,6 +7,7 @@ from typing import Any
 
 from ..core.backend import torch_device
 from ..core.fanout import serial_map
+from ..core.progress import Ticks
 from ..core.stage import Resources
 
 
@@ -44,6 +45,9 @@ class LocalBackend:
 
     def describe(self) -> dict:
         return {"name": "local"}
+
+    def ticks(self) -> Ticks:
+        return Ticks()
 
     def device(self) -> str:
         if self.requested == "cpu":

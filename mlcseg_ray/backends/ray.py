@@ -48,6 +48,10 @@ class RayBackend:
         self._init()
         return "cuda" if use_gpus(self.requested) else "cpu"
 
+    def ticks(self) -> RayTicks:
+        self._init()
+        return RayTicks()
+
     def map(
         self,
         fn: Callable,
@@ -93,6 +97,43 @@ class RayBackend:
         for _ in ds.iter_batches(batch_size=1, batch_format="numpy"):
             if on_done:
                 on_done()
+
+
+class _Count:
+    """The actor behind :class:`RayTicks`: a count that workers add to and the driver takes."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def take(self) -> int:
+        n, self.n = self.n, 0
+        return n
+
+
+class RayTicks:
+    """:class:`~mlcseg_ray.core.progress.Ticks` across the cluster: workers add without waiting (one small message
+    per call), the driver's progress thread takes the count a few times a second. The actor asks for no CPU."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self.actor = ray.remote(num_cpus=0)(_Count).remote()
+
+    def add(self, n: int = 1) -> None:
+        self.actor.add.remote(n)
+
+    def take(self) -> int:
+        import ray
+
+        return ray.get(self.actor.take.remote())
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
 
 
 class _ShardActor:

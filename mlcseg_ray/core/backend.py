@@ -40,6 +40,11 @@ class Backend(Protocol):
         """What the run ran on, for run.json: the backend, and for Ray the cluster's address."""
         ...
 
+    def ticks(self) -> Any:
+        """A :class:`~mlcseg_ray.core.progress.Ticks` that this backend's workers reach: images counted where they
+        finish, read by the driver's progress bar."""
+        ...
+
     def device(self) -> str:
         """The torch device of the run's models, for the ``device`` the backend was made with (``auto``, ``cpu``,
         ``cuda``)."""

@@ -33,7 +33,7 @@ from .fanout import serial_map
 from .fingerprint import digest, why_changed
 from .inputs import RunInputs
 from .integrity import declared_outputs, stage_damage
-from .progress import progress_bar
+from .progress import polled, progress_bar
 from .run_dir import RunDir, markers, remove_stale_temp_files
 from .shard_work import actor_shard, confined_task, shard_task
 from .stage import MapFn, Stage, StageContext
@@ -94,21 +94,22 @@ class Executor:
         return replace(ctx, device=self.device)
 
     def _run_shards(self, stage: Stage, ctx: StageContext, todo: list[int], shared: Any, fp: str) -> None:
+        """The shards in ``todo`` on the backend, a bar counting their images as the workers finish them (in shards
+        where the run has no manifest to count them from)."""
         res = stage.resources_for(self.cfg)
-        with progress_bar(stage.name, total=len(todo), unit="shards") as advance:
-            if res.actor:
-                work = functools.partial(actor_shard, stage, ctx, shared, fp)
-                self.backend.map_actors(
-                    functools.partial(stage.setup, ctx),
-                    work,
-                    todo,
-                    res,
-                    ctx.device,
-                    self.cfg.num_workers,
-                    on_done=advance,
-                )
-            else:
-                self.backend.map(shard_task, todo, stage, ctx, shared, fp, resources=res, on_done=advance)
+        per_shard = self.run.images_per_shard()
+        images = sum(per_shard.get(n, 0) for n in todo)
+        ticks = self.backend.ticks() if images else None
+        ctx = replace(ctx, ticks=ticks)
+        with progress_bar(stage.name, images or len(todo), "images" if images else "shards") as advance:
+            on_done = None if images else advance
+            with polled(ticks, advance, images) if images else contextlib.nullcontext():
+                if res.actor:
+                    work = functools.partial(actor_shard, stage, ctx, shared, fp)
+                    setup = functools.partial(stage.setup, ctx)
+                    self.backend.map_actors(setup, work, todo, res, ctx.device, self.cfg.num_workers, on_done=on_done)
+                else:
+                    self.backend.map(shard_task, todo, stage, ctx, shared, fp, resources=res, on_done=on_done)
 
     # ------------------------------------------------------------------ fingerprints
     def _basis(self, stage: Stage, ctx: StageContext, fps: dict) -> dict:

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -57,6 +58,57 @@ def _eta(seconds: float) -> str:
         if seconds >= 60
         else f"{seconds}s"
     )
+
+
+class Ticks:
+    """Images finished inside shards: added where they finish (``add``), taken by the driver's bar (``take``). This
+    one counts in this process; a Ray backend gives one that workers reach (``backends/ray.py``)."""
+
+    def __init__(self) -> None:
+        self._n, self._lock = 0, threading.Lock()
+
+    def add(self, n: int = 1) -> None:
+        with self._lock:
+            self._n += n
+
+    def take(self) -> int:
+        with self._lock:
+            n, self._n = self._n, 0
+        return n
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def polled(ticks: Ticks, advance: Callable[[int], None], total: int, every: float = 0.25) -> Iterator[None]:
+    """While the block runs, ``ticks`` moved into ``advance`` every ``every`` seconds by a thread of the driver;
+    when it ends, the bar brought to ``total`` (images a stage does not count one by one: those failed earlier)."""
+    moved, stop = [0], threading.Event()
+
+    def move() -> None:
+        n = min(ticks.take(), total - moved[0])
+        if n > 0:
+            moved[0] += n
+            advance(n)
+
+    def loop() -> None:
+        while not stop.wait(every):
+            move()
+
+    thread = threading.Thread(target=loop, name="mlcseg-progress", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        stop.set()
+        thread.join()
+        move()
+        if finished and moved[0] < total:
+            advance(total - moved[0])
+        ticks.close()
 
 
 @contextlib.contextmanager

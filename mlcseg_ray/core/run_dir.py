@@ -223,6 +223,13 @@ class RunDir:
             i for p in list_shards(self.image_tables) for i in read_table(p, columns=["image_id"]).column(0).to_pylist()
         }
 
+    def images_per_shard(self) -> dict[int, int]:
+        """How many images the manifest puts in each shard (empty without a manifest: a brought-in store)."""
+        if not self.manifest.exists():
+            return {}
+        counts = pc.value_counts(read_table(self.manifest, columns=["shard"]).column("shard"))
+        return {int(c["values"]): int(c["counts"]) for c in counts.to_pylist()}
+
     def manifest_rows(self, shard: int) -> list[dict]:
         """The manifest's rows of one shard (what extract reads, and what later stages check images against)."""
         return rows_where(self.manifest, "shard", shard)[0].to_pylist()

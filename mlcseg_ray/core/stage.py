@@ -53,6 +53,12 @@ class StageContext:
     inputs: RunInputs = field(default_factory=RunInputs)
     device: str = "cpu"  # the torch device of this run's models ("cuda" when the run uses GPUs)
     pending: tuple = ()  # the shards this invocation processes (the others were done before and are kept)
+    ticks: Any = None  # where a worker counts the images it finished (the driver's progress bar reads them)
+
+    def tick(self, n: int = 1) -> None:
+        """``n`` more images of a shard done: what the progress bar counts within shards."""
+        if self.ticks is not None and n:
+            self.ticks.add(n)
 
 
 class Stage:

@@ -5,6 +5,7 @@ stage's actors and by the benchmarks."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -95,10 +96,11 @@ def prepare_images(rows: list[dict], info: dict, cfg: Config) -> tuple[list[Prep
 
 
 Outputs = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # image id -> (keys, cls_attn, cls)
+Tick = Callable[[int], None] | None  # told how many more of a shard's images are done (the progress bar's count)
 
 
 def decode_and_forward(
-    extractor: Extractor, info: dict, rows: list[dict], cfg: Config, device: str
+    extractor: Extractor, info: dict, rows: list[dict], cfg: Config, device: str, tick: Tick = None
 ) -> tuple[list[tuple[str, Geometry]], dict[str, dict], Outputs]:
     """The model over a shard's images: (id, geometry) of each image it saw, every image's row of the image table so
     far, and the model's outputs by image id.
@@ -106,7 +108,9 @@ def decode_and_forward(
     The model never waits for the CPU: ``cfg.decode_threads`` threads decode the next images while it runs (at
     most four batches ahead), and one more brings each batch's outputs to the host while the next batch runs. A
     batch is the next ``batch_size`` images of one padded size, forwarded as soon as it is full, the part-filled
-    ones at the end: the same batches whatever the threads, so the same bytes."""
+    ones at the end: the same batches whatever the threads, so the same bytes. ``tick(n)``: n more images through
+    the model (or failed before it)."""
+    tick = tick or (lambda n: None)
     prepared, image_rows, outputs = [], {}, {}
     by_size: dict[tuple, list[Prepared]] = {}
     on_host = ThreadPoolExecutor(1, thread_name_prefix="mlcseg-host") if cfg.decode_threads else None
@@ -116,13 +120,16 @@ def decode_and_forward(
         out = extractor(torch.from_numpy(np.stack([p[2] for p in batch])).to(device))
         ids = [p[0] for p in batch]
         landed.append(on_host.submit(host_arrays, out, ids) if on_host else host_arrays(out, ids))
+        tick(len(batch))
         batch.clear()
 
     try:
         decoded = ahead_of_use(lambda r: prepare_image(r, info, cfg), rows, cfg.decode_threads, 4 * cfg.batch_size)
         for row, (p, image_row) in decoded:
             image_rows[row["image_id"]] = image_row
-            if p is not None:
+            if p is None:
+                tick(1)
+            else:
                 prepared.append((p[0], p[1]))
                 by_size.setdefault(p[2].shape, []).append(p)
                 if len(by_size[p[2].shape]) == cfg.batch_size:
@@ -147,11 +154,11 @@ def host_arrays(out: dict[str, torch.Tensor], ids: list[str]) -> Outputs:
 
 
 def extract_shard(
-    extractor: Extractor, info: dict, rows: list[dict], cfg: Config, device: str = "cpu"
+    extractor: Extractor, info: dict, rows: list[dict], cfg: Config, device: str = "cpu", tick: Tick = None
 ) -> tuple[pa.Table, pa.Table]:
     """Decode, preprocess and run the model over one shard's images. Returns (features table, images table).
     Images that fail to decode become rows with ``status=error``."""
-    prepared, image_rows, outputs = decode_and_forward(extractor, info, rows, cfg, device)
+    prepared, image_rows, outputs = decode_and_forward(extractor, info, rows, cfg, device, tick)
     per_image = []
     for image_id, g in sorted(prepared, key=lambda t: t[0]):
         k, a, c = outputs[image_id]

@@ -10,6 +10,7 @@ a COCO RLE (its component and the components joined to it), so labelling never f
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -42,10 +43,11 @@ DESCRIBED_KEY = b"described"  # a region part's metadata: the JSON list of the i
 
 
 def describe_shard(
-    run: RunDir, n: int, cfg: Config, embed: RegionEmbedder | None = None
+    run: RunDir, n: int, cfg: Config, embed: RegionEmbedder | None = None, tick: Callable[[int], None] | None = None
 ) -> tuple[pa.Table, dict[str, str]]:
     """Regions and descriptors of one shard (plain function; ``embed(batch) -> CLS tokens`` for crop_cls), and
-    the images that failed."""
+    the images that failed; ``tick(n)``: n more images described."""
+    tick = tick or (lambda n: None)
     geoms = {r["image_id"]: r for r in read_table(run.image_table(n)).to_pylist() if r["status"] == "ok"}
     pseudo_ids = read_table(run.pseudo_part(n), columns=["image_id"]).column(0).to_pylist()
     meta = read_store_metadata(run.feature_shard(n))
@@ -81,6 +83,7 @@ def describe_shard(
     threads = cfg.decode_threads if crop_cls else 0
     ahead = 2 * cfg.batch_size
     for image_id, (got, error) in ahead_of_use(lambda i: attempt("describe", describe, i), ids, threads, ahead):
+        tick(1)
         if error is not None:
             errors[image_id] = error
             continue

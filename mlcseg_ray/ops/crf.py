@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -177,16 +178,25 @@ def crf_inputs(
 
 
 def refine_masks(
-    inputs: list[tuple[np.ndarray, np.ndarray]], sizes: list[tuple[int, int]], crf: CrfParams, device: str = "cpu"
+    inputs: list[tuple[np.ndarray, np.ndarray]],
+    sizes: list[tuple[int, int]],
+    crf: CrfParams,
+    device: str = "cpu",
+    done: Callable[[int], None] | None = None,
 ) -> list[np.ndarray]:
     """Binary masks at ``sizes`` (H, W) from ``crf_inputs``' pairs: each refined by the configured CRF (the torch
-    one batched on a GPU), then brought back to full size."""
+    one batched on a GPU), then brought back to full size. ``done(n)``: n more images refined."""
+    done = done or (lambda n: None)
     if not inputs:  # a shard whose every image failed earlier
         return []
     if not crf.enabled:
         fg = [prob > 0.5 for _, prob in inputs]
+        done(len(fg))
     elif crf.backend == "densecrf":
-        fg = [crf_refine(rgb, prob, crf) for rgb, prob in inputs]
+        fg = []
+        for rgb, prob in inputs:
+            fg.append(crf_refine(rgb, prob, crf))
+            done(1)
     else:
         fg = [None] * len(inputs)
         budget = GPU_BATCH_PIXELS if str(device).startswith("cuda") else 0
@@ -199,6 +209,7 @@ def refine_masks(
         for batch in batches:
             for i, m in zip(batch, local_crf_batch([inputs[i] for i in batch], crf, device), strict=True):
                 fg[i] = m
+            done(len(batch))
     return [
         m
         if m.shape == (H, W)

@@ -86,6 +86,7 @@ class ClusterStage(Stage):
         groups = fits.loader.groups(shard, p.image_ids)[p.row_image]
         rows = cluster_shard(p, groups, fits, ctx.cfg, ctx.device)
         atomic_write_table(ctx.run.pseudo_part(shard), pseudo_table(rows))
+        ctx.tick(len(rows))
         return {
             "images": len(rows),
             "patches": len(p.keys),

@@ -57,7 +57,7 @@ class DescribeStage(Stage):
         self, ctx: StageContext, shard: int, shared: object = None, worker: RegionEmbedder | None = None
     ) -> dict:
         before = worker.extractor.seconds if worker else 0.0
-        table, errors = describe_shard(ctx.run, shard, ctx.cfg, worker)
+        table, errors = describe_shard(ctx.run, shard, ctx.cfg, worker, ctx.tick)
         atomic_write_table(ctx.run.region_part(shard), table)
         return {
             "images": len(read_table(ctx.run.pseudo_part(shard), columns=["image_id"])),

@@ -55,7 +55,7 @@ class ExtractStage(Stage):
     ) -> dict:
         extractor, info = worker
         before = extractor.seconds
-        feats, images = extract_shard(extractor, info, ctx.run.manifest_rows(shard), ctx.cfg, ctx.device)
+        feats, images = extract_shard(extractor, info, ctx.run.manifest_rows(shard), ctx.cfg, ctx.device, ctx.tick)
         forward_seconds = extractor.seconds - before
         meta = store_metadata(info, ctx.cfg)
         atomic_write_table(ctx.run.feature_shard(shard), feats.replace_schema_metadata(meta), **FEATURE_WRITE_OPTIONS)

@@ -87,7 +87,9 @@ class LabelStage(Stage):
     def process_shard(self, ctx: StageContext, shard: int, fit: ClassFit, worker: object = None) -> dict:
         # a frozen run's COCO ids must not move when images are added: each from its image id, not its position
         stable_ids = not ctx.cfg.refit
-        return {**write_shard_labels(ctx.run, shard, fit, ctx.cfg.min_confidence, stable_ids), "k": fit.k}
+        labelled = write_shard_labels(ctx.run, shard, fit, ctx.cfg.min_confidence, stable_ids)
+        ctx.tick(labelled["images"])
+        return {**labelled, "k": fit.k}
 
     def finish(self, ctx: StageContext, results: dict, map_fn: MapFn) -> dict:
         run = ctx.run

@@ -68,7 +68,8 @@ class RefineStage(Stage):
 
         prepared, errors = for_each_image(self.name, [(r["image_id"], r) for r in pseudo], prepare)
         ids = list(prepared)
-        fg = refine_masks([prepared[i][0] for i in ids], [prepared[i][1] for i in ids], crf, ctx.device)
+        ctx.tick(len(errors))  # failed before the CRF: done as far as the progress bar goes
+        fg = refine_masks([prepared[i][0] for i in ids], [prepared[i][1] for i in ids], crf, ctx.device, ctx.tick)
         masks = [(run.binary_mask(i), png_bytes(m.astype(np.uint8) * 255)) for i, m in zip(ids, fg, strict=True)]
         atomic_write_many(masks)  # the shard's masks together: to a bucket, concurrently
         for image_id in errors:  # no mask of an earlier attempt stands beside an error row

@@ -156,7 +156,8 @@ def test_run_prints_json_and_progress_lines_without_a_terminal(messy_run):
     assert summary["failed"] == 2 and summary["images"] == 7 and summary["random_weights"] is True
     assert [s["stage"] for s in summary["stages"]][:3] == ["ingest", "extract", "cluster"]
     # progress as plain lines (stderr is a pipe here, as under nohup or in a cluster job's log)
-    assert "extract: 1/3 shards (33%)" in res.stderr and "refine: 3/3 shards (100%)" in res.stderr
+    # counted in images (7, in shards of 3), as the workers finish them (issue 41)
+    assert "refine: 7/7 images (100%)" in res.stderr and "extract: 7/7 images (100%)" in res.stderr
     assert "1 file(s) skipped" in res.stderr
     # the tool's own lines only: Ray's go to the run's log
     for ray_noise in ("core_worker", "Token authentication", "Progress bars disabled", "pid=", "\x1b["):
