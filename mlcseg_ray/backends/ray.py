@@ -3,6 +3,7 @@ order), and an actor pool (Ray Data) for stages that keep a model between shards
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -115,25 +116,34 @@ class _Count:
 
 class RayTicks:
     """:class:`~mlcseg_ray.core.progress.Ticks` across the cluster: workers add without waiting (one small message
-    per call), the driver's progress thread takes the count a few times a second. The actor asks for no CPU."""
+    per call), the driver's progress thread takes the count a few times a second. The actor asks for no CPU and
+    lives on the driver's node (a worker node may be lost mid-run); a count that cannot be reached is a bar that
+    stops moving, never a failed run."""
 
     def __init__(self) -> None:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.actor = ray.remote(num_cpus=0)(_Count).remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.actor = ray.remote(num_cpus=0)(_Count).options(scheduling_strategy=here).remote()
 
     def add(self, n: int = 1) -> None:
-        self.actor.add.remote(n)
+        with contextlib.suppress(Exception):
+            self.actor.add.remote(n)
 
     def take(self) -> int:
         import ray
 
-        return ray.get(self.actor.take.remote())
+        try:
+            return ray.get(self.actor.take.remote(), timeout=10)
+        except Exception:
+            return 0
 
     def close(self) -> None:
         import ray
 
-        ray.kill(self.actor)
+        with contextlib.suppress(Exception):
+            ray.kill(self.actor)
 
 
 class _ShardActor:

@@ -13,7 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .storage import as_location, atomic_write_text, redacted, url_credentials
+from .storage import as_location, atomic_write_text
+from .urls import redacted, url_credentials
 
 # Keys that decide how the work is cut and where it runs, never what comes out: no stage's fingerprint holds them
 # (the outputs do not depend on them; tests/stages/test_cluster.py and tests/core/test_run_folder.py check it).

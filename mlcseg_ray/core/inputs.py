@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from .storage import url_credentials
+from .urls import url_credentials
 
 # The fields that name a file or folder (a local path or a bucket URI).
 LOCATION_FIELDS = ("images", "voc", "coco", "ann", "manifest", "gt")

@@ -66,26 +66,6 @@ def endpoint_env() -> dict[str, str]:
     return {k: os.environ[k] for k in ENDPOINT_VARS if os.environ.get(k)}
 
 
-def url_credentials(url: object) -> bool:
-    """Whether a URL carries a user name or password (``http://user:pass@host/``): they would be stored with the run
-    (``config.yaml``, ``run.json``) and shown in its logs; credentials go in the standard variables or profiles."""
-    from urllib.parse import urlsplit
-
-    if not isinstance(url, str) or "://" not in url:
-        return False
-    try:
-        return "@" in urlsplit(url).netloc
-    except ValueError:
-        return False
-
-
-def redacted(text: str) -> str:
-    """``text`` with the user name and password of any URL in it replaced by ``***``."""
-    import re
-
-    return re.sub(r"(\w+://)[^/\s@]+@", r"\1***@", text)
-
-
 def is_local(path: Location) -> bool:
     return isinstance(path, Path)
 

@@ -171,3 +171,30 @@ def test_a_frozen_run_grows_without_moving(tmp_path, caplog):
     assert json.loads(run.run_record.read_text())["stages"]["cluster"]["fit"] == "kept (frozen)"
     ids_after = coco_ids()
     assert len(ids_after) == 13 and {i: ids_after[i] for i in ids_before} == ids_before
+
+
+@pytest.mark.slow
+def test_a_fit_applied_to_new_photos_labels_them_as_the_frozen_run_that_grew_to_them(tmp_path):
+    """The VOC photos (random-weight backbone): a frozen run fitted on the first 40 that then grew to all 59, and a
+    run applying its fit to the other 19 alone, give those 19 the same class masks, byte for byte."""
+    voc = sorted((need(VOC_SUBSET) / "JPEGImages").iterdir())
+    assert len(voc) == 59
+    grown, rest = tmp_path / "grown", tmp_path / "rest"
+    for folder, photos in ((grown, voc[:40]), (rest, voc[40:])):
+        folder.mkdir()
+        for p in photos:
+            shutil.copy(p, folder / p.name)
+    frozen = RunDir(tmp_path / "frozen")
+    cfg = Config(**CONFIG, refit=False)
+    Pipeline(frozen.root, cfg, backend="local", images=str(grown)).run(print_summary=False)
+    applied = RunDir(tmp_path / "applied")
+    Pipeline(applied.root, Config(**CONFIG, fit=str(frozen.root)), backend="local", images=str(rest)).run(
+        print_summary=False
+    )
+    for p in voc[40:]:
+        shutil.copy(p, grown / p.name)
+    Pipeline(frozen.root, cfg, backend="local", images=str(grown)).run(print_summary=False)
+    new = sorted(applied.image_ids())
+    assert len(new) == 19 and set(new) < frozen.image_ids()
+    for image_id in new:
+        assert applied.class_mask(image_id).read_bytes() == frozen.class_mask(image_id).read_bytes(), image_id
