@@ -31,6 +31,7 @@ class RayBackend:
     def __init__(self, address: str | None = None, requested: str = "auto") -> None:
         self.address, self.requested = address, requested
         self._up = False
+        self._ticks: RayTicks | None = None
 
     def _init(self) -> None:
         if not self._up:
@@ -50,8 +51,11 @@ class RayBackend:
         return "cuda" if use_gpus(self.requested) else "cpu"
 
     def ticks(self) -> RayTicks:
+        """One count for the whole command (an actor is a worker process: not one per stage)."""
         self._init()
-        return RayTicks()
+        if self._ticks is None:
+            self._ticks = RayTicks()
+        return self._ticks
 
     def map(
         self,
@@ -117,8 +121,8 @@ class _Count:
 class RayTicks:
     """:class:`~mlcseg_ray.core.progress.Ticks` across the cluster: workers add without waiting (one small message
     per call), the driver's progress thread takes the count a few times a second. The actor asks for no CPU and
-    lives on the driver's node (a worker node may be lost mid-run); a count that cannot be reached is a bar that
-    stops moving, never a failed run."""
+    lives on the driver's node (a worker node may be lost mid-run) and ends with the driver; a count that cannot be
+    reached is a bar that stops moving, never a failed run."""
 
     def __init__(self) -> None:
         import ray
@@ -138,12 +142,6 @@ class RayTicks:
             return ray.get(self.actor.take.remote(), timeout=10)
         except Exception:
             return 0
-
-    def close(self) -> None:
-        import ray
-
-        with contextlib.suppress(Exception):
-            ray.kill(self.actor)
 
 
 class _ShardActor:

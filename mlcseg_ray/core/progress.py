@@ -76,15 +76,13 @@ class Ticks:
             n, self._n = self._n, 0
         return n
 
-    def close(self) -> None:
-        pass
-
 
 @contextlib.contextmanager
 def polled(ticks: Ticks, advance: Callable[[int], None], total: int, every: float = 0.25) -> Iterator[None]:
     """While the block runs, ``ticks`` moved into ``advance`` every ``every`` seconds by a thread of the driver;
     when it ends, the bar brought to ``total`` (images a stage does not count one by one: those failed earlier)."""
     moved, stop = [0], threading.Event()
+    ticks.take()  # a count shared by the command's stages: what came late from the one before is not this one's
 
     def move() -> None:
         n = min(ticks.take(), total - moved[0])
@@ -108,7 +106,6 @@ def polled(ticks: Ticks, advance: Callable[[int], None], total: int, every: floa
         move()
         if finished and moved[0] < total:
             advance(total - moved[0])
-        ticks.close()
 
 
 @contextlib.contextmanager
