@@ -240,8 +240,9 @@ def generate(out: Path, spec: PlantedSpec, grids=None, mask_dir: Path | None = N
     return run
 
 
-def foreground_iou(run: RunDir, gt_path: Path | None = None) -> dict:
-    """Dataset-wide foreground IoU of each level, of the combined mask, per family: {name: IoU}."""
+def foreground_iou(run: RunDir, gt_path: Path | None = None, images: set[str] | None = None) -> dict:
+    """Dataset-wide foreground IoU of each level, of the combined mask, per family: {name: IoU} (over ``images``
+    alone, when given)."""
     import pyarrow.parquet as pq
 
     from mlcseg_ray.library.clustering import read_pseudo
@@ -250,6 +251,8 @@ def foreground_iou(run: RunDir, gt_path: Path | None = None) -> dict:
     pred = read_pseudo(run, columns=["image_id", "mask", "dataset", "category", "image"]).to_pylist()
     inter, union = {}, {}
     for r in pred:
+        if images is not None and r["image_id"] not in images:
+            continue
         g = gt[r["image_id"]]
         t = np.asarray(g["mask"], bool)
         for name in ("mask", "dataset", "category", "image"):

@@ -4,12 +4,11 @@ masks and class ids those the fitted run gives it, and how far the new images ar
 import json
 import shutil
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from helpers import TINY, TINY_CONFIG, VOC_MASKS, VOC_SUBSET, copy_voc_images, mlcseg, need
-from helpers.planted import PlantedSpec, generate
+from helpers.planted import PlantedSpec, foreground_iou, generate
 from mlcseg_ray.core.config import Config
 from mlcseg_ray.core.run_dir import RunDir, list_shards, shard_index
 from mlcseg_ray.library.fits import FIT_SCHEMA, LEVEL_FILES
@@ -98,24 +97,12 @@ def test_a_folder_without_a_fit_is_refused(fitted):
     assert res.returncode == 2 and "no fit there" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
 
 
-def _foreground_iou(run: RunDir, gt: dict, ids: set[str]) -> float:
-    from mlcseg_ray.library.clustering import read_pseudo
-
-    inter = union = 0
-    for r in read_pseudo(run, columns=["image_id", "mask"]).to_pylist():
-        if r["image_id"] in ids:
-            p, t = np.asarray(r["mask"], bool), np.asarray(gt[r["image_id"]], bool)
-            inter, union = inter + int((p & t).sum()), union + int((p | t).sum())
-    return inter / union
-
-
 def test_a_fit_on_one_half_labels_the_other_half_as_well_as_a_fit_on_all(tmp_path):
     """On planted stores with known truth (the easy family): the second half's foreground IoU under a fit made on
     the first half alone is at most 0.01 below its IoU when the levels are fitted on both halves. (On the hard
     family the fit's own variance is larger than that, either way: the closing note of issue 43.)"""
     spec = PlantedSpec("easy", n_images=256, shard_size=32)
     full = generate(tmp_path / "full", spec, mask_dir=need(VOC_MASKS) / "SegmentationClass")
-    gt = {r["image_id"]: r["mask"] for r in pq.read_table(full.root / "gt.parquet").to_pylist()}
     halves = {}
     for name, keep in (("first", range(0, 4)), ("second", range(4, 8))):
         half = RunDir(shutil.copytree(full.root, tmp_path / name))
@@ -130,7 +117,9 @@ def test_a_fit_on_one_half_labels_the_other_half_as_well_as_a_fit_on_all(tmp_pat
     Pipeline(halves["second"].root, applied, backend="local").run(["cluster"], print_summary=False)
     second = halves["second"].image_ids()
     assert len(second) == 128
-    on_all, from_first = _foreground_iou(full, gt, second), _foreground_iou(halves["second"], gt, second)
+    gt = full.root / "gt.parquet"
+    on_all = foreground_iou(full, images=second)["mask"]
+    from_first = foreground_iou(halves["second"], gt, images=second)["mask"]
     assert from_first >= on_all - 0.01, (from_first, on_all)
 
 
