@@ -27,6 +27,32 @@ INPUT_OPTIONS: dict[str, tuple[Any, Any]] = {
     "coco": (str | None, typer.Option(None, "--coco", help="COCO image folder (with --ann)")),
     "ann": (str | None, typer.Option(None, "--ann", help="COCO instances JSON")),
     "manifest": (str | None, typer.Option(None, "--manifest", help="CSV/Parquet with a 'uri' column")),
+    "webdataset": (
+        str | None,
+        typer.Option(
+            None,
+            "--webdataset",
+            help="WebDataset tar shards (.tar, .tar.gz): a folder or prefix, a brace pattern "
+            "(s3://b/sa_{000000..000999}.tar), a .txt list, or one tar; read where they lie",
+        ),
+    ),
+    "parquet": (
+        str | None,
+        typer.Option(
+            None,
+            "--parquet",
+            help="Parquet files with an image column (bytes, or the Hugging Face {bytes, path} struct): a folder "
+            "or prefix, a brace pattern, a .txt list, or one file",
+        ),
+    ),
+    "image_column": (
+        str | None,
+        typer.Option(None, "--image-column", help="--parquet: the image column (default: found from the schema)"),
+    ),
+    "id_column": (
+        str | None,
+        typer.Option(None, "--id-column", help="--parquet: the id column (default: image_id, id, __key__ or key)"),
+    ),
     "limit": (int | None, typer.Option(None, "--limit", min=1, help="only the first N images (in image-id order)")),
     "sample": (
         int | None,

@@ -79,6 +79,8 @@ def errors(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
             highlight=False,
             soft_wrap=True,
         )
+    for damaged in skipped.get("damaged", []):  # a tar or Parquet file read only in part
+        stdout.print(f"ingest could not read to its end: {printable(damaged)}", highlight=False, soft_wrap=True)
 
 
 def verify(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"), as_json: bool = Json) -> None:

@@ -13,12 +13,12 @@ from pathlib import Path
 from .urls import url_credentials
 
 # The fields that name a file or folder (a local path or a bucket URI).
-LOCATION_FIELDS = ("images", "voc", "coco", "ann", "manifest", "gt")
+LOCATION_FIELDS = ("images", "voc", "coco", "ann", "manifest", "webdataset", "parquet", "gt")
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Where the images come from: exactly one of the four kinds."""
+    """Where the images come from: exactly one of the six kinds."""
 
     images: str | None = None
     voc: str | None = None
@@ -26,6 +26,10 @@ class InputSpec:
     coco: str | None = None
     ann: str | None = None
     manifest: str | None = None
+    webdataset: str | None = None  # tar shards: a folder or prefix, a brace pattern, a list file, one tar
+    parquet: str | None = None  # Parquet files with an image column: a folder or prefix, a pattern, one file
+    image_column: str | None = None  # --parquet: the image column (default: found from the schema)
+    id_column: str | None = None  # --parquet: the id column (default: image_id, id, __key__ or key, if any)
     limit: int | None = None  # only the first N images, in image-id order
     sample: int | None = None  # a random sample of N images ...
     sample_seed: int = 0  # ... drawn with this seed
@@ -37,6 +41,10 @@ class InputSpec:
             what = f"VOC {self.voc} ({self.split})"
         elif self.coco:
             what = f"COCO {self.coco} + {self.ann}"
+        elif self.webdataset:
+            what = f"WebDataset {self.webdataset}"
+        elif self.parquet:
+            what = f"Parquet {self.parquet}" + "".join(f", {k} {v}" for k, v in self.columns().items() if v)
         else:
             what = f"manifest {self.manifest}"
         if self.limit:
@@ -56,13 +64,19 @@ class InputSpec:
         return replace(self, **local)
 
     def sources(self) -> list[str]:
-        return [x for x in (self.images, self.voc, self.coco, self.manifest) if x]
+        return [x for x in (self.images, self.voc, self.coco, self.manifest, self.webdataset, self.parquet) if x]
+
+    def columns(self) -> dict[str, str | None]:
+        return {"image_column": self.image_column, "id_column": self.id_column}
 
     def validate(self) -> None:
         if len(self.sources()) != 1:
             raise ValueError(
-                "give exactly one input: --images DIR, --voc ROOT, --coco IMAGES --ann JSON, or --manifest FILE"
+                "give exactly one input: --images DIR, --voc ROOT, --coco IMAGES --ann JSON, --manifest FILE, "
+                "--webdataset TARS or --parquet FILES"
             )
+        if (self.image_column or self.id_column) and not self.parquet:
+            raise ValueError("--image-column and --id-column go with --parquet")
         if self.coco and not self.ann:
             raise ValueError("--coco needs --ann INSTANCES_JSON")
         if self.limit and self.sample:
@@ -83,8 +97,10 @@ class InputSpec:
             ("--coco", self.coco),
             ("--ann", self.ann),
             ("--manifest", self.manifest),
+            ("--webdataset", self.webdataset),
+            ("--parquet", self.parquet),
         ):
-            if path and "://" not in path and not Path(path).exists():
+            if path and "://" not in path and "{" not in path and not Path(path).exists():
                 raise FileNotFoundError(f"{flag}: no such file or folder: {path}")
 
 

@@ -112,6 +112,7 @@ class RunDir:
     # --- files and folders ---
     manifest = property(lambda self: self.root / "manifest.parquet")  # ingest's listing; never rewritten
     manifest_parts = property(lambda self: self.root / "manifest_parts")  # ingest's tasks' parts, while it runs
+    input_index = property(lambda self: self.root / "input_index")  # each tar's or Parquet file's listing, kept
     status = property(lambda self: self.root / "status.parquet")  # each image's outcome, from every stage
     config = property(lambda self: self.root / "config.yaml")
     run_record = property(lambda self: self.root / "run.json")
@@ -182,7 +183,7 @@ class RunDir:
     OWN_ENTRIES = (
         "manifest", "status", "config", "run_record", "features", "image_tables", "levels", "pseudo", "binary",
         "masks", "region_parts", "regions", "classes", "coco_parts", "coco", "metrics", "confusion", "ablation",
-        "report", "logs",
+        "report", "logs", "input_index",
     )  # fmt: skip
 
     def check_own_folders(self) -> None:

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..core.errors import BadImage
 from ..core.storage import get_bytes, get_range, is_remote
+from .packed import packed, read_packed
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 # Above this many pixels an image is decoded by libvips at the size the caller needs (shrink-on-load, streamed), not
@@ -37,7 +38,11 @@ HEADER_BYTES = 64 << 10
 
 
 def read_bytes(uri: str, first: int | None = None) -> bytes:
-    """An image file's bytes, or its ``first`` bytes alone (in a bucket, one ranged GET)."""
+    """An image file's bytes, or its ``first`` bytes alone (in a bucket, one ranged GET); an image inside a tar or
+    Parquet file from its container (:mod:`.packed`)."""
+    inside = packed(uri)
+    if inside:
+        return read_packed(inside, first)
     try:
         if is_remote(uri):
             return get_bytes(uri) if first is None else get_range(uri, 0, first)
@@ -112,7 +117,8 @@ def content_hash(data: bytes) -> str:
 
 def file_stat(uri: str) -> tuple[int | None, int | None]:
     """(size in bytes, modification time in ns) of a local file or an object (its last-modified time; None where
-    the store has none); (None, None) when it cannot be read."""
+    the store has none); (None, None) when it cannot be read. An image inside a container: the container's."""
+    uri = inside.container if (inside := packed(uri)) else uri
     try:
         if is_remote(uri):
             import fsspec
@@ -143,7 +149,9 @@ def check_unchanged(uri: str, data: bytes, expect: dict) -> None:
     ``expect`` carries one (``verify_images=hash``). Raises BadImage naming what changed."""
     if expect.get("bytes") is not None and len(data) != expect["bytes"]:
         raise BadImage(f"changed since ingest: {len(data)} bytes now, {expect['bytes']} then; rerun to recompute")
-    if expect.get("mtime_ns") is not None:
+    # an image inside a container is not checked by a stat of the container each time: a tar member's read checks
+    # the member's own header, a Parquet row its length
+    if expect.get("mtime_ns") is not None and not packed(uri):
         _, mtime = file_stat(uri)
         if mtime is not None and mtime != expect["mtime_ns"]:
             raise BadImage("changed since ingest: the file was modified; rerun to recompute")

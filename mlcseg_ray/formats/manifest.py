@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..core.config import Config
-from ..core.run_dir import RunDir
+from ..core.run_dir import RunDir, id_problem, printable
 from ..core.storage import as_location
 from ..core.tables import atomic_write_tables, iter_batches, read_table, rows_between
 
@@ -30,6 +30,25 @@ MANIFEST_SCHEMA = pa.schema(
         ("coco_id", pa.int64()),
     ]
 )
+
+# The listing's columns: what a probing task is given for each image. ``error``: why an image cannot be used, known
+# from its name alone (an id that cannot name an output file, a COCO file_name outside the image root): it becomes
+# that image's error row, and its file is never read. An image found inside a tar or Parquet file comes probed
+# (``status`` set: its bytes were in hand); the other columns are then the manifest's.
+LISTING_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("uri", pa.string()), ("coco_id", pa.int64()), ("error", pa.string())]
+    + [MANIFEST_SCHEMA.field(name) for name in ("width", "height", "bytes", "mtime_ns", "content_hash", "status")]
+)
+
+
+def listing_row(image_id: str, uri: str, coco_id: int | None = None, error: str | None = None) -> dict:
+    """A listing row. An id that cannot name an output file makes the image an error row (ids are never rewritten:
+    the id a user gave is the one every table and message shows); text that cannot be stored as UTF-8 (a file name
+    of undecodable bytes) is kept as escapes."""
+    problem = error or id_problem(image_id)
+    if problem:
+        image_id, uri = printable(image_id), printable(uri)
+    return {"image_id": image_id, "uri": uri, "coco_id": coco_id, "error": problem}
 
 
 # Rows per row group: a shard's rows (what extract, refine and describe each read, and the executor checks on a

@@ -42,7 +42,9 @@ from ..core.storage import (
     path_under,
 )
 from ..core.tables import atomic_write_table, read_table
+from ..formats.images import read_bytes
 from ..formats.masks import png_bytes, voc_palette
+from ..formats.packed import file_name
 from ..models.backbones import untrained_warning
 from .labelling import coco_info, write_coco
 
@@ -147,11 +149,12 @@ def _relative_name(root: str | None, image: dict) -> str:
     """Where an image goes below an export's image folder: its path under the run's image root, else its id with
     the file's extension (never a path that leaves the folder)."""
     below = root and path_under(root, image["file_name"])
-    return below or f"{image['mlcseg_image_id']}{posixpath.splitext(image['file_name'])[1].lower() or '.jpg'}"
+    name = file_name(image["file_name"])  # inside a tar or Parquet file: the member's name
+    return below or f"{image['mlcseg_image_id']}{posixpath.splitext(name)[1].lower() or '.jpg'}"
 
 
 def _copy_image(uri: str, to: Location) -> None:
-    atomic_write_bytes(to, as_location(uri).read_bytes())
+    atomic_write_bytes(to, read_bytes(uri))
 
 
 # ------------------------------------------------------------------ coco
@@ -299,7 +302,7 @@ def _hf(run: RunDir, dest: Location, keep: Bounds, classes: list[dict], copy: bo
             image_rows.append(
                 {
                     "image_id": image_id,
-                    "image": {"bytes": as_location(uri).read_bytes(), "path": posixpath.basename(uri)},
+                    "image": {"bytes": read_bytes(uri), "path": posixpath.basename(file_name(uri))},
                     "mask": {"bytes": run.class_mask(image_id).read_bytes(), "path": f"{image_id}.png"},
                     "width": image["width"],
                     "height": image["height"],

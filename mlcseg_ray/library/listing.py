@@ -19,7 +19,7 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from ..core import storage
+from ..core.config import Config
 from ..core.errors import BadImage
 from ..core.fanout import serial_map
 from ..core.inputs import InputSpec
@@ -56,14 +57,17 @@ from ..formats.images import (
     read_bytes,
 )
 from ..formats.manifest import (
+    LISTING_SCHEMA,
     MANIFEST_SCHEMA,
     last_shard,
+    listing_row,
     manifest_fingerprint,
     manifest_rows_between,
     read_manifest,
     write_manifest,
     write_manifest_tables,
 )
+from .containers import SKIPPED_LISTED, IndexSettings, list_containers, merge_skipped
 
 log = logging.getLogger("mlcseg_ray")
 
@@ -72,18 +76,10 @@ log = logging.getLogger("mlcseg_ray")
 SUPPORTED_SCHEMES = {"file", "s3", "gs", "gcs"}
 
 
-# The listing's columns (what a probing task is given for each image).
-# ``error``: why an image cannot be used, known from its name alone (an id that cannot name an output file, a COCO
-# file_name outside the image root): it becomes that image's error row, and its file is never read.
-LISTING_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("uri", pa.string()), ("coco_id", pa.int64()), ("error", pa.string())]
-)
-
 # Images per probing task: about 2 s of stat, read, hash and header check (0.5 ms an image) and a manifest part of
 # a few hundred KB; the manifest does not depend on it.
 PROBE_CHUNK = 4096
 LIST_TASKS = 256  # at most this many listing tasks (ImageNet's 1,000 class folders: 4 a task)
-SKIPPED_LISTED = 1000  # skipped files named in the run record (all are counted)
 
 
 @dataclass
@@ -95,18 +91,22 @@ class Listing:
     skipped: dict = field(default_factory=lambda: {"count": 0, "by_extension": {}, "files": []})
 
 
-def list_images(spec: InputSpec, map_fn: MapFn = serial_map) -> Listing:
+def list_images(spec: InputSpec, map_fn: MapFn = serial_map, indexing: IndexSettings | None = None) -> Listing:
     """The input's images, with stable, unique ids. An image folder is listed one task per subfolder (its top
-    level on the driver), so a bucket's prefixes are listed in parallel and the driver holds Arrow columns only."""
+    level on the driver), so a bucket's prefixes are listed in parallel and the driver holds Arrow columns only;
+    tars and Parquet files are indexed one task per few containers (``indexing``: how their images are probed)."""
     spec.validate()
     skipped = Listing(LISTING_SCHEMA.empty_table()).skipped
-    if spec.images:
+    if spec.webdataset or spec.parquet:
+        indexing = indexing or IndexSettings(max_pixels=Config.model_fields["max_pixels"].default, min_side=1)
+        table, skipped = list_containers(spec, replace(indexing, **spec.columns()), map_fn)
+    elif spec.images:
         folders, top = folder_top(spec.images)
         per_task = max(1, -(-len(folders) // LIST_TASKS))  # many small subfolders share a task
         groups = [folders[i : i + per_task] for i in range(0, len(folders), per_task)]
         parts = [_folder_part(top), *map_fn(_list_subfolders, groups, spec.images)]
         table = pa.concat_tables([t for t, _ in parts])
-        skipped = _merge_skipped([s for _, s in parts])
+        skipped = merge_skipped([s for _, s in parts])
     else:
         if spec.voc:
             rows = _voc_rows(as_location(spec.voc), spec.split)
@@ -127,6 +127,8 @@ def list_images(spec: InputSpec, map_fn: MapFn = serial_map) -> Listing:
 def image_root(spec: InputSpec, listing: pa.Table) -> str | None:
     """The folder the images are named under in the COCO file (detectron2's ``image_root``, Datumaro's base): the
     image folder or bucket prefix, the VOC ``JPEGImages``, the COCO image root, a manifest's common folder."""
+    if spec.webdataset or spec.parquet:
+        return None  # each file_name is its image's URI inside its container
     if spec.images or spec.coco:
         return str(anchored(spec.images or spec.coco))
     if spec.voc:
@@ -157,17 +159,6 @@ def _folder_part(files: list) -> tuple[pa.Table, dict]:
     }
 
 
-def _merge_skipped(parts: list[dict]) -> dict:
-    by_ext: Counter = Counter()
-    for p in parts:
-        by_ext.update(p["by_extension"])
-    return {
-        "count": sum(p["count"] for p in parts),
-        "by_extension": dict(sorted(by_ext.items())),
-        "files": sorted(f for p in parts for f in p["files"])[:SKIPPED_LISTED],
-    }
-
-
 def _ids_from_paths(rel_paths: list[Path], uris: list[str]) -> list[dict]:
     # The id is the relative path without its extension ("a/cat"), so the same file name in two folders stays two
     # images; where two files differ only by extension the extension is kept in the id ("a/cat_png").
@@ -178,18 +169,8 @@ def _ids_from_paths(rel_paths: list[Path], uris: list[str]) -> list[dict]:
     rows = []
     for p, s, uri in zip(rel_paths, stems, uris, strict=True):
         image_id = s if counts[s] == 1 else f"{s}_{p.suffix.lstrip('.').lower()}"
-        rows.append(_listed(image_id, uri))
+        rows.append(listing_row(image_id, uri))
     return rows
-
-
-def _listed(image_id: str, uri: str, coco_id: int | None = None, error: str | None = None) -> dict:
-    """A listing row. An id that cannot name an output file makes the image an error row (ids are never rewritten:
-    the id a user gave is the one every table and message shows); text that cannot be stored as UTF-8 (a file name
-    of undecodable bytes) is kept as escapes."""
-    problem = error or id_problem(image_id)
-    if problem:
-        image_id, uri = printable(image_id), printable(uri)
-    return {"image_id": image_id, "uri": uri, "coco_id": coco_id, "error": problem}
 
 
 def _voc_rows(root: Location, split: str) -> list[dict]:
@@ -198,7 +179,7 @@ def _voc_rows(root: Location, split: str) -> list[dict]:
     if not split_file.is_file():
         raise FileNotFoundError(f"--voc: split file not found: {split_file}")
     ids = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
-    return [_listed(i, str(voc / "JPEGImages" / f"{i}.jpg")) for i in ids]
+    return [listing_row(i, str(voc / "JPEGImages" / f"{i}.jpg")) for i in ids]
 
 
 def _coco_rows(images: Location, ann: Location) -> list[dict]:
@@ -215,9 +196,9 @@ def _coco_rows(images: Location, ann: Location) -> list[dict]:
         # a file_name is a path under the image root: one that leads out of it (absolute, '..') is never read
         if id_problem(image_id):
             why = f"the COCO file_name {printable(file_name)!r} is not a path under the image root"
-            rows.append(_listed(image_id, f"{str(images).rstrip('/')}/{file_name}", coco_id, why))
+            rows.append(listing_row(image_id, f"{str(images).rstrip('/')}/{file_name}", coco_id, why))
         else:
-            rows.append(_listed(image_id, str(images / file_name), coco_id))
+            rows.append(listing_row(image_id, str(images / file_name), coco_id))
     return rows
 
 
@@ -245,7 +226,7 @@ def _manifest_rows(path: str) -> list[dict]:
         ids = [str(i) for i in table.column("image_id").to_pylist()]
         if len(set(ids)) != len(ids):
             raise ValueError(f"--manifest {path}: image_id values are not unique")
-        return [_listed(i, u) for i, u in zip(ids, uris, strict=True)]
+        return [listing_row(i, u) for i, u in zip(ids, uris, strict=True)]
     # Ids from the URIs' paths below their longest common folder.
     paths = [u.split("://", 1)[-1] if is_remote(u) else str(Path(u).resolve()) for u in uris]
     common = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0]) if paths else ""
@@ -267,6 +248,8 @@ def probe_rows(
     previous = previous or {}
 
     def one(row: dict) -> dict:
+        if row.get("status"):  # probed where it was found (inside a tar or Parquet file)
+            return row
         if row.get("error"):  # known bad from its name: never read
             return {**row, "width": None, "height": None, "bytes": None, "mtime_ns": None, "content_hash": None,
                     "status": "error"}  # fmt: skip
@@ -316,7 +299,8 @@ def build_manifest(
     every image of the previous manifest stays in its shard (so its features are kept) and new images fill new
     shards after the last one; otherwise shards are numbered from 0 in id order. Returns the counts, whether the
     manifest changed, the skipped files and the manifest's fingerprint."""
-    listing = list_images(spec, map_fn)
+    indexing = IndexSettings(settings.max_pixels, settings.min_side, settings.rehash, folder=str(run.input_index))
+    listing = list_images(spec, map_fn, indexing)
     if not listing.table.num_rows:
         raise FileNotFoundError(f"no images found in {spec.describe()}")
     storage.remove(run.manifest_parts)  # a crashed ingest's parts

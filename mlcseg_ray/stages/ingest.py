@@ -47,7 +47,7 @@ class IngestStage(Stage):
 
     name = "ingest"
     reads = ("run_record",)  # the inputs a rerun without any was made with
-    writes = ("manifest", "manifest_parts")
+    writes = ("manifest", "manifest_parts", "input_index")
     config_keys = ("shard_size", "max_pixels", "backbone", "verify_images")
     source = True
 
@@ -89,6 +89,8 @@ class IngestStage(Stage):
                 ", ".join(f"{k} {v}" for k, v in skipped["by_extension"].items()),
                 run.root,
             )
+        for damaged in skipped.get("damaged", []):
+            log.warning("ingest: could not read to its end: %s; the images before it are kept", damaged)
         run.update_record(
             inputs=asdict(spec), input=spec.describe(), skipped_files=skipped, image_root=built["image_root"]
         )

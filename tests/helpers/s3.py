@@ -82,7 +82,8 @@ class S3Server:
 
 class FlakyProxy:
     """A loopback HTTP proxy in front of the S3 server that answers every ``every``-th request with S3's throttling
-    reply (503 SlowDown) instead of passing it on: what a busy bucket does to a client."""
+    reply (503 SlowDown) instead of passing it on: what a busy bucket does to a client. ``every=0``: it passes every
+    request on, and only counts them (``log``: method, path and Range header of each)."""
 
     SLOW_DOWN = (
         b'<?xml version="1.0" encoding="UTF-8"?>'
@@ -97,6 +98,7 @@ class FlakyProxy:
         counter, proxy = itertools.count(1), self
         self.refused = 0
         self.requests = 0  # every request that reached the proxy, refused or passed on
+        self.log: list[tuple[str, str, str | None]] = []
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -118,7 +120,8 @@ class FlakyProxy:
             def _any(self) -> None:
                 body = self._body()
                 proxy.requests = n = next(counter)
-                if n % every == 0:
+                proxy.log.append((self.command, self.path, self.headers.get("Range")))
+                if every and n % every == 0:
                     proxy.refused += 1
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
