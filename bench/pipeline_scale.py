@@ -11,8 +11,11 @@ image within 1.15x.
     python bench/pipeline_scale.py --sizes 20000 80000 320000          # the issue's sizes
     python bench/pipeline_scale.py --sizes 2000 8000 32000 --work /tmp/scale
     python bench/pipeline_scale.py --sizes 320000 --reference-digest 31d17cc9bd226fc6   # the other cut alone
+    python bench/pipeline_scale.py --sizes 80000 640000 --tars 10000 --invariance none  # issue 42: from tars
 
-Images are 32x32 PNGs (a planted square on a noisy background) in folders of 1,000; the backbone is the random
+Images are 32x32 PNGs (a planted square on a noisy background) in folders of 1,000 (with ``--tars N``: packed into
+WebDataset tars of N images, members named by their paths in the folder, so the ids and outputs are the folder
+run's, and run with ``--webdataset``); the backbone is the random
 ``random-vit-tiny`` (patch 8: 16 patches an image), crops of 32 px: the per-image work is small, so what grows with
 the number of images shows.
 """
@@ -25,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -115,9 +119,25 @@ def outputs_digest(run: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def pack_tars(images: Path, per_tar: int) -> Path:
+    """The folder's images as tars of ``per_tar`` (kept and reused where they are complete)."""
+    tars = images.parent / f"{images.name}-tars"
+    if (tars / ".complete").exists():
+        return tars
+    tars.mkdir(exist_ok=True)
+    files = sorted(p for p in images.rglob("*.png"))
+    for n, i in enumerate(range(0, len(files), per_tar)):
+        with tarfile.open(tars / f"part-{n:04d}.tar", "w") as tar:
+            for p in files[i : i + per_tar]:
+                tar.add(p, arcname=p.relative_to(images).as_posix())
+    (tars / ".complete").touch()
+    return tars
+
+
 def run_once(images: Path, out: Path, shard_size: int) -> dict:
     usage = out.parent / f"{out.name}.usage.json"
-    cmd = [sys.executable, "-c", DRIVER, str(usage), "run", "--images", str(images), "--out", str(out)]
+    given = ["--webdataset" if images.name.endswith("-tars") else "--images", str(images)]
+    cmd = [sys.executable, "-c", DRIVER, str(usage), "run", *given, "--out", str(out)]
     cmd += [*CONFIG, f"shard_size={shard_size}", "--json"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -148,6 +168,7 @@ def main():
     ap.add_argument("--other-shard-size", type=int, default=48, help="the second cut, for the invariance check")
     ap.add_argument("--invariance", choices=["all", "smallest", "none"], default="all")
     ap.add_argument("--work", type=Path, default=None, help="where images and runs go (kept when given)")
+    ap.add_argument("--tars", type=int, default=None, help="run from WebDataset tars of this many images")
     ap.add_argument(
         "--reference-digest",
         default=None,
@@ -160,11 +181,15 @@ def main():
     work = args.work or Path(tempfile.mkdtemp(prefix="mlcseg-pipeline-scale-"))
     print(f"machine: {machine()}")
     print(f"images {SIDE}x{SIDE} px, {' '.join(CONFIG)}, shards of {args.shard_size}", flush=True)
+    if args.tars:
+        print(f"from WebDataset tars of {args.tars} images (--webdataset)", flush=True)
     results = {}
     for n in args.sizes:
         images = work / f"images-{n}"
         t0 = time.perf_counter()
         generate(images, n)
+        if args.tars:
+            images = pack_tars(images, args.tars)
         print(f"{n} images ready ({time.perf_counter() - t0:.0f} s)", flush=True)
         for sub in (f"run-{n}", f"run-{n}-other"):
             shutil.rmtree(work / sub, ignore_errors=True)

@@ -88,7 +88,7 @@ class Listing:
     out of an image folder, not being images by their extension."""
 
     table: pa.Table
-    skipped: dict = field(default_factory=lambda: {"count": 0, "by_extension": {}, "files": []})
+    skipped: dict = field(default_factory=lambda: {"count": 0, "by_extension": {}, "files": [], "damaged": []})
 
 
 def list_images(spec: InputSpec, map_fn: MapFn = serial_map, indexing: IndexSettings | None = None) -> Listing:

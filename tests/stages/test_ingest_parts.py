@@ -50,7 +50,7 @@ def test_the_listing_fanned_out_per_subfolder_is_the_whole_folders_sorted(folder
     assert ids == ["a-b", "a/x", "a/y/z", "a_c", "b/x_jpg", "b/x_png", "c/q", "d", "e/r"]
     assert ids == sorted(ids)
     assert listing.table.column("uri").to_pylist()[2] == str(folder / "a/y/z.png")
-    assert listing.skipped == {"count": 1, "by_extension": {".txt": 1}, "files": ["notes.txt"]}
+    assert listing.skipped == {"count": 1, "by_extension": {".txt": 1}, "files": ["notes.txt"], "damaged": []}
 
 
 def test_a_manifest_probed_in_parts_has_the_bytes_of_one_probed_whole(folder, tmp_path):
