@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import gzip
+import os
 import posixpath
 import re
 import tarfile
@@ -194,7 +195,7 @@ class _ParquetRows:
             self.raw.close()
 
 
-_OPEN: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()
+_OPEN: OrderedDict[tuple, tuple[Any, threading.Lock]] = OrderedDict()
 _OPEN_LOCK = threading.Lock()
 _KEEP_OPEN = 4  # containers a process keeps open (a shard spans one or two)
 
@@ -216,16 +217,27 @@ class _Locked:
 
 
 def _opened(uri: str, kind: type) -> _Locked:
+    """The container's reader kept in this process: a local file by its size and mtime too (a long-lived process
+    that reads a container rewritten since sees the new one; in a bucket a command's processes are its own)."""
+    key = (uri, _local_identity(uri))
     with _OPEN_LOCK:
-        if uri in _OPEN:
-            _OPEN.move_to_end(uri)
+        if key in _OPEN:
+            _OPEN.move_to_end(key)
         else:
-            _OPEN[uri] = (kind(uri), threading.Lock())
+            _OPEN[key] = (kind(uri), threading.Lock())
             while len(_OPEN) > _KEEP_OPEN:
                 reader, lock = _OPEN.popitem(last=False)[1]
                 with lock:
                     reader.close()
-        return _Locked(*_OPEN[uri])
+        return _Locked(*_OPEN[key])
+
+
+def _local_identity(uri: str) -> tuple[int, int] | None:
+    where = as_location(uri)
+    if not is_local(where):
+        return None
+    st = os.stat(where)
+    return st.st_size, st.st_mtime_ns
 
 
 def forget_open() -> None:

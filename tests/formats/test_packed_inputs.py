@@ -293,3 +293,26 @@ def test_tars_and_parquet_in_a_bucket_one_read_per_tar_at_ingest(s3, voc_photos,
             assert sum(read_of(extract, tar.name)) == tar.stat().st_size
         else:
             assert sorted(read_of(extract, tar.name)) == sorted(512 + r["bytes"] for r in members)
+
+
+def test_a_rewritten_container_is_read_afresh_in_the_same_process(voc_photos, tmp_path):
+    """A gzipped tar and a Parquet file stay open between reads (a shard's images lie next to each other); one
+    rewritten since is read anew, not from what was kept."""
+    import os
+
+    first, second = voc_photos[0], voc_photos[1]
+    tar, table = tmp_path / "one.tar.gz", tmp_path / "one.parquet"
+
+    def write(photo: Path, mtime_s: int) -> list[str]:
+        with tarfile.open(tar, "w:gz") as t:
+            t.add(photo, arcname="a.jpg")
+        pq.write_table(pa.table({"image": pa.array([photo.read_bytes()], pa.binary())}), table)
+        for f in (tar, table):
+            os.utime(f, (mtime_s, mtime_s))
+        specs = (InputSpec(webdataset=str(tar)), InputSpec(parquet=str(table)))
+        return [list_images(spec).table.column("uri")[0].as_py() for spec in specs]
+
+    for uri in write(first, 1_000_000):
+        assert read_bytes(uri) == first.read_bytes()
+    for uri in write(second, 2_000_000):
+        assert read_bytes(uri) == second.read_bytes()
