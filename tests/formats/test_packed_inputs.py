@@ -316,3 +316,21 @@ def test_a_rewritten_container_is_read_afresh_in_the_same_process(voc_photos, tm
         assert read_bytes(uri) == first.read_bytes()
     for uri in write(second, 2_000_000):
         assert read_bytes(uri) == second.read_bytes()
+
+
+def test_exports_write_the_images_out_of_their_containers(packed_runs, voc_photos, tmp_path):
+    """A COCO export with ``--copy-images`` and the Hugging Face export hold each image's own bytes, named by id."""
+    from mlcseg_ray.core.run_dir import RunDir
+    from mlcseg_ray.library.exports import export_run
+
+    by_name = {p.name: p.read_bytes() for p in voc_photos}
+    for run in ("tar", "parquet"):
+        out = tmp_path / run
+        export_run(RunDir(packed_runs[run]), "coco", str(out), copy_images=True)
+        copied = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+        assert copied == by_name
+        coco = json.loads((out / "annotations" / "instances_pseudo.json").read_text())
+        assert sorted(im["file_name"] for im in coco["images"]) == sorted(by_name)
+    export_run(RunDir(packed_runs["tar"]), "hf", str(tmp_path / "hf"))
+    rows = [r for f in sorted((tmp_path / "hf" / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert len(rows) == len(voc_photos) and all(r["image"]["bytes"] == by_name[r["image"]["path"]] for r in rows)
