@@ -74,7 +74,7 @@ def errors(run_dir: str = typer.Argument(..., metavar="RUN", help="run folder"),
     if skipped.get("count"):
         stdout.print(
             f"ingest skipped {skipped['count']} file(s) that are not images by extension "
-            f"({', '.join(f'{k}: {v}' for k, v in skipped.get('by_extension', {}).items())}): "
+            f"({printable(', '.join(f'{k}: {v}' for k, v in skipped.get('by_extension', {}).items()))}): "
             f"{printable(', '.join(skipped.get('files', [])[:20]))}",
             highlight=False,
             soft_wrap=True,

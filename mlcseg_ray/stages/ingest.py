@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from ..core.errors import NoRunYet
 from ..core.inputs import InputSpec
-from ..core.run_dir import RunDir
+from ..core.run_dir import RunDir, printable
 from ..core.stage import MapFn, Stage, StageContext
 from ..core.tables import read_schema
 from ..formats.manifest import (
@@ -86,11 +86,11 @@ class IngestStage(Stage):
             log.warning(
                 "ingest: %d file(s) skipped, not images by their extension (%s); `mlcseg errors %s` lists them",
                 skipped["count"],
-                ", ".join(f"{k} {v}" for k, v in skipped["by_extension"].items()),
+                printable(", ".join(f"{k} {v}" for k, v in skipped["by_extension"].items())),  # names are input
                 run.root,
             )
         for damaged in skipped.get("damaged", []):
-            log.warning("ingest: could not read to its end: %s; the images before it are kept", damaged)
+            log.warning("ingest: could not read to its end: %s; the images before it are kept", printable(damaged))
         run.update_record(
             inputs=asdict(spec), input=spec.describe(), skipped_files=skipped, image_root=built["image_root"]
         )

@@ -220,6 +220,8 @@ def test_the_cli_takes_tars_by_pattern_and_says_what_it_skipped(voc_photos, tmp_
     """``--webdataset`` with a brace pattern naming one tar that is not there: the others run, and ``mlcseg
     errors`` names what could not be read; ``--parquet`` without an image column is one line, exit 2."""
     tars = pack_tars(voc_photos[:6], tmp_path / "tars", per_tar=3, gzip_every=0)
+    with tarfile.open(tars / "part-000.tar", "a") as tar:  # a member name that would drive the terminal
+        add_member(tar, "note.j\x1b[31mg", b"not an image")
     out = tmp_path / "run"
     pattern = f"{tars}/part-{{000..002}}.tar"
     config = [f"{k}={v}" for k, v in CONFIG.items()]
@@ -228,9 +230,10 @@ def test_the_cli_takes_tars_by_pattern_and_says_what_it_skipped(voc_photos, tmp_
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "could not read to its end" in res.stderr and "part-002.tar: not found" in res.stderr
+    assert "\x1b" not in res.stderr and "\\x1b" in res.stderr  # the name shown, escaped
     assert pq.read_table(out / "manifest.parquet").num_rows == 6
     res = mlcseg("errors", out)
-    assert "part-002.tar: not found" in res.stdout
+    assert "part-002.tar: not found" in res.stdout and "\x1b" not in res.stdout
     text = tmp_path / "text.parquet"
     pq.write_table(pa.table({"caption": ["a cat"]}), text)
     res = mlcseg("extract", "--parquet", text, "--out", tmp_path / "run2", *config)
