@@ -27,7 +27,7 @@ from ..core.fanout import serial_map
 from ..core.fingerprint import digest
 from ..core.inputs import InputSpec
 from ..core.stage import MapFn
-from ..core.storage import as_location
+from ..core.storage import as_location, is_remote
 from ..core.tables import atomic_write_table, read_table
 from ..formats.images import IMAGE_EXTENSIONS, content_hash, file_stat, list_folder, probe
 from ..formats.manifest import LISTING_SCHEMA, listing_row
@@ -89,9 +89,10 @@ def list_containers(spec: InputSpec, settings: IndexSettings, map_fn: MapFn = se
     log.info("ingest: %d container(s) to index", len(uris))
     groups = [uris[i : i + CONTAINERS_PER_TASK] for i in range(0, len(uris), CONTAINERS_PER_TASK)]
     parts = map_fn(_index_group, groups, spec.webdataset is not None, settings)
-    table = pa.concat_tables([t for t, _, _ in parts])
+    table = pa.concat_tables([_listing_of(t) for tables, _, _ in parts for t in tables])
     skipped = merge_skipped([s for _, s, _ in parts])
     read = sum(n for _, _, n in parts)
+    del parts  # the concatenated table holds the parts; sorting copies it once
     log.info(
         "ingest: %d of %d container(s) read; %d unchanged, their kept index used", read, len(uris), len(uris) - read
     )
@@ -112,16 +113,24 @@ def merge_skipped(parts: list[dict]) -> dict:
     }
 
 
-def _index_group(uris: list[str], tars: bool, settings: IndexSettings) -> tuple[pa.Table, dict, int]:
-    """Some containers' listing rows and skipped files, and how many of them were read (not found indexed)."""
+def _index_group(uris: list[str], tars: bool, settings: IndexSettings) -> tuple[list[pa.Table | str], dict, int]:
+    """Some containers' listing rows and skipped files, and how many of them were read (not found indexed). Where
+    the kept index is on local disk its path is sent back, not its rows: the driver reads it from there, where a
+    table sent back would also stay mapped in the driver from Ray's object store (a second copy of the listing,
+    150 MB at a million images)."""
     indexed = [_index(uri, tars, settings) for uri in uris]
-    table = pa.concat_tables([t for t, _, _ in indexed])
-    return table, merge_skipped([s for _, s, _ in indexed]), sum(read for _, _, read in indexed)
+    local = settings.folder is not None and not is_remote(settings.folder)
+    tables = [kept if local and kept else t for t, _, _, kept in indexed]
+    return tables, merge_skipped([s for _, s, _, _ in indexed]), sum(read for _, _, read, _ in indexed)
 
 
-def _index(uri: str, tars: bool, settings: IndexSettings) -> tuple[pa.Table, dict, bool]:
+def _listing_of(table: pa.Table | str) -> pa.Table:
+    return read_table(table).replace_schema_metadata(None) if isinstance(table, str) else table
+
+
+def _index(uri: str, tars: bool, settings: IndexSettings) -> tuple[pa.Table, dict, bool, str | None]:
     """One container's listing rows and skipped files: from its kept index where the container did not change,
-    else read from it (and the index kept); and whether it was read."""
+    else read from it (and the index kept); whether it was read, and the kept index's path (None: not kept)."""
     size, mtime = file_stat(uri)
     identity = {"uri": uri, "size": size, "mtime_ns": mtime, "version": INDEX_VERSION, **asdict(settings)}
     identity.pop("folder")
@@ -131,7 +140,7 @@ def _index(uri: str, tars: bool, settings: IndexSettings) -> tuple[pa.Table, dic
             table = read_table(kept)
             meta = json.loads(table.schema.metadata[b"mlcseg_index"])
             if meta["identity"] == identity:
-                return table.replace_schema_metadata(None), meta["skipped"], False
+                return table.replace_schema_metadata(None), meta["skipped"], False, str(kept)
         except (OSError, pa.ArrowException, KeyError, ValueError, TypeError):
             pass  # read again from the container
     rows, skipped = _read_container(uri, tars, settings, mtime if size is not None else None)
@@ -140,7 +149,8 @@ def _index(uri: str, tars: bool, settings: IndexSettings) -> tuple[pa.Table, dic
         meta = {b"mlcseg_index": json.dumps({"identity": identity, "skipped": skipped}).encode()}
         with storage.unrecorded():  # the manifest is ingest's output; the index is its cache
             atomic_write_table(kept, table.replace_schema_metadata(meta))
-    return table, skipped, True
+        return table, skipped, True, str(kept)
+    return table, skipped, True, None
 
 
 def _read_container(uri: str, tars: bool, settings: IndexSettings, mtime: int | None) -> tuple[list[dict], dict]:
