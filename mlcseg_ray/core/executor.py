@@ -442,7 +442,7 @@ class Executor:
         write_status(self.run, stages)
 
 
-PER_IMAGE_KEYS = ("outputs", "inputs", "confidence")  # a marker's parts that grow with its images and files
+PER_IMAGE_KEYS = ("outputs", "inputs", "confidence", "flags")  # a marker's parts that grow with its images
 
 
 def _summary_of(marker: dict) -> dict:

@@ -92,6 +92,7 @@ class ClusterStage(Stage):
             "patches": len(p.keys),
             "far_patches": sum(r["far_patches"] for r in rows),
             "flags": {r["image_id"]: r["flag"] for r in rows if r["flag"]},
+            "flagged": sum(bool(r["flag"]) for r in rows),  # what the driver keeps of the flags
             "confidence": {r["image_id"]: r["confidence"] for r in rows},
         }
 
@@ -110,7 +111,7 @@ class ClusterStage(Stage):
         return {
             **drift,
             "fit": fit,
-            "flagged": sum(len(r.get("flags", {})) for r in results.values()),
+            "flagged": sum(r.get("flagged", 0) for r in results.values()),
             "store_passes": round(passes, 3),
             "output": str(ctx.run.pseudo),
         }
