@@ -44,15 +44,37 @@ CONFIG = ["--backbone", "random-vit-tiny", "crop_size=32", "num_classes=5", "num
 SIDE = 32
 PER_FOLDER = 1000
 
-# The driver as `mlcseg` runs it, reporting its own CPU time and peak RSS when it exits.
+# The driver as `mlcseg` runs it, reporting its own CPU time and peak RSS when it exits, and its peak RSS while each
+# stage ran (sampled every 0.2 s; "status": a write of status.parquet, "after X": between X and what follows it):
+# where the peak is, not only how high.
 DRIVER = """
-import atexit, json, resource, sys
-usage = sys.argv[1]
+import atexit, json, resource, sys, threading, time
+usage, current, by_stage = sys.argv[1], ["start"], {}
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+def _sample():
+    while True:
+        by_stage[current[0]] = max(by_stage.get(current[0], 0), _rss_mb())
+        time.sleep(0.2)
 def _save():
     r = resource.getrusage(resource.RUSAGE_SELF)
+    stages = {k: round(v) for k, v in by_stage.items()}
     with open(usage, "w") as f:
-        json.dump({"cpu_s": r.ru_utime + r.ru_stime, "peak_rss_mb": r.ru_maxrss / 1024}, f)
+        json.dump({"cpu_s": r.ru_utime + r.ru_stime, "peak_rss_mb": r.ru_maxrss / 1024, "by_stage": stages}, f)
 atexit.register(_save)
+from mlcseg_ray.core import executor
+def _labelled(fn, name):
+    def run(self, *a, **k):
+        current[0] = name(a)
+        try:
+            return fn(self, *a, **k)
+        finally:
+            current[0] = "after " + current[0]
+    return run
+executor.Executor._run_stage = _labelled(executor.Executor._run_stage, lambda a: a[0])
+executor.Executor._write_status = _labelled(executor.Executor._write_status, lambda a: "status")
+threading.Thread(target=_sample, daemon=True).start()
 sys.argv = ["mlcseg", *sys.argv[2:]]
 from mlcseg_ray.cli.app import main
 main()
@@ -152,6 +174,7 @@ def run_once(images: Path, out: Path, shard_size: int) -> dict:
         "seconds": seconds,
         "stages": {k: v.get("seconds", 0) for k, v in stages.items()},
         "driver_rss_mb": driver["peak_rss_mb"],
+        "driver_rss_by_stage_mb": driver["by_stage"],
         "driver_cpu_s": driver["cpu_s"],
         "worker_rss_mb": max(peaks.workers.values(), default=0) / 2**20,
         "ray_rss_mb": max(peaks.ray.values(), default=0) / 2**20,
@@ -226,6 +249,9 @@ def main():
             f"{1000 * r['driver_cpu_s'] / n:.3f} | {r['worker_rss_mb']:.0f} | {r['ray_rss_mb']:.0f} | "
             f"{r['run_mb']:.0f} | {r.get('same_as_other_cut', '-')} |"
         )
+    print("\ndriver peak RSS (MB) while each stage ran:")
+    for n, r in results.items():
+        print(f"  {n}: " + ", ".join(f"{k} {v}" for k, v in r["driver_rss_by_stage_mb"].items()))
     n0, n1 = args.sizes[0], args.sizes[-1]
     if n1 != n0:  # ratios need two sizes; --reference-digest runs one
         small, large = results[n0], results[n1]
