@@ -2,10 +2,12 @@
 (``--backbone sim-accelerator``: a forward of ``sim_forward_ms`` per image or crop that waits without using a CPU),
 images decoded and crops cut ahead of the model by ``decode_threads`` threads, or not (0), side by side in one run.
 
-For each stage and setting: the model's busy share inside the shards (the markers' ``forward_seconds`` over their
-``seconds``: 1.0 is a model that never waits), the rate reached against the forward's own rate, the busy share of
-the stage's wall time (actor start-up included), and the peak RSS of the actor process. The outputs of both
-settings are compared byte for byte.
+For each stage and setting: the model's busy share inside the shards (the markers' ``forward_seconds`` over the
+time in which at least one shard was being worked on, each shard lasting its marker's ``seconds`` up to the moment
+its marker was written: 1.0 is a model that never waits; with two shards at once their overlap counts once), the
+rate reached against the forward's own rate, the busy share of the stage's wall time (actor start-up included), and
+the peak RSS of the actor process. With ``decode_threads`` > 0 an actor also works on two shards at once. The
+outputs of both settings are compared byte for byte.
 
     python bench/accelerator_feed.py [--copies 2] [--max-side 512] [--extract-ms 25] [--describe-ms 5]
 
@@ -46,10 +48,23 @@ class ActorPeak(PeakRSS):
         return max((v for (_, name), v in self.peaks.items() if "MapWorker" in name), default=0) / 2**20
 
 
+def inside_shards(spans: list[tuple[float, float]]) -> float:
+    """The seconds in which the actor worked on at least one shard: the union of the shards' (start, end). One
+    shard at a time, it is the sum of their seconds; two at once, the time they overlap counts once."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
 def measure(run: Path, stage: str, forward_ms: float) -> dict:
-    markers = [json.loads(p.read_text()) for p in (run / "_state" / stage).glob("[0-9]*")]
+    paths = list((run / "_state" / stage).glob("[0-9]*"))
+    markers = [json.loads(p.read_text()) for p in paths]
     busy = sum(m["forward_seconds"] for m in markers)
-    inside = sum(m["seconds"] for m in markers)
+    # a shard ends when its marker is written, and began its ``seconds`` before
+    ends = [p.stat().st_mtime for p in paths]
+    inside = inside_shards([(end - m["seconds"], end) for end, m in zip(ends, markers, strict=True)])
     items = sum(m["regions"] if stage == "describe" else m["images"] for m in markers)
     wall = json.loads((run / "run.json").read_text())["stages"][stage]["seconds"]
     return {

@@ -94,7 +94,11 @@ class RayBackend:
                 setup=setup, work=work, device=device, threads=max(1, cluster_cpus() // n_actors)
             ),
             batch_size=1,  # one shard per call: a shard is the unit of resume
-            compute=ActorPoolStrategy(size=n_actors),
+            compute=ActorPoolStrategy(
+                size=n_actors,
+                max_concurrent_calls_per_actor=resources.shards_at_once,
+                enable_true_multi_threading=resources.shards_at_once > 1,  # else Ray Data calls an actor in series
+            ),
             num_gpus=1 if gpu else 0,
             num_cpus=1 if gpu else resources.cpus,
             runtime_env={"env_vars": ACTOR_ENV},

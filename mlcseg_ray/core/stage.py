@@ -37,11 +37,22 @@ class Resources:
 
     ``gpus``: ``none`` (CPU work), ``share`` (a fraction of a GPU per task where the run uses GPUs: GPUs / CPUs of
     the cluster, so a GPU node runs one task per CPU), ``one`` (a whole GPU per actor where the run uses GPUs).
-    ``actor``: the work keeps a state between shards (a model), so it runs on an actor pool, not as tasks."""
+    ``actor``: the work keeps a state between shards (a model), so it runs on an actor pool, not as tasks.
+    ``shards_at_once``: how many shards an actor works on at a time (its model runs one forward at a time: what
+    overlaps is one shard's decoding and writing with the other's forwards)."""
 
     cpus: float = 1.0
     gpus: Literal["none", "share", "one"] = "none"
     actor: bool = False
+    shards_at_once: int = 1
+
+
+def model_actor(cfg: Config) -> Resources:
+    """An actor with a model (extraction, region crops): a whole GPU where the run has them, and two shards at a time
+    when images are decoded ahead of the model (``decode_threads``): the next shard's first batches are ready and
+    its forwards run while the last one's tables are built and written. ``decode_threads=0`` is the serial
+    baseline, one shard after the other."""
+    return Resources(cpus=0.5, gpus="one", actor=True, shards_at_once=2 if cfg.decode_threads else 1)
 
 
 @dataclass(frozen=True)

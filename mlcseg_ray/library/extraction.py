@@ -4,8 +4,10 @@ stage's actors and by the benchmarks."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ from ..formats.feature_store import (
 )
 from ..formats.images import load_rgb_sized
 from ..formats.manifest import expected_file
-from ..models.backbones import Extractor
+from ..models.backbones import Extractor, ForwardClock
 
 
 @dataclass
@@ -123,8 +125,7 @@ def decode_and_forward(
         tick(len(batch))
         batch.clear()
 
-    try:
-        decoded = ahead_of_use(lambda r: prepare_image(r, info, cfg), rows, cfg.decode_threads, 4 * cfg.batch_size)
+    def forward_all(decoded: Iterable[tuple[dict, tuple[Prepared | None, dict]]]) -> None:
         for row, (p, image_row) in decoded:
             image_rows[row["image_id"]] = image_row
             if p is None:
@@ -137,6 +138,13 @@ def decode_and_forward(
         for batch in by_size.values():
             if batch:
                 forward(batch)
+
+    try:
+        decoded = ahead_of_use(lambda r: prepare_image(r, info, cfg), rows, cfg.decode_threads, 4 * cfg.batch_size)
+        # a first batch decoded before this shard takes its turn at the model (the actor's other shard may hold it)
+        first = list(itertools.islice(decoded, cfg.batch_size))
+        with extractor.turn() if isinstance(extractor, ForwardClock) else contextlib.nullcontext():
+            forward_all(itertools.chain(first, decoded))
         for done in landed:
             outputs.update(done.result() if isinstance(done, Future) else done)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -225,18 +226,33 @@ def feature_extractor(cfg: Any, device: str) -> tuple[ForwardClock, dict]:
 
 
 class ForwardClock:
-    """An extractor that adds up the wall time of its forwards: how busy a shard kept the model (the markers'
-    ``forward_seconds``; bench/accelerator_feed.py)."""
+    """An actor's model, shared by the shards it works on at once: one forward at a time (one device), a shard's
+    turn at it held for all its forwards where it asks (:meth:`turn`), and the wall time of the forwards each
+    thread made (``seconds``: how busy a shard kept the model, the markers' ``forward_seconds``;
+    bench/accelerator_feed.py)."""
 
     def __init__(self, extractor: Extractor) -> None:
-        self.extractor, self.seconds = extractor, 0.0
+        self.extractor = extractor
+        self._device = threading.RLock()
+        self._own = threading.local()
+
+    @property
+    def seconds(self) -> float:
+        """The seconds of the forwards made by the calling thread (the shard it runs)."""
+        return getattr(self._own, "seconds", 0.0)
+
+    def turn(self) -> threading.RLock:
+        """Held for a shard's forwards, so that two shards' outputs are not gathered at once (memory stays that of
+        one shard in the model and one being written)."""
+        return self._device
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        started = time.perf_counter()
-        out = self.extractor(x)
-        if x.is_cuda:  # the forward is queued on the GPU: done when the device says so
-            torch.cuda.synchronize(x.device)
-        self.seconds += time.perf_counter() - started
+        with self._device:
+            started = time.perf_counter()
+            out = self.extractor(x)
+            if x.is_cuda:  # the forward is queued on the GPU: done when the device says so
+                torch.cuda.synchronize(x.device)
+            self._own.seconds = self.seconds + time.perf_counter() - started
         return out
 
 

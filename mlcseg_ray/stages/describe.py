@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..core.config import Config
 from ..core.fingerprint import weights_identity
-from ..core.stage import MapFn, Resources, Stage, StageContext
+from ..core.stage import MapFn, Resources, Stage, StageContext, model_actor
 from ..core.tables import atomic_write_table, read_table
 from ..library.region_descriptors import RegionEmbedder, describe_shard
 from ..models.backbones import locate_weights
@@ -38,7 +38,7 @@ class DescribeStage(Stage):
 
     def resources_for(self, cfg: Config) -> Resources:
         # crop_cls runs the backbone: one model per actor, like extraction; masked_mean reads the store only
-        return Resources(cpus=0.5, gpus="one", actor=True) if cfg.region_descriptor == "crop_cls" else Resources()
+        return model_actor(cfg) if cfg.region_descriptor == "crop_cls" else Resources()
 
     def fingerprint_extra(self, ctx: StageContext) -> dict:
         return {"weights_file": weights_identity(ctx.cfg.weights)}

@@ -7,8 +7,9 @@ the images and runs them through the model (:mod:`mlcseg_ray.library.extraction`
 
 from __future__ import annotations
 
+from ..core.config import Config
 from ..core.fingerprint import weights_identity
-from ..core.stage import MapFn, Resources, Stage, StageContext
+from ..core.stage import MapFn, Resources, Stage, StageContext, model_actor
 from ..core.tables import atomic_write_table, read_table
 from ..formats.feature_store import (
     FEATURE_WRITE_OPTIONS,
@@ -27,11 +28,13 @@ class ExtractStage(Stage):
     reads = ("manifest",)
     writes = ("features", "image_tables")
     config_keys = ("backbone", "weights", "facet", "max_side", "upscale", "max_pixels", "verify_images", "precision")
-    resources = Resources(cpus=0.5, gpus="one", actor=True)
     # an image's features depend on that image and the backbone alone: adding, changing or removing images
     # redoes only the shards they are in (ingest keeps every known image in its shard)
     per_shard_inputs = True
     version = 2  # 2: markers record their shard's inputs
+
+    def resources_for(self, cfg: Config) -> Resources:
+        return model_actor(cfg)
 
     def fingerprint_extra(self, ctx: StageContext) -> dict:
         return {"weights_file": weights_identity(ctx.cfg.weights)}
