@@ -65,7 +65,8 @@ class Config(BaseModel):
         2,
         ge=0,
         description="threads per extraction or describe actor that decode images (and cut crops) ahead of the "
-        "model, a bounded queue of them; 0: in the model's own thread, one after the other",
+        "model, a bounded queue of them, and the actor works on two shards at once; 0: one shard at a time, "
+        "decoded in the model's own thread",
     )
     sim_forward_ms: float = Field(
         25.0, gt=0, description="sim-accelerator only: the simulated forward's time per image (or crop), in ms"
