@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import SHARED, PeakRSS, machine
+from common import SHARED, PeakRSS, machine, shard_markers
 
 from mlcseg_ray.backends.ray_runtime import init_ray
 from mlcseg_ray.core.config import Config
@@ -48,23 +48,9 @@ class ActorPeak(PeakRSS):
         return max((v for (_, name), v in self.peaks.items() if "MapWorker" in name), default=0) / 2**20
 
 
-def inside_shards(spans: list[tuple[float, float]]) -> float:
-    """The seconds in which the actor worked on at least one shard: the union of the shards' (start, end). One
-    shard at a time, it is the sum of their seconds; two at once, the time they overlap counts once."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(spans):
-        total += max(0.0, end - max(start, reach))
-        reach = max(reach, end)
-    return total
-
-
 def measure(run: Path, stage: str, forward_ms: float) -> dict:
-    paths = list((run / "_state" / stage).glob("[0-9]*"))
-    markers = [json.loads(p.read_text()) for p in paths]
+    markers, inside = shard_markers(run, stage)
     busy = sum(m["forward_seconds"] for m in markers)
-    # a shard ends when its marker is written, and began its ``seconds`` before
-    ends = [p.stat().st_mtime for p in paths]
-    inside = inside_shards([(end - m["seconds"], end) for end, m in zip(ends, markers, strict=True)])
     items = sum(m["regions"] if stage == "describe" else m["images"] for m in markers)
     wall = json.loads((run / "run.json").read_text())["stages"][stage]["seconds"]
     return {

@@ -14,6 +14,22 @@ SHARED = ROOT.parent / "shared" / "data"
 VOC_IMAGES = SHARED / "voc2012_val_subset" / "JPEGImages"
 
 
+def shard_markers(run: Path, stage: str) -> tuple[list[dict], float]:
+    """A stage's shard markers, and the seconds in which at least one of its shards was worked on: the union of the
+    shards' (start, end), each ending when its marker was written and lasting its ``seconds``. One shard at a time,
+    it is the sum of their seconds; with an actor on two shards at once, their overlap counts once."""
+    import json
+
+    paths = list((run / "_state" / stage).glob("[0-9]*"))
+    markers = [json.loads(p.read_text()) for p in paths]
+    spans = sorted((p.stat().st_mtime - m["seconds"], p.stat().st_mtime) for p, m in zip(paths, markers, strict=True))
+    inside, reach = 0.0, float("-inf")
+    for start, end in spans:
+        inside += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return markers, inside
+
+
 def machine() -> str:
     import torch
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import GpuMemoryPeak, machine
+from common import GpuMemoryPeak, machine, shard_markers
 
 from mlcseg_ray.backends.ray_runtime import cluster_gpus, init_ray
 from mlcseg_ray.core.config import Config
@@ -64,11 +64,8 @@ def bare_forward_rate(cfg: Config, n_batches: int = 20) -> float:
 
 def model_busy(run_dir: Path, stage: str = "extract") -> tuple[float, float]:
     """Images/s inside the stage's shards and the model's busy share there (issue 45): the markers' images and
-    ``forward_seconds`` over their ``seconds``."""
-    import json
-
-    markers = [json.loads(p.read_text()) for p in (run_dir / "_state" / stage).glob("[0-9]*")]
-    inside = sum(m["seconds"] for m in markers)
+    ``forward_seconds`` over the time in which a shard was worked on (two at once on an actor count once)."""
+    markers, inside = shard_markers(run_dir, stage)
     return sum(m["images"] for m in markers) / inside, sum(m["forward_seconds"] for m in markers) / inside
 
 
