@@ -15,7 +15,7 @@ from .storage import atomic_write_json, confined_to, recording_writes
 def run_shard(stage: Stage, ctx: StageContext, shard: int, shared: Any, fingerprint: str, worker: Any = None) -> None:
     """One shard of a stage, then its marker: the outputs are in place before the marker says so. Nothing is sent
     back: the driver reads the marker (a result sent back would carry every image's confidence and flag, held by
-    the driver until the stage ends: 80 MB at 640k images)."""
+    the driver until the stage ends)."""
     t0 = time.perf_counter()
     with confined_to(ctx.run.root):  # the shard's outputs and its marker stay in the run folder
         with recording_writes() as written:

@@ -115,7 +115,7 @@ def list_images(spec: InputSpec, map_fn: MapFn = serial_map, indexing: IndexSett
         else:
             rows = _manifest_rows(spec.manifest)
         table = pa.Table.from_pylist(rows, schema=LISTING_SCHEMA)
-    if not (spec.webdataset or spec.parquet):  # a sort is a copy: at 1M images, 150 MB more on the driver
+    if not (spec.webdataset or spec.parquet):  # a sort is a copy (the listing: 44 MB at 320k)
         table = table.sort_by("image_id")  # byte order of UTF-8: the order of Python's sorted()
     if spec.limit:
         table = table.slice(0, spec.limit)
